@@ -1,0 +1,89 @@
+"""Progress for people (a tqdm bar with time left) and for programs (JSON-lines events).
+
+Event lines (one JSON object per line, flushed at once) that the Slicer modules read:
+  {"event": "start", "command": ..., "time": ...}
+  {"event": "progress", "stage": ..., "fraction": 0..1, "eta_s": ..., "elapsed_s": ..., "message": ...}
+  {"event": "log", "level": "info"|"warning", "message": ...}
+  {"event": "metric", ...}                   (training: loss, eval Dice)
+  {"event": "result", ...}                   (final result)
+  {"event": "error", "message": ..., "kind": ...}
+  {"event": "cancelled", "message": ...}
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from typing import IO, Any, Optional
+
+from tqdm import tqdm
+
+
+class Reporter:
+    """Weighted stages -> overall fraction and ETA, sent to an events stream and/or a progress bar."""
+
+    def __init__(self, events: Optional[IO[str]] = None, bar: bool = True, stages: Optional[dict[str, float]] = None):
+        self.events = events
+        self.stages = stages or {}
+        self.total = sum(self.stages.values()) or 1.0
+        self.done_weight = 0.0
+        self.stage: Optional[str] = None
+        self.stage_fraction = 0.0
+        self.t0 = time.monotonic()
+        self._lock = threading.Lock()
+        self._last_emit = 0.0
+        self.bar = tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
+                        file=sys.stderr, leave=False) if bar else None
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if self.events is None:
+            return
+        rec = {"event": event, "time": round(time.time(), 3), **fields}
+        with self._lock:
+            self.events.write(json.dumps(rec, default=str) + "\n")
+            self.events.flush()
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit("log", level=level, message=message)
+        if self.bar is not None:
+            self.bar.write(f"{level}: {message}" if level != "info" else message, file=sys.stderr)
+        elif self.events is None:
+            print(message, file=sys.stderr)
+
+    @property
+    def fraction(self) -> float:
+        w = self.stages.get(self.stage, 0.0) if self.stage else 0.0
+        return min(1.0, (self.done_weight + w * self.stage_fraction) / self.total)
+
+    def eta(self) -> Optional[float]:
+        f = self.fraction
+        el = time.monotonic() - self.t0
+        return None if f < 0.02 else round(el * (1 - f) / f, 1)
+
+    def begin(self, stage: str, message: str = "") -> None:
+        if self.stage is not None:
+            self.done_weight += self.stages.get(self.stage, 0.0)
+        self.stage, self.stage_fraction = stage, 0.0
+        self._progress(message or stage, force=True)
+
+    def update(self, stage_fraction: float, message: str = "") -> None:
+        self.stage_fraction = max(0.0, min(1.0, stage_fraction))
+        self._progress(message)
+
+    def _progress(self, message: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.bar is not None:
+            self.bar.set_description_str(self.stage or "")
+            self.bar.n = int(1000 * self.fraction)
+            self.bar.refresh()
+        if force or now - self._last_emit > 0.2:
+            self._last_emit = now
+            self.emit("progress", stage=self.stage, fraction=round(self.fraction, 4), eta_s=self.eta(),
+                      elapsed_s=round(now - self.t0, 2), message=message)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
