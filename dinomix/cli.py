@@ -30,8 +30,10 @@ CANCEL_EXIT = 130
 class Job:
     """Runs `work(reporter, check_cancel)` in a worker thread with signal-driven cancellation."""
 
-    def __init__(self, command: str, events_target: Optional[str], stages: dict[str, float]) -> None:
+    def __init__(self, command: str, events_target: Optional[str], stages: dict[str, float],
+                 on_cancel: Optional[Callable[[], Optional[str]]] = None) -> None:
         self.command = command
+        self.on_cancel = on_cancel
         self.writer = AtomicWriter()
         self.cancel_event = threading.Event()
         self._events_file = None
@@ -54,7 +56,13 @@ class Job:
         # (it may sit inside a long native call that does not return for seconds).
         self.writer.abort()
         self.reporter.close()
-        self.reporter.emit("cancelled", message=f"{self.command} cancelled by signal {signum}")
+        note = ""
+        if self.on_cancel is not None:
+            try:
+                note = self.on_cancel() or ""
+            except Exception as exc:  # never block the exit on a failing hook
+                note = f"(could not save state: {exc})"
+        self.reporter.emit("cancelled", message=f"{self.command} cancelled by signal {signum} {note}".strip())
         sys.stderr.write(f"dinomix: {self.command} cancelled\n")
         sys.stderr.flush()
         os._exit(CANCEL_EXIT)
@@ -107,9 +115,9 @@ class Job:
 # ---------------------------------------------------------------- segment
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .inference import STAGES
-
-    job = Job("segment", args.events, {"read": 0.05, **STAGES})
+    # The model's stages are added once the input has been read (see _segment): a bad input is reported
+    # at once, without first importing PyTorch and MONAI and loading a model (seconds).
+    job = Job("segment", args.events, {"read": 0.05})
     try:
         return job.run(lambda rep, check: _segment(args, job, rep, check))
     finally:
@@ -118,7 +126,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[[], None]) -> dict:
     from .imageio import check_is_ct, check_writable, read_image
-    from .inference import Segmenter, SegmentOptions
     from .outputs import output_paths, write_json, write_labelmap, write_seg_nrrd
 
     t0 = time.perf_counter()
@@ -127,13 +134,17 @@ def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[
     for key in wanted:
         check_writable(paths[key])
     rep.begin("read", f"reading {args.input}")
-    seg = Segmenter(args.model, args.device)
-    if not seg.meta.trained:
-        rep.log(f"model '{seg.meta.model_id}' is UNTRAINED (random weights): its output is not anatomy", "warning")
     image = read_image(args.input)
     if not args.force:
         check_is_ct(image, Path(args.input).name)
     check()
+    from .inference import STAGES, Segmenter, SegmentOptions
+
+    rep.stages.update(STAGES)
+    rep.total = sum(rep.stages.values())
+    seg = Segmenter(args.model, args.device)
+    if not seg.meta.trained:
+        rep.log(f"model '{seg.meta.model_id}' is UNTRAINED (random weights): its output is not anatomy", "warning")
     opts = SegmentOptions(mode=args.mode, organs=args.organs, overlap=args.overlap,
                           largest_component=False if args.no_largest_component else None,
                           fill_holes=False if args.no_fill_holes else None)

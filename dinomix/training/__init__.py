@@ -1,0 +1,1 @@
+"""Training: supervised (this package) and, built on it, the semi-supervised DINO-Mix trainer."""
