@@ -86,6 +86,9 @@ class Job:
             worker.join(0.1)
         self.reporter.close()
         exc = outcome.get("error")
+        # MONAI wraps errors raised inside transforms in RuntimeError; report the user error inside.
+        while exc is not None and not isinstance(exc, DinomixError) and isinstance(exc.__cause__, DinomixError):
+            exc = exc.__cause__
         if exc is None:
             self.reporter.emit("result", **(outcome.get("result") or {}))
             return 0

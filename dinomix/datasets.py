@@ -134,7 +134,7 @@ def import_btcv(data_dir: str | os.PathLike, split_file: Optional[str | os.PathL
     labeled_fraction "20p": only the P1 20% labeled training cases keep labels, the other 16 training cases
     become unlabeled (split "train"); "all": every train case keeps its label.
     """
-    d = Path(data_dir)
+    d = Path(data_dir).resolve()
     split_path = Path(split_file) if split_file else d / "splits_p1.json"
     if not split_path.is_file():
         raise DinomixError(f"BTCV split file not found: {split_path}")
@@ -155,7 +155,7 @@ def import_btcv(data_dir: str | os.PathLike, split_file: Optional[str | os.PathL
 
 def import_nnunet(folder: str | os.PathLike) -> Dataset:
     """nnU-Net v2 raw layout: imagesTr/<case>_0000.<ext>, labelsTr/<case>.<ext>, dataset.json."""
-    f = Path(folder)
+    f = Path(folder).resolve()
     meta = json.loads((f / "dataset.json").read_text())
     labels = meta.get("labels")
     if not isinstance(labels, dict):
@@ -186,7 +186,7 @@ def import_nnunet(folder: str | os.PathLike) -> Dataset:
 def import_folder(folder: str | os.PathLike, label_map: dict[int, str], image_suffix: str = "_ct",
                   label_suffix: str = "_label") -> Dataset:
     """A plain folder of `<case>_ct.<ext>` / `<case>_label.<ext>` pairs; images without a label are unlabeled."""
-    f = Path(folder)
+    f = Path(folder).resolve()
     pat = re.compile(rf"^(.*){re.escape(image_suffix)}(\.nii\.gz|\.nii|\.nrrd|\.mha)$")
     cases = []
     for img in sorted(f.iterdir()):
