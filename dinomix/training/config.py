@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..errors import DinomixError
 from ..network import StudentConfig
@@ -45,6 +45,51 @@ class SamplingConfig(BaseModel):
     jitter: float = Field(default=0.25, ge=0, le=0.5, description="centre jitter, fraction of the patch")
 
 
+class PICConfig(BaseModel):
+    """PIC, Progressive Imbalance-aware CutMix (dinomix/methods/pic.py): organ c is sampled for each mix with
+    p_c(t) proportional to priority_c * (1/n_c)^alpha(t), alpha(t) = alpha0 * (1 + cos(pi t)) / 2."""
+
+    alpha0: float = Field(default=1.0, ge=0)
+    freq_momentum: float = Field(default=0.99, ge=0, le=1,
+                                 description="EMA momentum of n_c towards the confident pseudo-label frequencies")
+    priority: dict[str, float] = Field(default_factory=dict, description="organ name -> multiplier of p_c")
+    fetch_labeled_source: bool = Field(
+        default=True, description="when no labeled patch of the batch holds organ c, crop one around c from the "
+                                  "labeled cases (else: random CutMix fallback)")
+
+
+class SemiConfig(BaseModel):
+    """Semi-supervised training (dinomix/training/semi.py). The default, `supervised`, is the plain trainer."""
+
+    method: Literal["supervised", "mean_teacher", "cutmix", "pic"] = "supervised"
+    unlabeled_batch: int = Field(default=2, ge=1, description="unlabeled patches per iteration (labeled: batch_size)")
+    ema_decay: float = Field(default=0.99, ge=0, le=1, description="mean teacher: EMA decay of the student weights")
+    ema_warmup: bool = Field(default=True, description="EMA decay min(ema_decay, 1 - 1/(it+1)) early on (Tarvainen); "
+                                                       "off for fine-tuning, where the teacher starts from a trained model")
+    confidence: float = Field(default=0.9, ge=0, le=1, description="pseudo-labels count where teacher max prob >= this")
+    consistency_weight: float = Field(default=1.0, ge=0)
+    rampup: float = Field(default=0.4, ge=0, le=1,
+                          description="sigmoid ramp-up exp(-5(1-x)^2) of the consistency weight, fraction of iterations")
+    box_fraction: tuple[float, float] = Field(default=(0.25, 0.5), description="mix box size per axis, fraction of "
+                                                                               "the patch (min, max)")
+    directions: Literal["both", "labeled_into_unlabeled", "unlabeled_into_labeled"] = "both"
+    fill_partial: bool = Field(default=True, description="partially labeled patches: confident teacher labels for "
+                                                         "voxels the annotation leaves unknown (mixed loss only)")
+    init_weights: Optional[str] = Field(default=None, description="model file to start from (fine-tuning)")
+    pic: PICConfig = PICConfig()
+
+    @field_validator("box_fraction")
+    @classmethod
+    def _box(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"box_fraction must satisfy 0 < min <= max <= 1, got {v}")
+        return v
+
+    @property
+    def uses_semi_trainer(self) -> bool:
+        return self.method != "supervised" or self.init_weights is not None
+
+
 class TrainConfig(BaseModel):
     model_id: str = "abdomen-btcv13"
     title: str = "Abdominal organs (BTCV 13), compact 3D student"
@@ -67,6 +112,7 @@ class TrainConfig(BaseModel):
     dice_weight: float = 1.0
     amp: bool = True
     threads: Optional[int] = None
+    semi: SemiConfig = SemiConfig()
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":

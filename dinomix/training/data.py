@@ -46,9 +46,12 @@ class LoadCased(MapTransform):
                 raise DinomixError(f"case '{case.id}': label size {lab_img.GetSize()} differs from image size "
                                    f"{image.GetSize()}")
             arr = map_label(sitk.GetArrayViewFromImage(lab_img), case, self.schema)
-            sample["label"] = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 1, 0)[None]
             for n in case.annotated_organs(self.schema):
                 annotated[self.schema.by_name(n).value] = True
+            # Voxels of organs the case does not annotate carry no trusted label: they join the merged
+            # background/unknown class of the marginal loss instead of being trained as that organ.
+            arr = np.where(annotated[arr], arr, 0).astype(np.uint8)
+            sample["label"] = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 1, 0)[None]
         else:
             annotated[0] = False
         return {"id": case.id, "annotated": annotated, "labeled": case.labeled, **sample}

@@ -70,6 +70,15 @@ def hardware() -> dict:
 
 
 class Trainer:
+    def __new__(cls, cfg: TrainConfig, *args, **kwargs):  # noqa: ARG003
+        # Semi-supervised configs (cfg.semi, dinomix/training/semi.py) get the SemiTrainer, so `dinomix train`
+        # runs every method from its config; the default config gets this supervised trainer, unchanged.
+        if cls is Trainer and cfg.semi.uses_semi_trainer:
+            from .semi import SemiTrainer
+
+            cls = SemiTrainer
+        return super().__new__(cls)
+
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, reporter: Optional[Reporter] = None,
                  check_cancel: Optional[Callable[[], None]] = None, device: str = "auto") -> None:
         self.cfg = cfg
@@ -149,13 +158,30 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise DinomixError(f"cannot resume: checkpoint {path} is unreadable ({str(exc)[:120]})") from None
-        if state.get("config") != self.cfg.model_dump(mode="json"):
+        if state.get("config") != self.config_for_compare(state.get("config")):
             raise DinomixError(f"cannot resume: {path} was written with a different training config")
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.history = list(state["history"])
         return state
+
+    def config_for_compare(self, stored: Optional[dict]) -> dict:
+        """This run's config as a checkpoint records it; checkpoints written before `semi` existed match a
+        config whose `semi` section is the default."""
+        cur = self.cfg.model_dump(mode="json")
+        if isinstance(stored, dict) and "semi" not in stored and not self.cfg.semi.uses_semi_trainer \
+                and self.cfg.semi == type(self.cfg.semi)():
+            cur.pop("semi", None)
+        return cur
+
+    def iteration_info(self, done: int, elapsed: float) -> dict:  # noqa: ARG002
+        """Extra fields of an iteration's metric record (loss parts of the semi-supervised trainer)."""
+        return {}
+
+    def customize_meta(self, meta: ModelMeta) -> ModelMeta:
+        """Hook for subclasses: the model file's metadata before it is written."""
+        return meta
 
     # ------------------------------------------------------------------ loop
     def step(self, it: int) -> float:
@@ -230,6 +256,7 @@ class Trainer:
             done = it + 1
             elapsed = time.monotonic() - t_start
             record = {"iteration": done, "loss": round(loss, 5), "lr": lr_at(cfg, it)}
+            record.update(self.iteration_info(done, elapsed))
             if cfg.eval_every and self.eval_cases and (done % cfg.eval_every == 0 or done == cfg.iterations):
                 ev = self.evaluate()
                 record["eval"] = ev
@@ -262,5 +289,5 @@ class Trainer:
                       "eval_cases": self.eval_ids, "dataset": self.dataset.name},
             metrics={"eval_model_grid": ev} if ev else {},
         )
-        return save_model(path, self.net, meta)
+        return save_model(path, self.net, self.customize_meta(meta))
 

@@ -1,0 +1,351 @@
+"""`dinomix finetune`: fine-tune a model on a clinician's corrected cases and unlabeled scans, and register the
+result as a new version of the model.
+
+    dinomix finetune --model NAME --dataset DATASET_DIR_OR_MANIFEST [--priority ORGAN ...]
+                     (--minutes M | --iterations N) [--events FILE|-] [--new-name NAME] [--holdout CASE ...]
+
+Optional extras: --method {pic,cutmix,mean_teacher,supervised} (default pic), --output RUN_DIR, --device,
+--patch-size, --lr, --threads, --seed, --priority-weight.
+
+What it does:
+
+1. Loads the model (registry name or model file): its weights, architecture, organs and preprocessing; the
+   new model keeps all of them (every inference mode included).
+2. Reads the dataset (a `dataset.json` manifest or a folder `dinomix dataset import` understands). Corrected
+   cases are labeled only for the organs the clinician reviewed (`annotated` in the manifest: partial labels;
+   label values of other organs there are treated as unknown); cases without a label are unlabeled scans.
+   Held-out cases: `--holdout` ids (labeled), else the labeled cases whose split is eval, val, validation,
+   test or holdout; every other case is for training.
+3. Runs the semi-supervised trainer (dinomix/training/semi.py) from the model's weights, with PIC priorities
+   (`--priority-weight`, default 3) on the `--priority` organs. With `--minutes`, the iteration count is chosen
+   from a measured step time (3 trial iterations, then undone) so that the whole command, evaluations
+   included, fits the budget and the learning-rate / ramp-up / PIC schedules complete.
+4. Evaluates before and after on the held-out cases (model-grid Dice in %, sliding window on the training
+   preprocessing; organs annotated and present in each case).
+5. Writes the new model into the registry as `<parent>.ft1`, `.ft2`, ... (or `--new-name`; an existing name
+   is never overwritten), with `parent` = the source model's id, and says plainly when the new model is worse
+   than its parent on the held-out cases (it is registered all the same; `dinomix models remove` removes it).
+
+Events (`--events FILE|-`, JSON lines, besides start / progress / log / error / cancelled):
+  {"event": "metric", "kind": "train", "iteration": i, "iterations": N, "loss": ..., "loss_sup": ...,
+   "loss_cons": ..., "lr": ..., "time_left_s": ...}                          (every iteration)
+  {"event": "metric", "kind": "eval", "phase": "before"|"after", "mean_dice": ..., "dice": {organ: %}}
+  {"event": "metric", "kind": "plan", "iterations": N, "step_s": ..., "budget_s": ...}
+  {"event": "result", "model": new name, "parent": ..., "path": ..., "iterations": N, "per_organ":
+   {organ: {"before": %, "after": %, "delta": %}}, "before": {...}, "after": {...},
+   "worse_than_parent": true|false|null, "verdict": "...", ...}
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .cli import Job
+
+HOLDOUT_SPLITS = ("eval", "val", "validation", "test", "holdout")
+METHODS = ("pic", "cutmix", "mean_teacher", "supervised")
+CALIBRATION_STEPS = 3
+MIN_ITERATIONS = 5
+
+
+def register(sub) -> None:
+    f = sub.add_parser("finetune", help="fine-tune a model on corrected cases and unlabeled scans; registers a new "
+                                        "version")
+    f.add_argument("--model", required=True, help="registry name or model file to start from")
+    f.add_argument("--dataset", required=True, help="dataset manifest (dataset.json) or dataset folder")
+    f.add_argument("--priority", nargs="+", action="extend", default=[], metavar="ORGAN",
+                   help="organs to favour (PIC priority), e.g. the organs the clinician corrected")
+    budget = f.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--minutes", type=float, default=None, help="time budget of the whole command")
+    budget.add_argument("--iterations", type=int, default=None, help="number of training iterations")
+    f.add_argument("--events", default=None, metavar="FILE|-", help="JSON-lines progress events")
+    f.add_argument("--new-name", default=None, help="name of the new model (default <parent>.ftN)")
+    f.add_argument("--holdout", nargs="+", action="extend", default=None, metavar="CASE",
+                   help="labeled case ids to evaluate on before and after (never trained on)")
+    f.add_argument("--method", choices=METHODS, default="pic", help="semi-supervised method (default pic)")
+    f.add_argument("--output", default=None, help="run folder (default: a new folder in the user cache)")
+    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
+    f.add_argument("--patch-size", type=int, default=None, help="cubic patch edge (default: the parent's, else 48)")
+    f.add_argument("--lr", type=float, default=None, help="learning rate (default: a quarter of the parent's, else 5e-4)")
+    f.add_argument("--threads", type=int, default=None)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--priority-weight", type=float, default=3.0, help="PIC multiplier of the --priority organs")
+    f.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    job = Job("finetune", args.events,
+              {"prepare": 0.02, "cache": 0.08, "eval_before": 0.05, "calibrate": 0.03, "train": 0.75,
+               "eval_after": 0.05, "register": 0.02})
+    opts = FinetuneOptions(
+        model=args.model, dataset=args.dataset, priority=list(args.priority or []), minutes=args.minutes,
+        iterations=args.iterations, new_name=args.new_name, holdout=args.holdout, method=args.method,
+        output=args.output, device=args.device, patch_size=args.patch_size, lr=args.lr, threads=args.threads,
+        seed=args.seed, priority_weight=args.priority_weight)
+
+    def work(rep, check) -> dict:
+        result = finetune(opts, rep, check)
+        if not args.events:
+            print(f"fine-tuned '{result['parent']}' for {result['iterations']} iterations in {result['time_s']:.0f} s; "
+                  f"registered '{result['model']}' ({result['path']})\n  {result['verdict']}")
+        return result
+
+    try:
+        return job.run(work)
+    finally:
+        job.close()
+
+
+@dataclass
+class FinetuneOptions:
+    model: str
+    dataset: str
+    priority: list[str] = field(default_factory=list)
+    minutes: Optional[float] = None
+    iterations: Optional[int] = None
+    new_name: Optional[str] = None
+    holdout: Optional[list[str]] = None
+    method: str = "pic"
+    output: Optional[str] = None
+    device: str = "auto"
+    patch_size: Optional[int] = None
+    lr: Optional[float] = None
+    threads: Optional[int] = None
+    seed: int = 0
+    priority_weight: float = 3.0
+
+
+# ---------------------------------------------------------------- helpers (pure, tested directly)
+
+def next_version_name(parent: str, existing: set[str]) -> str:
+    """`<parent>.ftN` with N one more than the highest N in use (from 1)."""
+    pat = re.compile(rf"^{re.escape(parent)}\.ft(\d+)$")
+    used = [int(m.group(1)) for n in existing if (m := pat.match(n))]
+    return f"{parent}.ft{max(used, default=0) + 1}"
+
+
+def plan_iterations(budget_s: float, spent_s: float, step_s: float, after_s: float, margin: float = 0.08) -> int:
+    """Iterations that fit the budget: what is left after the time spent so far and the final evaluation and
+    export (after_s), less a safety margin, divided by the measured time of one iteration."""
+    left = (budget_s - spent_s - after_s) * (1.0 - margin)
+    return max(0, math.floor(left / max(step_s, 1e-6)))
+
+
+def compare(before: Optional[dict], after: Optional[dict]) -> tuple[dict, Optional[bool], str]:
+    """Per-organ before/after Dice, whether the new model is worse on average, and a plain verdict."""
+    if not before or not after:
+        return {}, None, ("not evaluated: the dataset has no held-out labeled cases (pass --holdout CASE ...), so "
+                          "nothing says whether the new model is better or worse than its parent")
+    per = {}
+    for organ in before["dice"]:
+        b, a = before["dice"][organ], after["dice"].get(organ)
+        per[organ] = {"before": b, "after": a, "delta": None if a is None else round(a - b, 2)}
+    mb, ma = before["mean_dice"], after["mean_dice"]
+    worse = ma < mb
+    down = [f"{o} {v['delta']:+.1f}" for o, v in per.items() if v["delta"] is not None and v["delta"] < -1.0]
+    if worse:
+        verdict = (f"WORSE than its parent on the held-out cases: mean Dice {ma:.1f}% vs {mb:.1f}% "
+                   f"({ma - mb:+.1f}). It was registered anyway; remove it with 'dinomix models remove' if unwanted.")
+    else:
+        verdict = f"not worse than its parent on the held-out cases: mean Dice {ma:.1f}% vs {mb:.1f}% ({ma - mb:+.1f})."
+    if down:
+        verdict += " Organs down by more than 1 Dice point: " + ", ".join(down) + "."
+    return per, worse, verdict
+
+
+# ---------------------------------------------------------------- the command
+
+def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
+    import platformdirs
+
+    from . import registry
+    from .datasets import Dataset, load_dataset
+    from .errors import DinomixError
+    from .modelfile import ModelMeta
+    from .network import fit_roi
+    from .organs import OrganSchema
+    from .training.config import DataConfig, TrainConfig
+    from .training.semi import SemiTrainer
+
+    t0 = time.monotonic()
+    rep.begin("prepare", f"reading model {opts.model} and dataset {opts.dataset}")
+    if opts.iterations is not None and opts.iterations < 1:
+        raise DinomixError("--iterations must be at least 1")
+    if opts.minutes is not None and opts.minutes <= 0:
+        raise DinomixError("--minutes must be positive")
+    entry = registry.resolve(opts.model)
+    meta: ModelMeta = entry.meta
+    if OrganSchema.from_names(meta.organs.names).names != meta.organs.names:
+        raise DinomixError(f"model '{meta.model_id}' has organs outside the catalog; it cannot be fine-tuned here")
+    priority = [meta.organs.by_name(o).name for o in opts.priority]
+    ds = load_dataset(opts.dataset)
+    ids = [c.id for c in ds.cases]
+    if opts.holdout:
+        missing = [h for h in opts.holdout if h not in ids]
+        if missing:
+            raise DinomixError(f"--holdout: no case {', '.join(missing)} in dataset '{ds.name}'")
+        unlabeled = [h for h in opts.holdout if not ds.get(h).labeled]
+        if unlabeled:
+            raise DinomixError(f"--holdout: case {', '.join(unlabeled)} has no label and cannot be evaluated")
+        hold = set(opts.holdout)
+    else:
+        hold = {c.id for c in ds.cases if c.labeled and (c.split or "").lower() in HOLDOUT_SPLITS}
+    train = [c for c in ds.cases if c.id not in hold]
+    if not any(c.labeled and c.annotated_organs(meta.organs) for c in train):
+        raise DinomixError(f"dataset '{ds.name}' has no labeled training case with organs of model "
+                           f"'{meta.model_id}' ({', '.join(meta.organs.names)}); held out: {', '.join(sorted(hold)) or 'none'}")
+
+    existing = {e.name for e in registry.list_models()}
+    name = opts.new_name or next_version_name(meta.model_id, existing)
+    if opts.new_name:
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$", name):
+            raise DinomixError(f"--new-name '{name}': use letters, digits and _ . @ + - (starting with a letter or digit)")
+        if name in existing:
+            raise DinomixError(f"a model named '{name}' already exists; choose another --new-name (nothing is overwritten)")
+
+    run = Path(opts.output) if opts.output else (
+        Path(platformdirs.user_cache_dir("dinomix", appauthor=False)) / "finetune"
+        / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run / "checkpoint_last.pt").exists() or (run / "dataset.json").exists():
+        raise DinomixError(f"{run} already holds a fine-tuning run; choose another --output (nothing is overwritten)")
+    cases = [c.model_copy(update={"image": str(ds.path(c.image).resolve()),
+                                  "label": str(ds.path(c.label).resolve()) if c.label else None,
+                                  "split": "holdout" if c.id in hold else "train"}) for c in ds.cases]
+    manifest = Dataset(name=f"finetune-{ds.name}", cases=cases).save(run / "dataset.json")
+
+    # Config: the parent's training config where it has one (optimiser, sampling...), its model description always.
+    parent_cfg = meta.training.get("config") if isinstance(meta.training.get("config"), dict) else None
+    try:
+        cfg = TrainConfig.model_validate(parent_cfg) if parent_cfg else TrainConfig()
+    except Exception:  # an older or foreign config: start from the defaults
+        cfg, parent_cfg = TrainConfig(), None
+    modes = dict(meta.preprocessing.modes)
+    mode = "fast" if "fast" in modes else next(iter(modes))
+    div = meta.architecture.divisor
+    edge = opts.patch_size or (cfg.patch_size[0] if parent_cfg else 48)
+    lr = opts.lr or (cfg.optim.lr * 0.25 if parent_cfg else 5e-4)
+    title = meta.title if meta.title.endswith("(fine-tuned)") else f"{meta.title} (fine-tuned)".strip()
+    semi = cfg.semi.model_copy(update={
+        "method": opts.method, "init_weights": str(Path(entry.path).resolve()), "ema_warmup": False,
+        "pic": cfg.semi.pic.model_copy(update={"priority": {o: opts.priority_weight for o in priority}})})
+    cfg = cfg.model_copy(update={
+        "model_id": name, "title": title, "organs": meta.organs.names, "architecture": meta.architecture,
+        "preprocessing": meta.preprocessing, "modes": modes, "mode": mode, "spacing_mm": modes[mode].spacing_mm,
+        "data": DataConfig(dataset=str(manifest), train_splits=["train"], eval_split="holdout" if hold else None),
+        "patch_size": fit_roi((edge,) * 3, div), "iterations": opts.iterations or 1000, "eval_every": 0,
+        "checkpoint_every": 50, "seed": opts.seed, "threads": opts.threads,
+        "optim": cfg.optim.model_copy(update={"lr": lr}), "semi": semi})
+    cfg = TrainConfig.model_validate(cfg.model_dump())
+
+    tr = SemiTrainer(cfg, run, rep, check, opts.device)
+    tr.parent_id = meta.model_id
+    tr.setup()
+    check()
+    labeled = [c for c in tr.train_cases if c.label is not None]
+    partial = [c.id for c in labeled if not bool(c.annotated.all())]
+    rep.log(f"fine-tuning '{meta.model_id}' -> '{name}' ({opts.method}): {len(labeled)} labeled training cases "
+            f"({len(partial)} partially), {len(tr.train_cases) - len(labeled)} unlabeled, {len(tr.eval_cases)} held "
+            f"out; priority organs: {', '.join(priority) or 'none'}")
+    if priority and opts.method != "pic":
+        rep.log(f"--priority only acts through PIC; method {opts.method} ignores it", "warning")
+
+    before = None
+    t_eval = 0.0
+    if tr.eval_cases:
+        rep.begin("eval_before", f"evaluating '{meta.model_id}' on {len(tr.eval_cases)} held-out cases")
+        te = time.monotonic()
+        before = tr.evaluate()
+        t_eval = time.monotonic() - te
+        rep.emit("metric", kind="eval", phase="before", model=meta.model_id, **before)
+        rep.log(f"before: mean held-out Dice {before['mean_dice']:.1f}% ({meta.model_id})")
+    else:
+        rep.log("no held-out labeled cases: the new model cannot be compared with its parent", "warning")
+    check()
+
+    step_s = None
+    if opts.minutes is not None:
+        rep.begin("calibrate", "timing a few iterations")
+        start_state = copy.deepcopy(tr.state(0, 0.0, {"mean_dice": -1.0, "iteration": -1}))
+        times = []
+        for it in range(CALIBRATION_STEPS):
+            check()
+            ts = time.monotonic()
+            tr.step(it)
+            times.append(time.monotonic() - ts)
+            rep.update((it + 1) / CALIBRATION_STEPS)
+        tr.restore_state(start_state)
+        step_s = statistics.mean(times[1:]) if len(times) > 1 else times[0]
+        step_s *= 1.0 + 0.5 / cfg.checkpoint_every  # checkpoints and per-iteration bookkeeping
+        budget_s = opts.minutes * 60.0
+        n = plan_iterations(budget_s, time.monotonic() - t0, step_s, t_eval + 5.0)
+        if n < MIN_ITERATIONS:
+            need = (time.monotonic() - t0 + t_eval + 5.0 + MIN_ITERATIONS * step_s) / 0.92 / 60.0
+            raise DinomixError(f"a budget of {opts.minutes:g} min leaves time for {n} iterations (setup and evaluation "
+                               f"took {time.monotonic() - t0:.0f} s, one iteration takes {step_s:.1f} s); "
+                               f"give at least {math.ceil(need)} minutes")
+        cfg.iterations = n
+        rep.emit("metric", kind="plan", iterations=n, step_s=round(step_s, 3), budget_s=budget_s,
+                 spent_s=round(time.monotonic() - t0, 1))
+        rep.log(f"budget {opts.minutes:g} min: {n} iterations at {step_s:.2f} s each")
+    cfg.optim.warmup_iters = max(1, min(cfg.optim.warmup_iters, cfg.iterations // 10))
+    deadline = t0 + opts.minutes * 60.0 if opts.minutes is not None else None
+
+    def info(done: int, elapsed: float) -> dict:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+        else:
+            left = (cfg.iterations - done) * elapsed / max(done, 1) + t_eval
+        return {"kind": "train", "iterations": cfg.iterations, "time_left_s": round(max(0.0, left), 1)}
+
+    tr.info_hook = info
+    tr.provenance = {"finetune": {"parent": meta.model_id, "parent_weights_sha256": meta.weights_sha256,
+                                  "method": opts.method, "priority": priority, "priority_weight": opts.priority_weight,
+                                  "minutes": opts.minutes, "holdout": sorted(hold), "partially_labeled": partial}}
+    res = tr.run()
+    check()
+
+    after = None
+    if tr.eval_cases:
+        rep.begin("eval_after", f"evaluating '{name}' on {len(tr.eval_cases)} held-out cases")
+        after = tr.evaluate()
+        rep.emit("metric", kind="eval", phase="after", model=name, **after)
+        rep.log(f"after: mean held-out Dice {after['mean_dice']:.1f}% ({name})")
+    per, worse, verdict = compare(before, after)
+    rep.log(f"'{name}' is {verdict}" if worse is not None else f"'{name}': {verdict}",
+            "warning" if worse or worse is None else "info")
+
+    rep.begin("register", f"registering '{name}'")
+    tr.provenance["finetune"].update({"before": before, "after": after, "worse_than_parent": worse,
+                                      "verdict": verdict})
+    registered = None
+    for _ in range(5):
+        final = run / f"{cfg.model_id}.safetensors"
+        tr.export(final, cfg.iterations, res["time_s"], after)
+        try:
+            registered = registry.import_model(final)
+            break
+        except DinomixError:
+            if opts.new_name or cfg.model_id not in {e.name for e in registry.list_models()}:
+                raise
+            cfg.model_id = next_version_name(meta.model_id, {e.name for e in registry.list_models()})  # lost a race
+    if registered is None:
+        raise DinomixError("could not find a free name for the new model version")
+    name = registered.name
+    return {"model": name, "parent": meta.model_id, "path": str(registered.path), "method": opts.method,
+            "priority": priority, "iterations": cfg.iterations, "time_s": round(time.monotonic() - t0, 1),
+            "train_time_s": res["time_s"], "step_s": round(step_s, 3) if step_s else None,
+            "budget": {"minutes": opts.minutes, "iterations": opts.iterations},
+            "train_cases": {"labeled": [c.id for c in labeled], "partially_labeled": partial,
+                            "unlabeled": [c.id for c in tr.train_cases if c.label is None]},
+            "holdout": sorted(hold), "evaluation": "model-grid Dice % on the held-out cases (sliding window, "
+                                                  "training preprocessing)",
+            "before": before, "after": after, "per_organ": per, "worse_than_parent": worse, "verdict": verdict,
+            "run_dir": str(run)}

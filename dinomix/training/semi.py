@@ -1,0 +1,377 @@
+"""Semi-supervised training: mean teacher, pseudo-labels with confidence masking, random CutMix or PIC on
+labeled and unlabeled patches, on top of the supervised trainer (trainer.py).
+
+Methods (`TrainConfig.semi.method`), all on the same data, iterations and seed so an ablation is fair:
+
+* ``supervised``: the supervised loss only (with `semi.init_weights`, a plain supervised fine-tune).
+* ``mean_teacher``: + the teacher's confident pseudo-labels on the unlabeled patches, learnt by the student
+  from a differently augmented view (no mixing).
+* ``cutmix``: + random CutMix, both directions: a box of a labeled patch into each unlabeled patch, and a box
+  of an unlabeled patch into each labeled patch (dinomix/methods/pic.py `cutmix`).
+* ``pic``: + PIC, Progressive Imbalance-aware CutMix (dinomix/methods/pic.py `PIC`), both directions.
+
+Each iteration: `batch_size` labeled patches (class-balanced, BalancedSampler) and `semi.unlabeled_batch`
+unlabeled patches (random crops); the teacher (EMA of the student, decay `ema_decay`) labels the unlabeled
+patches; voxels whose teacher probability is below `confidence` get weight 0. Loss = partial-label Dice + CE
+on the labeled patches + w(t) * the same loss, voxel-weighted and with per-voxel annotated classes
+(`masked_partial_dice_ce`), on the mixed patches, whose labels are mixed ground truth / pseudo-labels;
+w(t) = consistency_weight * exp(-5 (1 - t / T_ramp)^2) (sigmoid ramp-up, T_ramp = rampup * iterations).
+
+Partial and missing labels: a labeled case annotates a set of organs; label values of organs it does not
+annotate are unknown and treated as such (set to 0 = "background or an unannotated organ", the marginal
+loss). With `fill_partial`, voxels of partially labeled patches that the annotation leaves unknown take the
+teacher's confident label in the mixed loss. Without unlabeled cases, the labeled images serve as unlabeled
+patches too (their labels unused there).
+
+Exact resume: all draws of iteration `it` (crops, augmentation, organ sampling, boxes) come from the
+generators seeded by (seed, it); the teacher's weights and PIC's class frequencies are in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DinomixError
+from ..methods.pic import PIC, Patches, cutmix
+from ..modelfile import ModelMeta, load_model
+from .data import CachedCase, augment, crop
+from .losses import partial_dice_ce
+from .trainer import Trainer, lr_at
+
+
+# ---------------------------------------------------------------- schedule and loss
+
+def sigmoid_rampup(it: int, length: int) -> float:
+    """exp(-5 (1 - x)^2) for x = it / length clipped to [0, 1] (Laine & Aila); 1 when length is 0."""
+    if length <= 0:
+        return 1.0
+    x = min(1.0, max(0.0, it / length))
+    return float(math.exp(-5.0 * (1.0 - x) ** 2))
+
+
+def masked_partial_dice_ce(logits: torch.Tensor, target: torch.Tensor, ann: torch.Tensor, weight: torch.Tensor,
+                           ce_weight: float = 1.0, dice_weight: float = 1.0, smooth: float = 1e-5) -> torch.Tensor:
+    """`partial_dice_ce` with the annotated classes given per voxel and a per-voxel weight.
+
+    logits (B,C,...), target (B,...) long, ann (B,C,...) bool (classes annotated at each voxel, [:,0] True),
+    weight (B,...) >= 0. Where target is 0, the probabilities of background and of every class not annotated
+    at that voxel merge into one (marginal loss). CE is the weighted sum over voxels divided by the number of
+    voxels (weight-0 voxels count as zero loss, as in FixMatch); the soft Dice of class c is taken over the
+    voxels where c is annotated, weighted, for the organs present there. With weight 1 and `ann` constant
+    per sample this is exactly `partial_dice_ce`.
+    """
+    B, C = logits.shape[:2]
+    logp = F.log_softmax(logits.float(), dim=1)
+    ann = ann.to(logits.device).bool()
+    w = weight.to(logits.device).float()
+    merge = ~ann
+    merge[:, 0] = True
+    neg = torch.finfo(logp.dtype).min
+    merged_bg = torch.logsumexp(torch.where(merge, logp, torch.full_like(logp, neg)), dim=1)
+    tgt_logp = logp.gather(1, target.unsqueeze(1)).squeeze(1)
+    voxel_logp = torch.where(target == 0, merged_bg, tgt_logp)
+    ce = -(w * voxel_logp).sum() / voxel_logp.numel()
+
+    probs = logp.exp()
+    onehot = F.one_hot(target, C).movedim(-1, 1).to(probs.dtype)
+    wv = ann.to(probs.dtype) * w.unsqueeze(1)
+    dims = tuple(range(2, logits.dim()))
+    inter = (wv * probs * onehot).sum(dims)
+    gt = (wv * onehot).sum(dims)
+    denom = (wv * probs).sum(dims) + gt
+    dice = (2 * inter + smooth) / (denom + smooth)
+    organ_mask = gt > 0
+    organ_mask[:, 0] = False
+    n = organ_mask.sum()
+    dice_loss = (1 - dice)[organ_mask].sum() / n.clamp(min=1)
+    return ce_weight * ce + dice_weight * dice_loss
+
+
+def sanitize_labels(lab: torch.Tensor, ann: torch.Tensor) -> torch.Tensor:
+    """Label values of classes a sample does not annotate -> 0 (unknown, handled by the marginal loss)."""
+    keep = torch.gather(ann.bool(), 1, lab.reshape(lab.shape[0], -1)).reshape(lab.shape)
+    return torch.where(keep, lab, torch.zeros_like(lab))
+
+
+# ---------------------------------------------------------------- data
+
+class UnlabeledSampler:
+    """Random crops (centre uniform in the volume) of the images of some cases; labels are never read."""
+
+    def __init__(self, cases: list[CachedCase], patch: tuple[int, int, int]) -> None:
+        if not cases:
+            raise DinomixError("no case to draw unlabeled patches from")
+        self.cases = cases
+        self.patch = patch
+
+    def batch(self, rng: np.random.Generator, size: int) -> torch.Tensor:
+        out = []
+        for _ in range(size):
+            case = self.cases[int(rng.integers(len(self.cases)))]
+            centre = np.array([rng.integers(0, n) for n in case.image.shape[1:]])
+            out.append(crop(case.image, centre - np.array(self.patch) // 2, self.patch, 0.0))
+        return torch.stack(out)
+
+
+def labeled_patches(img: torch.Tensor, lab: torch.Tensor, ann: torch.Tensor) -> Patches:
+    shape = lab.shape
+    ann_vox = ann.bool().view(ann.shape[0], ann.shape[1], 1, 1, 1).expand(-1, -1, *shape[1:]).clone()
+    return Patches(img, lab.clone(), ann_vox, torch.ones(shape, dtype=torch.float32))
+
+
+def fill_unknown(lab: Patches, ann: torch.Tensor, pseudo: torch.Tensor, sure: torch.Tensor) -> None:
+    """In place: voxels of partially labeled patches whose label is unknown (0 while some organ is not
+    annotated) take the teacher's confident class when that is background or an organ the patch does not
+    annotate; they then count as annotated for every class. A teacher vote for an annotated organ there is
+    overruled by the annotation (the organ is not there)."""
+    ann = ann.bool()
+    for b in torch.nonzero(~ann.all(dim=1)).reshape(-1).tolist():
+        tc = pseudo[b]
+        ok = (lab.target[b] == 0) & sure[b] & ((tc == 0) | ~ann[b][tc])
+        lab.target[b][ok] = tc[ok]
+        lab.ann[b][:, ok] = True
+
+
+# ---------------------------------------------------------------- trainer
+
+class SemiTrainer(Trainer):
+    """The supervised trainer plus mean teacher, pseudo-labels and CutMix / PIC (see the module docstring)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.teacher: Optional[torch.nn.Module] = None
+        self.pic: Optional[PIC] = None
+        self.parent_id: Optional[str] = None
+        self.provenance: dict = {}
+        self.init_meta: Optional[ModelMeta] = None
+        self.info_hook: Optional[Callable[[int, float], dict]] = None
+        self._info: dict = {}
+        self._ready = False
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        if self._ready:  # the fine-tune sets up, measures, then runs
+            return
+        super().setup()
+        cfg, s = self.cfg, self.cfg.semi
+        if s.init_weights:
+            self._load_init(s.init_weights)
+        unl = [c for c in self.train_cases if c.label is None]
+        self.labeled_ids = [c.id for c in self.train_cases if c.label is not None]
+        self.unlabeled_ids = [c.id for c in unl]
+        if s.method != "supervised":
+            if not unl:
+                self.rep.log("no unlabeled cases: the labeled images serve as unlabeled patches too")
+            self.unlabeled = UnlabeledSampler(unl or self.train_cases, cfg.patch_size)
+            self.teacher = copy.deepcopy(self.net).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        if s.method == "pic":
+            priority = np.ones(self.schema.num_classes)
+            for name, mult in s.pic.priority.items():
+                if mult < 0:
+                    raise DinomixError(f"PIC priority of '{name}' must be >= 0, got {mult}")
+                priority[self.schema.by_name(name).value] = mult
+            self.pic = PIC(self.schema.num_classes, self.sampler.freq, priority, s.pic.alpha0,
+                           s.pic.freq_momentum, tuple(s.box_fraction))
+        self.rep.log(f"method {s.method}: {len(self.labeled_ids)} labeled and {len(unl)} unlabeled training cases"
+                     + ("" if s.method == "supervised" else
+                        f"; {cfg.batch_size} labeled + {s.unlabeled_batch} unlabeled patches per iteration, "
+                        f"teacher EMA {s.ema_decay}, confidence {s.confidence}")
+                     + "; FKD off (not part of this trainer version)")
+        self._ready = True
+
+    def _load_init(self, path: str) -> None:
+        p = Path(path)
+        net, meta = load_model(p)
+        if meta.architecture != self.cfg.architecture:
+            raise DinomixError(f"init_weights {p.name}: its architecture {meta.architecture.model_dump()} differs "
+                               f"from the config's {self.cfg.architecture.model_dump()}")
+        if meta.organs.names != self.schema.names:
+            raise DinomixError(f"init_weights {p.name}: its organs ({', '.join(meta.organs.names)}) differ from the "
+                               f"config's ({', '.join(self.schema.names)})")
+        self.net.load_state_dict(net.state_dict())
+        self.init_meta = meta
+        if not meta.trained:
+            self.rep.log(f"starting from '{meta.model_id}', which is UNTRAINED (random weights)", "warning")
+
+    # ------------------------------------------------------------------ state
+    def state(self, it: int, elapsed: float, best: dict) -> dict:
+        st = super().state(it, elapsed, best)
+        if self.teacher is not None:
+            st["teacher"] = self.teacher.state_dict()
+        if self.pic is not None:
+            st["pic"] = self.pic.state_dict()
+        return st
+
+    def load_checkpoint(self) -> dict:
+        st = super().load_checkpoint()
+        self._load_extra(st)
+        return st
+
+    def _load_extra(self, st: dict) -> None:
+        if self.teacher is not None:
+            if "teacher" not in st:
+                raise DinomixError("cannot resume: the checkpoint holds no teacher weights")
+            self.teacher.load_state_dict(st["teacher"])
+        if self.pic is not None:
+            self.pic.load_state_dict(st["pic"])
+
+    def restore_state(self, st: dict) -> None:
+        """Back to an in-memory state (from `state`), e.g. after timing a few trial iterations."""
+        st = copy.deepcopy(st)
+        self.net.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.scaler.load_state_dict(st["scaler"])
+        self.history = list(st["history"])
+        self._load_extra(st)
+
+    # ------------------------------------------------------------------ loop
+    def _fetch_labeled(self, c: int, rng: np.random.Generator) -> Optional[Patches]:
+        """A labeled crop around a random voxel of class c (PIC source when the batch has none)."""
+        smp = self.sampler
+        holders = smp.holders.get(c) or []
+        if not holders:
+            return None
+        case = smp.cases[int(rng.choice(holders))]
+        flat = int(case.indices[c][rng.integers(len(case.indices[c]))])
+        centre = np.array(np.unravel_index(flat, case.label.shape))
+        centre = centre + (rng.uniform(-smp.jitter, smp.jitter, 3) * np.array(smp.patch)).astype(int)
+        start = centre - np.array(smp.patch) // 2
+        img = crop(case.image, start, smp.patch, 0.0)[None]
+        ann = torch.from_numpy(np.asarray(case.annotated))[None]
+        lab = sanitize_labels(crop(case.label, start, smp.patch, 0)[None].long(), ann)
+        return labeled_patches(img, lab, ann)
+
+    def _forward(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cuda", enabled=self.use_amp):
+            return net(x.to(self.device)).float()
+
+    def step(self, it: int) -> float:
+        cfg, s = self.cfg, self.cfg.semi
+        rng = np.random.default_rng([cfg.seed, it])
+        torch.manual_seed(cfg.seed * 1_000_003 + it)
+        img_l, lab_l, ann_l = self.sampler.batch(rng, cfg.batch_size)
+        lab_l = sanitize_labels(lab_l, ann_l)
+        for g in self.opt.param_groups:
+            g["lr"] = self._lr(it)
+        if s.method == "supervised":
+            x = augment(img_l, rng).to(self.device)
+            self.net.train()
+            self.opt.zero_grad(set_to_none=True)
+            loss = partial_dice_ce(self._forward(self.net, x), lab_l.to(self.device), ann_l.to(self.device),
+                                   cfg.ce_weight, cfg.dice_weight)
+            self._backward(loss)
+            self._info = {}
+            return float(loss.detach())
+
+        img_u = self.unlabeled.batch(rng, s.unlabeled_batch)
+        nl = img_l.shape[0]
+        partial = ~ann_l.bool().all(dim=1)
+        fill = s.fill_partial and bool(partial.any())
+        with torch.no_grad():
+            t_in = torch.cat([img_l, img_u]) if fill else img_u
+            prob = torch.softmax(self._forward(self.teacher, t_in), dim=1).cpu()
+        conf, pseudo = prob.max(dim=1)
+        sure = conf >= s.confidence
+        off = nl if fill else 0
+        unl = Patches(img_u, pseudo[off:], torch.ones((img_u.shape[0], self.schema.num_classes) + img_u.shape[2:],
+                                                      dtype=torch.bool), sure[off:].float())
+        lab = labeled_patches(img_l, lab_l, ann_l)
+        if fill:
+            fill_unknown(lab, ann_l, pseudo[:nl], sure[:nl])
+        if self.pic is not None:
+            self.pic.observe(unl.target, unl.weight)
+        t = it / max(1, cfg.iterations - 1)
+        l2u = s.directions in ("both", "labeled_into_unlabeled")
+        u2l = s.directions in ("both", "unlabeled_into_labeled")
+        infos = []
+        if s.method == "mean_teacher":
+            mixed = unl
+        else:
+            parts = []
+            if l2u:
+                m, inf = (self.pic.mix(rng, t, unl, lab, self._fetch_labeled if s.pic.fetch_labeled_source else None)
+                          if self.pic is not None else cutmix(rng, unl, lab, tuple(s.box_fraction)))
+                parts.append(m)
+                infos += inf
+            if u2l:
+                m, inf = (self.pic.mix(rng, t, lab, unl) if self.pic is not None
+                          else cutmix(rng, lab, unl, tuple(s.box_fraction)))
+                parts.append(m)
+                infos += inf
+            mixed = Patches.cat(parts)
+        x_l = augment(img_l, rng)
+        x_m = augment(mixed.image, rng)
+        self.net.train()
+        self.opt.zero_grad(set_to_none=True)
+        logits = self._forward(self.net, torch.cat([x_l, x_m]))
+        sup = partial_dice_ce(logits[:nl], lab_l.to(self.device), ann_l.to(self.device), cfg.ce_weight,
+                              cfg.dice_weight)
+        cons = masked_partial_dice_ce(logits[nl:], mixed.target.to(self.device), mixed.ann, mixed.weight,
+                                      cfg.ce_weight, cfg.dice_weight)
+        w = s.consistency_weight * sigmoid_rampup(it, round(s.rampup * cfg.iterations))
+        loss = sup + w * cons
+        self._backward(loss)
+        self._update_teacher(it)
+        self._info = {"loss_sup": round(float(sup.detach()), 5), "loss_cons": round(float(cons.detach()), 5),
+                      "cons_weight": round(w, 5), "confident": round(float(unl.weight.mean()), 4)}
+        if infos:
+            self._info["mix_organs"] = [-1 if i.organ is None else i.organ for i in infos]
+            self._info["mix_fallbacks"] = sum(i.fallback for i in infos)
+        return float(loss.detach())
+
+    def _lr(self, it: int) -> float:
+        return lr_at(self.cfg, it)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+    @torch.no_grad()
+    def _update_teacher(self, it: int) -> None:
+        s = self.cfg.semi
+        d = min(s.ema_decay, 1.0 - 1.0 / (it + 1)) if s.ema_warmup else s.ema_decay
+        for tp, sp in zip(self.teacher.parameters(), self.net.parameters()):
+            tp.mul_(d).add_(sp.detach(), alpha=1.0 - d)
+        for tb, sb in zip(self.teacher.buffers(), self.net.buffers()):
+            tb.copy_(sb)
+
+    def iteration_info(self, done: int, elapsed: float) -> dict:
+        info = dict(self._info)
+        if self.info_hook is not None:
+            info.update(self.info_hook(done, elapsed))
+        return info
+
+    # ------------------------------------------------------------------ export
+    def customize_meta(self, meta: ModelMeta) -> ModelMeta:
+        s = self.cfg.semi
+        training = dict(meta.training)
+        training["trainer"] = "supervised" if s.method == "supervised" else f"semi-supervised ({s.method})"
+        semi = {"method": s.method, "labeled_cases": self.labeled_ids, "unlabeled_cases": self.unlabeled_ids,
+                "fkd": {"enabled": False, "reason": "FKD is not implemented in this trainer version"}}
+        if self.init_meta is not None:
+            semi["init"] = {"model_id": self.init_meta.model_id, "weights_sha256": self.init_meta.weights_sha256,
+                            "trained": self.init_meta.trained}
+            training["parent"] = self.init_meta.model_id
+        if self.pic is not None:
+            semi["pic_final"] = {"freq": [round(float(f), 8) for f in self.pic.freq],
+                                 "probabilities_end": [round(float(p), 6) for p in self.pic.probabilities(1.0)]}
+        training["semi"] = semi
+        training.update(self.provenance)
+        update = {"training": training}
+        if self.parent_id is not None:
+            update["parent"] = self.parent_id
+        if self.init_meta is not None:
+            update["postprocessing"] = self.init_meta.postprocessing
+        return meta.model_copy(update=update)

@@ -1,0 +1,234 @@
+"""Semi-supervised trainer: the masked partial-label loss, the ramp-up, label sanitising, trainer dispatch, and
+real short runs on BTCV (fully labeled, partially labeled and unlabeled cases at once) with exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinomix.datasets import BTCV_NAMES, Case, Dataset
+from dinomix.errors import Cancelled
+from dinomix.modelfile import load_model
+from dinomix.training.config import TrainConfig
+from dinomix.training.losses import partial_dice_ce
+from dinomix.training.semi import (SemiTrainer, fill_unknown, labeled_patches, masked_partial_dice_ce, sanitize_labels,
+                                   sigmoid_rampup)
+from dinomix.training.trainer import CHECKPOINT, Trainer
+
+ITERS = 6
+PARTIAL = ["spleen", "liver", "pancreas", "gallbladder"]
+
+
+# ---------------------------------------------------------------- units
+
+def _logits_target():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 5, 5)
+    target = torch.zeros(2, 5, 5, 5, dtype=torch.long)
+    target[:, :2] = 1
+    target[1, 4, 4] = 2
+    return logits, target
+
+
+def test_masked_loss_with_unit_weights_is_the_partial_loss():
+    logits, target = _logits_target()
+    ann = torch.tensor([[True, True, False, True], [True, True, True, False]])
+    ann_vox = ann.view(2, 4, 1, 1, 1).expand(-1, -1, 5, 5, 5)
+    a = masked_partial_dice_ce(logits, target, ann_vox, torch.ones(2, 5, 5, 5), 1.0, 1.0)
+    b = partial_dice_ce(logits, target, ann, 1.0, 1.0)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert torch.allclose(masked_partial_dice_ce(logits, target, ann_vox, torch.ones(2, 5, 5, 5), 0.5, 2.0),
+                          partial_dice_ce(logits, target, ann, 0.5, 2.0), atol=1e-6)
+
+
+def test_masked_loss_ignores_zero_weight_voxels_and_unannotated_classes_per_voxel():
+    logits, target = _logits_target()
+    ann_vox = torch.ones(2, 4, 5, 5, 5, dtype=torch.bool)
+    weight = torch.ones(2, 5, 5, 5)
+    weight[:, 3:] = 0.0
+    base = masked_partial_dice_ce(logits, target, ann_vox, weight)
+    moved = logits.clone()
+    moved[:, :, 3:] += 10 * torch.randn_like(moved[:, :, 3:])   # anything at weight-0 voxels
+    assert torch.allclose(base, masked_partial_dice_ce(moved, target, ann_vox, weight), atol=1e-6)
+    # class 3 not annotated on the slab x == 2: predicting it on background there costs nothing
+    ann_vox[:, 3, 2] = False
+    bg = torch.zeros(2, 5, 5, 5, dtype=torch.bool)
+    bg[:, 2] = True
+    bg &= target == 0
+    moved = logits.clone()
+    b0, b3 = moved[:, 0][bg].clone(), moved[:, 3][bg].clone()
+    moved[:, 0][bg], moved[:, 3][bg] = b3, b0
+    assert torch.allclose(masked_partial_dice_ce(logits, target, ann_vox, weight),
+                          masked_partial_dice_ce(moved, target, ann_vox, weight), atol=1e-6)
+
+
+def test_labels_of_unannotated_organs_become_unknown():
+    lab = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 3]]).view(2, 4, 1, 1)
+    ann = torch.tensor([[True, True, False, True], [True, False, False, False]])
+    assert sanitize_labels(lab, ann).view(2, 4).tolist() == [[0, 1, 0, 3], [0, 0, 0, 0]]
+
+
+def test_unknown_voxels_of_partial_labels_take_confident_teacher_labels():
+    # 1 x 6 voxels; classes 0..3; the patch annotates organ 1 only (organs 2, 3 unknown)
+    lab = torch.tensor([1, 0, 0, 0, 0, 0]).view(1, 6, 1, 1)
+    ann = torch.tensor([[True, True, False, False]])
+    pseudo = torch.tensor([2, 2, 0, 1, 3, 3]).view(1, 6, 1, 1)
+    sure = torch.tensor([True, True, True, True, False, True]).view(1, 6, 1, 1)
+    p = labeled_patches(torch.zeros(1, 1, 6, 1, 1), lab, ann)
+    fill_unknown(p, ann, pseudo, sure)
+    # voxel 0: annotated organ 1 stays; 1: teacher says organ 2 (unannotated) -> 2; 2: teacher says background
+    # -> background, now for every class; 3: teacher says organ 1, but organ 1 is annotated and not there ->
+    # stays unknown; 4: not confident -> unknown; 5: organ 3
+    assert p.target.view(6).tolist() == [1, 2, 0, 0, 0, 3]
+    full = p.ann[0].all(dim=0).view(6).tolist()
+    assert full == [False, True, True, False, False, True]
+    assert torch.equal(lab.view(6), torch.tensor([1, 0, 0, 0, 0, 0]))  # the supervised labels are untouched
+    # a fully labeled patch is never changed
+    ann_full = torch.ones(1, 4, dtype=torch.bool)
+    q = labeled_patches(torch.zeros(1, 1, 6, 1, 1), lab, ann_full)
+    fill_unknown(q, ann_full, pseudo, sure)
+    assert q.target.view(6).tolist() == [1, 0, 0, 0, 0, 0]
+
+
+def test_sigmoid_rampup():
+    assert sigmoid_rampup(0, 100) == pytest.approx(math.exp(-5))
+    assert sigmoid_rampup(50, 100) == pytest.approx(math.exp(-1.25))
+    assert sigmoid_rampup(100, 100) == 1.0 and sigmoid_rampup(500, 100) == 1.0
+    assert sigmoid_rampup(0, 0) == 1.0
+
+
+def test_default_config_keeps_the_supervised_trainer(tmp_path):
+    cfg = TrainConfig()
+    assert cfg.semi.method == "supervised"
+    tr = Trainer(cfg, tmp_path)
+    assert type(tr) is Trainer
+    # a checkpoint written before `semi` existed still matches the default config
+    stored = cfg.model_dump(mode="json")
+    del stored["semi"]
+    assert tr.config_for_compare(stored) == stored
+    for method in ("mean_teacher", "cutmix", "pic"):
+        c = TrainConfig.model_validate({"semi": {"method": method}})
+        t = Trainer(c, tmp_path)
+        assert type(t) is SemiTrainer
+        assert "semi" in t.config_for_compare(stored)  # a semi run never resumes a checkpoint without it
+
+
+def test_bad_semi_settings_are_rejected():
+    with pytest.raises(Exception):
+        TrainConfig.model_validate({"semi": {"box_fraction": [0.6, 0.3]}})
+    with pytest.raises(Exception):
+        TrainConfig.model_validate({"semi": {"method": "fixmatch"}})
+
+
+# ---------------------------------------------------------------- real runs
+
+def _dataset(tmp: Path, data_dir: Path, unlabeled: tuple[str, ...] = ("0002", "0003")) -> Path:
+    d = data_dir / "btcv"
+    cases = [Case(id="btcv_img0009", image=str(d / "btcv_img0009_ct.nii.gz"), label=str(d / "btcv_img0009_label.nii.gz"),
+                  label_map=dict(BTCV_NAMES), split="train"),
+             Case(id="btcv_img0021", image=str(d / "btcv_img0021_ct.nii.gz"), label=str(d / "btcv_img0021_label.nii.gz"),
+                  label_map=dict(BTCV_NAMES), annotated=PARTIAL, split="train")]
+    cases += [Case(id=f"btcv_img{u}", image=str(d / f"btcv_img{u}_ct.nii.gz"), split="train") for u in unlabeled]
+    return Dataset(name="semi-test", cases=cases).save(tmp / "dataset.json")
+
+
+def _config(tmp: Path, data_dir: Path, method: str = "pic", iterations: int = ITERS, **semi) -> Path:
+    cfg = {
+        "data": {"dataset": str(_dataset(tmp, data_dir)), "train_splits": ["train"], "eval_split": None},
+        "iterations": iterations, "eval_every": 0, "checkpoint_every": 1000,
+        "patch_size": [32, 32, 32], "batch_size": 2, "threads": 1,
+        "optim": {"lr": 0.003, "warmup_iters": 2},
+        # a low threshold, so that the few iterations of a test see confident pseudo-labels and fills
+        "semi": {"method": method, "unlabeled_batch": 2, "confidence": 0.2, "rampup": 0.5, **semi},
+    }
+    p = tmp / f"{method}.json"
+    p.write_text(json.dumps(cfg))
+    return p
+
+
+@pytest.fixture(scope="module")
+def pic_run(tmp_path_factory, data_dir):
+    """`dinomix train` on a PIC config: 1 fully + 1 partially labeled and 2 unlabeled BTCV cases."""
+    tmp = tmp_path_factory.mktemp("semi")
+    cfg = _config(tmp, data_dir)
+    out = tmp / "run"
+    proc = subprocess.run([sys.executable, "-m", "dinomix", "train", str(cfg), "-o", str(out),
+                           "--events", str(tmp / "run.events")], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = [json.loads(x) for x in (tmp / "run.events").read_text().splitlines() if x.strip()]
+    return cfg, out, events
+
+
+def test_semi_supervised_run_writes_a_loadable_model(pic_run):
+    _, out, events = pic_run
+    net, meta = load_model(out / "model_last.safetensors")
+    assert meta.trained and meta.training["iterations"] == ITERS
+    assert meta.training["trainer"] == "semi-supervised (pic)"
+    semi = meta.training["semi"]
+    assert semi["labeled_cases"] == ["btcv_img0009", "btcv_img0021"]
+    assert semi["unlabeled_cases"] == ["btcv_img0002", "btcv_img0003"]
+    assert semi["fkd"]["enabled"] is False
+    assert meta.training["config"]["semi"]["method"] == "pic"
+    assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 14, 32, 32, 32)
+    metrics = [e for e in events if e["event"] == "metric"]
+    assert len(metrics) == ITERS
+    for m in metrics:
+        assert {"loss", "loss_sup", "loss_cons", "cons_weight", "confident", "mix_organs"} <= set(m)
+        assert len(m["mix_organs"]) == 4          # 2 labeled->unlabeled + 2 unlabeled->labeled mixes
+        assert all(math.isfinite(m[k]) for k in ("loss", "loss_sup", "loss_cons"))
+    # sigmoid ramp-up over the first half of the run
+    w = [m["cons_weight"] for m in metrics]
+    assert w[0] == pytest.approx(math.exp(-5), abs=1e-4) and w == sorted(w) and w[-1] == 1.0
+    assert any("FKD off" in e.get("message", "") for e in events if e["event"] == "log")
+
+
+def test_semi_resume_after_interruption_gives_identical_weights(pic_run, tmp_path):
+    cfg_path, ref, _ = pic_run
+    out = tmp_path / "run"
+    cfg = TrainConfig.from_file(cfg_path)
+    holder = {}
+
+    def stop_after_3():
+        tr = holder.get("tr")
+        if tr is not None and len(tr.history) >= 3:
+            raise Cancelled("stop")
+
+    tr = Trainer(cfg, out, check_cancel=stop_after_3)
+    holder["tr"] = tr
+    assert isinstance(tr, SemiTrainer)
+    with pytest.raises(Cancelled):
+        tr.run()
+    tr.write_checkpoint()  # what the signal handler of `dinomix train` does
+    st = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+    assert st["iteration"] == 3 and "teacher" in st and "pic" in st
+    # the teacher is an EMA of the student, not a copy of it
+    assert any(not torch.equal(st["teacher"][k], st["model"][k]) for k in st["model"] if st["model"][k].is_floating_point())
+    resumed = Trainer(TrainConfig.from_file(cfg_path), out)
+    res = resumed.run(resume=True)
+    _, a = load_model(ref / "model_last.safetensors")
+    _, b = load_model(res["model"])
+    assert a.weights_sha256 == b.weights_sha256
+
+
+@pytest.mark.parametrize("method", ["mean_teacher", "cutmix", "supervised"])
+def test_every_method_runs_on_partial_and_unlabeled_cases(method, tmp_path, data_dir):
+    cfg = TrainConfig.from_file(_config(tmp_path, data_dir, method, iterations=2))
+    cfg.data.cases = ["btcv_img0021", "btcv_img0002"]  # the partially labeled case and one unlabeled
+    tr = Trainer(cfg, tmp_path / "run")
+    res = tr.run()
+    _, meta = load_model(res["model"])
+    recs = tr.history
+    assert len(recs) == 2 and all(math.isfinite(r["loss"]) for r in recs)
+    if method == "supervised":  # the plain supervised trainer, as before `semi` existed
+        assert type(tr) is Trainer and meta.training["trainer"] == "supervised"
+        assert "loss_cons" not in recs[0]
+    else:
+        assert meta.training["semi"]["method"] == method
+        assert "loss_cons" in recs[0]
+        assert ("mix_organs" in recs[0]) == (method == "cutmix")
