@@ -15,12 +15,11 @@ import sys
 import threading
 import time
 import traceback
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import __version__
-from .errors import Cancelled, DinomixError
+from .errors import Cancelled, DinomixError, OutputError
 from .events import Reporter
 from .imageio import AtomicWriter
 
@@ -40,7 +39,10 @@ class Job:
         if events_target == "-":
             stream = sys.stdout
         elif events_target:
-            self._events_file = open(events_target, "a", buffering=1)
+            try:
+                self._events_file = open(events_target, "a", buffering=1)
+            except OSError as exc:
+                raise OutputError(f"cannot write events file {events_target}: {exc.strerror or exc}") from None
             stream = self._events_file
         else:
             stream = None
@@ -269,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Commands defined in other modules (training, evaluation), registered if importable."""
     regs = []
-    for modname in ("dinomix.train_cli", "dinomix.evaluate_cli"):
+    for modname in ("dinomix.train_cli", "dinomix.evaluate_cli", "dinomix.finetune_cli"):
         try:
             mod = __import__(modname, fromlist=["register"])
             regs.append(mod.register)
@@ -281,8 +283,11 @@ def _extra_commands() -> list[Callable[[Any], None]]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    with nullcontext():
+    try:
         return int(args.func(args) or 0)
+    except DinomixError as exc:  # raised before a command's own reporting starts (e.g. its events file)
+        sys.stderr.write(f"dinomix: error: {exc}\n")
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -36,12 +36,53 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
             raise InputImageError(
                 f"cannot read {p.name} as an image (supported: NIfTI, NRRD, MHA/MHD, a DICOM series folder)"
                 + (f": {first}" if first and len(first) < 200 else "")) from None
+        if p.name.lower().endswith((".nii", ".nii.gz")) and _nifti_has_nonfinite(p):
+            raise InputImageError(f"{p.name} contains non-finite values (NaN or infinity)")
     return validate_volume(image, p.name)
+
+
+def _nifti_has_nonfinite(path: Path) -> bool:
+    """Whether a floating-point NIfTI file stores NaN or infinity.
+
+    SimpleITK's NIfTI reader silently turns them into 0, so `validate_volume` never sees them. The stored
+    values are scanned in chunks (no second copy of the volume); integer files cannot hold them.
+    """
+    import gzip
+
+    import nibabel as nib
+
+    try:
+        header = nib.load(str(path)).header  # reads the header only
+        dtype = header.get_data_dtype()
+        if dtype.kind != "f":
+            return False
+        offset = int(header.get_data_offset())
+        remaining = int(np.prod(header.get_data_shape(), dtype=np.int64))
+        opener = gzip.open if path.name.lower().endswith(".gz") else open
+        with opener(path, "rb") as f:
+            f.seek(offset)
+            while remaining > 0:
+                n = min(remaining, 1 << 22)
+                buf = f.read(n * dtype.itemsize)
+                if len(buf) < n * dtype.itemsize:
+                    return False  # truncated: SimpleITK has its own say about that
+                if not np.isfinite(np.frombuffer(buf, dtype)).all():
+                    return True
+                remaining -= n
+    except Exception:  # anything SimpleITK read but nibabel cannot parse: nothing more to learn here
+        return False
+    return False
 
 
 def _read_dicom_folder(folder: Path) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
-    series = reader.GetGDCMSeriesIDs(str(folder))
+    # ITK prints a multi-line warning to stderr for a folder without DICOM; the error below says it clearly.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series:
         raise InputImageError(f"no DICOM series found in folder {folder}")
     # The series with most slices is the CT volume; scouts and dose reports are single files.
@@ -169,5 +210,7 @@ def check_writable(path: str | os.PathLike) -> None:
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+    if not probe.is_dir():
+        raise OutputError(f"cannot write output {p}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(f"cannot write output {p}: folder {probe} is not writable")

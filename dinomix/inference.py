@@ -144,7 +144,9 @@ class Segmenter:
         div = self.meta.architecture.divisor
         shape = tuple(x.shape[1:])
         # Never pad a small volume up to a large window: shrink the window to the volume.
-        roi = tuple(min(r, math.ceil(s / div) * div) for r, s in zip(fit_roi(mode.roi_size, div), shape))
+        # At least 2x the divisor, so the bottleneck keeps more than one voxel (instance norm needs it);
+        # MONAI pads a volume smaller than the window.
+        roi = tuple(max(2 * div, min(r, math.ceil(s / div) * div)) for r, s in zip(fit_roi(mode.roi_size, div), shape))
         overlap = mode.overlap if opts.overlap is None else opts.overlap
         batch = opts.sw_batch_size or mode.sw_batch_size
         total = max(1, math.ceil(count_windows(shape, roi, overlap) / batch))

@@ -11,6 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -77,9 +78,19 @@ def save_model(path: str | os.PathLike, net: torch.nn.Module, meta: ModelMeta) -
     meta = meta.model_copy(update={"weights_sha256": weights_sha256(tensors)})
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part")
-    save_file(tensors, str(tmp), metadata={META_KEY: meta.model_dump_json()})
-    os.replace(tmp, path)
+    # A temporary name of its own: two processes creating the same file at once (the built-in placeholder
+    # on first use) must not write into one shared temporary file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={META_KEY: meta.model_dump_json()})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a model file gets the user's normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return meta
 
 

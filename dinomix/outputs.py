@@ -39,8 +39,8 @@ def segmentation_dict(labels: sitk.Image, organs: list[Organ]) -> dict[str, Any]
             "terminology": o.terminology_slicerio(),
         }
         box = boxes[o.value - 1] if o.value <= len(boxes) else None
-        if box is not None:
-            seg["extent"] = [v for s in box for v in (s.start, s.stop - 1)]
+        # Slicer's empty extent for an absent organ (without one, slicerio writes the full image extent).
+        seg["extent"] = [v for s in box for v in (s.start, s.stop - 1)] if box is not None else [0, -1, 0, -1, 0, -1]
         segments.append(seg)
     return {
         "voxels": np.ascontiguousarray(vox.astype(np.uint8)),
