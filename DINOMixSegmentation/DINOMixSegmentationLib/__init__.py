@@ -1,0 +1,23 @@
+"""Scene logic of the DINOMixSegmentation module, free of Qt: usable in Slicer and with slicer-core.
+
+Imports only the standard library, numpy, vtk and (lazily) MRML classes from `slicer`; the engine runs in
+a background process. Nothing here installs packages.
+"""
+
+from .engine import BackgroundCommand, Engine, EngineNotFound, engine_root, run_engine
+from .logic import Progress, SegmentationRun, SegmentOptions, format_seconds
+from .models import (DEFAULT_MODEL, ModelInfo, current_model, list_models, list_models_command, parse_models_list,
+                     read_model_header, set_current_model)
+from .segmentation import (import_result, is_dinomix_segmentation, original_labelmap, reference_volume,
+                           save_segmentation, segment_mask, segmentation_organs)
+from .volumeio import VolumeSnapshot, write_nrrd
+
+__all__ = [
+    "BackgroundCommand", "Engine", "EngineNotFound", "engine_root", "run_engine",
+    "Progress", "SegmentationRun", "SegmentOptions", "format_seconds",
+    "DEFAULT_MODEL", "ModelInfo", "current_model", "list_models", "list_models_command", "parse_models_list",
+    "read_model_header", "set_current_model",
+    "import_result", "is_dinomix_segmentation", "original_labelmap", "reference_volume", "save_segmentation",
+    "segment_mask", "segmentation_organs",
+    "VolumeSnapshot", "write_nrrd",
+]

@@ -1,0 +1,231 @@
+"""'Segment abdomen' as scene logic: export the volume, run `dinomix segment --events -` in the background,
+follow its events without blocking, import the result, cancel.
+
+    run = SegmentationRun(volumeNode, SegmentOptions(mode="fast"))
+    run.start()
+    # from a QTimer on the GUI thread, every 100-200 ms:
+    for event in run.poll(): ...        # progress / log / result / error / cancelled
+    run.state                           # preparing, running, importing, done, failed, cancelled
+    run.cancel()                        # ends the engine within 2 s, removes the temporary files
+
+`run.wait()` does the same loop blocking, for tests and scripts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .engine import BackgroundCommand, Engine
+from .segmentation import import_result
+from .volumeio import VolumeSnapshot, safe_name, write_nrrd
+
+STATES_ENDED = ("done", "failed", "cancelled")
+
+
+@dataclass
+class SegmentOptions:
+    model: Optional[str] = None  # registry name or model file; None: the engine's default
+    mode: str = "fast"  # fast | full
+    device: str = "auto"  # auto | cpu | gpu
+    organs: Optional[list[str]] = None  # None: all organs of the model
+    force: bool = False  # segment even if the image does not look like CT
+    keep_outputs_dir: Optional[str] = None  # copy the engine's files there before clean-up (debugging, tests)
+    show_3d: bool = False  # build closed surfaces (3D view) after import
+    extra_args: list[str] = field(default_factory=list)
+
+    def engine_args(self, input_path: Path, output_path: Path) -> list[str]:
+        device = {"gpu": "cuda", "GPU": "cuda", "CPU": "cpu"}.get(self.device, self.device.lower())
+        if self.mode not in ("fast", "full"):
+            raise ValueError(f"quality must be 'fast' or 'full', not '{self.mode}'")
+        args = ["segment", str(input_path), "-o", str(output_path), "--mode", self.mode, "--device", device,
+                "--events", "-"]
+        if self.model:
+            args += ["--model", self.model]
+        if self.organs:
+            args += ["--organs", *self.organs]
+        if self.force:
+            args.append("--force")
+        return args + list(self.extra_args)
+
+
+@dataclass
+class Progress:
+    fraction: float = 0.0
+    stage: str = ""
+    message: str = ""
+    eta_s: Optional[float] = None
+    elapsed_s: float = 0.0
+
+    def text(self) -> str:
+        eta = ""
+        if self.eta_s is not None:
+            eta = f", about {format_seconds(self.eta_s)} left"
+        return f"{self.stage or 'starting'}: {self.message}{eta}".strip()
+
+
+def format_seconds(s: float) -> str:
+    s = max(0, int(round(s)))
+    return f"{s // 60} min {s % 60:02d} s" if s >= 60 else f"{s} s"
+
+
+class SegmentationRun:
+    """One 'Segment abdomen' run (see module docstring)."""
+
+    def __init__(self, volume_node, options: Optional[SegmentOptions] = None, segmentation_node=None,
+                 engine: Optional[Engine] = None, temp_root: Optional[str] = None,
+                 on_event: Optional[Callable[[dict], None]] = None) -> None:
+        self.volume_node = volume_node
+        self.options = options or SegmentOptions()
+        self.segmentation_node = segmentation_node
+        self.engine = engine or Engine()
+        self.temp_root = temp_root
+        self.on_event = on_event
+        self.state = "new"
+        self.error: Optional[str] = None
+        self.progress = Progress()
+        self.log: list[str] = []
+        self.summary: Optional[dict] = None
+        self.temp_dir: Optional[Path] = None
+        self.command: Optional[BackgroundCommand] = None
+        self.started_at: Optional[float] = None
+        self.import_seconds: Optional[float] = None
+
+    # ------------------------------------------------------------------ control
+    def start(self) -> "SegmentationRun":
+        if self.state != "new":
+            raise RuntimeError("a run can be started once")
+        if self.volume_node is None or self.volume_node.GetImageData() is None:
+            raise ValueError("select an input volume with image data")
+        self.started_at = time.monotonic()
+        snapshot = VolumeSnapshot.of(self.volume_node)  # main thread: a copy of the voxels, milliseconds
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="dinomix-segment-", dir=self.temp_root))
+        input_path = self.temp_dir / f"{safe_name(snapshot.name)}.nrrd"
+        output_path = self.temp_dir / "result.seg.nrrd"
+        args = self.options.engine_args(input_path, output_path)
+
+        def prepare() -> None:  # worker thread: file I/O only
+            write_nrrd(input_path, snapshot.array, snapshot.ijk_to_ras)
+
+        self.command = BackgroundCommand(self.engine, args, prepare=prepare).start()
+        self.state = "running"
+        self._log(f"exporting '{snapshot.name}' {snapshot.size_ijk} and starting the engine")
+        return self
+
+    def cancel(self) -> None:
+        if self.state in STATES_ENDED or self.command is None:
+            return
+        self._log("cancelling")
+        self.command.cancel()
+
+    @property
+    def ended(self) -> bool:
+        return self.state in STATES_ENDED
+
+    def poll(self) -> list[dict]:
+        """New engine events (never blocks, except for importing the result once at the end)."""
+        if self.command is None or self.ended:
+            return []
+        events = self.command.poll()
+        for ev in events:
+            self._handle(ev)
+        return [e for e in events if not e.get("event", "").startswith("_")]
+
+    def wait(self, timeout: Optional[float] = None, interval: float = 0.1) -> str:
+        """Poll until the run ends (tests, scripts, Slicer self-tests). Returns the final state."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self.ended:
+            self.poll()
+            if end is not None and time.monotonic() > end:
+                self.cancel()
+                self.command.wait(5) if self.command else None
+                self.poll()
+                if not self.ended:
+                    self._end("failed", f"timed out after {timeout:.0f} s")
+                break
+            time.sleep(interval)
+        return self.state
+
+    # ------------------------------------------------------------------ events
+    def _log(self, message: str) -> None:
+        self.log.append(message)
+
+    def _handle(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "progress":
+            self.progress = Progress(fraction=float(ev.get("fraction") or 0.0), stage=str(ev.get("stage") or ""),
+                                     message=str(ev.get("message") or ""), eta_s=ev.get("eta_s"),
+                                     elapsed_s=float(ev.get("elapsed_s") or 0.0))
+        elif kind == "log":
+            level = ev.get("level", "info")
+            self._log(("" if level == "info" else f"{level}: ") + str(ev.get("message", "")))
+        elif kind == "start":
+            self._log(f"engine {ev.get('version', '')} started (pid {ev.get('pid', '?')})")
+        elif kind == "result":
+            self.summary = {k: v for k, v in ev.items() if k not in ("event", "time")}
+        elif kind == "error":
+            self._log(f"error: {ev.get('message', '')}")
+        elif kind == "cancelled":
+            self._log("engine stopped (cancelled)")
+        elif kind == "_finished":
+            self._finished(ev.get("state", "failed"))
+        if self.on_event is not None and not str(kind).startswith("_"):
+            self.on_event(ev)
+
+    def _finished(self, state: str) -> None:
+        if state == "cancelled":
+            self._end("cancelled")
+        elif state == "finished" and self.summary is not None:
+            self.state = "importing"
+            try:
+                t0 = time.monotonic()
+                self._import()
+                self.import_seconds = time.monotonic() - t0
+                self._end("done")
+            except Exception as exc:
+                self._end("failed", f"could not load the result into the scene: {exc}")
+        else:
+            self._end("failed", self.command.error if self.command else "the engine failed")
+
+    def _import(self) -> None:
+        seg_path = Path(self.summary["outputs"]["seg_nrrd"])
+        if self.options.keep_outputs_dir:
+            keep = Path(self.options.keep_outputs_dir)
+            keep.mkdir(parents=True, exist_ok=True)
+            for p in self.temp_dir.iterdir():
+                if p.is_file():
+                    shutil.copy2(p, keep / p.name)
+        self.summary.setdefault("engine_version", (self.command.events[0].get("version")
+                                                    if self.command and self.command.events else ""))
+        self.segmentation_node = import_result(seg_path, self.summary, self.volume_node, self.segmentation_node,
+                                               name=f"{self.volume_node.GetName()} organs",
+                                               show_3d=self.options.show_3d)
+        self._log(f"imported {len(self.summary.get('organs', []))} organs into "
+                  f"'{self.segmentation_node.GetName()}'")
+
+    def _end(self, state: str, error: Optional[str] = None) -> None:
+        self.state = state
+        if error:
+            self.error = error
+            self._log(f"failed: {error}")
+        if self.temp_dir is not None:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def summary_text(self) -> str:
+        if self.summary is None:
+            return ""
+        organs = self.summary.get("organs", [])
+        vols = ", ".join(f"{o.get('display_name', o['name'])} {o.get('volume_ml', 0):.0f} ml" for o in organs)
+        model = self.summary.get("model", {})
+        status = "" if model.get("trained", True) else " [UNTRAINED model: output is not anatomy]"
+        return (f"{len(organs)} organs in {self.summary.get('run_time_s', 0):.1f} s "
+                f"({self.summary.get('mode')}, {self.summary.get('device')}, {model.get('id')}){status}: {vols}")
+
+
+def dump_summary(summary: dict) -> str:
+    return json.dumps(summary, indent=1, default=str)
