@@ -1,0 +1,513 @@
+"""Inference benchmark: wall time and peak memory of `dinomix segment`, and network cost against nnU-Net.
+
+    python benchmarks/inference.py                  # everything (about 10-20 minutes on 2 cores)
+    python benchmarks/inference.py --modes fast --cases none --windows 1   # a quick look
+
+Measures, in one run:
+
+1. `dinomix segment IN -o OUT.seg.nrrd --mode M` as a real subprocess, per mode, on
+   (a) the 6 BTCV test cases (the "test" list of btcv/splits_p1.json) and
+   (b) a clinical-size CT: the BTCV case whose resample to 0.8 x 0.8 x 1.5 mm comes closest to
+       512 x 512 x 400 voxels, resampled once (trilinear, int16, gzip NIfTI) into a cache folder outside
+       the repository (never committed). Wall time end to end (process start to exit, imports included),
+       peak RSS of the child (the kernel's high-water mark from wait4, cross-checked by polling the
+       process tree with psutil), CPU time, and the per-stage timings from OUT.json.
+2. The network alone, ours against nnU-Net's default 3d_fullres network (PlainConvUNet from
+   `dynamic-network-architectures`, the network TotalSegmentator runs: 6 stages, 32-320 features,
+   random weights) on the same preprocessed clinical-size volume at the same spacing, with the same
+   MONAI sliding_window_inference settings (ROI, overlap, sw_batch_size) that the engine uses for that
+   mode, in this one process. A full nnU-Net pass takes many minutes on 2 cores, so both networks run
+   the real sliding window but only the first --windows windows call the network (timed, after one
+   untimed warm-up window); the others return zeros. The total is estimated as the sliding window's own
+   overhead plus the mean time per window times the number of windows, and the table says so. Ours is
+   timed before and after nnU-Net and averaged, to even out drift in machine load.
+
+Prints a table and writes benchmarks/results/inference.json (machine, load, settings, every number).
+The real data is read from ../shared/data (or --data / $DINOMIX_DATA); nothing derived from it is
+written into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "inference.json"
+CLINICAL_SPACING = (0.8, 0.8, 1.5)
+CLINICAL_TARGET = (512, 512, 400)
+TARGETS = {"fast_wall_s": 15.0, "full_wall_s": 60.0, "peak_rss_bytes": 3.0e9, "speedup_vs_nnunet": 3.0}
+
+
+# ---------------------------------------------------------------- machine and inputs
+
+def machine_info() -> dict:
+    import numpy
+    import psutil
+    import SimpleITK
+    import torch
+
+    cpu_model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    info = {
+        "cpu_model": cpu_model,
+        "logical_cores": os.cpu_count(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "cores_available": affinity,
+        "memory_gib": round(psutil.virtual_memory().total / 2 ** 30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "numpy": numpy.__version__,
+        "SimpleITK": SimpleITK.Version_VersionString(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+    }
+    for mod in ("monai", "dynamic_network_architectures"):
+        try:
+            from importlib.metadata import version
+
+            info[mod] = version(mod.replace("_", "-"))
+        except Exception:
+            info[mod] = None
+    try:
+        from dinomix import __version__
+
+        info["dinomix"] = __version__
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--", "dinomix"],
+                               capture_output=True, text=True, timeout=10)
+        info["git"] = rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except Exception:
+        pass
+    return info
+
+
+def load_snapshot() -> dict:
+    """Load average and the busiest other processes right now (the machine may be shared)."""
+    import psutil
+
+    procs = []
+    me = os.getpid()
+    for p in psutil.process_iter(["pid", "name", "cpu_percent", "cmdline"]):
+        if p.info["pid"] == me:
+            continue
+        procs.append(p)
+    time.sleep(0.5)
+    busy = []
+    for p in procs:
+        try:
+            cpu = p.cpu_percent(None)
+            if cpu >= 10:
+                busy.append({"cpu_percent": round(cpu), "cmd": " ".join(p.info["cmdline"] or [p.info["name"]])[:120]})
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return {"loadavg": [round(v, 2) for v in os.getloadavg()],
+            "busy_processes": sorted(busy, key=lambda d: -d["cpu_percent"])[:5]}
+
+
+def btcv_test_cases(data: Path) -> list[Path]:
+    split = json.loads((data / "btcv" / "splits_p1.json").read_text())
+    return [data / "btcv" / f"btcv_img{cid}_ct.nii.gz" for cid in split["test"]]
+
+
+def resampled_size(size, spacing, target) -> tuple[int, ...]:
+    return tuple(int(round(n * s / t)) for n, s, t in zip(size, spacing, target))
+
+
+def pick_clinical_source(data: Path) -> tuple[Path, tuple[int, ...]]:
+    """The BTCV case whose resample to 0.8 x 0.8 x 1.5 mm is closest to 512 x 512 x 400 (log-size distance)."""
+    import SimpleITK as sitk
+
+    best = None
+    for f in sorted((data / "btcv").glob("btcv_img*_ct.nii.gz")):
+        r = sitk.ImageFileReader()
+        r.SetFileName(str(f))
+        r.ReadImageInformation()
+        size = resampled_size(r.GetSize(), r.GetSpacing(), CLINICAL_SPACING)
+        dist = sum(abs(math.log(n / t)) for n, t in zip(size, CLINICAL_TARGET))
+        if best is None or dist < best[0]:
+            best = (dist, f, size)
+    if best is None:
+        raise SystemExit(f"no BTCV CT files in {data / 'btcv'}")
+    return best[1], best[2]
+
+
+def make_clinical(data: Path, cache: Path) -> tuple[Path, dict]:
+    """Resample the chosen case to 0.8 x 0.8 x 1.5 mm (extent kept, trilinear, int16), cached."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    src, size = pick_clinical_source(data)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"{src.name.replace('_ct.nii.gz', '')}_0.8x0.8x1.5mm_ct.nii.gz"
+    meta = {"source": src.name, "spacing_mm": list(CLINICAL_SPACING), "size": list(size), "path": str(out)}
+    side = out.with_suffix(".json")
+    if out.exists() and side.exists() and json.loads(side.read_text()) == meta:
+        return out, meta
+    img = sitk.ReadImage(str(src))
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    # Keep the physical extent: the new grid's outer corners are the old grid's outer corners.
+    corner = np.array(img.GetOrigin()) - d @ (0.5 * np.array(img.GetSpacing()))
+    origin = corner + d @ (0.5 * np.array(CLINICAL_SPACING))
+    lo = float(sitk.GetArrayViewFromImage(img).min())
+    res = sitk.Resample(img, [int(v) for v in size], sitk.Transform(), sitk.sitkLinear, origin.tolist(),
+                        CLINICAL_SPACING, img.GetDirection(), lo, sitk.sitkInt16)
+    tmp = out.with_name(out.name + ".part.nii.gz")
+    sitk.WriteImage(res, str(tmp), True)
+    os.replace(tmp, out)
+    side.write_text(json.dumps(meta))
+    return out, meta
+
+
+# ---------------------------------------------------------------- 1. dinomix segment as a subprocess
+
+def dinomix_command() -> list[str]:
+    return [sys.executable, "-m", "dinomix"]
+
+
+def run_segment(image: Path, mode: str, workdir: Path, model: Optional[str]) -> dict:
+    import psutil
+
+    out = workdir / f"{image.name.split('.')[0]}_{mode}.seg.nrrd"
+    cmd = dinomix_command() + ["segment", str(image), "-o", str(out), "--mode", mode]
+    if model:
+        cmd += ["--model", model]
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tree_peak = [0]
+    done = threading.Event()
+
+    def poll() -> None:
+        try:
+            root = psutil.Process(proc.pid)
+        except psutil.NoSuchProcess:
+            return
+        while not done.is_set():
+            try:
+                rss = root.memory_info().rss + sum(c.memory_info().rss for c in root.children(recursive=True))
+                tree_peak[0] = max(tree_peak[0], rss)
+            except psutil.Error:
+                pass
+            done.wait(0.05)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    # Read the pipes in threads so a chatty child never blocks; wait4 gives this child's own rusage.
+    streams: dict[str, str] = {}
+    readers = [threading.Thread(target=lambda k=k, s=s: streams.__setitem__(k, s.read()), daemon=True)
+               for k, s in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+    for r in readers:
+        r.start()
+    _, status, ru = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    done.set()
+    for r in readers:
+        r.join()
+    poller.join()
+    rec: dict[str, Any] = {
+        "input": image.name, "mode": mode, "returncode": proc.returncode, "wall_s": round(wall, 2),
+        "cpu_user_s": round(ru.ru_utime, 2), "cpu_sys_s": round(ru.ru_stime, 2),
+        "peak_rss_bytes": int(ru.ru_maxrss) * 1024,          # Linux: KiB
+        "peak_rss_tree_polled_bytes": int(tree_peak[0]),
+        "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+    }
+    if proc.returncode != 0:
+        rec["error"] = (streams.get("stderr") or "")[-2000:]
+        return rec
+    summary = json.loads(out.with_name(out.name.replace(".seg.nrrd", ".json")).read_text())
+    rec["run_time_s"] = summary.get("run_time_s")
+    rec["timings_s"] = summary.get("timings_s")
+    rec["model"] = summary.get("model", {}).get("id")
+    rec["model_trained"] = summary.get("model", {}).get("trained")
+    rec["size"] = summary.get("geometry", {}).get("size")
+    for f in workdir.glob(f"{out.name.replace('.seg.nrrd', '')}*"):
+        f.unlink()
+    return rec
+
+
+# ---------------------------------------------------------------- 2. our network against nnU-Net's
+
+def nnunet_3d_fullres(num_classes: int):
+    """nnU-Net v2's default 3d_fullres network for abdominal CT at isotropic-ish spacing (random weights)."""
+    import torch.nn as nn
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+
+    return PlainConvUNet(
+        input_channels=1, n_stages=6, features_per_stage=(32, 64, 128, 256, 320, 320), conv_op=nn.Conv3d,
+        kernel_sizes=3, strides=(1, 2, 2, 2, 2, 2), n_conv_per_stage=2, num_classes=num_classes,
+        n_conv_per_stage_decoder=2, conv_bias=True, norm_op=nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True}, dropout_op=None, dropout_op_kwargs=None,
+        nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False).eval()
+
+
+def timed_sliding_window(name: str, fn, x, plan, n_timed: int, out_channels: int) -> dict:
+    """Run the engine's sliding window with `fn` on the first n_timed windows (zeros after), estimate all."""
+    import torch
+
+    from dinomix.inference import sliding_window
+
+    calls: list[float] = []
+    in_predictor = [0.0]
+    zeros = {}
+
+    def predictor(patch):
+        t = time.perf_counter()
+        if len(calls) < n_timed:
+            y = fn(patch)
+            calls.append(time.perf_counter() - t)
+        else:
+            key = tuple(patch.shape)
+            if key not in zeros:
+                zeros[key] = torch.zeros((patch.shape[0], out_channels, *patch.shape[2:]))
+            y = zeros[key]
+        in_predictor[0] += time.perf_counter() - t
+        return y
+
+    with torch.no_grad():
+        fn(torch.zeros((plan.batch, 1, *plan.roi)))  # warm-up (oneDNN primitives, allocations): not timed
+        t0 = time.perf_counter()
+        sliding_window(predictor, x, plan)
+        total = time.perf_counter() - t0
+    per = sum(calls) / len(calls)
+    overhead = total - in_predictor[0]
+    return {"network": name, "timed_windows": len(calls) * plan.batch, "s_per_window_batch": round(per, 3),
+            "s_per_window_batch_each": [round(c, 3) for c in calls],
+            "sliding_window_overhead_s": round(overhead, 2),
+            "estimated_total_s": round(overhead + per * plan.batches, 2)}
+
+
+def compare_networks(clinical: Path, modes: list[str], n_timed: int, model: Optional[str]) -> list[dict]:
+    import torch
+    import torch.nn.functional as F
+
+    from dinomix.imageio import read_image
+    from dinomix.inference import Segmenter, SegmentOptions
+    from dinomix.preprocessing import build_preprocess, sitk_to_sample
+
+    seg = Segmenter(model, "cpu")
+    ours = seg.predictor()
+    classes = seg.meta.architecture.out_channels
+    nnunet = nnunet_3d_fullres(classes)
+    image = read_image(clinical)
+    rows = []
+    for mode in modes:
+        cfg = seg.meta.preprocessing.mode(mode)
+        sample = build_preprocess(seg.meta.preprocessing, mode)(sitk_to_sample(image, copy=False))
+        x = sample["image"]
+        plan = seg.plan(x, cfg, SegmentOptions(mode=mode))
+        div = 2 ** 5  # nnU-Net's 6 stages need multiples of 32; pad a window inside its predictor if needed
+        pad = [(-r) % div for r in plan.roi]
+
+        def run_nnunet(patch):
+            if any(pad):
+                p = F.pad(patch, (0, pad[2], 0, pad[1], 0, pad[0]))
+                return nnunet(p)[..., :plan.roi[0], :plan.roi[1], :plan.roi[2]]
+            return nnunet(patch)
+
+        def run_ours(patch):
+            return ours(patch)
+
+        n = min(n_timed, plan.batches)
+        reuse = getattr(ours, "reuse", None)
+        if reuse is not None:
+            ours.reuse = True  # as in the engine: work buffers kept from window to window
+        a = timed_sliding_window("ours", run_ours, x, plan, n, classes)
+        if reuse is not None:
+            ours.reuse = False
+            ours.release()
+        load = os.getloadavg()
+        b = timed_sliding_window("nnunet_3d_fullres", run_nnunet, x, plan, n, classes)
+        if reuse is not None:
+            ours.reuse = True
+        c = timed_sliding_window("ours", run_ours, x, plan, n, classes)
+        if reuse is not None:
+            ours.reuse = False
+            ours.release()
+        per_ours = (a["s_per_window_batch"] + c["s_per_window_batch"]) / 2
+        ours_rec = dict(a, s_per_window_batch=round(per_ours, 3),
+                        s_per_window_batch_each=a["s_per_window_batch_each"] + c["s_per_window_batch_each"],
+                        estimated_total_s=round((a["sliding_window_overhead_s"] + c["sliding_window_overhead_s"]) / 2
+                                                + per_ours * plan.batches, 2))
+        # nnU-Net computes on the padded window: scale its time by the voxel ratio (its cost is about
+        # proportional to voxels) so both networks are charged for the same window.
+        pad_ratio = math.prod(plan.roi) / math.prod(r + p for r, p in zip(plan.roi, pad))
+        nn_total_same_window = b["sliding_window_overhead_s"] + b["s_per_window_batch"] * pad_ratio * plan.batches
+        rows.append({
+            "mode": mode, "spacing_mm": list(cfg.spacing_mm), "volume": list(x.shape[1:]), "roi": list(plan.roi),
+            "overlap": plan.overlap, "sw_batch_size": plan.batch, "windows": plan.windows,
+            "nnunet_window_padded_to": [r + p for r, p in zip(plan.roi, pad)] if any(pad) else None,
+            "nnunet_padding_voxel_ratio": round(pad_ratio, 4),
+            "ours": ours_rec, "nnunet": b, "loadavg_during": [round(v, 2) for v in load],
+            "nnunet_estimated_total_same_window_s": round(nn_total_same_window, 2),
+            "speedup_per_window_raw": round(b["s_per_window_batch"] / per_ours, 2),
+            "speedup_estimated_total_raw": round(b["estimated_total_s"] / ours_rec["estimated_total_s"], 2),
+            "speedup": round(nn_total_same_window / ours_rec["estimated_total_s"], 2),
+        })
+        del sample, x
+    return rows
+
+
+# ---------------------------------------------------------------- report
+
+def gb(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v / 1e9:.2f}"
+
+
+def print_tables(res: dict) -> None:
+    print(f"\nmachine: {res['machine'].get('cpu_model')}, {res['machine'].get('cores_available')} cores, "
+          f"torch {res['machine'].get('torch')}; load average at start {res['load_start']['loadavg']}, "
+          f"at end {res['load_end']['loadavg']}")
+    print("\n`dinomix segment` end to end (subprocess; wall includes interpreter start and imports)")
+    hdr = f"{'input':36s} {'mode':4s} {'size':>11s} {'wall s':>6s} {'RSS GB':>6s} {'cpu s':>6s} " \
+          f"{'start':>5s} {'prep':>5s} {'infer':>6s} {'post':>5s} {'resmp':>5s} {'io':>5s} {'load':>4s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in res["segment"]:
+        if r.get("returncode") != 0:
+            print(f"{r['input']:36s} {r['mode']:4s}  FAILED: {r.get('error', '')[-200:]}")
+            continue
+        t = r.get("timings_s") or {}
+        run = r.get("run_time_s") or 0.0
+        io = max(0.0, run - sum(t.values()))
+        size = "x".join(str(v) for v in (r.get("size") or []))
+        print(f"{r['input']:36s} {r['mode']:4s} {size:>11s} {r['wall_s']:6.1f} {gb(r['peak_rss_bytes']):>6s} "
+              f"{r['cpu_user_s'] + r['cpu_sys_s']:6.1f} {r['wall_s'] - run:5.1f} {t.get('preprocess', 0):5.1f} "
+              f"{t.get('infer', 0):6.1f} {t.get('postprocess', 0):5.1f} {t.get('resample', 0):5.1f} "
+              f"{io:5.1f} {r['loadavg_before'][0]:4.1f}")
+    print("  start = interpreter start and imports (wall - run_time_s); prep/infer/post/resmp = stage timings "
+          "from OUT.json;\n  io = the rest of run_time_s: model load, image read and checks, writing "
+          ".seg.nrrd/.nii.gz/.json; load = 1-min load average before the run")
+    if res.get("networks"):
+        print("\nnetwork cost on the clinical-size CT, same preprocessed volume, same MONAI sliding window, same process")
+        print(f"{'mode':4s} {'volume':>13s} {'roi':>13s} {'ovl':>4s} {'bs':>2s} {'win':>3s} {'timed':>5s} "
+              f"{'ours s/win':>10s} {'nnU s/win':>9s} {'ours tot':>8s} {'nnU tot':>8s} {'speedup':>7s} {'raw':>6s}")
+        for n in res["networks"]:
+            o, u = n["ours"], n["nnunet"]
+            print(f"{n['mode']:4s} {'x'.join(map(str, n['volume'])):>13s} {'x'.join(map(str, n['roi'])):>13s} "
+                  f"{n['overlap']:4.2f} {n['sw_batch_size']:2d} {n['windows']:3d} {u['timed_windows']:5d} "
+                  f"{o['s_per_window_batch']:10.2f} {u['s_per_window_batch']:9.2f} {o['estimated_total_s']:8.1f} "
+                  f"{n['nnunet_estimated_total_same_window_s']:8.1f} {n['speedup']:6.1f}x "
+                  f"{n['speedup_estimated_total_raw']:5.1f}x")
+        print("  totals estimated: only the first 'timed' windows of each network (after an untimed warm-up) ran it; "
+              "total = sliding-window\n  overhead + s/window x windows. 'timed' windows per network; ours timed "
+              "before and after nnU-Net, averaged.")
+        for n in res["networks"]:
+            if n.get("nnunet_window_padded_to"):
+                print(f"  {n['mode']}: nnU-Net needs multiples of 32: its windows were zero-padded to "
+                      f"{'x'.join(map(str, n['nnunet_window_padded_to']))}; 'nnU s/win' is as measured, 'nnU tot' "
+                      f"and 'speedup' charge it for the unpadded\n  window (x{n['nnunet_padding_voxel_ratio']:.3f}, "
+                      f"voxel ratio); 'raw' is the speed-up without that correction")
+    print("\ntargets (clinical-size CT):")
+    for t in res["targets"]:
+        print(f"  {'PASS' if t['met'] else 'MISS'}  {t['what']}: {t['value']} (target {t['target']})")
+
+
+def evaluate_targets(res: dict) -> list[dict]:
+    out = []
+    clin = [r for r in res["segment"] if r.get("clinical") and r.get("returncode") == 0]
+    for r in clin:
+        limit = TARGETS.get(f"{r['mode']}_wall_s")
+        if limit:
+            out.append({"what": f"{r['mode']} wall time", "value": f"{r['wall_s']:.1f} s", "target": f"<= {limit:g} s",
+                        "met": r["wall_s"] <= limit})
+        out.append({"what": f"{r['mode']} peak RSS", "value": f"{r['peak_rss_bytes'] / 1e9:.2f} GB",
+                    "target": f"<= {TARGETS['peak_rss_bytes'] / 1e9:g} GB",
+                    "met": r["peak_rss_bytes"] <= TARGETS["peak_rss_bytes"]})
+    for n in res.get("networks") or []:
+        out.append({"what": f"{n['mode']} speed-up over nnU-Net 3d_fullres (same settings, same run)",
+                    "value": f"{n['speedup']:.1f}x", "target": f">= {TARGETS['speedup_vs_nnunet']:g}x",
+                    "met": n["speedup"] >= TARGETS["speedup_vs_nnunet"]})
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    import platformdirs
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=os.environ.get("DINOMIX_DATA", str(DEFAULT_DATA)))
+    p.add_argument("--cache", default=os.environ.get("DINOMIX_BENCH_CACHE",
+                                                     str(Path(platformdirs.user_cache_dir("dinomix", appauthor=False)) / "bench")),
+                   help="folder for the clinical-size CT (outside the repository)")
+    p.add_argument("--modes", nargs="+", default=["fast", "full"], choices=["fast", "full"])
+    p.add_argument("--cases", default="test", help="'test' (the 6 BTCV test cases), 'none', or comma-separated ids")
+    p.add_argument("--no-clinical", action="store_true")
+    p.add_argument("--no-nnunet", action="store_true", help="skip the network comparison")
+    p.add_argument("--windows", type=int, default=2, help="windows timed per network and mode (default 2)")
+    p.add_argument("--model", default=None, help="model name or file (default: the built-in model)")
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    args = p.parse_args(argv)
+    # The engine's own import sets OpenMP's wait policy before torch loads; do the same here, so the
+    # network comparison in this process runs as the engine does (set for both networks alike).
+    import dinomix.inference  # noqa: F401
+
+    data = Path(args.data)
+    if not (data / "btcv").is_dir():
+        print(f"benchmark skipped: no BTCV data in {data} (set --data or DINOMIX_DATA)")
+        return 0 if os.environ.get("CI", "").lower() not in ("1", "true", "yes") else 1
+    res: dict[str, Any] = {"benchmark": "inference", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                           "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+                           "machine": machine_info(), "load_start": load_snapshot(), "targets_def": TARGETS}
+    inputs: list[tuple[Path, bool]] = []
+    if not args.no_clinical:
+        clinical, meta = make_clinical(data, Path(args.cache))
+        res["clinical_ct"] = meta
+        inputs.append((clinical, True))
+    if args.cases == "test":
+        inputs += [(f, False) for f in btcv_test_cases(data)]
+    elif args.cases != "none":
+        inputs += [(data / "btcv" / f"btcv_img{c.strip()}_ct.nii.gz", False) for c in args.cases.split(",")]
+
+    res["segment"] = []
+    with tempfile.TemporaryDirectory(prefix="dinomix-bench-") as tmp:
+        for mode in args.modes:
+            for image, clin in inputs:
+                print(f"segment {image.name} --mode {mode} ...", flush=True)
+                rec = run_segment(image, mode, Path(tmp), args.model)
+                rec["clinical"] = clin
+                res["segment"].append(rec)
+                print(f"  {rec['wall_s']:.1f} s, peak RSS {rec['peak_rss_bytes'] / 1e9:.2f} GB, "
+                      f"stages {rec.get('timings_s')}, load {rec['loadavg_before'][0]:.1f}", flush=True)
+    if not args.no_nnunet and not args.no_clinical:
+        print(f"network comparison on {inputs[0][0].name}: {args.windows} timed window(s) per network and mode ...",
+              flush=True)
+        res["networks"] = compare_networks(inputs[0][0], args.modes, args.windows, args.model)
+    res["load_end"] = load_snapshot()
+    res["targets"] = evaluate_targets(res)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print_tables(res)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
