@@ -65,8 +65,14 @@ class StudentUNet(nn.Module):
     def feature_channels(self) -> int:
         return self.cfg.channels[0]
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stem features at full resolution, decoder features at 1/2 resolution)."""
+    @property
+    def pyramid_channels(self) -> list[int]:
+        """Widths of the `forward_pyramid` decoder maps, coarsest first."""
+        return list(reversed(self.cfg.channels))
+
+    def forward_pyramid(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(stem features at full resolution, decoder feature maps coarsest first: the bottleneck at 1/16,
+        then the decoder outputs at 1/8, 1/4 and 1/2; the last is what `head` uses)."""
         stem = self.stem(x)
         skips = []
         h = stem
@@ -74,9 +80,16 @@ class StudentUNet(nn.Module):
             h = enc(down(h))
             skips.append(h)
         h = skips[-1]
+        levels = [h]
         for up, skip in zip(self.ups, reversed(skips[:-1])):
             h = up(h, skip)
-        return stem, h
+            levels.append(h)
+        return stem, levels
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stem features at full resolution, decoder features at 1/2 resolution)."""
+        stem, levels = self.forward_pyramid(x)
+        return stem, levels[-1]
 
     def head(self, stem: torch.Tensor, feat: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(feat, size=stem.shape[2:], mode="trilinear", align_corners=False)
