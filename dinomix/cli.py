@@ -150,6 +150,11 @@ def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[
     seg = Segmenter(args.model, args.device)
     if not seg.meta.trained:
         rep.log(f"model '{seg.meta.model_id}' is UNTRAINED (random weights): its output is not anatomy", "warning")
+    if seg.meta.backbone_untrained:
+        from .segdino import BACKBONE_UNTRAINED
+
+        rep.log(f"model '{seg.meta.model_id}': {BACKBONE_UNTRAINED}; it was trained without DINOv3 weights, "
+                "so expect poor segmentations", "warning")
     opts = SegmentOptions(mode=args.mode, organs=args.organs, overlap=args.overlap,
                           largest_component=False if args.no_largest_component else None,
                           fill_holes=False if args.no_fill_holes else None)

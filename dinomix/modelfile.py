@@ -21,9 +21,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelFileError
-from .network import StudentConfig, build_network
+from .network import ArchitectureConfig, build_network
 from .organs import OrganSchema
 from .preprocessing import PreprocessConfig
+from .segdino import BACKBONE_UNTRAINED
 
 FORMAT = "dinomix-model"
 FORMAT_VERSION = 1
@@ -42,7 +43,7 @@ class ModelMeta(BaseModel):
     title: str = ""
     description: str = ""
     trained: bool = Field(description="False for randomly initialised weights: shown as UNTRAINED everywhere")
-    architecture: StudentConfig
+    architecture: ArchitectureConfig
     organs: OrganSchema
     preprocessing: PreprocessConfig
     postprocessing: PostprocessConfig = PostprocessConfig()
@@ -53,11 +54,18 @@ class ModelMeta(BaseModel):
     weights_sha256: str = ""
 
     @property
+    def backbone_untrained(self) -> bool:
+        """A SegDINO model whose DINOv3 backbone has random weights (no DINOv3 weights when it was trained)."""
+        return self.architecture.family == "segdino" and not self.architecture.backbone_pretrained
+
+    @property
     def status(self) -> str:
-        return "trained" if self.trained else "UNTRAINED (random weights)"
+        s = "trained" if self.trained else "UNTRAINED (random weights)"
+        return s + (f", {BACKBONE_UNTRAINED}" if self.backbone_untrained else "")
 
     def display_name(self) -> str:
-        return self.model_id + ("" if self.trained else " [UNTRAINED]")
+        return (self.model_id + ("" if self.trained else " [UNTRAINED]")
+                + (f" [{BACKBONE_UNTRAINED}]" if self.backbone_untrained else ""))
 
 
 def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -74,6 +82,11 @@ def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 def save_model(path: str | os.PathLike, net: torch.nn.Module, meta: ModelMeta) -> ModelMeta:
     """Write the model file atomically (temporary file, then rename)."""
+    arch = getattr(net, "cfg", None)
+    if meta.architecture.family == "segdino" and getattr(arch, "family", None) == "segdino":
+        # whether the backbone holds real DINOv3 weights is known to the network that was built
+        meta = meta.model_copy(update={"architecture": meta.architecture.model_copy(update={
+            "backbone_pretrained": arch.backbone_pretrained, "backbone_sha256": arch.backbone_sha256})})
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     meta = meta.model_copy(update={"weights_sha256": weights_sha256(tensors)})
     path = Path(path)
@@ -141,7 +154,7 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
     if digest != meta.weights_sha256:
         raise ModelFileError(f"{path.name}: weights do not match their recorded sha256 (file corrupt or modified); "
                              "re-download or re-import the model")
-    net = build_network(meta.architecture)
+    net = build_network(meta.architecture, load_backbone=False)
     try:
         net.load_state_dict(tensors, strict=True)
     except RuntimeError as exc:

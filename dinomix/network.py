@@ -1,5 +1,9 @@
 """The compact 3D student network, built from MONAI blocks; its config is stored in the model file.
 
+Network families (the `family` of the architecture config, `ArchitectureConfig`): `student_unet` (this
+module's `StudentUNet`, the default; a config without `family` is one) and `segdino` (`segdino.SegDINO`, a
+DINOv3 ViT applied slice by slice, for users with a GPU). `build_network` builds either.
+
 Design for speed on a 2-core CPU: the full-resolution stage is a single light convolution (most of a
 U-Net's cost sits there), the encoder/decoder do their work from 1/2 resolution down, and the output
 head fuses the upsampled decoder features with the full-resolution stem through 1x1x1 convolutions.
@@ -8,19 +12,21 @@ The decoder's half-resolution feature map (`features`) is what the DINO-Mix FKD 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Annotated, Any, Literal, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UnetResBlock, UnetUpBlock
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Discriminator, Field, Tag
+
+from .segdino import SegDINOConfig
 
 
 class StudentConfig(BaseModel):
     """Architecture of `StudentUNet` (stored in the model file)."""
 
-    family: str = "student_unet"
+    family: Literal["student_unet"] = "student_unet"
     in_channels: int = 1
     out_channels: int = 14
     stem_channels: int = 16
@@ -100,10 +106,28 @@ class StudentUNet(nn.Module):
         return self.head(stem, feat)
 
 
-def build_network(cfg: StudentConfig) -> nn.Module:
-    if cfg.family != "student_unet":
-        raise ValueError(f"unknown network family '{cfg.family}'")
-    return StudentUNet(cfg)
+def _family(v: Any) -> str:
+    return (v.get("family") if isinstance(v, dict) else getattr(v, "family", None)) or "student_unet"
+
+
+# The architecture of a model file or training config, told apart by `family` ("student_unet" when absent).
+ArchitectureConfig = Annotated[
+    Union[Annotated[StudentConfig, Tag("student_unet")], Annotated[SegDINOConfig, Tag("segdino")]],
+    Discriminator(_family),
+]
+
+
+def build_network(cfg: StudentConfig | SegDINOConfig, load_backbone: bool = True) -> nn.Module:
+    """The network of an architecture config. SegDINO: with `load_backbone` (to train one) the DINOv3 weights
+    of the config or $DINOMIX_DINOV3_WEIGHTS are loaded, and `cfg` records whether there were any
+    (`segdino.build_segdino`); loading a model file passes False, its own weights replace the backbone's."""
+    if cfg.family == "student_unet":
+        return StudentUNet(cfg)
+    if cfg.family == "segdino":
+        from .segdino import build_segdino
+
+        return build_segdino(cfg, load_backbone=load_backbone)
+    raise ValueError(f"unknown network family '{cfg.family}'")
 
 
 def count_parameters(net: nn.Module) -> int:

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..errors import DinomixError
-from ..network import StudentConfig
+from ..network import ArchitectureConfig, StudentConfig
 from ..organs import BTCV13
 from ..preprocessing import ModeConfig, PreprocessConfig
 
@@ -106,7 +106,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     optim: OptimConfig = OptimConfig()
     sampling: SamplingConfig = SamplingConfig()
-    architecture: StudentConfig = StudentConfig()
+    architecture: ArchitectureConfig = StudentConfig()
     preprocessing: PreprocessConfig = PreprocessConfig()
     ce_weight: float = 1.0
     dice_weight: float = 1.0
