@@ -1,8 +1,13 @@
-"""`dinomix train CONFIG`: supervised training from a typed JSON config."""
+"""`dinomix train CONFIG`: supervised training from a typed JSON config.
+
+Under `torchrun --nproc_per_node=N -m dinomix train ...` it trains data-parallel in N processes
+(dinomix/training/distributed.py); only rank 0 writes events, progress and output.
+"""
 
 from __future__ import annotations
 
 import argparse
+import threading
 from pathlib import Path
 
 from .cli import Job
@@ -23,16 +28,24 @@ def register(sub) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.config import TrainConfig
+    from .training.distributed import DistContext, SilentReporter
     from .training.trainer import Trainer
 
+    main = DistContext.from_env().is_main  # under torchrun only rank 0 reports
     holder: dict = {}
+    saving = threading.Lock()  # held by the worker thread while it saves after an error (distributed runs)
 
     def on_cancel() -> str:
         tr = holder.get("trainer")
+        if saving.acquire(timeout=60):  # never write the same file as the worker thread at once
+            saving.release()
         path = tr.write_checkpoint() if tr is not None else None
         return f"(resumable checkpoint at {path})" if path else ""
 
-    job = Job("train", args.events, {"cache": 0.05, "train": 0.95}, on_cancel=on_cancel)
+    job = Job("train", args.events if main else None, {"cache": 0.05, "train": 0.95}, on_cancel=on_cancel)
+    if not main:
+        job.reporter.close()
+        job.reporter = SilentReporter(job.reporter.stages)
 
     def work(rep, check) -> dict:
         cfg = TrainConfig.from_file(args.config)
@@ -40,7 +53,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg.iterations = args.iterations
         tr = Trainer(cfg, Path(args.output), rep, check, args.device)
         holder["trainer"] = tr
-        result = tr.run(resume=args.resume)
+        try:
+            result = tr.run(resume=args.resume)
+        except Exception:
+            if tr.dist.enabled:  # e.g. another process died: rank 0 saves the last complete iteration
+                with saving:
+                    if not job.cancel_event.is_set():  # else the signal handler saves it
+                        tr.write_checkpoint()
+            raise
+        tr.dist.close()
+        if not tr.dist.is_main:
+            return result
         if args.register:
             from .registry import import_model
 

@@ -256,8 +256,7 @@ class SemiTrainer(Trainer):
 
     def step(self, it: int) -> float:
         cfg, s = self.cfg, self.cfg.semi
-        rng = np.random.default_rng([cfg.seed, it])
-        torch.manual_seed(cfg.seed * 1_000_003 + it)
+        rng = self.iteration_rng(it)  # (seed, it), with the rank under torchrun
         img_l, lab_l, ann_l = self.sampler.batch(rng, cfg.batch_size)
         lab_l = sanitize_labels(lab_l, ann_l)
         for g in self.opt.param_groups:
@@ -266,7 +265,7 @@ class SemiTrainer(Trainer):
             x = augment(img_l, rng).to(self.device)
             self.net.train()
             self.opt.zero_grad(set_to_none=True)
-            loss = partial_dice_ce(self._forward(self.net, x), lab_l.to(self.device), ann_l.to(self.device),
+            loss = partial_dice_ce(self._forward(self.train_net, x), lab_l.to(self.device), ann_l.to(self.device),
                                    cfg.ce_weight, cfg.dice_weight)
             self._backward(loss)
             self._info = {}
@@ -288,7 +287,7 @@ class SemiTrainer(Trainer):
         if fill:
             fill_unknown(lab, ann_l, pseudo[:nl], sure[:nl])
         if self.pic is not None:
-            self.pic.observe(unl.target, unl.weight)
+            self.pic.observe(*self.dist.gather_cat(unl.target, unl.weight))  # all processes' pseudo-labels
         t = it / max(1, cfg.iterations - 1)
         l2u = s.directions in ("both", "labeled_into_unlabeled")
         u2l = s.directions in ("both", "unlabeled_into_labeled")
@@ -312,7 +311,7 @@ class SemiTrainer(Trainer):
         x_m = augment(mixed.image, rng)
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        logits = self._forward(self.net, torch.cat([x_l, x_m]))
+        logits = self._forward(self.train_net, torch.cat([x_l, x_m]))
         sup = partial_dice_ce(logits[:nl], lab_l.to(self.device), ann_l.to(self.device), cfg.ce_weight,
                               cfg.dice_weight)
         cons = masked_partial_dice_ce(logits[nl:], mixed.target.to(self.device), mixed.ann, mixed.weight,

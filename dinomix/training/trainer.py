@@ -5,6 +5,8 @@ Exact resume: every random draw of iteration `it` comes from generators seeded b
 learning rate is a pure function of `it`, and checkpoints hold model + optimizer state; so a run
 resumed from iteration k repeats iterations k.. exactly as an uninterrupted run would (on CPU).
 A fresh in-memory snapshot after every iteration lets a signal write a resumable checkpoint at once.
+Under torchrun the same loop runs data-parallel in N processes (DistributedDataParallel, rank 0 writes;
+see distributed.py).
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from ..datasets import Dataset, import_btcv, load_dataset
 from ..errors import DinomixError
 from ..events import Reporter
 from ..inference import available_cores, pick_device
-from ..modelfile import ModelMeta, save_model
+from ..modelfile import ModelMeta, save_model, weights_sha256
 from ..network import build_network, count_parameters
 from ..organs import OrganSchema
 from .config import TrainConfig
 from .data import BalancedSampler, CachedCase, augment, cache_cases
+from .distributed import DistContext, Replicated
 from .losses import partial_dice_ce
 
 CHECKPOINT = "checkpoint_last.pt"
@@ -85,7 +88,9 @@ class Trainer:
         self.out = Path(out_dir)
         self.rep = reporter or Reporter(bar=False)
         self.check = check_cancel or (lambda: None)
-        self.device = pick_device(device)
+        self.dist = DistContext.from_env()  # torchrun's WORLD_SIZE/RANK/LOCAL_RANK; 1 process without them
+        self.device = self.dist.device(pick_device(device))
+        self.replica_hashes: list[str] = []
         self.schema = OrganSchema.from_names(cfg.organs)
         if cfg.architecture.out_channels != self.schema.num_classes:
             cfg.architecture = cfg.architecture.model_copy(update={"out_channels": self.schema.num_classes})
@@ -96,8 +101,9 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
+        self.dist.init(self.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(cfg.threads or available_cores())
+            torch.set_num_threads(cfg.threads or max(1, available_cores() // self.dist.local_world_size))
         ds = load_training_dataset(cfg)
         train = [c for c in ds.cases if c.split in cfg.data.train_splits]
         if cfg.data.cases:
@@ -120,6 +126,7 @@ class Trainer:
                                        s.organ_prob, s.power, s.jitter)
         torch.manual_seed(cfg.seed)
         self.net = build_network(cfg.architecture).to(self.device)
+        self.train_net: torch.nn.Module = self.net  # what training forward passes call (DDP under torchrun)
         o = cfg.optim
         if o.name == "sgd":
             self.opt = torch.optim.SGD(self.net.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True,
@@ -131,19 +138,66 @@ class Trainer:
         self.rep.log(f"training on {len(self.train_cases)} cases ({sum(c.label is not None for c in self.train_cases)} "
                      f"labeled), evaluating on {len(self.eval_cases)}; {count_parameters(self.net):,} parameters; "
                      f"device {self.device}")
+        if self.dist.enabled:
+            self.rep.log(f"distributed: {self.dist.world_size} processes ({self.dist.backend}), batch {cfg.batch_size} "
+                         f"per process ({self.dist.world_size * cfg.batch_size} patches per iteration), learning "
+                         "rate unchanged")
+
+    def replicated_modules(self) -> list[torch.nn.Module]:
+        """Modules besides the network whose parameters are trained (subclasses); DDP averages their gradients."""
+        return []
+
+    def distribute(self) -> None:
+        """Under torchrun: DistributedDataParallel over the network (after set-up, before resuming)."""
+        if not self.dist.enabled or self.train_net is not self.net:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        extra = self.replicated_modules()
+        module = Replicated(self.net, extra) if extra else self.net
+        # static_graph: the same parameters get gradients every iteration, but not necessarily all of them (a
+        # head only some losses use), nor only through DDP's forward (components' parameters)
+        self.train_net = DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None, static_graph=True)
+
+    def verify_replicas(self) -> list[str]:
+        """Every process hashes its weights and all compare (DDP keeps them identical; a difference means some
+        gradient bypassed DDP): stops the run if they differ."""
+        hashes = self.dist.all_gather_object(weights_sha256(self.net.state_dict()))
+        if len(set(hashes)) > 1:
+            raise DinomixError("distributed training: the processes' weights differ "
+                               f"({', '.join(h[:12] for h in hashes)}); please report this")
+        self.replica_hashes = hashes
+        return hashes
+
+    def distributed_info(self) -> dict:
+        return {"world_size": self.dist.world_size, "backend": self.dist.backend,
+                "replica_weights_sha256": list(self.replica_hashes)}
+
+    def check_world_size(self, state: dict, path: Path) -> None:
+        stored = int((state.get("distributed") or {}).get("world_size", 1))
+        if stored != self.dist.world_size:
+            raise DinomixError(f"cannot resume: {path} was written by a run of {stored} process(es) and this run has "
+                               f"{self.dist.world_size}; resume with the same number (torchrun --nproc_per_node="
+                               f"{stored}, or plain `dinomix train` for 1)")
 
     # ------------------------------------------------------------------ state
     def state(self, it: int, elapsed: float, best: dict) -> dict:
-        return {"iteration": it, "model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
-                "scaler": self.scaler.state_dict(), "best": best, "history": self.history,
-                "elapsed_s": elapsed, "config": self.cfg.model_dump(mode="json")}
+        st = {"iteration": it, "model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+              "scaler": self.scaler.state_dict(), "best": best, "history": self.history,
+              "elapsed_s": elapsed, "config": self.cfg.model_dump(mode="json")}
+        if self.dist.enabled:
+            st["distributed"] = self.distributed_info()
+        return st
 
     def take_snapshot(self, it: int, elapsed: float, best: dict) -> None:
+        if not self.dist.is_main:  # only rank 0 writes checkpoints
+            return
         self.snapshot = copy.deepcopy(self.state(it, elapsed, best))
 
     def write_checkpoint(self, state: Optional[dict] = None) -> Optional[Path]:
         state = state if state is not None else self.snapshot
-        if state is None:
+        if state is None or not self.dist.is_main:
             return None
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / CHECKPOINT
@@ -160,6 +214,7 @@ class Trainer:
             raise DinomixError(f"cannot resume: checkpoint {path} is unreadable ({str(exc)[:120]})") from None
         if state.get("config") != self.config_for_compare(state.get("config")):
             raise DinomixError(f"cannot resume: {path} was written with a different training config")
+        self.check_world_size(state, path)
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -184,10 +239,19 @@ class Trainer:
         return meta
 
     # ------------------------------------------------------------------ loop
+    def iteration_rng(self, it: int) -> np.random.Generator:
+        """Seeds torch and returns the numpy generator of iteration `it`: from (seed, it), or (seed, it, rank)
+        when N > 1 processes train (each draws its own patches; distributed.py)."""
+        seed = self.cfg.seed
+        if self.dist.enabled:
+            torch.manual_seed((seed * 1_000_003 + it) * 1_009 + self.dist.rank)
+            return np.random.default_rng([seed, it, self.dist.rank])
+        torch.manual_seed(seed * 1_000_003 + it)
+        return np.random.default_rng([seed, it])
+
     def step(self, it: int) -> float:
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, it])
-        torch.manual_seed(cfg.seed * 1_000_003 + it)
+        rng = self.iteration_rng(it)
         img, lab, ann = self.sampler.batch(rng, cfg.batch_size)
         img = augment(img, rng).to(self.device)
         lab, ann = lab.to(self.device), ann.to(self.device)
@@ -196,7 +260,7 @@ class Trainer:
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
         with torch.autocast("cuda", enabled=self.use_amp):
-            logits = self.net(img)
+            logits = self.train_net(img)
         loss = partial_dice_ce(logits.float(), lab, ann, cfg.ce_weight, cfg.dice_weight)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
@@ -208,11 +272,13 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Per-organ Dice (%) on the eval cases, on the model grid (the full native-grid evaluation is
-        `dinomix evaluate`)."""
+        `dinomix evaluate`). N processes split the cases and gather the scores in case order."""
         self.net.eval()
         per_organ: dict[str, list[float]] = {o.name: [] for o in self.schema.organs}
         roi = tuple(self.cfg.patch_size)
-        for case in self.eval_cases:
+        scores: list[tuple[int, str, float]] = []
+        for i in range(self.dist.rank, len(self.eval_cases), self.dist.world_size):
+            case = self.eval_cases[i]
             self.check()
             with torch.autocast("cuda", enabled=self.use_amp):
                 logits = sliding_window_inference(case.image[None].to(self.device), roi, 1, self.net,
@@ -225,7 +291,11 @@ class Trainer:
                 if not bool(g.any()):
                     continue
                 p = pred == o.value
-                per_organ[o.name].append(200.0 * float((g & p).sum()) / float(g.sum() + p.sum()))
+                scores.append((i, o.name, 200.0 * float((g & p).sum()) / float(g.sum() + p.sum())))
+        if self.dist.enabled:
+            scores = sorted((s for part in self.dist.all_gather_object(scores) for s in part), key=lambda s: s[0])
+        for _, name, dice in scores:
+            per_organ[name].append(dice)
         organs = {k: round(float(np.mean(v)), 2) for k, v in per_organ.items() if v}
         mean = round(float(np.mean(list(organs.values()))), 2) if organs else float("nan")
         return {"mean_dice": mean, "dice": organs}
@@ -238,7 +308,15 @@ class Trainer:
                                "another --output (nothing is overwritten)")
         if resume and not has_ckpt:
             raise DinomixError(f"nothing to resume: no {CHECKPOINT} in {self.out}")
+        if resume:  # before the set-up (minutes): the number of processes must match
+            try:
+                head = torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=True, mmap=True)
+            except Exception:
+                head = None  # load_checkpoint reports it
+            if isinstance(head, dict):
+                self.check_world_size(head, self.out / CHECKPOINT)
         self.setup()
+        self.distribute()
         start, elapsed, best = 0, 0.0, {"mean_dice": -1.0, "iteration": -1}
         if resume:
             st = self.load_checkpoint()
@@ -251,7 +329,7 @@ class Trainer:
         it = start
         for it in range(start, cfg.iterations):
             self.check()
-            loss = self.step(it)
+            loss = self.dist.mean(self.step(it))  # the logged loss: mean over the processes
             losses.append(loss)
             done = it + 1
             elapsed = time.monotonic() - t_start
@@ -262,20 +340,28 @@ class Trainer:
                 record["eval"] = ev
                 if ev["mean_dice"] > best["mean_dice"]:
                     best = {"mean_dice": ev["mean_dice"], "iteration": done, "dice": ev["dice"]}
-                    self.export(self.out / "model_best.safetensors", done, elapsed, ev)
+                    if self.dist.is_main:
+                        self.export(self.out / "model_best.safetensors", done, elapsed, ev)
                 self.rep.log(f"iteration {done}: eval mean Dice {ev['mean_dice']:.1f}%")
             self.history.append(record)
             self.rep.emit("metric", **record)
             self.rep.update(done / cfg.iterations, f"it {done}/{cfg.iterations} loss {np.mean(losses[-20:]):.3f}")
+            if self.dist.enabled and (done % cfg.checkpoint_every == 0 or done == cfg.iterations):
+                self.verify_replicas()
             self.take_snapshot(done, elapsed, best)
             if done % cfg.checkpoint_every == 0:
                 self.write_checkpoint()
         self.write_checkpoint()
         final_eval = self.history[-1].get("eval") if self.history else None
-        meta = self.export(self.out / "model_last.safetensors", cfg.iterations, elapsed, final_eval)
-        return {"model": str(self.out / "model_last.safetensors"), "iterations": cfg.iterations,
-                "time_s": round(elapsed, 1), "best": best, "final_eval": final_eval,
-                "weights_sha256": meta.weights_sha256}
+        meta = self.export(self.out / "model_last.safetensors", cfg.iterations, elapsed, final_eval) \
+            if self.dist.is_main else None
+        self.dist.barrier()  # every process returns once the model file is written
+        result = {"model": str(self.out / "model_last.safetensors"), "iterations": cfg.iterations,
+                  "time_s": round(elapsed, 1), "best": best, "final_eval": final_eval,
+                  "weights_sha256": meta.weights_sha256 if meta else weights_sha256(self.net.state_dict())}
+        if self.dist.enabled:
+            result["distributed"] = self.distributed_info()
+        return result
 
     # ------------------------------------------------------------------ export
     def export(self, path: Path, iterations: int, elapsed: float, ev: Optional[dict]) -> ModelMeta:
@@ -289,5 +375,8 @@ class Trainer:
                       "eval_cases": self.eval_ids, "dataset": self.dataset.name},
             metrics={"eval_model_grid": ev} if ev else {},
         )
+        if self.dist.enabled:
+            meta.training["distributed"] = {"world_size": self.dist.world_size, "backend": self.dist.backend,
+                                            "batch_size_per_process": cfg.batch_size}
         return save_model(path, self.net, self.customize_meta(meta))
 
