@@ -101,9 +101,12 @@ class StudentUNet(nn.Module):
         up = F.interpolate(feat, size=stem.shape[2:], mode="trilinear", align_corners=False)
         return self.head_out(self.head_fuse(torch.cat([up, stem], dim=1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        stem, feat = self.forward_features(x)
-        return self.head(stem, feat)
+    def forward(self, x: torch.Tensor, features: bool = False):
+        """Logits; with `features=True`, (logits, stem, decoder pyramid) for trainer components. One entry
+        point for both, so DistributedDataParallel sees (and synchronises) every forward pass."""
+        stem, levels = self.forward_pyramid(x)
+        logits = self.head(stem, levels[-1])
+        return (logits, stem, levels) if features else logits
 
 
 def _family(v: Any) -> str:

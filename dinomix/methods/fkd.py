@@ -26,7 +26,9 @@ uniqueness-weighted cosine distillation loss.
   u_v = 1 - max_c cos(F_t(v), mu_c), loss = weighted mean of 1 - cos(head(F_s)(v), F_t(v))) and the relational
   variant `affinity_loss`.
 
-Not done yet: wiring FKD into the semi-supervised trainer (the trainer records "FKD off").
+* `FKDConfig`, `TeacherFeatures` and `FKDComponent`: FKD as a component of the semi-supervised trainer
+  (`semi.components.fkd`); without teacher weights FKD is off and the trainer says so once (log, events,
+  model file).
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
 
 from ..errors import DinomixError
 
@@ -510,3 +513,103 @@ def affinity_loss(student: torch.Tensor, teacher: torch.Tensor, idx: torch.Tenso
     s = torch.gather(s, 2, idx[:, None].expand(-1, C, -1))
     t = torch.gather(t, 2, idx[:, None].expand(-1, t.shape[1], -1))
     return ((s.transpose(1, 2) @ s - t.transpose(1, 2) @ t) ** 2).mean()
+
+
+# ---------------------------------------------------------------- the trainer component
+
+class FKDConfig(BaseModel):
+    """FKD in the semi-supervised trainer (`semi.components.fkd`)."""
+
+    enabled: bool = False
+    weights: Optional[str] = Field(default=None, description=f"DINOv3 checkpoint file or HF folder; else ${ENV_WEIGHTS}")
+    layers: list[int] = Field(default=[-1], description="ViT layers whose normalised patch tokens are stacked")
+    min_tokens: int = Field(default=16, ge=1, description="slices are upsampled so the token grid is at least this")
+    loss: Literal["cosine", "affinity"] = "cosine"
+    weight: float = Field(default=1.0, ge=0)
+    rampup: float = Field(default=0.1, ge=0, le=1, description="sigmoid ramp-up of the FKD weight, fraction of training")
+    prototype_momentum: float = Field(default=0.9, ge=0, le=1)
+    affinity_voxels: int = Field(default=256, ge=2, description="affinity variant: voxels per patch")
+    head_hidden: Optional[int] = None
+    cache_dir: Optional[str] = Field(default=None, description="teacher feature cache (default: user cache dir)")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dinomix" / "fkd-features"
+
+
+class TeacherFeatures:
+    """The frozen teacher's feature volumes of the training cases (computed once, cached on disk in fp16,
+    kept in memory) and their crops on the student's feature grid."""
+
+    def __init__(self, cfg: FKDConfig, weights: Path, preprocessing: dict) -> None:
+        self.vit, self.weights_sha = load_teacher(weights)
+        self.cache = FeatureCache(cfg.cache_dir or default_cache_dir(), self.vit, self.weights_sha, cfg.layers,
+                                  cfg.min_tokens)
+        self.preprocessing = preprocessing
+        self.volumes: dict[str, torch.Tensor] = {}
+
+    @property
+    def channels(self) -> int:
+        return self.vit.embed_dim * len(self.cache.layers)
+
+    def prepare(self, cases: Sequence, progress=None) -> None:
+        """Features of every case (`.id`, `.image` (1, X, Y, Z)); `progress(i, n)` after each."""
+        for i, case in enumerate(cases):
+            self.volumes[case.id] = self.cache.get(case.image, self.preprocessing)
+            if progress is not None:
+                progress(i + 1, len(cases))
+
+    def crop(self, case_id: str, volume_shape: Sequence[int], start: Sequence[int], size: Sequence[int],
+             grid: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features (C, *grid), valid (1, *grid) float) of the crop [start, start + size)."""
+        f, valid = sample_features(self.volumes[case_id], volume_shape, start, size, grid)
+        return f, valid[None].float()
+
+
+class FKDComponent(nn.Module):
+    """FKD as a trainer component (see dinomix/methods/components.py): a projection head from the student's
+    1/2-resolution decoder map to the teacher width, and the uniqueness-weighted cosine (or affinity) loss
+    against the teacher features carried with each patch (`batch.extra['fkd']`, `batch.extra['fkd_valid']`),
+    mixed by CutMix / PIC exactly as the image. Prototypes mu_c come from ground-truth voxels (EMA)."""
+
+    name = "fkd"
+
+    def __init__(self, cfg: FKDConfig, feature_channels: int, teacher_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.head = FKDHead(feature_channels, teacher_channels, cfg.head_hidden)
+        self.bank = PrototypeBank(num_classes, teacher_channels, cfg.prototype_momentum)
+
+    def losses(self, batch) -> dict[str, torch.Tensor]:
+        from .components import ramp
+
+        feat = batch.features[-1]
+        teacher = batch.extra["fkd"].to(feat.device).float()
+        valid = batch.extra["fkd_valid"].to(feat.device)[:, 0] > 0.5
+        student = self.head(feat)
+        grid = tuple(feat.shape[2:])
+        # ground truth on the feature grid (nearest cell centre); -1 where not ground truth
+        tgt = F.interpolate(batch.target[:, None].float(), size=grid, mode="nearest")[:, 0].long()
+        gt = F.interpolate((batch.known & (batch.confidence >= 1.0))[:, None].float(), size=grid,
+                           mode="nearest")[:, 0] > 0.5
+        self.bank.update(teacher, torch.where(gt, tgt, torch.full_like(tgt, -1)), valid)
+        w = self.cfg.weight * ramp(batch.progress, 0.0, self.cfg.rampup)
+        if self.cfg.loss == "affinity":
+            gen = torch.Generator().manual_seed(int(batch.iteration))
+            n = int(np.prod(grid))
+            idx = torch.stack([torch.randperm(n, generator=gen)[: self.cfg.affinity_voxels]
+                               for _ in range(feat.shape[0])]).to(feat.device)
+            loss = affinity_loss(student, teacher, idx)
+        else:
+            loss = uniqueness_weighted_cosine(student, teacher, self.bank.uniqueness(teacher), valid)
+        return {"fkd": w * loss}
+
+    def extra_state(self) -> dict:
+        return {"bank": self.bank.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.bank.load_state_dict(state["bank"])
+
+    def describe(self) -> dict:
+        return {"name": self.name, **self.cfg.model_dump(mode="json")}

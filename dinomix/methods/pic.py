@@ -28,7 +28,7 @@ resumed run repeats the same mixes; PIC's only state is n_c (`state_dict`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -43,21 +43,30 @@ class Patches:
     target: torch.Tensor  # (B, X, Y, Z) long: class per voxel (0: background or unknown, see ann)
     ann: torch.Tensor     # (B, C, X, Y, Z) bool: classes the label annotates at this voxel ([:, 0] always True)
     weight: torch.Tensor  # (B, X, Y, Z) float: loss weight (1 ground truth, confidence mask for pseudo-labels)
+    # Further per-voxel fields mixed with the patch, each (B, K, x, y, z) on a grid covering the patch (the
+    # patch grid itself, or a coarser one such as FKD's teacher features on the student's feature grid).
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
     def clone(self) -> "Patches":
-        return Patches(self.image.clone(), self.target.clone(), self.ann.clone(), self.weight.clone())
+        return Patches(self.image.clone(), self.target.clone(), self.ann.clone(), self.weight.clone(),
+                       {k: v.clone() for k, v in self.extra.items()})
 
     def select(self, idx: Sequence[int]) -> "Patches":
         i = list(idx)
-        return Patches(self.image[i], self.target[i], self.ann[i], self.weight[i])
+        return Patches(self.image[i], self.target[i], self.ann[i], self.weight[i],
+                       {k: v[i] for k, v in self.extra.items()})
 
     @staticmethod
     def cat(parts: Sequence["Patches"]) -> "Patches":
+        keys = set(parts[0].extra)
+        if any(set(p.extra) != keys for p in parts):
+            raise ValueError("cannot concatenate patches with different extra fields")
         return Patches(torch.cat([p.image for p in parts]), torch.cat([p.target for p in parts]),
-                       torch.cat([p.ann for p in parts]), torch.cat([p.weight for p in parts]))
+                       torch.cat([p.ann for p in parts]), torch.cat([p.weight for p in parts]),
+                       {k: torch.cat([p.extra[k] for p in parts]) for k in keys})
 
     def holds(self, j: int, c: int) -> torch.Tensor:
         """Voxels of patch j where class c is a usable label (annotated there, weight > 0)."""
@@ -120,13 +129,31 @@ def random_box(rng: np.random.Generator, size: Sequence[int], patch: Sequence[in
     return np.array([int(rng.integers(0, p - s + 1)) for s, p in zip(size, patch)])
 
 
+def grid_box(start: Sequence[int], size: Sequence[int], patch: Sequence[int], grid: Sequence[int]) -> tuple[slice, ...]:
+    """The cells of a grid of `grid` cells covering the patch whose centres lie in the voxel box
+    [start, start + size): cell k of n along an axis of P voxels has its centre at voxel coordinate
+    (k + 0.5) P / n - 0.5, inside the box iff start <= (k + 0.5) P / n < start + size. Pasting those cells
+    is the mixed field sampled exactly at the coarse grid's cell centres."""
+    out = []
+    for a, s, p, n in zip(start, size, patch, grid):
+        lo = math.ceil(a * n / p - 0.5)
+        hi = math.ceil((a + s) * n / p - 0.5)
+        out.append(slice(max(0, lo), min(n, max(lo, hi))))
+    return tuple(out)
+
+
 def paste(dst: Patches, i: int, src: Patches, j: int, start: Sequence[int], size: Sequence[int]) -> None:
-    """Copy the box [start, start + size) of source patch j into target patch i (in place)."""
+    """Copy the box [start, start + size) of source patch j into target patch i (in place), with every extra
+    field on its own grid (`grid_box`)."""
     b = tuple(slice(int(a), int(a) + int(s)) for a, s in zip(start, size))
     dst.image[(i, slice(None)) + b] = src.image[(j, slice(None)) + b]
     dst.target[(i,) + b] = src.target[(j,) + b]
     dst.ann[(i, slice(None)) + b] = src.ann[(j, slice(None)) + b]
     dst.weight[(i,) + b] = src.weight[(j,) + b]
+    patch = tuple(dst.target.shape[1:])
+    for k, v in dst.extra.items():
+        g = grid_box(start, size, patch, tuple(v.shape[2:]))
+        v[(i, slice(None)) + g] = src.extra[k][(j, slice(None)) + g]
 
 
 def cutmix(rng: np.random.Generator, targets: Patches, sources: Patches,

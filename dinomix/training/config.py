@@ -9,6 +9,9 @@ from typing import Literal, Optional
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..errors import DinomixError
+from ..methods.action import ActionConfig
+from ..methods.fkd import FKDConfig
+from ..methods.scdl import SCDLConfig
 from ..network import ArchitectureConfig, StudentConfig
 from ..organs import BTCV13
 from ..preprocessing import ModeConfig, PreprocessConfig
@@ -58,6 +61,26 @@ class PICConfig(BaseModel):
                                   "labeled cases (else: random CutMix fallback)")
 
 
+class ComponentsConfig(BaseModel):
+    """Trainer components (dinomix/methods/components.py), each off unless configured."""
+
+    fkd: FKDConfig = FKDConfig()
+    scdl: SCDLConfig = SCDLConfig()
+    action: ActionConfig = ActionConfig()
+
+    @field_validator("scdl")
+    @classmethod
+    def _no_prior(cls, v: SCDLConfig) -> SCDLConfig:
+        if v.enabled and v.prior:
+            raise ValueError("SCDL prior tokens (scdl.prior) are not supported yet: the exported network has no "
+                             "prior-token path at inference, so a model trained with them would not match")
+        return v
+
+    @property
+    def any_enabled(self) -> bool:
+        return any(getattr(getattr(self, name), "enabled", False) for name in type(self).model_fields)
+
+
 class SemiConfig(BaseModel):
     """Semi-supervised training (dinomix/training/semi.py). The default, `supervised`, is the plain trainer."""
 
@@ -77,6 +100,7 @@ class SemiConfig(BaseModel):
                                                          "voxels the annotation leaves unknown (mixed loss only)")
     init_weights: Optional[str] = Field(default=None, description="model file to start from (fine-tuning)")
     pic: PICConfig = PICConfig()
+    components: ComponentsConfig = ComponentsConfig()
 
     @field_validator("box_fraction")
     @classmethod
@@ -87,7 +111,7 @@ class SemiConfig(BaseModel):
 
     @property
     def uses_semi_trainer(self) -> bool:
-        return self.method != "supervised" or self.init_weights is not None
+        return self.method != "supervised" or self.init_weights is not None or self.components.any_enabled
 
 
 class TrainConfig(BaseModel):

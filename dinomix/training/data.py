@@ -149,6 +149,8 @@ class BalancedSampler:
         self.freq = class_frequencies(self.cases, num_classes)
         self.probs = organ_probabilities(self.freq, power, present)
         self.holders = {v: [i for i, c in enumerate(self.cases) if v in c.indices] for v in range(num_classes)}
+        # (case, crop start) of each patch of the last `batch`, for fields cropped alongside (FKD features)
+        self.last_draws: list[tuple[CachedCase, np.ndarray]] = []
 
     def draw(self, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         if self.probs.sum() > 0 and rng.random() < self.organ_prob:
@@ -163,9 +165,11 @@ class BalancedSampler:
         start = centre - np.array(self.patch) // 2
         img = crop(case.image, start, self.patch, 0.0)
         lab = crop(case.label, start, self.patch, 0)
+        self.last_draws.append((case, start))
         return img, lab, case.annotated
 
     def batch(self, rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        self.last_draws = []
         items = [self.draw(rng) for _ in range(size)]
         return (torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]).long(),
                 torch.from_numpy(np.stack([i[2] for i in items])))

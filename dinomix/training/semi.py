@@ -39,7 +39,11 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DinomixError
+from ..methods.action import ActionComponent
+from ..methods.components import AuxBatch
+from ..methods.fkd import ENV_WEIGHTS, FKDComponent, TeacherFeatures, find_teacher_weights
 from ..methods.pic import PIC, Patches, cutmix
+from ..methods.scdl import SCDLComponent
 from ..modelfile import ModelMeta, load_model
 from .data import CachedCase, augment, crop
 from .losses import partial_dice_ce
@@ -110,23 +114,29 @@ class UnlabeledSampler:
             raise DinomixError("no case to draw unlabeled patches from")
         self.cases = cases
         self.patch = patch
+        self.last_draws: list[tuple[CachedCase, np.ndarray]] = []
 
     def batch(self, rng: np.random.Generator, size: int) -> torch.Tensor:
         out = []
+        self.last_draws = []
         for _ in range(size):
             case = self.cases[int(rng.integers(len(self.cases)))]
             centre = np.array([rng.integers(0, n) for n in case.image.shape[1:]])
-            out.append(crop(case.image, centre - np.array(self.patch) // 2, self.patch, 0.0))
+            start = centre - np.array(self.patch) // 2
+            out.append(crop(case.image, start, self.patch, 0.0))
+            self.last_draws.append((case, start))
         return torch.stack(out)
 
 
-def labeled_patches(img: torch.Tensor, lab: torch.Tensor, ann: torch.Tensor) -> Patches:
+def labeled_patches(img: torch.Tensor, lab: torch.Tensor, ann: torch.Tensor,
+                    extra: Optional[dict[str, torch.Tensor]] = None) -> Patches:
     shape = lab.shape
     ann_vox = ann.bool().view(ann.shape[0], ann.shape[1], 1, 1, 1).expand(-1, -1, *shape[1:]).clone()
-    return Patches(img, lab.clone(), ann_vox, torch.ones(shape, dtype=torch.float32))
+    return Patches(img, lab.clone(), ann_vox, torch.ones(shape, dtype=torch.float32), dict(extra or {}))
 
 
-def fill_unknown(lab: Patches, ann: torch.Tensor, pseudo: torch.Tensor, sure: torch.Tensor) -> None:
+def fill_unknown(lab: Patches, ann: torch.Tensor, pseudo: torch.Tensor, sure: torch.Tensor,
+                 conf: Optional[torch.Tensor] = None) -> None:
     """In place: voxels of partially labeled patches whose label is unknown (0 while some organ is not
     annotated) take the teacher's confident class when that is background or an organ the patch does not
     annotate; they then count as annotated for every class. A teacher vote for an annotated organ there is
@@ -137,6 +147,8 @@ def fill_unknown(lab: Patches, ann: torch.Tensor, pseudo: torch.Tensor, sure: to
         ok = (lab.target[b] == 0) & sure[b] & ((tc == 0) | ~ann[b][tc])
         lab.target[b][ok] = tc[ok]
         lab.ann[b][:, ok] = True
+        if conf is not None and "confidence" in lab.extra:
+            lab.extra["confidence"][b, 0][ok] = conf[b][ok]
 
 
 # ---------------------------------------------------------------- trainer
@@ -154,6 +166,9 @@ class SemiTrainer(Trainer):
         self.info_hook: Optional[Callable[[int, float], dict]] = None
         self._info: dict = {}
         self._ready = False
+        self.components = torch.nn.ModuleList()
+        self.teacher_features: Optional[TeacherFeatures] = None
+        self.fkd_status: dict = {"enabled": False, "reason": "not configured (semi.components.fkd.enabled is false)"}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -184,9 +199,43 @@ class SemiTrainer(Trainer):
         self.rep.log(f"method {s.method}: {len(self.labeled_ids)} labeled and {len(unl)} unlabeled training cases"
                      + ("" if s.method == "supervised" else
                         f"; {cfg.batch_size} labeled + {s.unlabeled_batch} unlabeled patches per iteration, "
-                        f"teacher EMA {s.ema_decay}, confidence {s.confidence}")
-                     + "; FKD off (not part of this trainer version)")
+                        f"teacher EMA {s.ema_decay}, confidence {s.confidence}"))
+        self._setup_components()
         self._ready = True
+
+    def _setup_components(self) -> None:
+        """Trainer components (semi.components): built, moved to the device, optimised with the student."""
+        comp, C = self.cfg.semi.components, self.schema.num_classes
+        if not comp.fkd.enabled:
+            self.rep.log("FKD off: not configured (semi.components.fkd.enabled is false)")
+        if comp.any_enabled and getattr(self.cfg.architecture, "family", "student_unet") != "student_unet":
+            raise DinomixError("trainer components (semi.components) need the student U-Net architecture")
+        if comp.fkd.enabled:
+            weights = find_teacher_weights(comp.fkd.weights)
+            if weights is None:
+                self.fkd_status = {"enabled": False, "reason": "no DINOv3 teacher weights available (set "
+                                   f"semi.components.fkd.weights or ${ENV_WEIGHTS})"}
+                self.rep.log(f"FKD is off: {self.fkd_status['reason']}; training continues without it", "warning")
+            else:
+                tf = TeacherFeatures(comp.fkd, weights, self.pp.model_dump(mode="json"))
+                self.rep.begin("fkd-features", f"DINOv3 teacher features of {len(self.train_cases)} cases")
+                tf.prepare(self.train_cases, lambda i, n: (self.check(), self.rep.update(i / n, f"teacher {i}/{n}")))
+                self.teacher_features = tf
+                self.components.append(FKDComponent(comp.fkd, self.cfg.architecture.channels[0], tf.channels, C))
+                self.fkd_status = {"enabled": True, "teacher_weights_sha256": tf.weights_sha,
+                                   "teacher": {"embed_dim": tf.vit.embed_dim, "depth": tf.vit.depth},
+                                   "features_computed": tf.cache.computed}
+                self.rep.log(f"FKD on: DINOv3 teacher ({tf.vit.embed_dim}-d, layers {comp.fkd.layers}) from "
+                             f"{weights}; {tf.cache.computed} of {len(self.train_cases)} feature volumes computed, "
+                             "the rest from the cache")
+        if comp.scdl.enabled:
+            self.components.append(SCDLComponent(comp.scdl, C, self.cfg.architecture.channels[0]))
+        if comp.action.enabled:
+            self.components.append(ActionComponent(comp.action, C, list(reversed(self.cfg.architecture.channels))))
+        if len(self.components):
+            self.rep.log("trainer components: " + ", ".join(c.name for c in self.components))
+            self.components.to(self.device)
+            self.opt.add_param_group({"params": list(self.components.parameters())})
 
     def _load_init(self, path: str) -> None:
         p = Path(path)
@@ -209,6 +258,9 @@ class SemiTrainer(Trainer):
             st["teacher"] = self.teacher.state_dict()
         if self.pic is not None:
             st["pic"] = self.pic.state_dict()
+        if len(self.components):
+            st["components"] = {"modules": self.components.state_dict(),
+                                "extra": [c.extra_state() for c in self.components]}
         return st
 
     def load_checkpoint(self) -> dict:
@@ -223,6 +275,16 @@ class SemiTrainer(Trainer):
             self.teacher.load_state_dict(st["teacher"])
         if self.pic is not None:
             self.pic.load_state_dict(st["pic"])
+        if len(self.components):
+            if "components" not in st:
+                raise DinomixError("cannot resume: the checkpoint holds no trainer-component state")
+            self.components.load_state_dict(st["components"]["modules"])
+            for c, extra in zip(self.components, st["components"]["extra"]):
+                c.load_extra_state(extra)
+
+    def replicated_modules(self) -> list[torch.nn.Module]:
+        """Under torchrun DDP averages the components' gradients too (distributed.py)."""
+        return [self.components] if len(self.components) else []
 
     def restore_state(self, st: dict) -> None:
         """Back to an in-memory state (from `state`), e.g. after timing a few trial iterations."""
@@ -248,27 +310,73 @@ class SemiTrainer(Trainer):
         img = crop(case.image, start, smp.patch, 0.0)[None]
         ann = torch.from_numpy(np.asarray(case.annotated))[None]
         lab = sanitize_labels(crop(case.label, start, smp.patch, 0)[None].long(), ann)
-        return labeled_patches(img, lab, ann)
+        return labeled_patches(img, lab, ann, self._extras([(case, start)], None))
 
     def _forward(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", enabled=self.use_amp):
             return net(x.to(self.device)).float()
+
+    def _forward_student(self, x: torch.Tensor):
+        """(logits, stem, decoder pyramid); the features only when a component needs them."""
+        with torch.autocast("cuda", enabled=self.use_amp):
+            if len(self.components):
+                logits, stem, levels = self.train_net(x.to(self.device), features=True)
+                return logits.float(), stem, levels
+            return self.train_net(x.to(self.device)).float(), None, None
+
+    def _extras(self, draws: list, conf: Optional[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fields mixed along with the patches for the components: the confidence of each voxel's target
+        (1 for ground truth, the teacher's max probability for pseudo-labels) and, with FKD, the teacher
+        features of each crop on the student's 1/2-resolution feature grid."""
+        if not len(self.components):
+            return {}
+        patch = tuple(self.cfg.patch_size)
+        n = len(draws)
+        out = {"confidence": (torch.ones((n, 1) + patch) if conf is None else conf[:, None].float().clone())}
+        tf = self.teacher_features
+        if tf is not None:
+            grid = tuple(p // 2 for p in patch)
+            crops = [tf.crop(case.id, case.image.shape[1:], start, patch, grid) for case, start in draws]
+            out["fkd"] = torch.stack([f for f, _ in crops]).half()
+            out["fkd_valid"] = torch.stack([v for _, v in crops])
+        return out
+
+    def _component_losses(self, it: int, logits: torch.Tensor, stem, levels, rows: Patches, nl: int
+                          ) -> dict[str, torch.Tensor]:
+        if not len(self.components):
+            return {}
+        dev = logits.device
+        batch = AuxBatch(features=levels, stem=stem, logits=logits, target=rows.target.to(dev),
+                         ann=rows.ann.to(dev), confidence=rows.extra["confidence"][:, 0].to(dev),
+                         labeled=torch.arange(len(rows), device=dev) < nl, n_labeled=nl, iteration=it,
+                         progress=it / max(1, self.cfg.iterations - 1),
+                         extra={k: v for k, v in rows.extra.items() if k != "confidence"})
+        terms: dict[str, torch.Tensor] = {}
+        for comp in self.components:
+            terms.update(comp.losses(batch))
+        return terms
 
     def step(self, it: int) -> float:
         cfg, s = self.cfg, self.cfg.semi
         rng = self.iteration_rng(it)  # (seed, it), with the rank under torchrun
         img_l, lab_l, ann_l = self.sampler.batch(rng, cfg.batch_size)
         lab_l = sanitize_labels(lab_l, ann_l)
+        lab0 = labeled_patches(img_l, lab_l, ann_l, self._extras(self.sampler.last_draws, None))
         for g in self.opt.param_groups:
             g["lr"] = self._lr(it)
         if s.method == "supervised":
             x = augment(img_l, rng).to(self.device)
             self.net.train()
             self.opt.zero_grad(set_to_none=True)
-            loss = partial_dice_ce(self._forward(self.train_net, x), lab_l.to(self.device), ann_l.to(self.device),
-                                   cfg.ce_weight, cfg.dice_weight)
+            logits, stem, levels = self._forward_student(x)
+            sup = partial_dice_ce(logits, lab_l.to(self.device), ann_l.to(self.device), cfg.ce_weight,
+                                  cfg.dice_weight)
+            terms = self._component_losses(it, logits, stem, levels, lab0, len(lab0))
+            loss = sup + sum(terms.values()) if terms else sup
             self._backward(loss)
-            self._info = {}
+            self._info = {k: round(float(v.detach()), 5) for k, v in terms.items()}
+            if terms:
+                self._info["loss_sup"] = round(float(sup.detach()), 5)
             return float(loss.detach())
 
         img_u = self.unlabeled.batch(rng, s.unlabeled_batch)
@@ -282,10 +390,11 @@ class SemiTrainer(Trainer):
         sure = conf >= s.confidence
         off = nl if fill else 0
         unl = Patches(img_u, pseudo[off:], torch.ones((img_u.shape[0], self.schema.num_classes) + img_u.shape[2:],
-                                                      dtype=torch.bool), sure[off:].float())
-        lab = labeled_patches(img_l, lab_l, ann_l)
+                                                      dtype=torch.bool), sure[off:].float(),
+                      self._extras(self.unlabeled.last_draws, conf[off:]))
+        lab = lab0.clone()
         if fill:
-            fill_unknown(lab, ann_l, pseudo[:nl], sure[:nl])
+            fill_unknown(lab, ann_l, pseudo[:nl], sure[:nl], conf[:nl])
         if self.pic is not None:
             self.pic.observe(*self.dist.gather_cat(unl.target, unl.weight))  # all processes' pseudo-labels
         t = it / max(1, cfg.iterations - 1)
@@ -311,17 +420,20 @@ class SemiTrainer(Trainer):
         x_m = augment(mixed.image, rng)
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        logits = self._forward(self.train_net, torch.cat([x_l, x_m]))
+        logits, stem, levels = self._forward_student(torch.cat([x_l, x_m]))
         sup = partial_dice_ce(logits[:nl], lab_l.to(self.device), ann_l.to(self.device), cfg.ce_weight,
                               cfg.dice_weight)
         cons = masked_partial_dice_ce(logits[nl:], mixed.target.to(self.device), mixed.ann, mixed.weight,
                                       cfg.ce_weight, cfg.dice_weight)
         w = s.consistency_weight * sigmoid_rampup(it, round(s.rampup * cfg.iterations))
-        loss = sup + w * cons
+        terms = self._component_losses(it, logits, stem, levels, Patches.cat([lab0, mixed]), nl) \
+            if len(self.components) else {}
+        loss = sup + w * cons + (sum(terms.values()) if terms else 0.0)
         self._backward(loss)
         self._update_teacher(it)
         self._info = {"loss_sup": round(float(sup.detach()), 5), "loss_cons": round(float(cons.detach()), 5),
                       "cons_weight": round(w, 5), "confident": round(float(unl.weight.mean()), 4)}
+        self._info.update({k: round(float(v.detach()), 5) for k, v in terms.items()})
         if infos:
             self._info["mix_organs"] = [-1 if i.organ is None else i.organ for i in infos]
             self._info["mix_fallbacks"] = sum(i.fallback for i in infos)
@@ -333,7 +445,8 @@ class SemiTrainer(Trainer):
     def _backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.optim.grad_clip)
+        params = list(self.net.parameters()) + list(self.components.parameters())
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
         self.scaler.step(self.opt)
         self.scaler.update()
 
@@ -358,7 +471,7 @@ class SemiTrainer(Trainer):
         training = dict(meta.training)
         training["trainer"] = "supervised" if s.method == "supervised" else f"semi-supervised ({s.method})"
         semi = {"method": s.method, "labeled_cases": self.labeled_ids, "unlabeled_cases": self.unlabeled_ids,
-                "fkd": {"enabled": False, "reason": "FKD is not implemented in this trainer version"}}
+                "fkd": self.fkd_status, "components": [c.describe() for c in self.components]}
         if self.init_meta is not None:
             semi["init"] = {"model_id": self.init_meta.model_id, "weights_sha256": self.init_meta.weights_sha256,
                             "trained": self.init_meta.trained}

@@ -212,7 +212,7 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise DinomixError(f"cannot resume: checkpoint {path} is unreadable ({str(exc)[:120]})") from None
-        if state.get("config") != self.config_for_compare(state.get("config")):
+        if self.config_for_compare(state.get("config")) != self.cfg.model_dump(mode="json"):
             raise DinomixError(f"cannot resume: {path} was written with a different training config")
         self.check_world_size(state, path)
         self.net.load_state_dict(state["model"])
@@ -222,13 +222,12 @@ class Trainer:
         return state
 
     def config_for_compare(self, stored: Optional[dict]) -> dict:
-        """This run's config as a checkpoint records it; checkpoints written before `semi` existed match a
-        config whose `semi` section is the default."""
-        cur = self.cfg.model_dump(mode="json")
-        if isinstance(stored, dict) and "semi" not in stored and not self.cfg.semi.uses_semi_trainer \
-                and self.cfg.semi == type(self.cfg.semi)():
-            cur.pop("semi", None)
-        return cur
+        """The stored config as this version reads it: sections and options added since the checkpoint was
+        written take their defaults, so an older run resumes when its config means the same."""
+        try:
+            return type(self.cfg).model_validate(stored).model_dump(mode="json")
+        except Exception:
+            return {"unreadable": stored}
 
     def iteration_info(self, done: int, elapsed: float) -> dict:  # noqa: ARG002
         """Extra fields of an iteration's metric record (loss parts of the semi-supervised trainer)."""
