@@ -298,7 +298,7 @@ def sitk_shape(image):
 # ---------------------------------------------------------------- end to end
 
 def test_evaluate_cli_one_btcv_case_with_report(data_dir, tmp_path):
-    """Real `dinomix evaluate` on btcv_img0008 (the built-in model is untrained: structure only)."""
+    """Real `dinomix evaluate` of the shipped model on btcv_img0008, a P1 test case."""
     env = dict(os.environ, DINOMIX_MODELS_DIR=str(tmp_path / "models"), XDG_CACHE_HOME=str(tmp_path / "cache"),
                OMP_NUM_THREADS="2")
     out = tmp_path / "eval"
@@ -312,7 +312,7 @@ def test_evaluate_cli_one_btcv_case_with_report(data_dir, tmp_path):
     assert doc["format"] == "dinomix-evaluation" and doc["case_ids"] == ["btcv_img0008"]
     assert len(doc["models"]) == 1 and doc["comparison"] is None
     res = doc["models"][0]
-    assert res["model"]["trained"] is False
+    assert res["model"]["trained"] is True
     (case,) = res["cases"]
     assert case["id"] == "btcv_img0008" and case["label_resampled"] is False
     assert set(case["organs"]) == set(BTCV13.names)
@@ -328,9 +328,10 @@ def test_evaluate_cli_one_btcv_case_with_report(data_dir, tmp_path):
     agg = res["aggregate"]
     assert 0.0 <= agg["mean"]["dice_pct"] <= 100.0
     assert set(agg["per_organ"]) == set(BTCV13.names)
+    assert case["organs"]["liver"]["dice_pct"] > 85 and case["organs"]["spleen"]["dice_pct"] > 75
 
     md = (out / "evaluation.md").read_text()
-    assert "UNTRAINED" in md and "| liver" in md and "montage_btcv_img0008.png" in md
+    assert "UNTRAINED" not in md and "| liver" in md and "montage_btcv_img0008.png" in md
     png = out / "montage_btcv_img0008.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert not [p for p in out.iterdir() if ".part" in p.name]

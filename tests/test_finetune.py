@@ -12,7 +12,7 @@ from dinomix.datasets import BTCV_NAMES, Case, Dataset
 from dinomix.finetune_cli import compare, next_version_name, plan_iterations
 from dinomix.modelfile import load_model
 
-PARENT = "abdomen-btcv13"  # the built-in model (an UNTRAINED placeholder while no trained file ships)
+PARENT = "abdomen-btcv13"  # the built-in (shipped, trained) model
 CORRECTED = ["liver", "pancreas", "spleen"]
 
 
@@ -120,7 +120,7 @@ def test_finetune_events_report_progress_loss_time_left_and_dice_before_and_afte
     assert isinstance(result["worse_than_parent"], bool)
     assert ("WORSE" in result["verdict"]) == result["worse_than_parent"]
     logs = " ".join(e["message"] for e in ev if e["event"] == "log")
-    assert result["verdict"] in logs and "UNTRAINED" in logs
+    assert result["verdict"] in logs and "UNTRAINED" not in logs
 
 
 def test_finetune_never_overwrites_and_explains_bad_input(finetuned, registry_env, dinomix):
