@@ -35,7 +35,7 @@ def test_a_signal_during_inference_cancels_promptly_and_leaves_no_output(btcv_ct
     out_folder.mkdir()
     events_file = tmp_path / "events.jsonl"
     proc = subprocess.Popen(
-        dinomix_command() + ["segment", str(btcv_ct), "--mode", "full", "--events", str(events_file),
+        dinomix_command() + ["segment", str(btcv_ct), "--mode", "fast", "--events", str(events_file),
                              "-o", str(out_folder / "case.seg.nrrd")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     try:
