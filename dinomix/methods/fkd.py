@@ -428,16 +428,29 @@ def sample_features(feats: torch.Tensor, volume_shape: Sequence[int], start: Seq
     the cell centres, and a validity mask (False where the crop lies outside the volume, as the zero padding of
     the image crop). feats: (C, tx, ty, Z) from `teacher_feature_volume`."""
     X = np.asarray(volume_shape, dtype=np.float64)
-    axes, valid = [], []
+    n = feats.shape[1:]
+    coords, valid = [], []
     for a in range(3):
         j = torch.arange(out_shape[a], dtype=torch.float64)
         p = start[a] + (j + 0.5) * size[a] / out_shape[a] - 0.5        # voxel coordinate of the cell centre
-        axes.append(2 * (p + 0.5) / X[a] - 1)                            # grid_sample coordinate (align_corners=False)
+        coords.append((p + 0.5) * n[a] / X[a] - 0.5)                     # continuous index on the feature grid
         valid.append((p >= -0.5) & (p <= X[a] - 0.5))
+    # Sample from the sub-block of the feature volume that the crop touches (plus a cell of margin), not the
+    # whole volume: the same values (trilinear weights only involve neighbouring cells, and coordinates beyond
+    # the volume clamp to its border in both), at a fraction of the cost per crop.
+    axes = []
+    lo, hi = [], []
+    for a in range(3):
+        u = coords[a]
+        first = min(max(0, int(math.floor(float(u.min()))) - 1), n[a] - 1)
+        last = max(min(n[a] - 1, int(math.ceil(float(u.max()))) + 1), first)
+        lo.append(first)
+        hi.append(last)
+        axes.append(2 * (u - first + 0.5) / (last - first + 1) - 1)   # grid_sample coordinate (align_corners=False)
     gx, gy, gz = torch.meshgrid(*axes, indexing="ij")
-    grid = torch.stack([gz, gy, gx], dim=-1)[None].to(feats.dtype if feats.is_floating_point() else torch.float32)
-    src = feats.float()[None]  # (1, C, tx, ty, Z) read as (N, C, D, H, W)
-    out = F.grid_sample(src, grid.float(), mode="bilinear", padding_mode="border", align_corners=False)[0]
+    grid = torch.stack([gz, gy, gx], dim=-1)[None].float()
+    src = feats[:, lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1].float()[None]  # (1, C, x, y, z) as (N, C, D, H, W)
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
     vx, vy, vz = torch.meshgrid(*valid, indexing="ij")
     return out, vx & vy & vz
 
@@ -529,6 +542,9 @@ class FKDConfig(BaseModel):
     rampup: float = Field(default=0.1, ge=0, le=1, description="sigmoid ramp-up of the FKD weight, fraction of training")
     prototype_momentum: float = Field(default=0.9, ge=0, le=1)
     affinity_voxels: int = Field(default=256, ge=2, description="affinity variant: voxels per patch")
+    level: int = Field(default=-2, le=-1, description="student decoder map distilled into: -1 the 1/2-resolution map, "
+                                                     "-2 the 1/4-resolution one (default: closer to the teacher's token "
+                                                     "grid, which is coarser in-plane, and 8x cheaper), ...")
     head_hidden: Optional[int] = None
     cache_dir: Optional[str] = Field(default=None, description="teacher feature cache (default: user cache dir)")
 
@@ -568,8 +584,8 @@ class TeacherFeatures:
 
 
 class FKDComponent(nn.Module):
-    """FKD as a trainer component (see dinomix/methods/components.py): a projection head from the student's
-    1/2-resolution decoder map to the teacher width, and the uniqueness-weighted cosine (or affinity) loss
+    """FKD as a trainer component (see dinomix/methods/components.py): a projection head from one of the
+    student's decoder maps (`level`, default the 1/4-resolution one) to the teacher width, and the uniqueness-weighted cosine (or affinity) loss
     against the teacher features carried with each patch (`batch.extra['fkd']`, `batch.extra['fkd_valid']`),
     mixed by CutMix / PIC exactly as the image. Prototypes mu_c come from ground-truth voxels (EMA)."""
 
@@ -584,7 +600,7 @@ class FKDComponent(nn.Module):
     def losses(self, batch) -> dict[str, torch.Tensor]:
         from .components import ramp
 
-        feat = batch.features[-1]
+        feat = batch.features[self.cfg.level]
         teacher = batch.extra["fkd"].to(feat.device).float()
         valid = batch.extra["fkd_valid"].to(feat.device)[:, 0] > 0.5
         student = self.head(feat)

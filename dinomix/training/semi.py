@@ -221,7 +221,11 @@ class SemiTrainer(Trainer):
                 self.rep.begin("fkd-features", f"DINOv3 teacher features of {len(self.train_cases)} cases")
                 tf.prepare(self.train_cases, lambda i, n: (self.check(), self.rep.update(i / n, f"teacher {i}/{n}")))
                 self.teacher_features = tf
-                self.components.append(FKDComponent(comp.fkd, self.cfg.architecture.channels[0], tf.channels, C))
+                pyramid = list(reversed(self.cfg.architecture.channels))
+                if -comp.fkd.level > len(pyramid):
+                    raise DinomixError(f"semi.components.fkd.level {comp.fkd.level}: the student has {len(pyramid)} "
+                                       "decoder maps")
+                self.components.append(FKDComponent(comp.fkd, pyramid[comp.fkd.level], tf.channels, C))
                 self.fkd_status = {"enabled": True, "teacher_weights_sha256": tf.weights_sha,
                                    "teacher": {"embed_dim": tf.vit.embed_dim, "depth": tf.vit.depth},
                                    "features_computed": tf.cache.computed}
@@ -334,8 +338,9 @@ class SemiTrainer(Trainer):
         n = len(draws)
         out = {"confidence": (torch.ones((n, 1) + patch) if conf is None else conf[:, None].float().clone())}
         tf = self.teacher_features
-        if tf is not None:
-            grid = tuple(p // 2 for p in patch)
+        if tf is not None:  # on the grid of the decoder map FKD distils into (level -1: 1/2, -2: 1/4, ...)
+            step = 2 ** (-self.cfg.semi.components.fkd.level)
+            grid = tuple(p // step for p in patch)
             crops = [tf.crop(case.id, case.image.shape[1:], start, patch, grid) for case, start in draws]
             out["fkd"] = torch.stack([f for f, _ in crops]).half()
             out["fkd_valid"] = torch.stack([v for _, v in crops])
