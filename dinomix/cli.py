@@ -181,7 +181,7 @@ def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[
     if "summary" in wanted:
         written["summary"] = str(paths["summary"])
         write_json(summary, paths["summary"], job.writer)
-    rep.update(1.0, "done")
+    rep.update(1.0, "done", force=True)
     if not args.events:
         vols = ", ".join(f"{o['name']} {o['volume_ml']:.0f} ml" for o in summary["organs"])
         print(f"segmented {args.input} in {summary['run_time_s']:.1f} s ({res.mode}, {res.device}) "

@@ -158,7 +158,7 @@ def _evaluate(args: argparse.Namespace, job, rep: Reporter, check: Callable[[], 
         md += "\n## Montages\n\n" + "\n".join(f"![{cid}]({Path(p).name})" for cid, p in montages.items()) + "\n"
     with job.writer.open(md_path) as tmp:
         tmp.write_text(md)
-    rep.update(1.0, "done")
+    rep.update(1.0, "done", force=True)
     summary = {"outputs": {"json": str(json_path), "markdown": str(md_path), "montages": list(montages.values())},
                "cases": len(cases), "run_time_s": doc["run_time_s"],
                "models": [{"label": r["label"], "trained": r["model"]["trained"],

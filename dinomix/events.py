@@ -68,9 +68,11 @@ class Reporter:
         self.stage, self.stage_fraction = stage, 0.0
         self._progress(message or stage, force=True)
 
-    def update(self, stage_fraction: float, message: str = "") -> None:
+    def update(self, stage_fraction: float, message: str = "", force: bool = False) -> None:
+        """Progress within the current stage; events are rate-limited to 5 per second unless `force` (the
+        final 'done' must always be sent, however soon after the previous event)."""
         self.stage_fraction = max(0.0, min(1.0, stage_fraction))
-        self._progress(message)
+        self._progress(message, force=force)
 
     def _progress(self, message: str, force: bool = False) -> None:
         now = time.monotonic()

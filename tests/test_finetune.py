@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dinomix import registry
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
 from dinomix.finetune_cli import compare, next_version_name, plan_iterations
 from dinomix.modelfile import load_model
@@ -93,7 +94,8 @@ def test_finetune_registers_a_new_version_with_its_parent(finetuned, registry_en
     assert meta.training["config"]["semi"]["pic"]["priority"] == {"pancreas": 3.0, "liver": 3.0}
     assert meta.training["semi"]["labeled_cases"] == ["btcv_img0021"]
     assert meta.training["semi"]["unlabeled_cases"] == ["btcv_img0024"]
-    assert set(meta.preprocessing.modes) == {"fast", "full"}  # every inference mode of the parent kept
+    parent_modes = set(registry.resolve(PARENT).meta.preprocessing.modes)
+    assert set(meta.preprocessing.modes) == parent_modes  # every inference mode of the parent kept
     listed = dinomix("models", "list", "--json", env=registry_env)
     assert listed.returncode == 0, listed.describe()
     entry = [m for m in json.loads(listed.stdout) if m["name"] == f"{PARENT}.ft1"]
