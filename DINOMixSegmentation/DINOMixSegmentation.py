@@ -31,7 +31,7 @@ except ImportError:  # Slicer < 5.2: no parameter node wrapper; the GUI state is
     parameterNodeWrapper = None
 
 from DINOMixSegmentationLib import (DEFAULT_MODEL, Engine, SegmentationRun, SegmentOptions, current_model,
-                                    list_models_command, parse_models_list)
+                                    list_models_command, parse_models_list, preload_engine_modules)
 from DINOMixSegmentationLib import dependencies as deps
 
 POLL_INTERVAL_MS = 150
@@ -125,6 +125,8 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.progressBar.setVisible(False)
 
         self.initializeParameterNode()
+        preload_engine_modules()  # organ names and terminology for the import, in the background
+        deps.check_in_background()  # the first "Segment abdomen" then checks the packages at once
         self.refreshModels()
         self.updateButtons()
 
@@ -178,7 +180,8 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         volume = self.ui.inputVolumeSelector.currentNode()
         self.ui.applyButton.enabled = running or volume is not None
         self.ui.applyButton.text = _("Cancel") if running else _("Segment abdomen")
-        self.ui.applyButton.toolTip = (_("Stop the engine (within 2 s)") if running else
+        self.ui.applyButton.toolTip = (_("Stop: the engine within 2 s; loading the result or building the 3D "
+                                         "surfaces at once") if running else
                                        _("Segment the abdominal organs of the input volume") if volume else
                                        _("Select an input volume"))
         for w in (self.ui.inputsCollapsibleButton, self.ui.organsCollapsibleButton,

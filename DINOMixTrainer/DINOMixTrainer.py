@@ -10,7 +10,6 @@ engine, run as a background process with Slicer's Python.
 
 import logging
 import pathlib
-import threading
 from typing import Annotated, Optional
 
 import qt
@@ -31,9 +30,11 @@ try:
 except ImportError:  # Slicer < 5.2
     parameterNodeWrapper = None
 
-from DINOMixSegmentationLib import Engine, current_model, list_models_command, parse_models_list, set_current_model
-from DINOMixTrainerLib import (FineTuneOptions, FineTuneRun, TrainingChart, TrainingSet, detect_changes,
-                               find_cases, format_dice, model_versions, results_table, roll_back)
+from DINOMixSegmentationLib import (Engine, ThreadTask, current_model, list_models_command, parse_models_list,
+                                    preload_engine_modules, set_current_model)
+from DINOMixSegmentationLib import dependencies as deps
+from DINOMixTrainerLib import (ChangeScan, ExportTask, FineTuneOptions, FineTuneRun, TrainingChart, TrainingSet,
+                               detect_changes, find_cases, format_dice, model_versions, results_table, roll_back)
 
 POLL_INTERVAL_MS = 250
 DEFAULT_TRAINING_SET = pathlib.Path.home() / "DINOMix" / "training-set"
@@ -77,8 +78,9 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._models = []
         self._modelsCommand = None
         self._cases = []
-        self._exportThread = None
-        self._exportOutcome = {}
+        self._scan: Optional[ChangeScan] = None  # Refresh: organs compared in a worker thread
+        self._export: Optional[ExportTask] = None  # Add to training set: label map built and written in a worker
+        self._folderTask: Optional[ThreadTask] = None  # Add a folder of unlabeled scans
         self._run: Optional[FineTuneRun] = None
         self._logShown = 0
         self._newModel = None
@@ -122,24 +124,35 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rollBackButton.connect("clicked(bool)", self.onRollBack)
 
         self.initializeParameterNode()
+        preload_engine_modules()  # the organ catalog (names, aliases) for Refresh, imported in the background
+        deps.check_in_background()
         self.refreshModels()
         self.updateSummary()
 
     def cleanup(self) -> None:
         if self._run is not None and not self._run.ended:
             self._run.cancel()
+        for job in (self._scan, self._export):
+            if job is not None and not job.ended:
+                job.cancel()
         self.timer.stop()
         self.removeObservers()
         self._disconnectParameterNode()
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        self.refreshCases()
+        if self._scan is None or self._scan.ended:
+            self.refreshCases()
 
     def exit(self) -> None:
         self._disconnectParameterNode()
 
     def onSceneStartClose(self, caller, event) -> None:
+        for job in (self._scan, self._export):
+            if job is not None and not job.ended:
+                job.cancel()
+                job.step()
+        self._scan = None
         self._cases = []
         self.setParameterNode(None)
 
@@ -198,24 +211,47 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------------ cases
     def refreshCases(self) -> None:
-        with slicer.util.tryWithErrorDisplay(_("Could not read the segmentations."), waitCursor=True):
+        """Find the cases (milliseconds), then compare their organs in the background; click again to cancel."""
+        if self._scan is not None and not self._scan.ended:
+            self._scan.cancel()
+            self._scan.step()
+            self._scanEnded()
+            return
+        with slicer.util.tryWithErrorDisplay(_("Could not read the segmentations."), waitCursor=False):
             self._cases = find_cases(slicer.mrmlScene, self.currentModelOrgans())
-            minVoxels = self.ui.minChangedVoxelsSpinBox.value
-            for case in self._cases:
-                detect_changes(case, min_voxels=minVoxels)
+            self._scan = ChangeScan(self._cases, min_voxels=self.ui.minChangedVoxelsSpinBox.value).start()
+            self.ui.refreshCasesButton.text = _("Cancel")
+            self.ui.casesStatusLabel.text = self._scan.message
+            self._fillCases()
+            self.timer.start()
+
+    def _scanEnded(self) -> None:
+        scan = self._scan
+        self.ui.refreshCasesButton.text = _("Refresh")
+        if scan is not None:
+            text = {"done": "", "cancelled": _("Comparison cancelled: press Refresh to compare again.")}.get(
+                scan.state, _("Could not compare: {error}").format(error=scan.error))
+            if scan.errors:
+                text += " " + "; ".join(f"{name}: {err}" for name, err in scan.errors.items())
+            self.ui.casesStatusLabel.text = text.strip()
+        self._fillCases()
+        self._suggestPriorityOrgans()
+
+    def _fillCases(self) -> None:
+        scanning = self._scan is not None and not self._scan.ended
         table = self.ui.casesTableWidget
         table.setRowCount(len(self._cases))
         for r, case in enumerate(self._cases):
             changed = case.changed_organs() if case.has_original else None
             cells = [case.name, case.volume_node.GetName(), case.model or _("(not DINOMix)"),
+                     _("comparing...") if scanning and not case.changes else
                      ", ".join(changed) if changed else (_("none") if changed is not None else _("no original"))]
             for c, text in enumerate(cells):
                 table.setItem(r, c, qt.QTableWidgetItem(text))
         table.resizeColumnsToContents()
-        if self._cases:
+        if self._cases and table.currentRow() < 0:
             table.selectRow(0)
         self.onCaseSelected()
-        self._suggestPriorityOrgans()
 
     def selectedCase(self):
         row = self.ui.casesTableWidget.currentRow()
@@ -236,7 +272,13 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             tick.setData(qt.Qt.UserRole, ch.name)
             table.setItem(r, 3, tick)
         table.resizeColumnsToContents()
-        self.ui.addToTrainingSetButton.enabled = case is not None and self._exportThread is None
+        self._updateExportButton()
+
+    def _updateExportButton(self) -> None:
+        exporting = self._export is not None and not self._export.ended
+        scanning = self._scan is not None and not self._scan.ended
+        self.ui.addToTrainingSetButton.text = _("Cancel export") if exporting else _("Add to training set")
+        self.ui.addToTrainingSetButton.enabled = exporting or (self.selectedCase() is not None and not scanning)
 
     def reviewedOrgans(self) -> list:
         table = self.ui.organsTableWidget
@@ -244,49 +286,55 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if table.item(r, 3) is not None and table.item(r, 3).checkState() == qt.Qt.Checked]
 
     def onAddToTrainingSet(self) -> None:
+        if self._export is not None and not self._export.ended:
+            self._export.cancel()  # honoured until the files are being written (that part is atomic)
+            return
         case = self.selectedCase()
         if case is None:
             return
         if not self.logic.ensureDependencies():
             return
         try:
-            job = self.trainingSet().prepare_export(case, self.reviewedOrgans(),
-                                                    split="holdout" if self.ui.holdoutCheckBox.checked else "train")
+            self._export = ExportTask(self.trainingSet(), case, self.reviewedOrgans(),
+                                      split="holdout" if self.ui.holdoutCheckBox.checked else "train").start()
         except Exception as exc:
             slicer.util.errorDisplay(str(exc))
             return
-        self._exportOutcome = {}
-
-        def write():
-            try:
-                self._exportOutcome["result"] = job.write()
-            except Exception as exc:
-                self._exportOutcome["error"] = str(exc)
-
-        self._exportThread = threading.Thread(target=write, name="dinomix-export", daemon=True)
-        self._exportThread.start()
-        self.ui.addToTrainingSetButton.enabled = False
-        self.ui.trainingSetSummaryLabel.text = _("Writing {case}...").format(case=case.name)
+        self.ui.casesStatusLabel.text = self._export.message
+        self._updateExportButton()
         self.timer.start()
 
     def _exportFinished(self) -> None:
-        self._exportThread = None
-        if "error" in self._exportOutcome:
-            slicer.util.errorDisplay(_("Export failed: {error}").format(error=self._exportOutcome["error"]))
-        else:
-            r = self._exportOutcome["result"]
+        job, self._export = self._export, None
+        if job.state == "failed":
+            slicer.util.errorDisplay(_("Export failed: {error}").format(error=job.error))
+        elif job.state == "done":
+            r = job.result
             self.log(f"added case {r.case_id} ({', '.join(r.annotated)}) to {self.trainingSet().folder}")
+        self.ui.casesStatusLabel.text = job.message
         self.updateSummary()
         self._suggestPriorityOrgans()
         self.onCaseSelected()
 
     def onAddUnlabeledFolder(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, _("Folder of unlabeled scans"))
-        if not folder:
+        if not folder or (self._folderTask is not None and not self._folderTask.finished):
             return
-        with slicer.util.tryWithErrorDisplay(_("Could not add the folder."), waitCursor=True):
-            added = self.trainingSet().add_unlabeled_folder(folder)
+        trainingSet = self.trainingSet()
+        self._folderTask = ThreadTask(lambda task: (folder, trainingSet.add_unlabeled_folder(folder)),
+                                      name="dinomix-add-folder").start()  # folder scan and manifest: file I/O only
+        self.ui.addUnlabeledFolderButton.enabled = False
+        self.ui.trainingSetSummaryLabel.text = _("Adding the scans of {folder}...").format(folder=folder)
+        self.timer.start()
+
+    def _folderAdded(self) -> None:
+        task, self._folderTask = self._folderTask, None
+        self.ui.addUnlabeledFolderButton.enabled = True
+        if task.state == "done":
+            folder, added = task.result
             self.log(f"added {len(added)} unlabeled scans from {folder}")
+        else:
+            slicer.util.errorDisplay(_("Could not add the folder: {error}").format(error=task.error))
         self.updateSummary()
 
     def updateSummary(self, *args) -> None:
@@ -346,8 +394,19 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     self._modelsListed(parse_models_list("\n".join(cmd.stdout_lines)) if cmd.state == "finished" else [])
                 except Exception as exc:
                     self.log(f"cannot list models: {exc}")
-        if self._exportThread is not None and not self._exportThread.is_alive():
-            self._exportFinished()
+        scan = self._scan
+        if scan is not None and not scan.ended:
+            if scan.step():
+                self._scanEnded()
+            else:
+                self.ui.casesStatusLabel.text = f"{scan.message} ({int(round(100 * scan.fraction))} %)"
+        if self._export is not None:
+            if self._export.step():
+                self._exportFinished()
+            else:
+                self.ui.casesStatusLabel.text = f"{self._export.message} ({int(round(100 * self._export.fraction))} %)"
+        if self._folderTask is not None and self._folderTask.finished:
+            self._folderAdded()
         run = self._run
         if run is not None and not run.ended:
             run.poll()
@@ -359,7 +418,9 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._logShown = len(run.log)
             if run.ended:
                 self._fineTuneEnded(run)
-        if self._modelsCommand is None and self._exportThread is None and (self._run is None or self._run.ended):
+        idle = (self._modelsCommand is None and self._export is None and self._folderTask is None
+                and (self._scan is None or self._scan.ended) and (self._run is None or self._run.ended))
+        if idle:
             self.timer.stop()
 
     def _fineTuneEnded(self, run) -> None:

@@ -4,16 +4,20 @@ Imports only the standard library, numpy, vtk and (lazily) MRML classes from `sl
 a background process. Nothing here installs packages.
 """
 
-from .engine import BackgroundCommand, Engine, EngineNotFound, engine_root, run_engine
+from .engine import BackgroundCommand, Engine, EngineNotFound, engine_root, preload_engine_modules, run_engine
+from .importer import ResultImport
 from .logic import Progress, SegmentationRun, SegmentOptions, format_seconds
 from .models import (DEFAULT_MODEL, ModelInfo, current_model, list_models, list_models_command, parse_models_list,
                      read_model_header, set_current_model)
 from .segmentation import (import_result, is_dinomix_segmentation, original_labelmap, reference_volume,
                            save_segmentation, segment_mask, segmentation_organs)
+from .surfaces import SurfaceBuilder
+from .tasks import Cancelled, ThreadTask, mtime_token, run_steps
 from .volumeio import VolumeSnapshot, write_nrrd
 
 __all__ = [
-    "BackgroundCommand", "Engine", "EngineNotFound", "engine_root", "run_engine",
+    "BackgroundCommand", "Engine", "EngineNotFound", "engine_root", "preload_engine_modules", "run_engine",
+    "ResultImport", "SurfaceBuilder", "Cancelled", "ThreadTask", "mtime_token", "run_steps",
     "Progress", "SegmentationRun", "SegmentOptions", "format_seconds",
     "DEFAULT_MODEL", "ModelInfo", "current_model", "list_models", "list_models_command", "parse_models_list",
     "read_model_header", "set_current_model",

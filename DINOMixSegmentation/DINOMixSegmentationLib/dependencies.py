@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import threading
 from pathlib import Path
 from typing import Optional
+
+# Set once everything was found installed: packages do not disappear from a running Slicer, so later checks
+# (every "Segment abdomen") return at once instead of scanning the package metadata again.
+_all_installed = False
 
 TORCH_REQUIREMENT = ">=2.4"
 
@@ -71,12 +76,29 @@ def _satisfied(requirement: str) -> bool:
 
 def missing_requirements(requirements: Optional[list[str]] = None) -> list[str]:
     """The requirements (from requirements.txt by default) that are not satisfied in this Python."""
+    global _all_installed
+    if requirements is None and _all_installed:
+        return []
     reqs = read_requirements() if requirements is None else requirements
-    return [r for r in reqs if not _satisfied(r)]
+    missing = [r for r in reqs if not _satisfied(r)]
+    if requirements is None and not missing and torch_installed():
+        _all_installed = True
+    return missing
+
+
+def check_in_background() -> None:
+    """Run the first (slowest) check in a worker thread, so that the first click does not pay for it."""
+    def check():
+        try:
+            missing_requirements()
+        except Exception:
+            pass
+
+    threading.Thread(target=check, name="dinomix-dependencies", daemon=True).start()
 
 
 def torch_installed() -> bool:
-    return installed_version("torch") is not None
+    return _all_installed or installed_version("torch") is not None
 
 
 def status_text() -> str:

@@ -59,6 +59,28 @@ def import_engine(module: str = "dinomix"):
     return importlib.import_module(module)
 
 
+_preloading: dict[str, threading.Thread] = {}
+
+
+def preload_engine_modules(modules: tuple[str, ...] = ("dinomix.organs",)) -> None:
+    """Import light engine modules (the organ catalog: pydantic, a fraction of a second) in a background thread,
+    so the first GUI action that needs them (organ names and aliases) does not pay the import. Returns at once;
+    does nothing if they are imported already or cannot be (packages not installed yet)."""
+    for name in modules:
+        if name in sys.modules or (name in _preloading and _preloading[name].is_alive()):
+            continue
+
+        def load(n=name):
+            try:
+                import_engine(n)
+            except Exception:
+                pass
+
+        t = threading.Thread(target=load, name=f"dinomix-preload-{name}", daemon=True)
+        _preloading[name] = t
+        t.start()
+
+
 class Engine:
     """How to start the engine: which Python, which environment."""
 

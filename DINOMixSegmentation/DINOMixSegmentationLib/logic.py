@@ -1,13 +1,18 @@
 """'Segment abdomen' as scene logic: export the volume, run `dinomix segment --events -` in the background,
-follow its events without blocking, import the result, cancel.
+follow its events without blocking, import the result, build its 3D surfaces, cancel.
 
-    run = SegmentationRun(volumeNode, SegmentOptions(mode="fast"))
+    run = SegmentationRun(volumeNode, SegmentOptions(mode="fast", show_3d=True))
     run.start()
     # from a QTimer on the GUI thread, every 100-200 ms:
     for event in run.poll(): ...        # progress / log / result / error / cancelled
-    run.state                           # preparing, running, importing, done, failed, cancelled
+    run.state                           # running, importing, done, failed, cancelled
+    run.progress                        # stage (read, infer, ..., import, 3D), fraction, message, time left
     run.cancel()                        # ends the engine within 2 s, removes the temporary files
 
+Every poll() returns within milliseconds, also after the engine has finished: the result is read in a worker
+thread and put in the scene in one short step (`ResultImport`), then the 3D surfaces are built in a worker
+thread and attached one organ per poll (`SurfaceBuilder`). Cancel while importing leaves the scene as it was;
+cancel while the surfaces are built keeps the segmentation and drops the surfaces (`surfaces_cancelled`).
 `run.wait()` does the same loop blocking, for tests and scripts.
 """
 
@@ -22,7 +27,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .engine import BackgroundCommand, Engine
-from .segmentation import import_result
+from .importer import ResultImport
+from .surfaces import SurfaceBuilder
 from .volumeio import VolumeSnapshot, safe_name, write_nrrd
 
 STATES_ENDED = ("done", "failed", "cancelled")
@@ -36,7 +42,7 @@ class SegmentOptions:
     organs: Optional[list[str]] = None  # None: all organs of the model
     force: bool = False  # segment even if the image does not look like CT
     keep_outputs_dir: Optional[str] = None  # copy the engine's files there before clean-up (debugging, tests)
-    show_3d: bool = False  # build closed surfaces (3D view) after import
+    show_3d: bool = False  # build closed surfaces (3D view) after import, in the background
     extra_args: list[str] = field(default_factory=list)
 
     def engine_args(self, input_path: Path, output_path: Path) -> list[str]:
@@ -94,7 +100,13 @@ class SegmentationRun:
         self.temp_dir: Optional[Path] = None
         self.command: Optional[BackgroundCommand] = None
         self.started_at: Optional[float] = None
-        self.import_seconds: Optional[float] = None
+        self.import_seconds: Optional[float] = None  # wall time from the engine's end to the result in the scene
+        self.surfaces_seconds: Optional[float] = None  # wall time of the background 3D surfaces
+        self.surfaces_cancelled = False
+        self.importer: Optional[ResultImport] = None
+        self.surfaces: Optional[SurfaceBuilder] = None
+        self._cancel_requested = False
+        self._phase_started: Optional[float] = None
 
     # ------------------------------------------------------------------ control
     def start(self) -> "SegmentationRun":
@@ -103,7 +115,8 @@ class SegmentationRun:
         if self.volume_node is None or self.volume_node.GetImageData() is None:
             raise ValueError("select an input volume with image data")
         self.started_at = time.monotonic()
-        snapshot = VolumeSnapshot.of(self.volume_node)  # main thread: a copy of the voxels, milliseconds
+        # a view of the voxels (no copy on the GUI thread); the worker thread writes it to the engine's input
+        snapshot = VolumeSnapshot.of(self.volume_node, copy=False)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="dinomix-segment-", dir=self.temp_root))
         input_path = self.temp_dir / f"{safe_name(snapshot.name)}.nrrd"
         output_path = self.temp_dir / "result.seg.nrrd"
@@ -118,18 +131,28 @@ class SegmentationRun:
         return self
 
     def cancel(self) -> None:
-        if self.state in STATES_ENDED or self.command is None:
+        """Returns at once; the run ends on a following poll() (the engine within 2 s)."""
+        if self.state in STATES_ENDED or self.command is None or self._cancel_requested:
             return
+        self._cancel_requested = True
         self._log("cancelling")
-        self.command.cancel()
+        if self.importer is not None:
+            self.importer.cancel()
+        elif self.surfaces is not None:
+            self.surfaces.cancel()
+        else:
+            self.command.cancel()
 
     @property
     def ended(self) -> bool:
         return self.state in STATES_ENDED
 
     def poll(self) -> list[dict]:
-        """New engine events (never blocks, except for importing the result once at the end)."""
+        """New engine events; after the engine: one short step of the import or of the 3D surfaces."""
         if self.command is None or self.ended:
+            return []
+        if self.state == "importing":
+            self._step_import()
             return []
         events = self.command.poll()
         for ev in events:
@@ -181,32 +204,79 @@ class SegmentationRun:
         if state == "cancelled":
             self._end("cancelled")
         elif state == "finished" and self.summary is not None:
+            if self._cancel_requested:
+                self._end("cancelled")
+                return
             self.state = "importing"
+            self._phase_started = time.monotonic()
+            self.summary.setdefault("engine_version", (self.command.events[0].get("version")
+                                                        if self.command and self.command.events else ""))
             try:
-                t0 = time.monotonic()
-                self._import()
-                self.import_seconds = time.monotonic() - t0
-                self._end("done")
+                self.importer = ResultImport(Path(self.summary["outputs"]["seg_nrrd"]), self.summary,
+                                             self.volume_node, self.segmentation_node,
+                                             name=f"{self.volume_node.GetName()} organs",
+                                             before_read=self._keep_outputs).start()
             except Exception as exc:
                 self._end("failed", f"could not load the result into the scene: {exc}")
+                return
+            self.progress = Progress(fraction=0.0, stage="import", message="reading the result")
         else:
             self._end("failed", self.command.error if self.command else "the engine failed")
 
-    def _import(self) -> None:
-        seg_path = Path(self.summary["outputs"]["seg_nrrd"])
-        if self.options.keep_outputs_dir:
-            keep = Path(self.options.keep_outputs_dir)
-            keep.mkdir(parents=True, exist_ok=True)
-            for p in self.temp_dir.iterdir():
-                if p.is_file():
-                    shutil.copy2(p, keep / p.name)
-        self.summary.setdefault("engine_version", (self.command.events[0].get("version")
-                                                    if self.command and self.command.events else ""))
-        self.segmentation_node = import_result(seg_path, self.summary, self.volume_node, self.segmentation_node,
-                                               name=f"{self.volume_node.GetName()} organs",
-                                               show_3d=self.options.show_3d)
-        self._log(f"imported {len(self.summary.get('organs', []))} organs into "
-                  f"'{self.segmentation_node.GetName()}'")
+    def _keep_outputs(self) -> None:
+        """Worker thread: copy the engine's files to keep_outputs_dir (debugging, tests)."""
+        if not self.options.keep_outputs_dir:
+            return
+        keep = Path(self.options.keep_outputs_dir)
+        keep.mkdir(parents=True, exist_ok=True)
+        for p in self.temp_dir.iterdir():
+            if p.is_file():
+                shutil.copy2(p, keep / p.name)
+
+    def _step_import(self) -> None:
+        """One short GUI-thread step of the import, then of the 3D surfaces."""
+        job = self.importer
+        if job is not None:
+            ended = job.step()
+            self.progress = Progress(fraction=job.fraction, stage="import", message=job.message)
+            if not ended:
+                return
+            self.importer = None
+            self.import_seconds = time.monotonic() - (self._phase_started or time.monotonic())
+            if job.state == "cancelled":
+                self._end("cancelled")
+                return
+            if job.state != "done":
+                self._end("failed", f"could not load the result into the scene: {job.error}")
+                return
+            self.segmentation_node = job.segmentation_node
+            self._log(f"imported {len(self.summary.get('organs', []))} organs into "
+                      f"'{self.segmentation_node.GetName()}'" + (" (Slicer's reader)" if job.fallback else ""))
+            if not self.options.show_3d:
+                self._end("done")
+                return
+            self._phase_started = time.monotonic()
+            self.surfaces = SurfaceBuilder(self.segmentation_node).start()
+            self.progress = Progress(fraction=0.0, stage="3D", message=self.surfaces.message)
+            return
+        surfaces = self.surfaces
+        if surfaces is None:
+            self._end("done")
+            return
+        ended = surfaces.step()
+        self.progress = Progress(fraction=surfaces.fraction, stage="3D", message=surfaces.message)
+        if ended:
+            self.surfaces_seconds = time.monotonic() - (self._phase_started or time.monotonic())
+            if surfaces.state == "cancelled":
+                self.surfaces_cancelled = True
+                self._log("3D surfaces cancelled: the organs are in the scene without them "
+                          "(Show 3D in the Segment Editor builds them)")
+            elif surfaces.state == "failed":
+                self._log(f"3D surfaces not built: {surfaces.error}")
+            else:
+                self._log(f"3D surfaces of {len(surfaces.installed)} organs built in the background "
+                          f"in {self.surfaces_seconds:.1f} s")
+            self._end("done")
 
     def _end(self, state: str, error: Optional[str] = None) -> None:
         self.state = state
@@ -223,8 +293,10 @@ class SegmentationRun:
         vols = ", ".join(f"{o.get('display_name', o['name'])} {o.get('volume_ml', 0):.0f} ml" for o in organs)
         model = self.summary.get("model", {})
         status = "" if model.get("trained", True) else " [UNTRAINED model: output is not anatomy]"
+        surfaces = " (3D surfaces cancelled)" if self.surfaces_cancelled else ""
         return (f"{len(organs)} organs in {self.summary.get('run_time_s', 0):.1f} s "
-                f"({self.summary.get('mode')}, {self.summary.get('device')}, {model.get('id')}){status}: {vols}")
+                f"({self.summary.get('mode')}, {self.summary.get('device')}, {model.get('id')}){status}{surfaces}: "
+                f"{vols}")
 
 
 def dump_summary(summary: dict) -> str:

@@ -1,9 +1,10 @@
-"""Volumes between the MRML scene and files: a snapshot of a volume node and a plain NRRD writer.
+"""Volumes between the MRML scene and files: a snapshot of a volume node, a plain NRRD writer and reader.
 
-The snapshot (a copy of the voxels plus the IJK-to-RAS matrix) is taken on the main thread in a few
-milliseconds; writing it is file I/O only (numpy and zlib, both release the GIL), so it runs in a worker
-thread and never blocks Slicer's GUI. NRRD stores the geometry in LPS, which is what ITK (and so the
-engine) reads: the volume is exported with its exact spacing, origin and axis directions.
+The snapshot (a view of the voxels, or a copy, plus the IJK-to-RAS matrix) is taken on the main thread in
+microseconds (view) or milliseconds (copy); writing and reading NRRD is file I/O (numpy, zlib and file reads
+release the GIL), so it runs in a worker thread and never blocks Slicer's GUI. NRRD stores the geometry in
+LPS, which is what ITK (and so the engine) reads: the volume is exported with its exact spacing, origin and
+axis directions.
 """
 
 from __future__ import annotations
@@ -88,11 +89,14 @@ class VolumeSnapshot:
     ijk_to_ras: np.ndarray  # 4 x 4
 
     @classmethod
-    def of(cls, volume_node) -> "VolumeSnapshot":
+    def of(cls, volume_node, copy: bool = True) -> "VolumeSnapshot":
+        """With copy=False the array is a view of the node's voxels (no time, no memory): it keeps the VTK
+        array alive even if the node is removed, but shows later in-place edits of the voxels. Hand a view to a
+        worker thread that copies or writes it, never to the GUI thread's own long work."""
         if volume_node is None or volume_node.GetImageData() is None:
             raise ValueError("the input volume has no image data")
-        return cls(name=volume_node.GetName() or "volume",
-                   array=np.array(image_array(volume_node.GetImageData()), copy=True),
+        arr = image_array(volume_node.GetImageData())
+        return cls(name=volume_node.GetName() or "volume", array=np.array(arr, copy=True) if copy else arr,
                    ijk_to_ras=ijk_to_ras(volume_node))
 
     @property
@@ -176,3 +180,135 @@ def same_lattice(a: np.ndarray, b: np.ndarray, tol: float = 1e-4) -> Optional[np
     if not np.allclose(shift, rounded, atol=1e-3):
         return None
     return rounded.astype(int)
+
+
+# ---------------------------------------------------------------- reading NRRD (single file, raw or gzip)
+
+_NRRD_DTYPES = {
+    "signed char": np.int8, "int8": np.int8, "int8_t": np.int8,
+    "uchar": np.uint8, "unsigned char": np.uint8, "uint8": np.uint8, "uint8_t": np.uint8,
+    "short": np.int16, "short int": np.int16, "signed short": np.int16, "signed short int": np.int16,
+    "int16": np.int16, "int16_t": np.int16,
+    "ushort": np.uint16, "unsigned short": np.uint16, "unsigned short int": np.uint16, "uint16": np.uint16,
+    "uint16_t": np.uint16,
+    "int": np.int32, "signed int": np.int32, "int32": np.int32, "int32_t": np.int32,
+    "uint": np.uint32, "unsigned int": np.uint32, "uint32": np.uint32, "uint32_t": np.uint32,
+    "float": np.float32, "double": np.float64,
+}
+
+
+class NrrdUnsupported(ValueError):
+    """A NRRD layout this small reader does not handle (the caller falls back to Slicer's reader)."""
+
+
+@dataclass
+class NrrdHeader:
+    path: Path
+    fields: dict  # field name (lower case) -> value
+    keyvalues: dict  # key:=value pairs
+    data_offset: int
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(v) for v in self.fields["sizes"].split())
+
+    @property
+    def dtype(self) -> np.dtype:
+        name = " ".join(self.fields.get("type", "").lower().split())
+        if name not in _NRRD_DTYPES:
+            raise NrrdUnsupported(f"voxel type '{name}'")
+        dt = np.dtype(_NRRD_DTYPES[name])
+        if dt.itemsize > 1 and self.fields.get("endian", "little").lower() == "big":
+            dt = dt.newbyteorder(">")
+        return dt
+
+    @property
+    def encoding(self) -> str:
+        enc = self.fields.get("encoding", "raw").lower()
+        return {"gz": "gzip", "txt": "text", "ascii": "text"}.get(enc, enc)
+
+    def ijk_to_ras(self) -> np.ndarray:
+        """IJK (of the stored voxels) to RAS, from 'space directions', 'space origin' and 'space'."""
+        space = self.fields.get("space", "left-posterior-superior").lower()
+        vectors = re.findall(r"\(([^)]*)\)", self.fields.get("space directions", ""))
+        if len(vectors) != 3 or "space origin" not in self.fields:
+            raise NrrdUnsupported("no 3D space directions / origin")
+        m = np.eye(4)
+        for c, v in enumerate(vectors):
+            m[:3, c] = [float(x) for x in v.split(",")]
+        m[:3, 3] = [float(x) for x in re.findall(r"\(([^)]*)\)", self.fields["space origin"])[0].split(",")]
+        if space in ("left-posterior-superior", "lps"):
+            return RAS_TO_LPS @ m
+        if space in ("right-anterior-superior", "ras"):
+            return m
+        raise NrrdUnsupported(f"space '{space}'")
+
+
+def read_nrrd_header(path: str | os.PathLike, max_bytes: int = 4 << 20) -> NrrdHeader:
+    """The header of a single-file NRRD (fields and key:=value pairs) and where its data start."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(max_bytes)
+    if not head.startswith(b"NRRD000"):
+        raise NrrdUnsupported(f"{path.name} is not a NRRD file")
+    end = head.find(b"\n\n")
+    if end < 0:
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            raise NrrdUnsupported("header too long or no data")
+        data_offset = end + 4
+    else:
+        data_offset = end + 2
+    fields, keyvalues = {}, {}
+    for line in head[:end].decode("latin-1").splitlines()[1:]:
+        if not line or line.startswith("#"):
+            continue
+        if ":=" in line:
+            k, v = line.split(":=", 1)
+            keyvalues[k] = v
+        elif ": " in line:
+            k, v = line.split(": ", 1)
+            fields[k.strip().lower()] = v.strip()
+    for unsupported in ("data file", "datafile", "line skip", "lineskip", "byte skip", "byteskip"):
+        if fields.get(unsupported, "0").strip() not in ("0", ""):
+            raise NrrdUnsupported(f"'{unsupported}' in the header")
+    return NrrdHeader(path, fields, keyvalues, data_offset)
+
+
+def read_nrrd_data(header: NrrdHeader, out: np.ndarray, check=None, progress=None,
+                   chunk_bytes: int = 4 << 20) -> np.ndarray:
+    """Read the voxels into `out` (C-contiguous, `header.dtype`, as many bytes as the data hold), in chunks:
+    `check()` is called between chunks (a worker's cancel point), `progress(fraction)` after each."""
+    if not out.flags.c_contiguous or out.dtype != header.dtype:
+        raise ValueError("the output array must be C-contiguous with the file's voxel type")
+    dst = memoryview(out.reshape(-1).view(np.uint8))
+    total = len(dst)
+    pos = 0
+    with open(header.path, "rb") as f:
+        f.seek(header.data_offset)
+        if header.encoding == "raw":
+            while pos < total:
+                n = f.readinto(dst[pos:pos + chunk_bytes])
+                if not n:
+                    raise EOFError(f"{header.path.name}: {total - pos} bytes of voxel data missing")
+                pos += n
+                if check is not None:
+                    check()
+                if progress is not None:
+                    progress(pos / total)
+        elif header.encoding == "gzip":
+            inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib stream
+            while pos < total:
+                data = inflater.unconsumed_tail or f.read(1 << 20)
+                if not data:
+                    raise EOFError(f"{header.path.name}: {total - pos} bytes of voxel data missing")
+                piece = inflater.decompress(data, min(chunk_bytes, total - pos))
+                dst[pos:pos + len(piece)] = piece
+                pos += len(piece)
+                if check is not None:
+                    check()
+                if progress is not None:
+                    progress(pos / total)
+        else:
+            raise NrrdUnsupported(f"encoding '{header.encoding}'")
+    return out

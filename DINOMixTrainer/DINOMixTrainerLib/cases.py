@@ -3,22 +3,28 @@ clinician changed, found by comparing each organ with the model's original outpu
 
 The comparison reads each segment's layer on the original's voxel grid (no resampling when the lattices
 agree, which is the case after Segment Editor edits) and counts changed voxels per organ from one joint
-histogram per layer, in slabs, so a large CT costs a fraction of a second and little memory.
+histogram per layer, in slabs, so it needs little memory. `detect_changes` does it at once (scripts, tests);
+on a clinical-size CT that is more than a second of CPU. `ChangeScan` does the same for the Trainer's
+Refresh without blocking Slicer: the GUI thread only takes views of the voxel arrays (`LayerRefs`, no copy),
+a worker thread counts, and a result computed while the user edited the segmentation is recomputed.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 
 from DINOMixSegmentationLib.engine import import_engine
-from DINOMixSegmentationLib.segmentation import (ATTR_MODEL, is_dinomix_segmentation, layers_in_grid,
+from DINOMixSegmentationLib.segmentation import (ATTR_MODEL, Grid, _export_mask, _same_transform,
+                                                 is_dinomix_segmentation, layers_in_grid, oriented_image_grid,
                                                  original_labelmap, parse_terminology, reference_volume,
                                                  segmentation_organs, terminology_from_schema)
-from DINOMixSegmentationLib.volumeio import image_array
+from DINOMixSegmentationLib.tasks import ENDED, ThreadTask, mtime_token
+from DINOMixSegmentationLib.volumeio import image_array, same_lattice
 
 MIN_CHANGED_VOXELS = 10
 MIN_CHANGED_FRACTION = 0.001
@@ -222,3 +228,309 @@ def detect_changes(case: Case, min_voxels: int = MIN_CHANGED_VOXELS,
                                    n_changed, changed, reviewed=changed))
     case.changes = changes
     return changes
+
+
+# ---------------------------------------------------------------- the same, without blocking the GUI thread
+
+SLAB = 8  # slices per chunk of numpy work in a worker thread (bounds how long it holds the GIL)
+
+
+class LayerRefs:
+    """Where each segment's voxels are on a grid, without copying them (GUI thread, milliseconds).
+
+    `refs[segment_id] = (array, offset, label_value)`: `array` is a (k, j, i) view of the segment's labelmap
+    layer (shared by the segments of that layer; None for an empty segment) whose first voxel sits at grid index
+    `offset` (i, j, k). Segments that are not on the grid's lattice (or under another transform) are listed in
+    `pending`; `export_next()` exports one of them with Slicer (GUI thread, one per step). `changed()` tells if
+    any layer was modified since the views were taken (the views then show a mix of before and after).
+    """
+
+    def __init__(self, segmentation_node, segment_ids: list[str], grid_node) -> None:
+        self.node = segmentation_node
+        self.grid_node = grid_node
+        self.grid = Grid.of_volume(grid_node)
+        self.refs: dict[str, tuple[Optional[np.ndarray], tuple[int, int, int], int]] = {}
+        self.pending: list[str] = []
+        self._images: list = []
+        views: dict[int, np.ndarray] = {}
+        same_tf = _same_transform(segmentation_node, grid_node)
+        segmentation = segmentation_node.GetSegmentation()
+        for sid in segment_ids:
+            segment = segmentation.GetSegment(sid)
+            if segment is None:
+                continue
+            image = segmentation_node.GetBinaryLabelmapInternalRepresentation(sid)
+            lv = int(segment.GetLabelValue())
+            if image is not None:
+                ext = image.GetExtent()
+                if ext[1] < ext[0] or ext[3] < ext[2] or ext[5] < ext[4] or image.GetPointData().GetScalars() is None:
+                    self.refs[sid] = (None, (0, 0, 0), lv)  # an empty segment
+                    self._images.append(image)
+                    continue
+                if same_tf:
+                    matrix, extent = oriented_image_grid(image)
+                    shift = same_lattice(self.grid.matrix, matrix)
+                    if shift is not None:
+                        if id(image) not in views:
+                            views[id(image)] = image_array(image)
+                            self._images.append(image)
+                        offset = (extent[0] + int(shift[0]), extent[2] + int(shift[1]), extent[4] + int(shift[2]))
+                        self.refs[sid] = (views[id(image)], offset, lv)
+                        continue
+            self.pending.append(sid)
+        self.token0 = self.token()
+
+    def export_next(self) -> bool:
+        """GUI thread: export one pending segment onto the grid (Slicer's resampling). True if more remain."""
+        if self.pending:
+            sid = self.pending.pop(0)
+            mask = _export_mask(self.node, sid, self.grid_node).astype(np.uint8)
+            self.refs[sid] = (mask, (0, 0, 0), 1)
+        return bool(self.pending)
+
+    def token(self) -> tuple:
+        return mtime_token(self._images + [self.grid_node.GetImageData()]) + (
+            self.node.GetSegmentation().GetNumberOfSegments(),)
+
+    def changed(self) -> bool:
+        return self.token() != self.token0
+
+
+def overlap(shape_kji: tuple, offset_ijk: tuple, grid_shape_kji: tuple):
+    """(grid slices, array slices) of the part of an array placed at `offset_ijk` that lies in the grid."""
+    off = (offset_ijk[2], offset_ijk[1], offset_ijk[0])
+    g, a = [], []
+    for ax in range(3):
+        lo, hi = max(0, off[ax]), min(grid_shape_kji[ax], off[ax] + shape_kji[ax])
+        if hi <= lo:
+            return None
+        g.append(slice(lo, hi))
+        a.append(slice(lo - off[ax], hi - off[ax]))
+    return tuple(g), tuple(a)
+
+
+def _slab_max(array: np.ndarray, check=None) -> int:
+    m = 0
+    for k in range(0, array.shape[0], SLAB):
+        if check is not None:
+            check()
+        if array[k:k + SLAB].size:
+            m = max(m, int(array[k:k + SLAB].max()))
+    return m
+
+
+def _counts(array: np.ndarray, check=None, minlength: int = 256) -> np.ndarray:
+    """Histogram of a non-negative integer array, in slabs."""
+    counts = np.zeros(minlength, dtype=np.int64)
+    for k in range(0, array.shape[0], SLAB):
+        if check is not None:
+            check()
+        c = np.bincount(array[k:k + SLAB].ravel(), minlength=minlength)
+        if c.size > counts.size:
+            c[:counts.size] += counts
+            counts = c.astype(np.int64)
+        else:
+            counts[:c.size] += c
+    return counts
+
+
+def _joint_counts_slabs(original: np.ndarray, current: np.ndarray, o_max: int, check=None) -> np.ndarray:
+    """joint[o, c] over two arrays of the same shape, in slabs (as `_joint_counts`, with cancel points)."""
+    c_max = _slab_max(current, check) + 1
+    dtype = np.uint32 if o_max * c_max >= 65536 else np.uint16
+    joint = np.zeros(o_max * c_max, dtype=np.int64)
+    for k in range(0, original.shape[0], SLAB):
+        if check is not None:
+            check()
+        code = original[k:k + SLAB].astype(dtype) * dtype(c_max) + current[k:k + SLAB].astype(dtype)
+        joint += np.bincount(code.ravel(), minlength=o_max * c_max)
+    return joint.reshape(o_max, c_max)
+
+
+def compute_changes(organs: list[dict], segment_of: dict[str, str], refs: dict, grid_shape: tuple,
+                    original: Optional[np.ndarray], min_voxels: int = MIN_CHANGED_VOXELS,
+                    min_fraction: float = MIN_CHANGED_FRACTION, check=None, progress=None) -> list[dict]:
+    """`detect_changes`' counts from views (`LayerRefs.refs`, the original's (k, j, i) array or None); numpy only,
+    so it can run in a worker thread. Returns OrganChange fields as dicts."""
+    by_array: dict[tuple, object] = {}
+    placed = {}
+    for sid, (arr, offset, lv) in refs.items():
+        if arr is None:
+            continue
+        ov = overlap(arr.shape, offset, grid_shape)
+        if ov is not None:
+            placed[sid] = (arr, ov, lv, (id(arr), tuple(offset)))  # slices are not hashable before Python 3.12
+    out = []
+    if original is None:
+        for n, o in enumerate(organs):
+            sid = segment_of.get(o["name"])
+            cur = 0
+            if sid in placed:
+                arr, (g_sl, a_sl), lv, key = placed[sid]
+                if key not in by_array:
+                    by_array[key] = _counts(arr[a_sl], check, minlength=_slab_max(arr[a_sl], check) + 1)
+                counts = by_array[key]
+                cur = int(counts[lv]) if lv < counts.size else 0
+            out.append(dict(name=o["name"], display_name=o.get("display_name", o["name"]), value=int(o["value"]),
+                            segment_id=sid, original_voxels=None, current_voxels=cur, changed_voxels=None,
+                            changed=None, reviewed=cur > 0))
+            if progress is not None:
+                progress((n + 1) / max(1, len(organs)))
+        return out
+    orig_counts = _counts(original, check)
+    o_max = int(np.nonzero(orig_counts)[0].max()) + 1 if orig_counts.any() else 1
+    for n, o in enumerate(organs):
+        value = int(o["value"])
+        sid = segment_of.get(o["name"])
+        n_orig = int(orig_counts[value]) if value < orig_counts.size else 0
+        if sid is None or sid not in refs:
+            n_cur, n_changed = 0, n_orig
+        elif sid not in placed:  # empty, or entirely outside the grid
+            n_cur, n_changed = 0, n_orig
+        else:
+            arr, (g_sl, a_sl), lv, key = placed[sid]
+            joint = by_array.get(key)
+            if joint is None:
+                joint = by_array[key] = _joint_counts_slabs(original[g_sl], arr[a_sl], o_max, check)
+            n_cur = int(joint[:, lv].sum()) if lv < joint.shape[1] else 0
+            both = int(joint[value, lv]) if value < joint.shape[0] and lv < joint.shape[1] else 0
+            n_changed = n_orig + n_cur - 2 * both
+        changed = n_changed > max(min_voxels, min_fraction * n_orig)
+        out.append(dict(name=o["name"], display_name=o.get("display_name", o["name"]), value=value, segment_id=sid,
+                        original_voxels=n_orig, current_voxels=n_cur, changed_voxels=n_changed, changed=changed,
+                        reviewed=changed))
+        if progress is not None:
+            progress((n + 1) / max(1, len(organs)))
+    return out
+
+
+class ChangeScan:
+    """`detect_changes` for several cases without blocking the GUI thread (the Trainer's Refresh).
+
+        scan = ChangeScan(find_cases(scene)).start()
+        while not scan.step(): ...      # from a QTimer; scan.fraction, scan.message
+        scan.state                      # done / cancelled / failed; each finished case has its .changes
+
+    Per case: one GUI-thread step takes views of the voxel arrays; a worker counts; one step applies the counts
+    to `case.changes` (all of a case's organs at once), unless the segmentation was edited meanwhile, in which
+    case it is counted again. Cancel leaves the cases not yet finished as they were.
+    """
+
+    def __init__(self, cases: list[Case], min_voxels: int = MIN_CHANGED_VOXELS,
+                 min_fraction: float = MIN_CHANGED_FRACTION, max_attempts: int = 3) -> None:
+        self.cases = list(cases)
+        self.min_voxels = min_voxels
+        self.min_fraction = min_fraction
+        self.max_attempts = max_attempts
+        self.state = "new"
+        self.error: Optional[str] = None
+        self.errors: dict[str, str] = {}  # case name -> why it could not be compared
+        self.index = 0
+        self.attempts = 0
+        self.step_seconds: list[float] = []
+        self.task: Optional[ThreadTask] = None
+        self._refs: Optional[LayerRefs] = None
+        self._cancel = False
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    @property
+    def fraction(self) -> float:
+        if self.state == "done":
+            return 1.0
+        part = self.task.fraction if self.task is not None else 0.0
+        return (self.index + part) / max(1, len(self.cases))
+
+    @property
+    def message(self) -> str:
+        if self.state == "running" and self.index < len(self.cases):
+            return f"comparing organs with the model's output: {self.cases[self.index].name} " \
+                   f"({self.index + 1}/{len(self.cases)})"
+        return {"done": f"{len(self.cases)} cases compared", "cancelled": "cancelled"}.get(self.state, self.error or "")
+
+    def start(self) -> "ChangeScan":
+        if self.state != "new":
+            raise RuntimeError("a scan can be started once")
+        self.state = "running"
+        if not self.cases:
+            self.state = "done"
+            return self
+        self._begin()
+        return self
+
+    def cancel(self) -> None:
+        self._cancel = True
+        if self.task is not None:
+            self.task.cancel()
+
+    def _begin(self) -> None:
+        """GUI thread: views of the current case's voxels; the worker starts once nothing needs exporting."""
+        case = self.cases[self.index]
+        seg = case.segmentation_node
+        original_node = original_labelmap(seg)
+        if original_node is None or original_node.GetImageData() is None:
+            original_node = None
+        ids = [case.segment_of[o["name"]] for o in case.organs if o["name"] in case.segment_of]
+        self._refs = LayerRefs(seg, ids, original_node or case.volume_node)
+        self._original = image_array(original_node.GetImageData()) if original_node is not None else None
+        self.task = None
+        if not self._refs.pending:
+            self._start_worker()
+
+    def _start_worker(self) -> None:
+        case, refs, original = self.cases[self.index], self._refs, self._original
+        grid_shape = refs.grid.shape_kji
+        organs, segment_of = list(case.organs), dict(case.segment_of)
+        min_voxels, min_fraction = self.min_voxels, self.min_fraction
+        snapshot = dict(refs.refs)
+
+        def count(task: ThreadTask) -> list[dict]:
+            return compute_changes(organs, segment_of, snapshot, grid_shape, original, min_voxels, min_fraction,
+                                   check=task.check, progress=task.report)
+
+        self.task = ThreadTask(count, name="dinomix-changes").start()
+
+    def step(self) -> bool:
+        """GUI thread: returns at once while the worker counts; True once the scan has ended."""
+        if self.ended:
+            return True
+        t0 = time.monotonic()
+        try:
+            if self._cancel:
+                self.state = "cancelled"
+                return True
+            if self.task is None:  # segments needing Slicer's export, one per step
+                if not self._refs.export_next():
+                    self._start_worker()
+                return False
+            if not self.task.finished:
+                return False
+            case = self.cases[self.index]
+            if self.task.state == "failed":
+                self.errors[case.name] = self.task.error or "failed"
+            elif self._refs.changed() and self.attempts + 1 < self.max_attempts:
+                self.attempts += 1  # edited while counting: count again
+                self._begin()
+                return False
+            else:
+                case.changes = [OrganChange(**d) for d in self.task.result]
+            self.index += 1
+            self.attempts = 0
+            if self.index >= len(self.cases):
+                self.state = "done"
+                self.task = None
+                return True
+            self._begin()
+            return False
+        except Exception as exc:
+            self.state, self.error = "failed", str(exc) or type(exc).__name__
+            return True
+        finally:
+            self.step_seconds.append(time.monotonic() - t0)
+
+    def wait(self, timeout: Optional[float] = None) -> str:
+        from DINOMixSegmentationLib.tasks import run_steps
+
+        return run_steps(self, timeout)

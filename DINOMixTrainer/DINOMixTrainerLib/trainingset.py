@@ -9,6 +9,10 @@ clinician's reviewed cases and with folders of unlabeled scans.
 Exports are atomic and never overwrite: files are written under temporary names and then linked to a
 name nobody holds yet (a second export of the same scan becomes `<case>-v2`, `-v3`, ...); the manifest is
 updated under a lock file and replaced atomically.
+
+`export_case` does it all at once (scripts, tests). `ExportTask` does the same for the Trainer's "Add to
+training set" without blocking Slicer: the GUI thread takes views of the voxels, a worker thread copies the
+image and builds the label map in slabs (redone if the segmentation was edited meanwhile), then writes.
 """
 
 from __future__ import annotations
@@ -26,10 +30,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 from DINOMixSegmentationLib.engine import import_engine
-from DINOMixSegmentationLib.segmentation import layers_in_grid
+from DINOMixSegmentationLib.tasks import ENDED, ThreadTask
 from DINOMixSegmentationLib.volumeio import VolumeSnapshot, safe_name, write_nrrd
 
-from .cases import Case
+from .cases import SLAB, Case, LayerRefs, overlap
 
 MANIFEST = "dataset.json"
 FORMAT = "dinomix-dataset"
@@ -132,11 +136,7 @@ class TrainingSet:
         os.replace(tmp, self.manifest_path)
 
     # ------------------------------------------------------------------ export of a reviewed case
-    def prepare_export(self, case: Case, reviewed: Optional[list[str]] = None, case_id: Optional[str] = None,
-                       split: str = "train") -> ExportJob:
-        """Take the image and the current segmentation (as a label map with the model's organ values) from
-        the scene. `reviewed` defaults to the case's reviewed organs. `split` "holdout" keeps the case for
-        evaluating fine-tunes (before/after Dice) instead of training on it."""
+    def _plan_export(self, case: Case, reviewed: Optional[list[str]], split: str) -> list[str]:
         if split not in ("train", "holdout"):
             raise TrainingSetError(f"split must be 'train' or 'holdout', not '{split}'")
         reviewed = case.reviewed_organs() if reviewed is None else list(reviewed)
@@ -146,25 +146,15 @@ class TrainingSet:
             raise TrainingSetError(f"not organs of this case: {', '.join(unknown)}")
         if not reviewed:
             raise TrainingSetError("no organ is ticked as reviewed: tick the organs you checked or corrected")
-        volume = case.volume_node
-        snapshot = VolumeSnapshot.of(volume)
-        ids = [case.segment_of[o["name"]] for o in case.organs if o["name"] in case.segment_of]
-        arrays = layers_in_grid(case.segmentation_node, ids, volume)
-        labels = np.zeros(snapshot.array.shape, dtype=np.uint8)
-        # Where segments overlap, the reviewed organs win over the others (what the clinician checked is what
-        # the label map says), then the later organ in schema order.
-        ordered = ([o for o in case.organs if o["name"] not in reviewed]
-                   + [o for o in case.organs if o["name"] in reviewed])
-        for o in ordered:
-            sid = case.segment_of.get(o["name"])
-            if sid in arrays:
-                arr, lv = arrays[sid]
-                labels[arr == lv] = int(o["value"])
+        return reviewed
+
+    def _job(self, case: Case, reviewed: list[str], case_id: Optional[str], split: str, image: VolumeSnapshot,
+             labels: np.ndarray) -> "ExportJob":
         label_map = {0: "background", **{int(o["value"]): o["name"] for o in case.organs}}
         changes = {c.name: c.as_dict() for c in case.changes}
         provenance = {
             "segmentation": case.segmentation_node.GetName(),
-            "volume": volume.GetName(),
+            "volume": case.volume_node.GetName(),
             "model": case.model,
             "made_by_dinomix": case.made_by_dinomix,
             "changed": [c.name for c in case.changes if c.changed],
@@ -172,8 +162,22 @@ class TrainingSet:
             "changes": changes,
             "exported": _dt.datetime.now().isoformat(timespec="seconds"),
         }
-        return ExportJob(self, safe_name(case_id or volume.GetName(), "case"), snapshot, labels, label_map,
+        return ExportJob(self, safe_name(case_id or case.volume_node.GetName(), "case"), image, labels, label_map,
                          [o["name"] for o in case.organs if o["name"] in reviewed], provenance, split)
+
+    def prepare_export(self, case: Case, reviewed: Optional[list[str]] = None, case_id: Optional[str] = None,
+                       split: str = "train") -> ExportJob:
+        """Take the image and the current segmentation (as a label map with the model's organ values) from
+        the scene. `reviewed` defaults to the case's reviewed organs. `split` "holdout" keeps the case for
+        evaluating fine-tunes (before/after Dice) instead of training on it."""
+        reviewed = self._plan_export(case, reviewed, split)
+        snapshot = VolumeSnapshot.of(case.volume_node)
+        ids = [case.segment_of[o["name"]] for o in case.organs if o["name"] in case.segment_of]
+        refs = LayerRefs(case.segmentation_node, ids, case.volume_node)
+        while refs.export_next():
+            pass
+        labels = build_labels(case, reviewed, refs, snapshot.array.shape)
+        return self._job(case, reviewed, case_id, split, snapshot, labels)
 
     def export_case(self, case: Case, reviewed: Optional[list[str]] = None, case_id: Optional[str] = None,
                     split: str = "train") -> ExportResult:
@@ -318,6 +322,164 @@ class TrainingSet:
                 if n not in names:
                     names.append(n)
         return names
+
+
+def build_labels(case: Case, reviewed: list[str], refs: LayerRefs, shape_kji: tuple, check=None,
+                 progress=None) -> np.ndarray:
+    """The label map of a case (model's organ values) from layer views, in slabs (numpy only: any thread).
+
+    Where segments overlap, the reviewed organs win over the others (what the clinician checked is what the
+    label map says), then the later organ in schema order."""
+    labels = np.zeros(shape_kji, dtype=np.uint8)
+    ordered = ([o for o in case.organs if o["name"] not in reviewed]
+               + [o for o in case.organs if o["name"] in reviewed])
+    for n, o in enumerate(ordered):
+        sid = case.segment_of.get(o["name"])
+        if sid not in refs.refs:
+            continue
+        arr, offset, lv = refs.refs[sid]
+        ov = overlap(arr.shape, offset, shape_kji) if arr is not None else None
+        if ov is None:
+            continue
+        dst, src = labels[ov[0]], arr[ov[1]]
+        value = int(o["value"])
+        for k in range(0, dst.shape[0], SLAB):
+            if check is not None:
+                check()
+            np.putmask(dst[k:k + SLAB], src[k:k + SLAB] == lv, value)
+        if progress is not None:
+            progress((n + 1) / len(ordered))
+    return labels
+
+
+class ExportTask:
+    """`TrainingSet.export_case` without blocking the GUI thread (see the module docstring).
+
+        task = ExportTask(training_set, case, reviewed, split="train").start()
+        while not task.step(): ...     # from a QTimer; task.fraction, task.message
+        task.state, task.result        # done (an ExportResult) / failed (task.error) / cancelled
+
+    Cancel is honoured until the files are written; the writing itself (atomic, a few seconds) completes.
+    """
+
+    def __init__(self, training_set: TrainingSet, case: Case, reviewed: Optional[list[str]] = None,
+                 case_id: Optional[str] = None, split: str = "train", max_attempts: int = 3) -> None:
+        self.training_set = training_set
+        self.case = case
+        self.reviewed = training_set._plan_export(case, reviewed, split)  # fails early, on the GUI thread
+        self.case_id = case_id
+        self.split = split
+        self.max_attempts = max_attempts
+        self.state = "new"  # new, preparing, writing, done, failed, cancelled
+        self.error: Optional[str] = None
+        self.result: Optional[ExportResult] = None
+        self.attempts = 0
+        self.step_seconds: list[float] = []
+        self.task: Optional[ThreadTask] = None
+        self._refs: Optional[LayerRefs] = None
+        self._view: Optional[VolumeSnapshot] = None
+        self._cancel = False
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    @property
+    def fraction(self) -> float:
+        part = self.task.fraction if self.task is not None else 0.0
+        return {"preparing": 0.6 * part, "writing": 0.6 + 0.4 * part, "done": 1.0}.get(self.state, 0.0)
+
+    @property
+    def message(self) -> str:
+        return {"preparing": f"preparing {self.case.name}: image and label map",
+                "writing": f"writing {self.case.name} into {self.training_set.folder}",
+                "done": f"added {self.result.case_id}" if self.result else "",
+                "cancelled": "cancelled", "failed": self.error or "failed"}.get(self.state, "")
+
+    def start(self) -> "ExportTask":
+        if self.state != "new":
+            raise RuntimeError("an export can be started once")
+        self.state = "preparing"
+        self._snapshot()
+        return self
+
+    def cancel(self) -> None:
+        if self.state == "preparing":
+            self._cancel = True
+            if self.task is not None:
+                self.task.cancel()
+
+    def _snapshot(self) -> None:
+        """GUI thread: views of the image and of the segment layers (no copy)."""
+        case = self.case
+        self._view = VolumeSnapshot.of(case.volume_node, copy=False)
+        ids = [case.segment_of[o["name"]] for o in case.organs if o["name"] in case.segment_of]
+        self._refs = LayerRefs(case.segmentation_node, ids, case.volume_node)
+        self.task = None
+        if not self._refs.pending:
+            self._start_preparing()
+
+    def _start_preparing(self) -> None:
+        case, reviewed, refs, view = self.case, list(self.reviewed), self._refs, self._view
+
+        def prepare(task: ThreadTask):
+            image = np.empty_like(view.array)
+            for k in range(0, image.shape[0], SLAB):
+                task.check()
+                image[k:k + SLAB] = view.array[k:k + SLAB]
+            task.report(0.3)
+            labels = build_labels(case, reviewed, refs, image.shape, check=task.check,
+                                  progress=lambda f: task.report(0.3 + 0.7 * f))
+            return VolumeSnapshot(view.name, image, view.ijk_to_ras), labels
+
+        self.task = ThreadTask(prepare, name="dinomix-export").start()
+
+    def step(self) -> bool:
+        """GUI thread: returns at once while the worker works; True once the export has ended."""
+        if self.ended:
+            return True
+        t0 = time.monotonic()
+        try:
+            if self.state == "preparing":
+                if self._cancel:
+                    self.state = "cancelled"
+                    return True
+                if self.task is None:
+                    if not self._refs.export_next():
+                        self._start_preparing()
+                    return False
+                if not self.task.finished:
+                    return False
+                if self.task.state != "done":
+                    self.state, self.error = ("cancelled", None) if self.task.state == "cancelled" else \
+                        ("failed", self.task.error)
+                    return True
+                if self._refs.changed() and self.attempts + 1 < self.max_attempts:
+                    self.attempts += 1  # edited while copying: take it again
+                    self._snapshot()
+                    return False
+                image, labels = self.task.result
+                job = self.training_set._job(self.case, self.reviewed, self.case_id, self.split, image, labels)
+                self.task = ThreadTask(lambda task: job.write(), name="dinomix-export-write").start()
+                self.state = "writing"
+                return False
+            if not self.task.finished:
+                return False
+            if self.task.state == "done":
+                self.state, self.result = "done", self.task.result
+            else:
+                self.state, self.error = "failed", self.task.error
+            return True
+        except Exception as exc:
+            self.state, self.error = "failed", str(exc) or type(exc).__name__
+            return True
+        finally:
+            self.step_seconds.append(time.monotonic() - t0)
+
+    def wait(self, timeout: Optional[float] = None) -> str:
+        from DINOMixSegmentationLib.tasks import run_steps
+
+        return run_steps(self, timeout)
 
 
 def _claim(tmp: Path, final: Path) -> bool:
