@@ -1,0 +1,153 @@
+"""Smoke tests of the P1 benchmarks (benchmarks/ssl_p1.py, benchmarks/finetune.py): each script runs end to end
+with --quick (2 iterations, 32^3 patches, 1 cropped test case; under a minute each on 2 idle cores) into a temporary
+folder, prints its table and writes a JSON result of the documented structure. Nothing is written into
+benchmarks/results. Plus the pure helpers (budget planning, config merging, targets) without data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+import finetune as FT  # noqa: E402
+import p1_common as P  # noqa: E402
+import ssl_p1  # noqa: E402
+
+SCRIPT_TIMEOUT_S = 900  # about a minute on 2 idle cores; generous for a busy machine
+
+
+def _run(script: str, tmp: Path, data_dir: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp / f"{script}.json"
+    env = {k: v for k, v in os.environ.items() if k != "DINOMIX_DINOV3_WEIGHTS"}  # FKD: "no teacher weights"
+    proc = subprocess.run([sys.executable, str(BENCH / f"{script}.py"), "--quick", "--workdir", str(tmp / "work"),
+                           "--out", str(out), "--data", str(data_dir), *extra],
+                          capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S, env=env, cwd=str(tmp))
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc, json.loads(out.read_text())
+
+
+def _results_untouched(name: str):
+    path = BENCH / "results" / name
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def _check_scores(s: dict, n_cases: int = 1) -> None:
+    assert len(s["cases"]) == n_cases
+    assert set(s["dice"]) == set(P.ORGANS) and set(s["asd_vox"]) == set(P.ORGANS)
+    assert all(v is None or 0.0 <= v <= 100.0 for v in s["dice"].values())
+    assert all(v is None or v >= 0.0 for v in s["asd_vox"].values())
+    assert s["minority_organs"] == P.MINORITY
+    for k in ("avg_dice", "avg_asd_vox", "minority_dice", "minority_asd_vox"):
+        assert isinstance(s[k], float), k
+
+
+# ---------------------------------------------------------------- the scripts, end to end
+
+def test_ssl_p1_quick_prints_the_table_and_writes_the_json(tmp_path, data_dir):
+    before = _results_untouched("ssl_p1.json")
+    proc, doc = _run("ssl_p1", tmp_path, data_dir, "--methods", "pic", "fkd")
+    assert _results_untouched("ssl_p1.json") == before
+    assert "| method | iters |" in proc.stdout and "| + PIC | 2 |" in proc.stdout
+    assert "| + FKD |" in proc.stdout and "no teacher weights available" in proc.stdout
+    assert "PUBLISHED" in proc.stdout and "| SKCDF (CVPR 2025) | 64.27 |" in proc.stdout
+
+    assert doc["benchmark"] == "ssl_p1" and doc["complete"] and doc["quick"]
+    assert doc["test_cases"] == ["btcv_img0027_crop"]
+    assert {"intensity", "spacing_and_patches", "metrics", "budget"} <= set(doc["protocol"])
+    assert "[-75, 275] HU" in doc["protocol"]["intensity"]
+    assert doc["settings"]["intensity_window_hu"] == [-75.0, 275.0]
+    assert doc["budget"]["iterations"] == 2 and doc["budget"]["calibration"]["pic"]["step_s"] > 0
+    assert [m["key"] for m in doc["methods"]] == ["pic", "fkd"]
+    pic, fkd = doc["methods"]
+    assert pic["status"] == "ok" and pic["iterations"] == 2 and pic["name"] == "+ PIC"
+    assert pic["config"]["semi"]["method"] == "pic" and pic["config"]["seed"] == 0
+    assert pic["config"]["preprocessing"]["intensity"]["a_min"] == -75.0
+    assert pic["wall_s"] > 0 and pic["step_s"] > 0 and Path(pic["model"]).is_file()
+    assert Path(pic["model"]).is_relative_to(tmp_path / "work")
+    _check_scores(pic["eval"])
+    assert fkd["status"] == "unavailable" and "no teacher weights available" in fkd["reason"]
+    pub = {r["method"]: r for r in doc["published"]["rows"]}
+    assert pub["DINO-Mix (2026)"]["avg_dice"] == 66.45 and "not measured here" in doc["published"]["source"]
+
+
+def test_finetune_quick_prints_before_after_and_targets(tmp_path, data_dir):
+    before = _results_untouched("finetune.json")
+    proc, doc = _run("finetune", tmp_path, data_dir)
+    assert _results_untouched("finetune.json") == before
+    assert "Dice % on the test cases" in proc.stdout and "Targets:" in proc.stdout
+    assert proc.stdout.count("PASS") + proc.stdout.count("FAIL") >= 3
+
+    assert doc["benchmark"] == "finetune" and doc["complete"] and doc["quick"]
+    corr = doc["corrections"]
+    worst = corr["worst_organs"]
+    assert len(worst) == 3 and set(worst) <= set(P.ORGANS) and len(corr["corrected"]) == 2
+    means = corr["base_mean_dice"]
+    assert max(means[o] for o in worst) <= min(v for o, v in means.items() if o not in worst)
+    manifest = json.loads(Path(doc["settings"]["manifests"]["pic"]).read_text())
+    labeled = [c for c in manifest["cases"] if c["label"]]
+    assert len(labeled) == 2 and all(c["annotated"] == worst for c in labeled)
+    assert any(not c["label"] for c in manifest["cases"])  # the unlabeled scan
+    for key in ("pic", "supervised"):
+        ft = doc["finetunes"][key]
+        assert ft["status"] == "ok" and ft["iterations"] == 2 and Path(ft["path"]).is_file(), ft
+        assert Path(ft["path"]).is_relative_to(tmp_path / "work")  # the registry of the run, not the user's
+    assert "--priority" in doc["finetunes"]["pic"]["command"]
+    assert "--method supervised" in doc["finetunes"]["supervised"]["command"]
+    assert set(doc["test"]) == {"base", "pic", "supervised"}
+    for s in doc["test"].values():
+        _check_scores(s)
+    assert set(doc["deltas"]) == {"pic", "supervised"}
+    assert len(doc["targets"]) == 3 and all(isinstance(t["met"], bool) for t in doc["targets"])
+
+
+# ---------------------------------------------------------------- helpers (no data needed)
+
+def test_one_iteration_count_fits_the_budget():
+    # (1800 s - 60 s setup - 15 s start-up) * 0.88 / 3 s per iteration
+    assert P.plan_iterations(1800, 60, 3.0) == 506
+    assert P.plan_iterations(60, 100, 1.0) == 0
+
+
+def test_rows_are_config_overrides_on_one_base_config():
+    base = P.base_config(Path("/data/btcv"), 48, None)
+    assert base["preprocessing"]["intensity"]["a_min"] == -75.0 and base["data"]["btcv_labeled"] == "20p"
+    for row in ssl_p1.ROWS:
+        if row.unavailable() is None:
+            cfg = P.validate(P.deep_merge(base, row.overrides()))
+            assert cfg.semi.method == row.overrides()["semi"]["method"]
+            assert cfg.patch_size == (48, 48, 48) and cfg.seed == 0
+    assert ssl_p1.ROW_KEYS[:4] == ["supervised", "mean_teacher", "cutmix", "pic"]
+    n = P.with_iterations(base, 500)
+    assert n["iterations"] == 500 and n["optim"]["warmup_iters"] == 50 and base["iterations"] == 1000
+
+
+def test_fkd_row_says_why_it_cannot_run(monkeypatch, tmp_path):
+    monkeypatch.delenv("DINOMIX_DINOV3_WEIGHTS", raising=False)
+    assert "no teacher weights available" in ssl_p1.fkd_unavailable()
+    monkeypatch.setenv("DINOMIX_DINOV3_WEIGHTS", str(tmp_path / "missing.pth"))
+    assert "no teacher weights available" in ssl_p1.fkd_unavailable()
+
+
+def test_targets_pass_and_fail_as_specified():
+    worst = ["pancreas", "adrenal_gland_right", "adrenal_gland_left"]
+    base = {o: 50.0 for o in P.ORGANS}
+
+    def scores(d):
+        return {"dice": d, "avg_dice": sum(d.values()) / len(d)}
+
+    good = dict(base, pancreas=55.0, adrenal_gland_right=54.0, adrenal_gland_left=53.0, liver=49.5)
+    sup = dict(base, pancreas=52.0, adrenal_gland_right=51.0, adrenal_gland_left=50.0)
+    res, deltas = FT.targets({"base": scores(base), "pic": scores(good), "supervised": scores(sup)}, worst)
+    assert [t["met"] for t in res] == [True, True, True]
+    assert deltas["pic"]["pancreas"] == 5.0 and deltas["supervised"]["liver"] == 0.0
+    bad = dict(good, liver=48.0, pancreas=51.0)
+    res, _ = FT.targets({"base": scores(base), "pic": scores(bad), "supervised": scores(sup)}, worst)
+    assert [t["met"] for t in res] == [False, False, True]
+    assert res[1]["value"]["down_more_than_limit"] == {"liver": -2.0}
