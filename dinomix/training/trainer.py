@@ -28,7 +28,7 @@ from ..errors import DinomixError
 from ..events import Reporter
 from ..inference import available_cores, pick_device
 from ..modelfile import ModelMeta, save_model, weights_sha256
-from ..network import build_network, count_parameters
+from ..network import build_network, count_parameters, fit_roi
 from ..organs import OrganSchema
 from .config import TrainConfig
 from .data import BalancedSampler, CachedCase, augment, cache_cases
@@ -108,6 +108,8 @@ class Trainer:
         train = [c for c in ds.cases if c.split in cfg.data.train_splits]
         if cfg.data.cases:
             train = [c for c in train if c.id in set(cfg.data.cases)]
+        if cfg.semi.method == "supervised":  # the supervised loss never reads unlabeled scans: skip preprocessing
+            train = [c for c in train if c.labeled]
         evals = []
         if cfg.data.eval_split:
             evals = [c for c in ds.cases if c.split == cfg.data.eval_split and c.labeled]
@@ -274,13 +276,18 @@ class Trainer:
         `dinomix evaluate`). N processes split the cases and gather the scores in case order."""
         self.net.eval()
         per_organ: dict[str, list[float]] = {o.name: [] for o in self.schema.organs}
-        roi = tuple(self.cfg.patch_size)
+        # the model's own inference window (as `dinomix segment`), not the training patch: a few windows per
+        # case instead of dozens, and Dice closer to what the model file will give
+        roi = fit_roi(self.pp.mode(self.cfg.mode).roi_size, self.cfg.architecture.divisor)
         scores: list[tuple[int, str, float]] = []
         for i in range(self.dist.rank, len(self.eval_cases), self.dist.world_size):
             case = self.eval_cases[i]
             self.check()
+            d = self.cfg.architecture.divisor
+            # no bigger than the volume (rounded up to the divisor): a small case is one window, not a padded one
+            roi_case = tuple(min(r, -(-n // d) * d) for r, n in zip(roi, case.image.shape[1:]))
             with torch.autocast("cuda", enabled=self.use_amp):
-                logits = sliding_window_inference(case.image[None].to(self.device), roi, 1, self.net,
+                logits = sliding_window_inference(case.image[None].to(self.device), roi_case, 1, self.net,
                                                   overlap=0.25, mode="gaussian")
             pred = logits[0].argmax(0).cpu()
             for o in self.schema.organs:
