@@ -11,8 +11,9 @@ run folder, so smoke results never land in benchmarks/results).
 Rows (`ROWS`, a table of name -> config overrides on one base config, so rows are added without new code):
 supervised-only, mean teacher, + CutMix, + PIC, and + FKD, which runs only when DINOv3 teacher weights are
 configured (`dinomix.methods.fkd.find_teacher_weights()`, i.e. $DINOMIX_DINOV3_WEIGHTS) and the training config
-has FKD; otherwise its row says why ("no teacher weights available"). SCDL, ACTION and SegDINO rows go into
-`ROWS` the same way (see the comment there).
+has FKD; otherwise its row says why ("no teacher weights available"). Issue 6 rows: + PIC + SCDL, + PIC +
+ACTION (trainer components) and SegDINO (+ PIC), which, like FKD, needs DINOv3 weights and is marked so
+without them.
 
 Protocol as run here (recorded in the JSON under "protocol"):
 
@@ -97,6 +98,13 @@ def fkd_unavailable() -> Optional[str]:
     return None
 
 
+def segdino_unavailable() -> Optional[str]:
+    """SegDINO's frozen backbone is only meaningful with real DINOv3 weights (a random backbone would make its row
+    say nothing); it is also GPU-sized (about 2.7 s per slice on one CPU core)."""
+    reason = fkd_unavailable()
+    return None if reason is None else reason.replace("teacher weights", "DINOv3 backbone weights")
+
+
 def fkd_overrides() -> dict:
     """+ FKD on top of PIC: `semi.components.fkd` with the teacher weights found (the config is validated before
     the run; a mismatch is reported in the row)."""
@@ -112,15 +120,13 @@ ROWS: list[Row] = [
     Row("cutmix", "+ CutMix", lambda: {"semi": {"method": "cutmix"}}),
     Row("pic", "+ PIC", lambda: {"semi": {"method": "pic"}}),
     Row("fkd", "+ FKD", fkd_overrides, fkd_unavailable),
-    # Extension point (issue 6): the SCDL, ACTION and SegDINO rows are added here by the same mechanism, each
-    # with an `unavailable` check for what it needs (e.g. "scdl" in _components(); SegDINO: its backbone
-    # weights), once they are ready to be benchmarked, e.g.
-    #   Row("scdl", "+ SCDL", lambda: {"semi": {"method": "pic", "components": {"scdl": {"enabled": True}}}},
-    #       lambda: None if "scdl" in _components() else "SCDL is not in this trainer version"),
-    #   Row("action", "+ ACTION", lambda: {"semi": {"method": "pic", "components": {"action": {"enabled": True}}}},
-    #       lambda: None if "action" in _components() else "ACTION is not in this trainer version"),
-    #   Row("segdino", "SegDINO (PIC)", lambda: {"architecture": {"family": "segdino", ...}, "semi": {"method": "pic"}},
-    #       segdino_unavailable),
+    # issue 6: the related methods as components of the same trainer (same data, iterations, seed)
+    Row("scdl", "+ PIC + SCDL", lambda: {"semi": {"method": "pic", "components": {"scdl": {"enabled": True}}}},
+        lambda: None if "scdl" in _components() else "SCDL is not in this trainer version"),
+    Row("action", "+ PIC + ACTION", lambda: {"semi": {"method": "pic", "components": {"action": {"enabled": True}}}},
+        lambda: None if "action" in _components() else "ACTION is not in this trainer version"),
+    Row("segdino", "SegDINO (+ PIC)", lambda: {"architecture": {"family": "segdino"}, "semi": {"method": "pic"}},
+        segdino_unavailable),
 ]
 ROW_KEYS = [r.key for r in ROWS]
 

@@ -135,6 +135,14 @@ def test_fkd_row_says_why_it_cannot_run(monkeypatch, tmp_path):
     assert "no teacher weights available" in ssl_p1.fkd_unavailable()
 
 
+def test_issue6_rows_are_there_and_segdino_needs_dinov3_weights(monkeypatch):
+    assert {"scdl", "action", "segdino"} <= set(ssl_p1.ROW_KEYS)
+    monkeypatch.delenv("DINOMIX_DINOV3_WEIGHTS", raising=False)
+    assert "no DINOv3 backbone weights available" in ssl_p1.segdino_unavailable()
+    scdl = next(r for r in ssl_p1.ROWS if r.key == "scdl")
+    assert scdl.unavailable() is None and scdl.overrides()["semi"]["components"]["scdl"]["enabled"] is True
+
+
 def test_targets_pass_and_fail_as_specified():
     worst = ["pancreas", "adrenal_gland_right", "adrenal_gland_left"]
     base = {o: 50.0 for o in P.ORGANS}
