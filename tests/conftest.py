@@ -146,3 +146,27 @@ def segment_case(input_path: Path, out_folder: Path, *extra_args: str, name: str
 def segmented_case(btcv_ct: Path, tmp_path_factory: pytest.TempPathFactory) -> Segmented:
     """The BTCV case segmented once (fast mode, events as JSON lines on stdout)."""
     return segment_case(btcv_ct, tmp_path_factory.mktemp("segmented"), "--events", "-")
+
+
+# ---------------------------------------------------------------- training
+
+def interrupt_training(cfg, out: Path, after: int) -> dict:
+    """Run a real Trainer that is cancelled after `after` iterations and then writes its checkpoint, as the
+    signal handler of `dinomix train` does; returns the checkpoint's state (for exact-resume tests)."""
+    import torch
+
+    from dinomix.errors import Cancelled
+    from dinomix.training.trainer import CHECKPOINT, Trainer
+
+    holder: dict = {}
+
+    def stop() -> None:
+        tr = holder.get("tr")
+        if tr is not None and len(tr.history) >= after:
+            raise Cancelled("stop")
+
+    holder["tr"] = tr = Trainer(cfg, out, check_cancel=stop)
+    with pytest.raises(Cancelled):
+        tr.run()
+    tr.write_checkpoint()
+    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
-from dinomix.errors import Cancelled
 from dinomix.modelfile import load_model
 from dinomix.training.config import TrainConfig
-from dinomix.training.trainer import CHECKPOINT, Trainer
+from dinomix.training.trainer import Trainer
+from tests.conftest import interrupt_training
 
 
 def _config(tmp: Path, data_dir: Path, components: dict, method: str = "pic", iterations: int = 3) -> TrainConfig:
@@ -77,19 +77,7 @@ def test_component_parameters_are_trained(run, tmp_path, data_dir):
 def test_components_resume_with_identical_weights(run):
     tmp, cfg, _, ref = run
     out = tmp / "resumed"
-    holder = {}
-
-    def stop_after_2():
-        t = holder.get("tr")
-        if t is not None and len(t.history) >= 2:
-            raise Cancelled("stop")
-
-    tr = Trainer(cfg, out, check_cancel=stop_after_2)
-    holder["tr"] = tr
-    with pytest.raises(Cancelled):
-        tr.run()
-    tr.write_checkpoint()
-    assert "components" in torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+    assert "components" in interrupt_training(cfg, out, after=2)
     res = Trainer(cfg, out).run(resume=True)
     assert load_model(ref["model"])[1].weights_sha256 == load_model(res["model"])[1].weights_sha256
 

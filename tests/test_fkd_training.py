@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import save_file
 
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
-from dinomix.errors import Cancelled
 from dinomix.events import Reporter
 from dinomix.methods.fkd import ENV_WEIGHTS, build_vit
 from dinomix.methods.pic import Patches, cutmix, grid_box
@@ -22,7 +21,8 @@ from dinomix.modelfile import load_model
 from dinomix.network import StudentConfig, build_network
 from dinomix.training.config import TrainConfig
 from dinomix.training.semi import SemiTrainer
-from dinomix.training.trainer import CHECKPOINT, Trainer
+from dinomix.training.trainer import Trainer
+from tests.conftest import interrupt_training
 
 
 # ---------------------------------------------------------------- mixing of coarse fields
@@ -146,19 +146,7 @@ def test_fkd_teacher_features_come_from_the_cache_the_second_time(fkd_run):
 def test_fkd_run_resumes_with_identical_weights(fkd_run):
     tmp, cfg, _, ref = fkd_run
     out = tmp / "resumed"
-    holder = {}
-
-    def stop_after_2():
-        tr = holder.get("tr")
-        if tr is not None and len(tr.history) >= 2:
-            raise Cancelled("stop")
-
-    tr = Trainer(cfg, out, check_cancel=stop_after_2)
-    holder["tr"] = tr
-    with pytest.raises(Cancelled):
-        tr.run()
-    tr.write_checkpoint()
-    st = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+    st = interrupt_training(cfg, out, after=2)
     assert "components" in st and st["iteration"] == 2
     res = Trainer(cfg, out).run(resume=True)
     _, a = load_model(ref["model"])
