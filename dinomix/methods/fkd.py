@@ -550,8 +550,9 @@ class FKDConfig(BaseModel):
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dinomix" / "fkd-features"
+    from ..cachedirs import features_dir
+
+    return features_dir()
 
 
 class TeacherFeatures:

@@ -27,6 +27,10 @@ class DataConfig(BaseModel):
     eval_split: Optional[str] = "eval"
     cases: Optional[list[str]] = Field(default=None, description="restrict training to these case ids")
     eval_cases: Optional[list[str]] = None
+    persistent_cache: bool = Field(default=True, description="keep preprocessed cases on disk (dinomix.cachedirs: "
+                                   "$DINOMIX_CACHE_DIR or the user cache, folder preprocessed/; `dinomix cache`) so later runs and fine-tunes on the same "
+                                   "scans skip preprocessing; keyed by file path, size and time, labels and "
+                                   "preprocessing")
 
 
 class OptimConfig(BaseModel):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from ..cachedirs import preprocessed_dir
 from ..datasets import Dataset, import_btcv, load_dataset
 from ..errors import DinomixError
 from ..events import Reporter
@@ -119,9 +120,10 @@ class Trainer:
         self.train_ids = [c.id for c in train]
         self.eval_ids = [c.id for c in evals]
         self.rep.begin("cache", f"preprocessing {len(train)} training and {len(evals)} eval cases")
-        self.train_cases = cache_cases(ds, train, self.schema, self.pp, cfg.mode)
+        disk = preprocessed_dir() if cfg.data.persistent_cache else None
+        self.train_cases = cache_cases(ds, train, self.schema, self.pp, cfg.mode, cache_dir=disk)
         self.check()
-        self.eval_cases = cache_cases(ds, evals, self.schema, self.pp, cfg.mode)
+        self.eval_cases = cache_cases(ds, evals, self.schema, self.pp, cfg.mode, cache_dir=disk)
         self.check()
         s = cfg.sampling
         self.sampler = BalancedSampler(self.train_cases, self.schema.num_classes, cfg.patch_size,
