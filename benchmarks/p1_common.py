@@ -482,7 +482,16 @@ def summarize(result: dict) -> dict:
         "minority_asd_vox": _num(agg["minority_mean"]["asd_vox_p1"]),
         "minority_organs": agg["minority_organs"],
         "per_case_mean_dice": {c["id"]: _num(c["mean_dice_pct"]) for c in result["cases"]},
+        "infer_s_per_ct": infer_seconds(result),
     }
+
+
+def infer_seconds(result: dict) -> Optional[float]:
+    """Mean seconds to segment one test CT (the engine's preprocessing, network, clean-up and mapping back onto
+    the native grid; reading the file and computing the metrics are left out), from the evaluation's timings."""
+    per_case = [sum(v for k, v in c.get("time_s", {}).items() if k not in ("read", "metrics"))
+                for c in result.get("cases", []) if c.get("time_s")]
+    return round(statistics.mean(per_case), 2) if per_case else None
 
 
 def write_json(doc: dict, path: Path) -> None:

@@ -131,6 +131,35 @@ ROWS: list[Row] = [
 ROW_KEYS = [r.key for r in ROWS]
 
 
+# ---------------------------------------------------------------- costs (issue 6: params, step, inference)
+
+def add_costs(methods: list[dict], work: Path) -> None:
+    """Per row: parameters of the trained network (inference) and of everything trained (heads of the
+    components included, from the training log), training seconds per iteration (already measured) and
+    inference seconds per test CT (from the evaluation's per-case timings, re-read from the run folder so a
+    result written before this field existed can be completed: `add_costs(doc["methods"], Path(workdir))`)."""
+    import json
+    import re
+
+    from dinomix.modelfile import load_model
+    from dinomix.network import count_parameters
+
+    for m in methods:
+        run = work / m["key"]
+        model = m.get("model") or next(iter(sorted((run / "run").glob("model_last.safetensors"))), None)
+        if model and Path(model).is_file():
+            net, _ = load_model(model)
+            m["parameters"] = count_parameters(net)
+        for e in P.read_events(run / "train.events"):
+            hit = re.search(r"\(([\d,]+) training-only parameters", str(e.get("message", "")))
+            if e.get("event") == "log" and hit:
+                m["training_only_parameters"] = int(hit.group(1).replace(",", ""))
+        ev = run / "evaluation.json"
+        if m.get("eval") is not None and m["eval"].get("infer_s_per_ct") is None and ev.is_file():
+            res = json.loads(ev.read_text())["models"][0]
+            m["eval"]["infer_s_per_ct"] = P.infer_seconds(res)
+
+
 # ---------------------------------------------------------------- the table
 
 def print_tables(doc: dict) -> None:
@@ -144,7 +173,7 @@ def print_tables(doc: dict) -> None:
     print(f"machine: {doc['machine'].get('cpu_model')}, {doc['machine'].get('cores_available')} cores, torch "
           f"{doc['machine'].get('torch')}, device {doc['settings']['device']}; budget {b['minutes']:g} min of "
           f"training per method ({b['chosen_by']})" + ("; QUICK smoke mode" if doc["quick"] else "") + "\n")
-    head = ["method", "iters", "train min", "s/it", "avg Dice", "avg ASD", "minority Dice", "minority ASD"] \
+    head = ["method", "iters", "train min", "s/it", "params (M)", "infer s/CT", "avg Dice", "avg ASD", "minority Dice", "minority ASD"] \
         + P.ABBREV + ["status"]
     print("Dice % per organ (ASD in voxels, P1 conventions)\n")
     print("| " + " | ".join(head) + " |")
@@ -155,6 +184,7 @@ def print_tables(doc: dict) -> None:
         row = [m["name"], str(m.get("iterations") or "-"),
                P.fmt(m["wall_s"] / 60.0, 1) if m.get("wall_s") is not None else "-",
                P.fmt(m.get("step_s"), 2) if m.get("step_s") is not None else "-",
+               P.fmt(m["parameters"] / 1e6, 2) if m.get("parameters") else "-", P.fmt(e.get("infer_s_per_ct"), 1),
                P.fmt(e.get("avg_dice"), 2), P.fmt(e.get("avg_asd_vox"), 2), P.fmt(e.get("minority_dice"), 2),
                P.fmt(e.get("minority_asd_vox"), 2)]
         row += [P.fmt(d.get(o)) if d else "" for o in P.ORGANS]
@@ -332,6 +362,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         P.write_json(doc | {"methods": methods}, out)  # partial results survive an interruption
 
     doc["methods"] = methods
+    add_costs(methods, work)
     if args.iterations is None:
         budget["over_budget"] = [m["key"] for m in methods if (m.get("wall_s") or 0) > args.minutes * 60.0]
     doc["complete"] = True

@@ -52,7 +52,7 @@ def _check_scores(s: dict, n_cases: int = 1) -> None:
 
 def test_ssl_p1_quick_prints_the_table_and_writes_the_json(tmp_path, data_dir):
     before = _results_untouched("ssl_p1.json")
-    proc, doc = _run("ssl_p1", tmp_path, data_dir, "--methods", "pic", "fkd")
+    proc, doc = _run("ssl_p1", tmp_path, data_dir, "--methods", "pic", "fkd", "scdl")
     assert _results_untouched("ssl_p1.json") == before
     assert "| method | iters |" in proc.stdout and "| + PIC | 2 |" in proc.stdout
     assert "| + FKD |" in proc.stdout and "no teacher weights available" in proc.stdout
@@ -64,14 +64,18 @@ def test_ssl_p1_quick_prints_the_table_and_writes_the_json(tmp_path, data_dir):
     assert "[-75, 275] HU" in doc["protocol"]["intensity"]
     assert doc["settings"]["intensity_window_hu"] == [-75.0, 275.0]
     assert doc["budget"]["iterations"] == 2 and doc["budget"]["calibration"]["pic"]["step_s"] > 0
-    assert [m["key"] for m in doc["methods"]] == ["pic", "fkd"]
-    pic, fkd = doc["methods"]
+    assert [m["key"] for m in doc["methods"]] == ["pic", "fkd", "scdl"]
+    pic, fkd, scdl = doc["methods"]
     assert pic["status"] == "ok" and pic["iterations"] == 2 and pic["name"] == "+ PIC"
     assert pic["config"]["semi"]["method"] == "pic" and pic["config"]["seed"] == 0
     assert pic["config"]["preprocessing"]["intensity"]["a_min"] == -75.0
     assert pic["wall_s"] > 0 and pic["step_s"] > 0 and Path(pic["model"]).is_file()
     assert Path(pic["model"]).is_relative_to(tmp_path / "work")
     _check_scores(pic["eval"])
+    # the costs of each row (issue 6): network parameters, training-only heads, inference time per CT
+    assert pic["parameters"] == scdl["parameters"] > 1_000_000 and "training_only_parameters" not in pic
+    assert scdl["status"] == "ok" and scdl["training_only_parameters"] > 100_000
+    assert pic["eval"]["infer_s_per_ct"] > 0 and scdl["eval"]["infer_s_per_ct"] > 0
     assert fkd["status"] == "unavailable" and "no teacher weights available" in fkd["reason"]
     pub = {r["method"]: r for r in doc["published"]["rows"]}
     assert pub["DINO-Mix (2026)"]["avg_dice"] == 66.45 and "not measured here" in doc["published"]["source"]

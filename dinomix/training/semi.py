@@ -237,7 +237,9 @@ class SemiTrainer(Trainer):
         if comp.action.enabled:
             self.components.append(ActionComponent(comp.action, C, list(reversed(self.cfg.architecture.channels))))
         if len(self.components):
-            self.rep.log("trainer components: " + ", ".join(c.name for c in self.components))
+            n_aux = sum(p.numel() for p in self.components.parameters())
+            self.rep.log("trainer components: " + ", ".join(c.name for c in self.components)
+                         + f" ({n_aux:,} training-only parameters, not in the model file)")
             self.components.to(self.device)
             self.opt.add_param_group({"params": list(self.components.parameters())})
 
