@@ -4,6 +4,7 @@
     python benchmarks/ssl_p1.py --methods supervised pic --minutes 10
     python benchmarks/ssl_p1.py --iterations 400      # a fixed iteration count instead of the budget
     python benchmarks/ssl_p1.py --quick               # smoke test: 2 iterations, tiny patches, 1 cropped test case
+    python benchmarks/ssl_p1.py --methods scdl action --extend   # add rows to the existing result, same settings
 
 Prints markdown tables and writes benchmarks/results/ssl_p1.json (--out; with --quick the default is the
 run folder, so smoke results never land in benchmarks/results).
@@ -211,6 +212,34 @@ def print_tables(doc: dict) -> None:
         f"{a} {o}" for a, o in zip(P.ABBREV, P.ORGANS)) + ". Minority organs: Ga, Es, PSV, Pa, RAG, LAG.")
 
 
+# ---------------------------------------------------------------- adding rows to an existing result
+
+def extend_from(args: argparse.Namespace) -> dict:
+    """The existing result to add rows to (--extend), after forcing this run's settings to match it: a row is
+    only comparable with the others when iterations, seed, patch size and test cases are the same."""
+    import json
+
+    path = Path(args.out) if args.out else DEFAULT_OUT
+    if not path.is_file():
+        raise SystemExit(f"--extend: no result at {path} to add rows to")
+    prev = json.loads(path.read_text())
+    if not prev.get("complete") or prev.get("benchmark") != "ssl_p1":
+        raise SystemExit(f"--extend: {path} is not a complete ssl_p1 result")
+    st, n = prev["settings"], prev["budget"]["iterations"]
+    if args.iterations is not None and args.iterations != n:
+        raise SystemExit(f"--extend: {path} has {n} iterations per method, not {args.iterations}")
+    if args.seed != st["seed"] or (args.patch_size or (32 if args.quick else 48)) != st["patch_size"] or args.quick != prev["quick"]:
+        raise SystemExit(f"--extend: {path} was made with seed {st['seed']}, patch {st['patch_size']}, quick "
+                         f"{prev['quick']}; run with the same settings")
+    args.iterations, args.minutes = n, prev["budget"]["minutes"]
+    if not prev["quick"]:  # (quick results score a cropped case that --quick makes again)
+        if args.test_cases and sorted(args.test_cases) != sorted(prev["test_cases"]):
+            raise SystemExit(f"--extend: {path} was scored on {', '.join(prev['test_cases'])}")
+        args.test_cases = prev["test_cases"]
+    args.out = str(path)
+    return prev
+
+
 # ---------------------------------------------------------------- main
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -233,6 +262,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trial-steps", type=int, default=None, help="trial iterations per method (default 6)")
     p.add_argument("--test-cases", nargs="+", default=None, metavar="ID",
                    help="score on these BTCV ids only (default: the 6 P1 test cases)")
+    p.add_argument("--extend", action="store_true",
+                   help="add the --methods rows to the existing result (--out) instead of starting a new one: same "
+                        "iteration count, seed, patch size and test cases as the rows already there, which are kept")
     args = p.parse_args(argv)
     import dinomix.inference  # noqa: F401  (the engine's OpenMP settings, before torch loads)
 
@@ -241,6 +273,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"benchmark skipped: no BTCV data with splits_p1.json in {btcv} (set --data or DINOMIX_DATA)")
         return 1 if P.on_ci() else 0
     quick = args.quick
+    previous = extend_from(args) if args.extend else None
     patch = args.patch_size or (32 if quick else 48)
     threads = args.threads if args.threads is not None else (1 if quick else None)
     trial_steps = args.trial_steps or (2 if quick else 6)
@@ -256,6 +289,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     test_ds, test = P.test_set(btcv, args.test_cases, work / "quick_test" if quick and not args.test_cases else None)
 
     base = P.base_config(btcv, patch, threads, args.seed, cases)
+
+    def with_kept(new_rows: list[dict]) -> list[dict]:
+        """With --extend, the rows already in the result that this run does not redo, in the order of ROWS."""
+        if previous is None:
+            return new_rows
+        kept = [m for m in previous["methods"] if m["key"] not in {x["key"] for x in new_rows}]
+        return sorted(kept + new_rows, key=lambda m: ROW_KEYS.index(m["key"]))
     methods: list[dict[str, Any]] = []
     configs: dict[str, dict] = {}
     for r in rows:
@@ -328,7 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         budget.update(iterations=0, chosen_by="no runnable method")
     n = max(1, n) if configs else 0
     budget["iterations"] = n
-    doc["budget"] = budget
+    doc["budget"] = budget if previous is None else previous["budget"]
     if configs:
         print(f"{n} iterations per method ({budget['chosen_by']})", flush=True)
 
@@ -359,12 +399,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             except Exception as exc:
                 m.update(status="failed", reason=f"evaluation: {type(exc).__name__}: {str(exc)[:300]}")
                 print(f"[{m['key']}] evaluation FAILED: {m['reason']}", flush=True)
-        P.write_json(doc | {"methods": methods}, out)  # partial results survive an interruption
+        P.write_json(doc | {"methods": with_kept(methods)}, out)  # partial results survive an interruption
 
-    doc["methods"] = methods
     add_costs(methods, work)
-    if args.iterations is None:
-        budget["over_budget"] = [m["key"] for m in methods if (m.get("wall_s") or 0) > args.minutes * 60.0]
+    methods = with_kept(methods)
+    if previous is not None:
+        doc["extended"] = previous.get("extended", []) + [{"date": doc["date"], "command": doc["command"],
+                                                            "rows": [r.key for r in rows], "workdir": str(work)}]
+        doc["date"] = previous["date"]
+    doc["methods"] = methods
+    if args.iterations is None or previous is not None:
+        doc["budget"]["over_budget"] = [m["key"] for m in methods
+                                        if (m.get("wall_s") or 0) > args.minutes * 60.0]
     doc["complete"] = True
     doc["load_end"] = P.load_now()
     P.write_json(doc, out)

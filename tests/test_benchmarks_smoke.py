@@ -52,9 +52,12 @@ def _check_scores(s: dict, n_cases: int = 1) -> None:
 
 def test_ssl_p1_quick_prints_the_table_and_writes_the_json(tmp_path, data_dir):
     before = _results_untouched("ssl_p1.json")
-    proc, doc = _run("ssl_p1", tmp_path, data_dir, "--methods", "pic", "fkd", "scdl")
+    proc, first = _run("ssl_p1", tmp_path, data_dir, "--methods", "pic", "fkd")
+    proc, doc = _run("ssl_p1", tmp_path, data_dir, "--methods", "scdl", "--extend")  # a row added later
     assert _results_untouched("ssl_p1.json") == before
-    assert "| method | iters |" in proc.stdout and "| + PIC | 2 |" in proc.stdout
+    assert "| method | iters |" in proc.stdout and "| + PIC | 2 |" in proc.stdout and "| + PIC + SCDL | 2 |" in proc.stdout
+    assert doc["methods"][0] == first["methods"][0] and doc["budget"] == first["budget"]
+    assert doc["date"] == first["date"] and doc["extended"][0]["rows"] == ["scdl"]
     assert "| + FKD |" in proc.stdout and "no teacher weights available" in proc.stdout
     assert "PUBLISHED" in proc.stdout and "| SKCDF (CVPR 2025) | 64.27 |" in proc.stdout
 
@@ -163,3 +166,16 @@ def test_targets_pass_and_fail_as_specified():
     res, _ = FT.targets({"base": scores(base), "pic": scores(bad), "supervised": scores(sup)}, worst)
     assert [t["met"] for t in res] == [False, False, True]
     assert res[1]["value"]["down_more_than_limit"] == {"liver": -2.0}
+
+
+def test_ssl_p1_extend_refuses_a_result_made_with_other_settings(tmp_path):
+    out = tmp_path / "ssl_p1.json"
+    out.write_text(json.dumps({"benchmark": "ssl_p1", "complete": True, "quick": False, "date": "d",
+                               "settings": {"seed": 0, "patch_size": 48}, "budget": {"iterations": 396, "minutes": 30},
+                               "test_cases": ["btcv_img0008"], "methods": []}))
+    before = out.read_text()
+    for extra, why in ((["--iterations", "100"], "396 iterations"), (["--seed", "1"], "seed 0")):
+        proc = subprocess.run([sys.executable, str(BENCH / "ssl_p1.py"), "--extend", "--out", str(out),
+                               "--methods", "scdl", *extra], capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and why in proc.stderr, proc.stderr
+    assert out.read_text() == before
