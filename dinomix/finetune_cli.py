@@ -164,9 +164,8 @@ def compare(before: Optional[dict], after: Optional[dict]) -> tuple[dict, Option
 # ---------------------------------------------------------------- the command
 
 def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
-    import platformdirs
-
     from . import registry
+    from .cachedirs import cache_root
     from .datasets import Dataset, load_dataset
     from .errors import DinomixError
     from .modelfile import ModelMeta
@@ -212,7 +211,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
             raise DinomixError(f"a model named '{name}' already exists; choose another --new-name (nothing is overwritten)")
 
     run = Path(opts.output) if opts.output else (
-        Path(platformdirs.user_cache_dir("dinomix", appauthor=False)) / "finetune"
+        cache_root() / "finetune"
         / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if (run / "checkpoint_last.pt").exists() or (run / "dataset.json").exists():
         raise DinomixError(f"{run} already holds a fine-tuning run; choose another --output (nothing is overwritten)")

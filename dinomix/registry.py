@@ -14,6 +14,7 @@ from typing import Optional
 
 import platformdirs
 
+from .cachedirs import cache_root
 from .errors import DinomixError, ModelFileError
 from .modelfile import ModelMeta, read_meta
 
@@ -50,7 +51,7 @@ def _scan(folder: Path, builtin: bool) -> list[Entry]:
 
 
 def placeholder_dir() -> Path:
-    return Path(platformdirs.user_cache_dir("dinomix", appauthor=False)) / "builtin-placeholder"
+    return cache_root() / "builtin-placeholder"
 
 
 def _builtin_entries() -> list[Entry]:
