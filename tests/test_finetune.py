@@ -92,6 +92,10 @@ def test_finetune_registers_a_new_version_with_its_parent(finetuned, registry_en
     assert meta.training["finetune"]["priority"] == ["pancreas", "liver"]
     assert meta.training["config"]["semi"]["method"] == "pic"
     assert meta.training["config"]["semi"]["pic"]["priority"] == {"pancreas": 3.0, "liver": 3.0}
+    # fine-tune defaults whatever the parent used: per-class thresholds, the student on the mixed patches only
+    assert meta.training["config"]["semi"]["pseudo_labels"]["threshold"] == "class_quantile"
+    assert meta.training["config"]["semi"]["student_patches"] == "mixed"
+    assert set(meta.training["semi"]["pseudo_label_thresholds_final"]["tau"]) == {"background", *meta.organs.names}
     assert meta.training["semi"]["labeled_cases"] == ["btcv_img0021"]
     assert meta.training["semi"]["unlabeled_cases"] == ["btcv_img0024"]
     parent_modes = set(registry.resolve(PARENT).meta.preprocessing.modes)

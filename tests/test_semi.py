@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -233,3 +234,70 @@ def test_every_method_runs_on_partial_and_unlabeled_cases(method, tmp_path, data
         assert meta.training["semi"]["method"] == method
         assert "loss_cons" in recs[0]
         assert ("mix_organs" in recs[0]) == (method == "cutmix")
+
+
+# ---------------------------------------------------------------- per-class thresholds, mixed-only student batch
+
+def _interrupt_and_resume(cfg: TrainConfig, out: Path, after: int) -> dict:
+    holder = {}
+
+    def stop():
+        tr = holder.get("tr")
+        if tr is not None and len(tr.history) >= after:
+            raise Cancelled("stop")
+
+    tr = Trainer(cfg, out, check_cancel=stop)
+    holder["tr"] = tr
+    with pytest.raises(Cancelled):
+        tr.run()
+    tr.write_checkpoint()
+    st = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+    assert "thresholds" in st
+    return Trainer(cfg.model_copy(deep=True), out).run(resume=True)
+
+
+def test_class_quantile_thresholds_and_the_mixed_only_student_batch_in_a_real_run(tmp_path, data_dir):
+    cfg = TrainConfig.from_file(_config(tmp_path, data_dir, "pic", iterations=4, confidence=0.9,
+                                        student_patches="mixed", pseudo_labels={"threshold": "class_quantile"}))
+    tr = Trainer(cfg, tmp_path / "run")
+    tr.setup()
+    sizes: list[int] = []
+    tr.net.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
+    res = tr.run()
+    # 2 labeled->unlabeled + 2 unlabeled->labeled mixed patches go through the student, not the 2 labeled ones too
+    assert sizes == [4] * 4
+    for r in tr.history:
+        tau = r["thresholds"]
+        assert len(tau) == 14 and all(0.0 <= t <= 0.9 for t in tau)
+        assert all(math.isfinite(r[k]) for k in ("loss", "loss_sup", "loss_cons"))
+    # an untrained teacher is nowhere 0.9-sure, yet the surer half of each class it predicts counts
+    assert min(tr.history[-1]["thresholds"]) < 0.9 and tr.history[-1]["confident"] > 0.0
+    _, meta = load_model(res["model"])
+    final = meta.training["semi"]["pseudo_label_thresholds_final"]
+    assert final["mode"] == "class_quantile" and final["tau"]["background"] == pytest.approx(tr.history[-1]["thresholds"][0], abs=1e-4)
+
+    resumed = _interrupt_and_resume(cfg, tmp_path / "resumed", after=2)
+    _, again = load_model(resumed["model"])
+    assert again.weights_sha256 == meta.weights_sha256
+
+
+def test_mixed_only_losses_split_ground_truth_and_pseudo_labelled_voxels(tmp_path, data_dir):
+    cfg = TrainConfig.from_file(_config(tmp_path, data_dir, "pic", iterations=1, student_patches="mixed"))
+    tr = Trainer(cfg, tmp_path / "run")
+    tr.setup()
+    img, lab, ann = tr.sampler.batch(np.random.default_rng(0), 2)
+    p = labeled_patches(img, sanitize_labels(lab, ann), ann)
+    p.extra["from_label"] = torch.ones((2, 1) + tuple(lab.shape[1:]))
+    sup, cons = (float(v.detach()) for v in tr._mixed_only_losses(p, np.random.default_rng(1)))
+    assert sup > 0 and cons == 0.0       # all ground truth: nothing for the consistency loss
+    p.extra["from_label"].zero_()
+    sup, cons = (float(v.detach()) for v in tr._mixed_only_losses(p, np.random.default_rng(1)))
+    assert sup == 0.0 and cons > 0       # all pseudo-labels: nothing for the supervised loss
+
+
+def test_mixed_only_needs_mixing_and_no_components():
+    with pytest.raises(Exception, match="needs method cutmix or pic"):
+        TrainConfig.model_validate({"semi": {"method": "mean_teacher", "student_patches": "mixed"}})
+    with pytest.raises(Exception, match="trainer components"):
+        TrainConfig.model_validate({"semi": {"method": "pic", "student_patches": "mixed",
+                                             "components": {"scdl": {"enabled": True}}}})

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ..errors import DinomixError
 from ..methods.action import ActionConfig
@@ -65,6 +65,19 @@ class PICConfig(BaseModel):
                                   "labeled cases (else: random CutMix fallback)")
 
 
+class PseudoLabelConfig(BaseModel):
+    """Which teacher pseudo-labels count (dinomix/methods/thresholds.py). `fixed`: teacher max probability >=
+    semi.confidence for every class. `class_quantile`: per class, the `quantile` of the teacher's confidence
+    over the voxels it assigns to that class (EMA `momentum`), clipped to [floor, semi.confidence], so the most
+    confident (1 - quantile) share of every organ's pseudo-labels counts even where the teacher is never very
+    sure of that organ."""
+
+    threshold: Literal["fixed", "class_quantile"] = "fixed"
+    quantile: float = Field(default=0.5, ge=0, le=1)
+    momentum: float = Field(default=0.9, ge=0, le=1)
+    floor: float = Field(default=0.0, ge=0, le=1)
+
+
 class ComponentsConfig(BaseModel):
     """Trainer components (dinomix/methods/components.py), each off unless configured."""
 
@@ -93,7 +106,8 @@ class SemiConfig(BaseModel):
     ema_decay: float = Field(default=0.99, ge=0, le=1, description="mean teacher: EMA decay of the student weights")
     ema_warmup: bool = Field(default=True, description="EMA decay min(ema_decay, 1 - 1/(it+1)) early on (Tarvainen); "
                                                        "off for fine-tuning, where the teacher starts from a trained model")
-    confidence: float = Field(default=0.9, ge=0, le=1, description="pseudo-labels count where teacher max prob >= this")
+    confidence: float = Field(default=0.9, ge=0, le=1, description="pseudo-labels count where teacher max prob >= this (with "
+                              "pseudo_labels.threshold class_quantile: the highest per-class threshold)")
     consistency_weight: float = Field(default=1.0, ge=0)
     rampup: float = Field(default=0.4, ge=0, le=1,
                           description="sigmoid ramp-up exp(-5(1-x)^2) of the consistency weight, fraction of iterations")
@@ -103,6 +117,13 @@ class SemiConfig(BaseModel):
     fill_partial: bool = Field(default=True, description="partially labeled patches: confident teacher labels for "
                                                          "voxels the annotation leaves unknown (mixed loss only)")
     init_weights: Optional[str] = Field(default=None, description="model file to start from (fine-tuning)")
+    pseudo_labels: PseudoLabelConfig = PseudoLabelConfig()
+    student_patches: Literal["labeled_and_mixed", "mixed"] = Field(
+        default="labeled_and_mixed",
+        description="what the student sees each iteration: the labeled patches and the mixed patches, or only the "
+                    "mixed ones (BCP-style; cutmix/pic only): the supervised loss then covers the ground-truth voxels "
+                    "of the mixed patches and the consistency loss their pseudo-labelled voxels, for about 2/3 of "
+                    "the step time with 2 + 2 patches")
     pic: PICConfig = PICConfig()
     components: ComponentsConfig = ComponentsConfig()
 
@@ -112,6 +133,17 @@ class SemiConfig(BaseModel):
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError(f"box_fraction must satisfy 0 < min <= max <= 1, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _mixed_only(self) -> "SemiConfig":
+        if self.student_patches == "mixed":
+            if self.method not in ("cutmix", "pic"):
+                raise ValueError(f"student_patches 'mixed' needs method cutmix or pic (got {self.method}): without "
+                                 "mixing the student would see no labeled voxel")
+            if self.components.any_enabled:
+                raise ValueError("student_patches 'mixed' does not support trainer components (semi.components): "
+                                 "they need the plain labeled patches")
+        return self
 
     @property
     def uses_semi_trainer(self) -> bool:

@@ -44,6 +44,7 @@ from ..methods.components import AuxBatch
 from ..methods.fkd import ENV_WEIGHTS, FKDComponent, TeacherFeatures, find_teacher_weights
 from ..methods.pic import PIC, Patches, cutmix
 from ..methods.scdl import SCDLComponent
+from ..methods.thresholds import ClassThresholds
 from ..modelfile import ModelMeta, load_model
 from .data import CachedCase, augment, crop
 from .losses import partial_dice_ce
@@ -149,6 +150,8 @@ def fill_unknown(lab: Patches, ann: torch.Tensor, pseudo: torch.Tensor, sure: to
         lab.ann[b][:, ok] = True
         if conf is not None and "confidence" in lab.extra:
             lab.extra["confidence"][b, 0][ok] = conf[b][ok]
+        if "from_label" in lab.extra:  # filled voxels are teacher pseudo-labels, not ground truth
+            lab.extra["from_label"][b, 0][ok] = 0.0
 
 
 # ---------------------------------------------------------------- trainer
@@ -160,6 +163,7 @@ class SemiTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.teacher: Optional[torch.nn.Module] = None
         self.pic: Optional[PIC] = None
+        self.thresholds: Optional[ClassThresholds] = None
         self.parent_id: Optional[str] = None
         self.provenance: dict = {}
         self.init_meta: Optional[ModelMeta] = None
@@ -188,6 +192,9 @@ class SemiTrainer(Trainer):
             self.teacher = copy.deepcopy(self.net).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
+            pl = s.pseudo_labels
+            self.thresholds = ClassThresholds(self.schema.num_classes, s.confidence, pl.threshold, pl.quantile,
+                                              pl.momentum, min(pl.floor, s.confidence))
         if s.method == "pic":
             priority = np.ones(self.schema.num_classes)
             for name, mult in s.pic.priority.items():
@@ -199,9 +206,18 @@ class SemiTrainer(Trainer):
         self.rep.log(f"method {s.method}: {len(self.labeled_ids)} labeled and {len(unl)} unlabeled training cases"
                      + ("" if s.method == "supervised" else
                         f"; {cfg.batch_size} labeled + {s.unlabeled_batch} unlabeled patches per iteration, "
-                        f"teacher EMA {s.ema_decay}, confidence {s.confidence}"))
+                        f"teacher EMA {s.ema_decay}, confidence {self._threshold_text()}"
+                        + ("; the student sees only the mixed patches" if s.student_patches == "mixed" else "")))
         self._setup_components()
         self._ready = True
+
+    def _threshold_text(self) -> str:
+        s = self.cfg.semi
+        if s.pseudo_labels.threshold == "fixed":
+            return str(s.confidence)
+        pl = s.pseudo_labels
+        return (f"per class: {pl.quantile:g}-quantile of the teacher's confidence, in [{min(pl.floor, s.confidence):g}, "
+                f"{s.confidence:g}]")
 
     def _setup_components(self) -> None:
         """Trainer components (semi.components): built, moved to the device, optimised with the student."""
@@ -264,6 +280,8 @@ class SemiTrainer(Trainer):
             st["teacher"] = self.teacher.state_dict()
         if self.pic is not None:
             st["pic"] = self.pic.state_dict()
+        if self.thresholds is not None:
+            st["thresholds"] = self.thresholds.state_dict()
         if len(self.components):
             st["components"] = {"modules": self.components.state_dict(),
                                 "extra": [c.extra_state() for c in self.components]}
@@ -281,6 +299,8 @@ class SemiTrainer(Trainer):
             self.teacher.load_state_dict(st["teacher"])
         if self.pic is not None:
             self.pic.load_state_dict(st["pic"])
+        if self.thresholds is not None and "thresholds" in st:  # checkpoints before per-class thresholds: fixed
+            self.thresholds.load_state_dict(st["thresholds"])
         if len(self.components):
             if "components" not in st:
                 raise DinomixError("cannot resume: the checkpoint holds no trainer-component state")
@@ -316,7 +336,10 @@ class SemiTrainer(Trainer):
         img = crop(case.image, start, smp.patch, 0.0)[None]
         ann = torch.from_numpy(np.asarray(case.annotated))[None]
         lab = sanitize_labels(crop(case.label, start, smp.patch, 0)[None].long(), ann)
-        return labeled_patches(img, lab, ann, self._extras([(case, start)], None))
+        out = labeled_patches(img, lab, ann, self._extras([(case, start)], None))
+        if self.cfg.semi.student_patches == "mixed":
+            out.extra["from_label"] = torch.ones((1, 1) + tuple(smp.patch))
+        return out
 
     def _forward(self, net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", enabled=self.use_amp):
@@ -394,11 +417,17 @@ class SemiTrainer(Trainer):
             t_in = torch.cat([img_l, img_u]) if fill else img_u
             prob = torch.softmax(self._forward(self.teacher, t_in), dim=1).cpu()
         conf, pseudo = prob.max(dim=1)
-        sure = conf >= s.confidence
+        if self.thresholds.mode != "fixed":
+            self.thresholds.observe(*self.dist.gather_cat(conf, pseudo))  # all processes' teacher outputs
+        sure = self.thresholds.mask(conf, pseudo)
         off = nl if fill else 0
         unl = Patches(img_u, pseudo[off:], torch.ones((img_u.shape[0], self.schema.num_classes) + img_u.shape[2:],
                                                       dtype=torch.bool), sure[off:].float(),
                       self._extras(self.unlabeled.last_draws, conf[off:]))
+        mixed_only = s.student_patches == "mixed"
+        if mixed_only:  # which voxels carry ground truth, mixed along with them (1 in labeled patches)
+            lab0.extra["from_label"] = torch.ones((nl, 1) + tuple(lab_l.shape[1:]))
+            unl.extra["from_label"] = torch.zeros((len(unl), 1) + tuple(img_u.shape[2:]))
         lab = lab0.clone()
         if fill:
             fill_unknown(lab, ann_l, pseudo[:nl], sure[:nl], conf[:nl])
@@ -423,28 +452,47 @@ class SemiTrainer(Trainer):
                 parts.append(m)
                 infos += inf
             mixed = Patches.cat(parts)
-        x_l = augment(img_l, rng)
-        x_m = augment(mixed.image, rng)
+        w = s.consistency_weight * sigmoid_rampup(it, round(s.rampup * cfg.iterations))
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        logits, stem, levels = self._forward_student(torch.cat([x_l, x_m]))
-        sup = partial_dice_ce(logits[:nl], lab_l.to(self.device), ann_l.to(self.device), cfg.ce_weight,
-                              cfg.dice_weight)
-        cons = masked_partial_dice_ce(logits[nl:], mixed.target.to(self.device), mixed.ann, mixed.weight,
-                                      cfg.ce_weight, cfg.dice_weight)
-        w = s.consistency_weight * sigmoid_rampup(it, round(s.rampup * cfg.iterations))
-        terms = self._component_losses(it, logits, stem, levels, Patches.cat([lab0, mixed]), nl) \
-            if len(self.components) else {}
+        if mixed_only:
+            sup, cons = self._mixed_only_losses(mixed, rng)
+            terms = {}
+        else:
+            x_l = augment(img_l, rng)
+            x_m = augment(mixed.image, rng)
+            logits, stem, levels = self._forward_student(torch.cat([x_l, x_m]))
+            sup = partial_dice_ce(logits[:nl], lab_l.to(self.device), ann_l.to(self.device), cfg.ce_weight,
+                                  cfg.dice_weight)
+            cons = masked_partial_dice_ce(logits[nl:], mixed.target.to(self.device), mixed.ann, mixed.weight,
+                                          cfg.ce_weight, cfg.dice_weight)
+            terms = self._component_losses(it, logits, stem, levels, Patches.cat([lab0, mixed]), nl) \
+                if len(self.components) else {}
         loss = sup + w * cons + (sum(terms.values()) if terms else 0.0)
         self._backward(loss)
         self._update_teacher(it)
         self._info = {"loss_sup": round(float(sup.detach()), 5), "loss_cons": round(float(cons.detach()), 5),
                       "cons_weight": round(w, 5), "confident": round(float(unl.weight.mean()), 4)}
+        if s.pseudo_labels.threshold != "fixed":
+            self._info["thresholds"] = [round(float(t), 4) for t in self.thresholds.tau]
         self._info.update({k: round(float(v.detach()), 5) for k, v in terms.items()})
         if infos:
             self._info["mix_organs"] = [-1 if i.organ is None else i.organ for i in infos]
             self._info["mix_fallbacks"] = sum(i.fallback for i in infos)
         return float(loss.detach())
+
+    def _mixed_only_losses(self, mixed: Patches, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """student_patches 'mixed': one student pass over the mixed patches only (their ground-truth voxels for
+        the supervised loss, their pseudo-labelled voxels for the consistency loss), as in BCP (Bai et al.,
+        CVPR 2023), where the mixed patches replace the plain labeled ones."""
+        cfg = self.cfg
+        gt = mixed.extra["from_label"][:, 0]
+        logits = self._forward_student(augment(mixed.image, rng))[0]
+        target = mixed.target.to(self.device)
+        sup = masked_partial_dice_ce(logits, target, mixed.ann, mixed.weight * gt, cfg.ce_weight, cfg.dice_weight)
+        cons = masked_partial_dice_ce(logits, target, mixed.ann, mixed.weight * (1.0 - gt), cfg.ce_weight,
+                                      cfg.dice_weight)
+        return sup, cons
 
     def _lr(self, it: int) -> float:
         return lr_at(self.cfg, it)
@@ -483,6 +531,8 @@ class SemiTrainer(Trainer):
             semi["init"] = {"model_id": self.init_meta.model_id, "weights_sha256": self.init_meta.weights_sha256,
                             "trained": self.init_meta.trained}
             training["parent"] = self.init_meta.model_id
+        if self.thresholds is not None:
+            semi["pseudo_label_thresholds_final"] = self.thresholds.summary(["background"] + self.schema.names)
         if self.pic is not None:
             semi["pic_final"] = {"freq": [round(float(f), 8) for f in self.pic.freq],
                                  "probabilities_end": [round(float(p), 6) for p in self.pic.probabilities(1.0)]}
