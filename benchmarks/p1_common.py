@@ -17,6 +17,7 @@ user cache), which may not be inside the repository.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import gc
@@ -280,18 +281,11 @@ class _Quiet:
         return getattr(self._r, name)
 
 
-def calibrate(configs: dict[str, dict], steps: int, device: str, progress=print) -> dict[str, dict]:
-    """Seconds per training iteration of each config, measured here with `steps` trial iterations (the first one,
-    a warm-up, is left out of the mean when there are more), including the trainer's per-iteration snapshot.
-
-    The cases are preprocessed once for all configs (the trainer's `cache_cases` is memoised in this process
-    while calibrating); `setup_s` of the first config is the full preprocessing time, which the real run pays too.
-    Returns {key: {"step_s", "setup_s", "trial_s": [...]}} or {key: {"error": ...}} for a config that fails.
-    """
-    import torch
-
+@contextlib.contextmanager
+def shared_preprocessing():
+    """While open, in-process trainers preprocess each set of cases once for all of them (the trainer's
+    `cache_cases` is memoised: same cases, mode and preprocessing give the same cached cases)."""
     import dinomix.training.trainer as T
-    from dinomix.training.trainer import Trainer
 
     memo: dict = {}
     orig = T.cache_cases
@@ -302,41 +296,61 @@ def calibrate(configs: dict[str, dict], steps: int, device: str, progress=print)
             memo[key] = orig(dataset, cases, schema, pp, mode, *a, **k)
         return memo[key]
 
-    out: dict[str, dict] = {}
     T.cache_cases = cached
     try:
-        with tempfile.TemporaryDirectory(prefix="dinomix-calib-") as tmp:
-            for key, cfg in configs.items():
-                try:
-                    tc = validate(cfg)
-                    t0 = time.monotonic()
-                    tr = Trainer(tc, Path(tmp) / key, _Quiet(), None, device)
-                    tr.setup()
-                    setup_s = time.monotonic() - t0
-                    times = []
-                    best = {"mean_dice": -1.0, "iteration": -1}
-                    for it in range(steps):
-                        ts = time.monotonic()
-                        tr.step(it)
-                        tr.iteration_info(it + 1, 0.0)
-                        tr.take_snapshot(it + 1, 0.0, best)
-                        if tr.device.type == "cuda":
-                            torch.cuda.synchronize()
-                        times.append(time.monotonic() - ts)
-                    step_s = statistics.mean(times[1:]) if len(times) > 1 else times[0]
-                    out[key] = {"step_s": round(step_s, 4), "setup_s": round(setup_s, 1),
-                                "trial_s": [round(t, 3) for t in times], "device": str(tr.device),
-                                "threads": torch.get_num_threads()}
-                    progress(f"  {key}: {step_s:.2f} s/iteration ({steps} trial iterations; setup {setup_s:.0f} s)")
-                    del tr
-                except Exception as exc:  # reported in the method's row
-                    out[key] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
-                    progress(f"  {key}: calibration failed: {out[key]['error']}")
-                gc.collect()
+        yield
     finally:
         T.cache_cases = orig
         memo.clear()
         gc.collect()
+
+
+def timed_step(tr, it: int) -> float:
+    """Seconds of one training iteration of an in-process trainer, with its per-iteration bookkeeping (the
+    record and the in-memory snapshot that `run` takes)."""
+    import torch
+
+    ts = time.monotonic()
+    tr.step(it)
+    tr.iteration_info(it + 1, 0.0)
+    tr.take_snapshot(it + 1, 0.0, {"mean_dice": -1.0, "iteration": -1})
+    if tr.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.monotonic() - ts
+
+
+def calibrate(configs: dict[str, dict], steps: int, device: str, progress=print) -> dict[str, dict]:
+    """Seconds per training iteration of each config, measured here with `steps` trial iterations (the first one,
+    a warm-up, is left out of the mean when there are more), including the trainer's per-iteration snapshot.
+
+    The cases are preprocessed once for all configs (`shared_preprocessing`); `setup_s` of the first config is
+    the full preprocessing time, which the real run pays too.
+    Returns {key: {"step_s", "setup_s", "trial_s": [...]}} or {key: {"error": ...}} for a config that fails.
+    """
+    import torch
+
+    from dinomix.training.trainer import Trainer
+
+    out: dict[str, dict] = {}
+    with shared_preprocessing(), tempfile.TemporaryDirectory(prefix="dinomix-calib-") as tmp:
+        for key, cfg in configs.items():
+            try:
+                tc = validate(cfg)
+                t0 = time.monotonic()
+                tr = Trainer(tc, Path(tmp) / key, _Quiet(), None, device)
+                tr.setup()
+                setup_s = time.monotonic() - t0
+                times = [timed_step(tr, it) for it in range(steps)]
+                step_s = statistics.mean(times[1:]) if len(times) > 1 else times[0]
+                out[key] = {"step_s": round(step_s, 4), "setup_s": round(setup_s, 1),
+                            "trial_s": [round(t, 3) for t in times], "device": str(tr.device),
+                            "threads": torch.get_num_threads()}
+                progress(f"  {key}: {step_s:.2f} s/iteration ({steps} trial iterations; setup {setup_s:.0f} s)")
+                del tr
+            except Exception as exc:  # reported in the method's row
+                out[key] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+                progress(f"  {key}: calibration failed: {out[key]['error']}")
+            gc.collect()
     return out
 
 

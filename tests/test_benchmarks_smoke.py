@@ -1,4 +1,4 @@
-"""Smoke tests of the P1 benchmarks (benchmarks/ssl_p1.py, benchmarks/finetune.py): each script runs end to end
+"""Smoke tests of the P1 benchmarks (benchmarks/ssl_p1.py, benchmarks/finetune.py, benchmarks/step_time.py): each script runs end to end
 with --quick (2 iterations, 32^3 patches, 1 cropped test case; under a minute each on 2 idle cores) into a temporary
 folder, prints its table and writes a JSON result of the documented structure. Nothing is written into
 benchmarks/results. Plus the pure helpers (budget planning, config merging, targets) without data."""
@@ -115,6 +115,22 @@ def test_finetune_quick_prints_before_after_and_targets(tmp_path, data_dir):
 
 
 # ---------------------------------------------------------------- helpers (no data needed)
+
+def test_step_time_quick_times_every_runnable_method_in_one_run(tmp_path, data_dir):
+    before = _results_untouched("step_time.json")
+    proc, doc = _run("step_time", tmp_path, data_dir, "--methods", "supervised", "pic", "pic_finetune", "fkd")
+    assert _results_untouched("step_time.json") == before
+    assert "| method | student patches / it |" in proc.stdout
+    assert doc["benchmark"] == "step_time" and doc["quick"] and doc["rounds"] == 2
+    m = {x["key"]: x for x in doc["methods"]}
+    assert set(m) == {"supervised", "pic", "pic_finetune", "fkd"}
+    assert "no teacher weights available" in m["fkd"]["reason"] and "median_s" not in m["fkd"]
+    assert m["supervised"]["vs_supervised"] == 1.0
+    assert [m[k]["student_patches"] for k in ("supervised", "pic", "pic_finetune")] == [2, 6, 4]
+    for k in ("supervised", "pic", "pic_finetune"):
+        assert len(m[k]["times"]) == 2 and m[k]["median_s"] > 0
+    assert m["pic_finetune"]["overrides"]["semi"]["student_patches"] == "mixed"
+
 
 def test_one_iteration_count_fits_the_budget():
     # (1800 s - 60 s setup - 15 s start-up) * 0.88 / 3 s per iteration
