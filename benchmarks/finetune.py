@@ -320,11 +320,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--trial-steps", type=int, default=6)
     p.add_argument("--test-cases", nargs="+", default=None, metavar="ID")
     args = p.parse_args(argv)
-    import dinomix.inference  # noqa: F401  (the engine's OpenMP settings, before torch loads)
-
-    btcv = P.data_btcv(args.data)
-    if not (btcv / "splits_p1.json").is_file():
-        print(f"benchmark skipped: no BTCV data with splits_p1.json in {btcv} (set --data or DINOMIX_DATA)")
+    btcv = P.p1_data(args.data)
+    if btcv is None:
         return 1 if P.on_ci() else 0
     quick = args.quick
     if quick and args.ft_iterations is None:

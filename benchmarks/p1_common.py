@@ -167,6 +167,18 @@ def data_btcv(data: str | os.PathLike) -> Path:
     return Path(data).expanduser().resolve() / "btcv"
 
 
+def p1_data(data: str | os.PathLike) -> Optional[Path]:
+    """The BTCV folder with its P1 split, or None after saying the benchmark is skipped (the caller exits
+    non-zero on CI, where the shared data must be present)."""
+    import dinomix.inference  # noqa: F401  (the engine's OpenMP settings, before torch loads)
+
+    btcv = data_btcv(data)
+    if not (btcv / "splits_p1.json").is_file():
+        print(f"benchmark skipped: no BTCV data with splits_p1.json in {btcv} (set --data or DINOMIX_DATA)")
+        return None
+    return btcv
+
+
 def p1_split(btcv: Path) -> dict:
     return json.loads((btcv / "splits_p1.json").read_text())
 

@@ -266,11 +266,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="add the --methods rows to the existing result (--out) instead of starting a new one: same "
                         "iteration count, seed, patch size and test cases as the rows already there, which are kept")
     args = p.parse_args(argv)
-    import dinomix.inference  # noqa: F401  (the engine's OpenMP settings, before torch loads)
-
-    btcv = P.data_btcv(args.data)
-    if not (btcv / "splits_p1.json").is_file():
-        print(f"benchmark skipped: no BTCV data with splits_p1.json in {btcv} (set --data or DINOMIX_DATA)")
+    btcv = P.p1_data(args.data)
+    if btcv is None:
         return 1 if P.on_ci() else 0
     quick = args.quick
     previous = extend_from(args) if args.extend else None

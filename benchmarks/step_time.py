@@ -127,11 +127,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--patch-size", type=int, default=None, help="cubic patch at 3 mm (default 48; --quick 32)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
-    import dinomix.inference  # noqa: F401  (the engine's OpenMP settings, before torch loads)
-
-    btcv = P.data_btcv(args.data)
-    if not (btcv / "splits_p1.json").is_file():
-        print(f"benchmark skipped: no BTCV data with splits_p1.json in {btcv} (set --data or DINOMIX_DATA)")
+    btcv = P.p1_data(args.data)
+    if btcv is None:
         return 1 if P.on_ci() else 0
     quick = args.quick
     patch = args.patch_size or (32 if quick else 48)
