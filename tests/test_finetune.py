@@ -95,6 +95,9 @@ def test_finetune_registers_a_new_version_with_its_parent(finetuned, registry_en
     # fine-tune defaults whatever the parent used: per-class thresholds, the student on the mixed patches only
     assert meta.training["config"]["semi"]["pseudo_labels"]["threshold"] == "class_quantile"
     assert meta.training["config"]["semi"]["student_patches"] == "mixed"
+    assert meta.training["config"]["semi"]["rampup"] == 0.0       # the teacher is trained from the start
+    parent_cfg = registry.resolve(PARENT).meta.training["config"]
+    assert meta.training["config"]["optim"]["lr"] == parent_cfg["optim"]["lr"]
     assert set(meta.training["semi"]["pseudo_label_thresholds_final"]["tau"]) == {"background", *meta.organs.names}
     assert meta.training["semi"]["labeled_cases"] == ["btcv_img0021"]
     assert meta.training["semi"]["unlabeled_cases"] == ["btcv_img0024"]
