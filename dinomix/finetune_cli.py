@@ -172,7 +172,8 @@ def finetune_semi_defaults(method: str, parent: "SemiConfig") -> dict:
       of some organs (kidneys, spleen); with one fixed threshold the consistency loss kept only its confident
       background around them and erased those organs (correction-loop benchmark, 2026-11-23).
     * The student sees only the mixed patches (cutmix / pic, no trainer components): the clinician's minutes buy
-      about 1.5x the iterations, and the labeled patches are still seen, inside the mixed ones.
+      about 1.25x the iterations (benchmarks/step_time.py), and the labeled patches are still seen, inside the
+      mixed ones.
     * No consistency ramp-up: the teacher starts as the trained parent, so its pseudo-labels are worth their full
       weight from the first iteration; with the ramp-up of training from scratch nothing held the organs the
       corrections leave unannotated during the first 40 % of the run, the student forgot them, and the EMA
