@@ -16,6 +16,9 @@ patches; voxels whose teacher probability is below `confidence` get weight 0. Lo
 on the labeled patches + w(t) * the same loss, voxel-weighted and with per-voxel annotated classes
 (`masked_partial_dice_ce`), on the mixed patches, whose labels are mixed ground truth / pseudo-labels;
 w(t) = consistency_weight * exp(-5 (1 - t / T_ramp)^2) (sigmoid ramp-up, T_ramp = rampup * iterations).
+Which pseudo-labels count: one fixed threshold, or per-class thresholds from the teacher's confidence quantiles
+(`pseudo_labels`, dinomix/methods/thresholds.py). With `student_patches: mixed` the student sees only the mixed
+patches: the supervised loss on their ground-truth voxels, the consistency loss on their pseudo-labelled ones.
 
 Partial and missing labels: a labeled case annotates a set of organs; label values of organs it does not
 annotate are unknown and treated as such (set to 0 = "background or an unannotated organ", the marginal
