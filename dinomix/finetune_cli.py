@@ -17,8 +17,9 @@ What it does:
    Held-out cases: `--holdout` ids (labeled), else the labeled cases whose split is eval, val, validation,
    test or holdout; every other case is for training.
 3. Runs the semi-supervised trainer (dinomix/training/semi.py) from the model's weights, with PIC priorities
-   (`--priority-weight`, default 3) on the `--priority` organs, per-class pseudo-label thresholds and (pic,
-   cutmix) the mixed-only student batch (`finetune_semi_defaults`). With `--minutes`, the iteration count is chosen
+   (`--priority-weight`, default 3) on the `--priority` organs, the parent's peak learning rate, and
+   `finetune_semi_defaults`: per-class pseudo-label thresholds, no consistency ramp-up and (pic, cutmix) the
+   mixed-only student batch. With `--minutes`, the iteration count is chosen
    from a measured step time (3 trial iterations, then undone) so that the whole command, evaluations
    included, fits the budget and the learning-rate / ramp-up / PIC schedules complete.
 4. Evaluates before and after on the held-out cases (model-grid Dice in %, sliding window on the training

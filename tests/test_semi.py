@@ -126,6 +126,8 @@ def test_bad_semi_settings_are_rejected():
         TrainConfig.model_validate({"semi": {"box_fraction": [0.6, 0.3]}})
     with pytest.raises(Exception):
         TrainConfig.model_validate({"semi": {"method": "fixmatch"}})
+    with pytest.raises(Exception, match="above confidence"):
+        TrainConfig.model_validate({"semi": {"confidence": 0.6, "pseudo_labels": {"floor": 0.7}}})
 
 
 # ---------------------------------------------------------------- real runs

@@ -135,6 +135,13 @@ class SemiConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _threshold_floor(self) -> "SemiConfig":
+        if self.pseudo_labels.floor > self.confidence:
+            raise ValueError(f"pseudo_labels.floor ({self.pseudo_labels.floor}) is above confidence "
+                             f"({self.confidence}), the highest per-class threshold")
+        return self
+
+    @model_validator(mode="after")
     def _mixed_only(self) -> "SemiConfig":
         if self.student_patches == "mixed":
             if self.method not in ("cutmix", "pic"):

@@ -197,7 +197,7 @@ class SemiTrainer(Trainer):
                 p.requires_grad_(False)
             pl = s.pseudo_labels
             self.thresholds = ClassThresholds(self.schema.num_classes, s.confidence, pl.threshold, pl.quantile,
-                                              pl.momentum, min(pl.floor, s.confidence))
+                                              pl.momentum, pl.floor)
         if s.method == "pic":
             priority = np.ones(self.schema.num_classes)
             for name, mult in s.pic.priority.items():
@@ -219,8 +219,7 @@ class SemiTrainer(Trainer):
         if s.pseudo_labels.threshold == "fixed":
             return str(s.confidence)
         pl = s.pseudo_labels
-        return (f"per class: {pl.quantile:g}-quantile of the teacher's confidence, in [{min(pl.floor, s.confidence):g}, "
-                f"{s.confidence:g}]")
+        return f"per class: {pl.quantile:g}-quantile of the teacher's confidence, in [{pl.floor:g}, {s.confidence:g}]"
 
     def _setup_components(self) -> None:
         """Trainer components (semi.components): built, moved to the device, optimised with the student."""
