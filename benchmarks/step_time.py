@@ -56,19 +56,6 @@ def method_rows() -> list[tuple[str, str, Optional[dict], Optional[str]]]:
     return out
 
 
-def student_patches(cfg) -> int:
-    """Patches through the student per iteration (forward and backward)."""
-    s = cfg.semi
-    if s.method == "supervised":
-        return cfg.batch_size
-    mixes = 0 if s.method == "mean_teacher" else (
-        (s.unlabeled_batch if s.directions in ("both", "labeled_into_unlabeled") else 0)
-        + (cfg.batch_size if s.directions in ("both", "unlabeled_into_labeled") else 0))
-    if s.method == "mean_teacher":
-        return cfg.batch_size + s.unlabeled_batch
-    return mixes if s.student_patches == "mixed" else cfg.batch_size + mixes
-
-
 def measure(configs: dict[str, dict], rounds: int, device: str) -> dict[str, dict]:
     from dinomix.training.trainer import Trainer
 
@@ -80,12 +67,16 @@ def measure(configs: dict[str, dict], rounds: int, device: str) -> dict[str, dic
             tr = Trainer(tc, Path(tmp) / key, P._Quiet(), None, device)
             tr.setup()
             trainers[key] = tr
-            out[key] = {"student_patches": student_patches(tc), "times": []}
+            out[key] = {"times": []}
         keys = list(trainers)
         for r in range(rounds):
             order = keys[r % len(keys):] + keys[: r % len(keys)]
             for key in order:
+                seen: list[int] = []  # patches through the student, counted by a hook on its network
+                hook = trainers[key].net.register_forward_pre_hook(lambda _m, a: seen.append(int(a[0].shape[0])))
                 out[key]["times"].append(P.timed_step(trainers[key], r))
+                hook.remove()
+                out[key]["student_patches"] = sum(seen)
             print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {out[k]['times'][-1]:.2f}" for k in keys),
                   flush=True)
     for key, rec in out.items():
