@@ -121,6 +121,11 @@ ROWS: list[Row] = [
     Row("cutmix", "+ CutMix", lambda: {"semi": {"method": "cutmix"}}),
     Row("pic", "+ PIC", lambda: {"semi": {"method": "pic"}}),
     Row("fkd", "+ FKD", fkd_overrides, fkd_unavailable),
+    # PIC with the settings `dinomix finetune` uses (per-class pseudo-label thresholds, student on the mixed
+    # patches only), trained from scratch: does the fix for a weak teacher's erased organs help here too?
+    Row("pic_cq", "+ PIC, per-class thresholds, mixed-only student",
+        lambda: {"semi": {"method": "pic", "pseudo_labels": {"threshold": "class_quantile"},
+                          "student_patches": "mixed"}}),
     # issue 6: the related methods as components of the same trainer (same data, iterations, seed)
     Row("scdl", "+ PIC + SCDL", lambda: {"semi": {"method": "pic", "components": {"scdl": {"enabled": True}}}},
         lambda: None if "scdl" in _components() else "SCDL is not in this trainer version"),

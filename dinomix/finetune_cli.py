@@ -5,7 +5,7 @@ result as a new version of the model.
                      (--minutes M | --iterations N) [--events FILE|-] [--new-name NAME] [--holdout CASE ...]
 
 Optional extras: --method {pic,cutmix,mean_teacher,supervised} (default pic), --output RUN_DIR, --device,
---patch-size, --lr, --threads, --seed, --priority-weight.
+--patch-size, --lr, --threads, --seed, --priority-weight, --parent-distillation.
 
 What it does:
 
@@ -19,7 +19,10 @@ What it does:
 3. Runs the semi-supervised trainer (dinomix/training/semi.py) from the model's weights, with PIC priorities
    (`--priority-weight`, default 3) on the `--priority` organs, the parent's peak learning rate, and
    `finetune_semi_defaults`: per-class pseudo-label thresholds, no consistency ramp-up and (pic, cutmix) the
-   mixed-only student batch. With `--minutes`, the iteration count is chosen
+   mixed-only student batch; for the semi-supervised methods also a distillation from the frozen parent on every
+   voxel without ground truth, where the corrected organs (annotated in the partially labeled cases, and the
+   --priority ones) are merged with background (`semi.parent_distillation`, dinomix/methods/
+   parent_distillation.py; --parent-distillation 0 turns it off). With `--minutes`, the iteration count is chosen
    from a measured step time (3 trial iterations, then undone) so that the whole command, evaluations
    included, fits the budget and the learning-rate / ramp-up / PIC schedules complete.
 4. Evaluates before and after on the held-out cases (model-grid Dice in %, sliding window on the training
@@ -59,6 +62,7 @@ HOLDOUT_SPLITS = ("eval", "val", "validation", "test", "holdout")
 METHODS = ("pic", "cutmix", "mean_teacher", "supervised")
 CALIBRATION_STEPS = 3
 MIN_ITERATIONS = 5
+PARENT_DISTILLATION_WEIGHT = 1.0
 
 
 def register(sub) -> None:
@@ -83,6 +87,9 @@ def register(sub) -> None:
     f.add_argument("--threads", type=int, default=None)
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--priority-weight", type=float, default=3.0, help="PIC multiplier of the --priority organs")
+    f.add_argument("--parent-distillation", type=float, default=None, metavar="WEIGHT",
+                   help="weight of the distillation from the frozen parent on the organs nobody corrected (default "
+                        f"{PARENT_DISTILLATION_WEIGHT:g} for the semi-supervised methods, 0 = off; 0 for supervised)")
     f.set_defaults(func=cmd_finetune)
 
 
@@ -94,7 +101,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         model=args.model, dataset=args.dataset, priority=list(args.priority or []), minutes=args.minutes,
         iterations=args.iterations, new_name=args.new_name, holdout=args.holdout, method=args.method,
         output=args.output, device=args.device, patch_size=args.patch_size, lr=args.lr, threads=args.threads,
-        seed=args.seed, priority_weight=args.priority_weight)
+        seed=args.seed, priority_weight=args.priority_weight, parent_distillation=args.parent_distillation)
 
     def work(rep, check) -> dict:
         result = finetune(opts, rep, check)
@@ -126,6 +133,7 @@ class FinetuneOptions:
     threads: Optional[int] = None
     seed: int = 0
     priority_weight: float = 3.0
+    parent_distillation: Optional[float] = None  # None: PARENT_DISTILLATION_WEIGHT, 0 for method supervised
 
 
 # ---------------------------------------------------------------- helpers (pure, tested directly)
@@ -164,6 +172,30 @@ def compare(before: Optional[dict], after: Optional[dict]) -> tuple[dict, Option
     if down:
         verdict += " Organs down by more than 1 Dice point: " + ", ".join(down) + "."
     return per, worse, verdict
+
+
+def corrected_organs(cases: list, schema) -> list[str]:
+    """The organs the clinician reviewed: those annotated in the partially labeled cases (a fully labeled case
+    annotates every organ and says nothing about which ones were corrected), in schema order."""
+    found: set[str] = set()
+    for c in cases:
+        organs = c.annotated_organs(schema)
+        if organs and len(organs) < len(schema.names):
+            found.update(organs)
+    return [n for n in schema.names if n in found]
+
+
+def parent_distillation_settings(method: str, weight: Optional[float], free_organs: list[str]) -> dict:
+    """semi.parent_distillation of a fine-tune: on by default for the semi-supervised methods, whose EMA teacher
+    drifts with the student on the organs nobody corrected (the vena cava lost 11 Dice points beside a corrected
+    portal vein in the correction-loop benchmark of 2026-12-01); off for `supervised`, the plain baseline."""
+    if weight is None:
+        weight = 0.0 if method == "supervised" else PARENT_DISTILLATION_WEIGHT
+    if weight < 0:
+        from .errors import DinomixError
+
+        raise DinomixError(f"--parent-distillation must be >= 0, got {weight:g}")
+    return {"weight": weight, "free_organs": list(free_organs)}
 
 
 def finetune_semi_defaults(method: str, parent: "SemiConfig") -> dict:
@@ -259,9 +291,12 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     # learnt none of the corrected organs (correction-loop benchmark, 2026-12-01); warm-up and cosine decay as ever.
     lr = opts.lr or (cfg.optim.lr if parent_cfg else 2e-3)
     title = meta.title if meta.title.endswith("(fine-tuned)") else f"{meta.title} (fine-tuned)".strip()
+    free = [n for n in meta.organs.names if n in set(priority) | set(corrected_organs(train, meta.organs))]
     semi = cfg.semi.model_copy(update={
         "method": opts.method, "init_weights": str(Path(entry.path).resolve()), "ema_warmup": False,
         "pic": cfg.semi.pic.model_copy(update={"priority": {o: opts.priority_weight for o in priority}}),
+        "parent_distillation": cfg.semi.parent_distillation.model_copy(
+            update=parent_distillation_settings(opts.method, opts.parent_distillation, free)),
         **finetune_semi_defaults(opts.method, cfg.semi)})
     cfg = cfg.model_copy(update={
         "model_id": name, "title": title, "organs": meta.organs.names, "architecture": meta.architecture,
@@ -335,6 +370,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     tr.info_hook = info
     tr.provenance = {"finetune": {"parent": meta.model_id, "parent_weights_sha256": meta.weights_sha256,
                                   "method": opts.method, "priority": priority, "priority_weight": opts.priority_weight,
+                                  "parent_distillation": cfg.semi.parent_distillation.model_dump(),
                                   "minutes": opts.minutes, "holdout": sorted(hold), "partially_labeled": partial}}
     res = tr.run()
     check()

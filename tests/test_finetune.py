@@ -19,6 +19,32 @@ CORRECTED = ["liver", "pancreas", "spleen"]
 
 # ---------------------------------------------------------------- units
 
+def test_corrected_organs_are_those_annotated_in_partially_labeled_cases():
+    from dinomix.finetune_cli import corrected_organs
+    from dinomix.organs import OrganSchema
+
+    schema = OrganSchema.from_names([n for v, n in BTCV_NAMES.items() if v])
+    full = Case(id="a", image="a.nii.gz", label="a_label.nii.gz", label_map=dict(BTCV_NAMES))
+    part = Case(id="b", image="b.nii.gz", label="b_label.nii.gz", label_map=dict(BTCV_NAMES),
+                annotated=["pancreas", "gallbladder"])
+    scan = Case(id="c", image="c.nii.gz")
+    assert corrected_organs([full, part, scan], schema) == ["gallbladder", "pancreas"]  # schema order
+    assert corrected_organs([full, scan], schema) == []
+
+
+def test_parent_distillation_is_on_for_semi_supervised_fine_tunes_only():
+    from dinomix.errors import DinomixError
+    from dinomix.finetune_cli import PARENT_DISTILLATION_WEIGHT, parent_distillation_settings
+
+    assert parent_distillation_settings("pic", None, ["liver"]) == {"weight": PARENT_DISTILLATION_WEIGHT,
+                                                                     "free_organs": ["liver"]}
+    assert parent_distillation_settings("supervised", None, ["liver"])["weight"] == 0.0  # the plain baseline
+    assert parent_distillation_settings("pic", 0.0, [])["weight"] == 0.0
+    assert parent_distillation_settings("supervised", 0.5, [])["weight"] == 0.5
+    with pytest.raises(DinomixError, match="--parent-distillation"):
+        parent_distillation_settings("pic", -1.0, [])
+
+
 def test_new_versions_are_numbered_after_the_highest_in_use():
     assert next_version_name("m", set()) == "m.ft1"
     assert next_version_name("m", {"m", "m.ft1", "m.ft3", "other.ft9", "m.ft2.ft1", "mx.ft7"}) == "m.ft4"
@@ -96,6 +122,10 @@ def test_finetune_registers_a_new_version_with_its_parent(finetuned, registry_en
     assert meta.training["config"]["semi"]["pseudo_labels"]["threshold"] == "class_quantile"
     assert meta.training["config"]["semi"]["student_patches"] == "mixed"
     assert meta.training["config"]["semi"]["rampup"] == 0.0       # the teacher is trained from the start
+    # distillation from the frozen parent, which has no say on the corrected and the priority organs
+    pd = meta.training["config"]["semi"]["parent_distillation"]
+    assert pd["weight"] == 1.0 and pd["free_organs"] == ["spleen", "liver", "pancreas"]
+    assert meta.training["finetune"]["parent_distillation"] == pd
     parent_cfg = registry.resolve(PARENT).meta.training["config"]
     assert meta.training["config"]["optim"]["lr"] == parent_cfg["optim"]["lr"]
     assert set(meta.training["semi"]["pseudo_label_thresholds_final"]["tau"]) == {"background", *meta.organs.names}
@@ -117,6 +147,7 @@ def test_finetune_events_report_progress_loss_time_left_and_dice_before_and_afte
     train = [e for e in ev if e["event"] == "metric" and e.get("kind") == "train"]
     assert [e["iteration"] for e in train] == [1, 2]
     assert all("loss" in e and "time_left_s" in e and e["iterations"] == 2 for e in train)
+    assert all(e["loss_parent"] >= 0.0 for e in train)
     evals = {e["phase"]: e for e in ev if e["event"] == "metric" and e.get("kind") == "eval"}
     assert set(evals) == {"before", "after"}
     assert evals["before"]["model"] == PARENT and evals["after"]["model"] == f"{PARENT}.ft1"

@@ -290,10 +290,10 @@ def test_mixed_only_losses_split_ground_truth_and_pseudo_labelled_voxels(tmp_pat
     img, lab, ann = tr.sampler.batch(np.random.default_rng(0), 2)
     p = labeled_patches(img, sanitize_labels(lab, ann), ann)
     p.extra["from_label"] = torch.ones((2, 1) + tuple(lab.shape[1:]))
-    sup, cons = (float(v.detach()) for v in tr._mixed_only_losses(p, np.random.default_rng(1)))
+    sup, cons = (float(v.detach()) for v in tr._mixed_only_losses(p, np.random.default_rng(1))[:2])
     assert sup > 0 and cons == 0.0       # all ground truth: nothing for the consistency loss
     p.extra["from_label"].zero_()
-    sup, cons = (float(v.detach()) for v in tr._mixed_only_losses(p, np.random.default_rng(1)))
+    sup, cons = (float(v.detach()) for v in tr._mixed_only_losses(p, np.random.default_rng(1))[:2])
     assert sup == 0.0 and cons > 0       # all pseudo-labels: nothing for the supervised loss
 
 

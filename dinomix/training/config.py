@@ -78,6 +78,21 @@ class PseudoLabelConfig(BaseModel):
     floor: float = Field(default=0.0, ge=0, le=1)
 
 
+class ParentDistillationConfig(BaseModel):
+    """Fine-tuning: keep what the parent model knew of the organs the new labels do not cover. Unbiased knowledge
+    distillation (MiB, Cermelli et al., CVPR 2020): KL divergence from the frozen parent's softmax to the
+    student's, at temperature `temperature`, on every student voxel without a ground-truth label (pseudo-labelled
+    voxels and the unannotated voxels of partially labeled cases), with background and the `free_organs` merged
+    into one class on both sides. The parent is not trusted on the free organs (the clinician corrected them): a
+    voxel where the parent said background and the student now says gallbladder costs nothing, one where the
+    parent said vena cava does. Needs `init_weights` (the parent); off while `weight` is 0."""
+
+    weight: float = Field(default=0.0, ge=0, description="weight of the distillation term (0: off)")
+    temperature: float = Field(default=1.0, gt=0)
+    free_organs: list[str] = Field(default_factory=list,
+                                   description="organs merged with background: those the new labels correct")
+
+
 class ComponentsConfig(BaseModel):
     """Trainer components (dinomix/methods/components.py), each off unless configured."""
 
@@ -125,6 +140,7 @@ class SemiConfig(BaseModel):
                     "of the mixed patches and the consistency loss their pseudo-labelled voxels; 4 student patches "
                     "instead of 6 with 2 + 2, 0.79x the PIC step time (benchmarks/step_time.py)")
     pic: PICConfig = PICConfig()
+    parent_distillation: ParentDistillationConfig = ParentDistillationConfig()
     components: ComponentsConfig = ComponentsConfig()
 
     @field_validator("box_fraction")
@@ -150,6 +166,12 @@ class SemiConfig(BaseModel):
             if self.components.any_enabled:
                 raise ValueError("student_patches 'mixed' does not support trainer components (semi.components): "
                                  "they need the plain labeled patches")
+        return self
+
+    @model_validator(mode="after")
+    def _parent_needed(self) -> "SemiConfig":
+        if self.parent_distillation.weight > 0 and not self.init_weights:
+            raise ValueError("parent_distillation needs init_weights: the parent model to distil from")
         return self
 
     @property

@@ -45,6 +45,7 @@ from ..errors import DinomixError
 from ..methods.action import ActionComponent
 from ..methods.components import AuxBatch
 from ..methods.fkd import ENV_WEIGHTS, FKDComponent, TeacherFeatures, find_teacher_weights
+from ..methods.parent_distillation import unbiased_distillation, voxels_without_ground_truth
 from ..methods.pic import PIC, Patches, cutmix
 from ..methods.scdl import SCDLComponent
 from ..methods.thresholds import ClassThresholds
@@ -165,6 +166,8 @@ class SemiTrainer(Trainer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.teacher: Optional[torch.nn.Module] = None
+        self.parent: Optional[torch.nn.Module] = None  # frozen initial weights (semi.parent_distillation)
+        self.parent_merged: Optional[torch.Tensor] = None
         self.pic: Optional[PIC] = None
         self.thresholds: Optional[ClassThresholds] = None
         self.parent_id: Optional[str] = None
@@ -185,6 +188,8 @@ class SemiTrainer(Trainer):
         cfg, s = self.cfg, self.cfg.semi
         if s.init_weights:
             self._load_init(s.init_weights)
+        if s.parent_distillation.weight > 0:
+            self._setup_parent()
         unl = [c for c in self.train_cases if c.label is None]
         self.labeled_ids = [c.id for c in self.train_cases if c.label is not None]
         self.unlabeled_ids = [c.id for c in unl]
@@ -213,6 +218,38 @@ class SemiTrainer(Trainer):
                         + ("; the student sees only the mixed patches" if s.student_patches == "mixed" else "")))
         self._setup_components()
         self._ready = True
+
+    def _setup_parent(self) -> None:
+        """The frozen copy of the initial weights that semi.parent_distillation distils from."""
+        pd = self.cfg.semi.parent_distillation
+        merged = torch.zeros(self.schema.num_classes, dtype=torch.bool)
+        merged[0] = True
+        for name in pd.free_organs:
+            merged[self.schema.by_name(name).value] = True
+        self.parent = copy.deepcopy(self.net).eval()
+        for p in self.parent.parameters():
+            p.requires_grad_(False)
+        self.parent_merged = merged.to(self.device)
+        free = ", ".join(pd.free_organs) or "none"
+        self.rep.log(f"parent distillation (weight {pd.weight:g}, T {pd.temperature:g}) on the voxels without ground "
+                     f"truth; merged with background, so the parent has no say on them: {free}")
+
+    @property
+    def _track_ground_truth(self) -> bool:
+        """Whether the patches carry `from_label` (1 = ground-truth voxel), mixed along with them."""
+        return self.cfg.semi.student_patches == "mixed" or self.parent is not None
+
+    def _parent_loss(self, x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """semi.parent_distillation on the student's input x (already augmented) and its logits."""
+        pd = self.cfg.semi.parent_distillation
+        with torch.no_grad():
+            parent_logits = self._forward(self.parent, x)
+        return unbiased_distillation(logits, parent_logits, self.parent_merged, mask.to(logits.device),
+                                     pd.temperature)
+
+    @staticmethod
+    def _no_gt(rows: Patches) -> torch.Tensor:
+        return voxels_without_ground_truth(rows.target, rows.ann, rows.extra["from_label"][:, 0])
 
     def _threshold_text(self) -> str:
         s = self.cfg.semi
@@ -339,7 +376,7 @@ class SemiTrainer(Trainer):
         ann = torch.from_numpy(np.asarray(case.annotated))[None]
         lab = sanitize_labels(crop(case.label, start, smp.patch, 0)[None].long(), ann)
         out = labeled_patches(img, lab, ann, self._extras([(case, start)], None))
-        if self.cfg.semi.student_patches == "mixed":
+        if self._track_ground_truth:
             out.extra["from_label"] = torch.ones((1, 1) + tuple(smp.patch))
         return out
 
@@ -404,6 +441,9 @@ class SemiTrainer(Trainer):
             sup = partial_dice_ce(logits, lab_l.to(self.device), ann_l.to(self.device), cfg.ce_weight,
                                   cfg.dice_weight)
             terms = self._component_losses(it, logits, stem, levels, lab0, len(lab0))
+            if self.parent is not None:
+                lab0.extra["from_label"] = torch.ones((len(lab0), 1) + tuple(lab_l.shape[1:]))
+                terms["loss_parent"] = s.parent_distillation.weight * self._parent_loss(x, logits, self._no_gt(lab0))
             loss = sup + sum(terms.values()) if terms else sup
             self._backward(loss)
             self._info = {k: round(float(v.detach()), 5) for k, v in terms.items()}
@@ -427,7 +467,7 @@ class SemiTrainer(Trainer):
                                                       dtype=torch.bool), sure[off:].float(),
                       self._extras(self.unlabeled.last_draws, conf[off:]))
         mixed_only = s.student_patches == "mixed"
-        if mixed_only:  # which voxels carry ground truth, mixed along with them (1 in labeled patches)
+        if self._track_ground_truth:  # which voxels carry ground truth, mixed along with them (1 in labeled patches)
             lab0.extra["from_label"] = torch.ones((nl, 1) + tuple(lab_l.shape[1:]))
             unl.extra["from_label"] = torch.zeros((len(unl), 1) + tuple(img_u.shape[2:]))
         lab = lab0.clone()
@@ -458,18 +498,26 @@ class SemiTrainer(Trainer):
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
         if mixed_only:
-            sup, cons = self._mixed_only_losses(mixed, rng)
+            sup, cons, logits, x = self._mixed_only_losses(mixed, rng)
             terms = {}
+            if self.parent is not None:
+                terms["loss_parent"] = self._parent_loss(x, logits, self._no_gt(mixed))
         else:
             x_l = augment(img_l, rng)
             x_m = augment(mixed.image, rng)
-            logits, stem, levels = self._forward_student(torch.cat([x_l, x_m]))
+            x = torch.cat([x_l, x_m])
+            logits, stem, levels = self._forward_student(x)
             sup = partial_dice_ce(logits[:nl], lab_l.to(self.device), ann_l.to(self.device), cfg.ce_weight,
                                   cfg.dice_weight)
             cons = masked_partial_dice_ce(logits[nl:], mixed.target.to(self.device), mixed.ann, mixed.weight,
                                           cfg.ce_weight, cfg.dice_weight)
             terms = self._component_losses(it, logits, stem, levels, Patches.cat([lab0, mixed]), nl) \
                 if len(self.components) else {}
+            if self.parent is not None:
+                no_gt = torch.cat([self._no_gt(lab0), self._no_gt(mixed)])
+                terms["loss_parent"] = self._parent_loss(x, logits, no_gt)
+        if "loss_parent" in terms:
+            terms["loss_parent"] = s.parent_distillation.weight * terms["loss_parent"]
         loss = sup + w * cons + (sum(terms.values()) if terms else 0.0)
         self._backward(loss)
         self._update_teacher(it)
@@ -483,18 +531,21 @@ class SemiTrainer(Trainer):
             self._info["mix_fallbacks"] = sum(i.fallback for i in infos)
         return float(loss.detach())
 
-    def _mixed_only_losses(self, mixed: Patches, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _mixed_only_losses(self, mixed: Patches, rng: np.random.Generator
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """student_patches 'mixed': one student pass over the mixed patches only (their ground-truth voxels for
         the supervised loss, their pseudo-labelled voxels for the consistency loss), as in BCP (Bai et al.,
-        CVPR 2023), where the mixed patches replace the plain labeled ones."""
+        CVPR 2023), where the mixed patches replace the plain labeled ones. Also returns the logits and the
+        augmented input, for the parent distillation."""
         cfg = self.cfg
         gt = mixed.extra["from_label"][:, 0]
-        logits = self._forward_student(augment(mixed.image, rng))[0]
+        x = augment(mixed.image, rng)
+        logits = self._forward_student(x)[0]
         target = mixed.target.to(self.device)
         sup = masked_partial_dice_ce(logits, target, mixed.ann, mixed.weight * gt, cfg.ce_weight, cfg.dice_weight)
         cons = masked_partial_dice_ce(logits, target, mixed.ann, mixed.weight * (1.0 - gt), cfg.ce_weight,
                                       cfg.dice_weight)
-        return sup, cons
+        return sup, cons, logits, x
 
     def _lr(self, it: int) -> float:
         return lr_at(self.cfg, it)
