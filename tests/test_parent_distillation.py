@@ -71,8 +71,9 @@ def test_parent_distillation_needs_a_parent():
 
 # ---------------------------------------------------------------- in a real run
 
-@pytest.mark.parametrize("student_patches", ["labeled_and_mixed", "mixed"])
-def test_the_frozen_parent_sees_the_student_input_and_stays_frozen(student_patches, tmp_path, data_dir):
+@pytest.mark.parametrize("method,student_patches", [("supervised", "labeled_and_mixed"), ("pic", "labeled_and_mixed"),
+                                                    ("pic", "mixed")])
+def test_the_frozen_parent_sees_the_student_input_and_stays_frozen(method, student_patches, tmp_path, data_dir):
     """At the first step the student is the parent, so the term is 0 exactly when the parent sees the student's
     own (augmented, mixed) input; the student then moves, the parent does not."""
     from dinomix import registry
@@ -80,7 +81,7 @@ def test_the_frozen_parent_sees_the_student_input_and_stays_frozen(student_patch
     from test_semi import _config
 
     parent = registry.resolve("abdomen-btcv13").path
-    cfg = TrainConfig.from_file(_config(tmp_path, data_dir, "pic", iterations=3, student_patches=student_patches,
+    cfg = TrainConfig.from_file(_config(tmp_path, data_dir, method, iterations=3, student_patches=student_patches,
                                         init_weights=str(parent), ema_warmup=False,
                                         parent_distillation={"weight": 1.0, "free_organs": ["liver"]}))
     tr = Trainer(cfg, tmp_path / "run")
@@ -88,7 +89,7 @@ def test_the_frozen_parent_sees_the_student_input_and_stays_frozen(student_patch
     frozen = {k: v.clone() for k, v in tr.parent.state_dict().items()}
     tr.run()
     first, later = tr.history[0]["loss_parent"], [r["loss_parent"] for r in tr.history[1:]]
-    assert first == pytest.approx(0.0, abs=1e-4) and all(v > first for v in later)
+    assert first == pytest.approx(0.0, abs=1e-4) and any(v > 1e-3 for v in later), tr.history
     assert all(torch.equal(frozen[k], v) for k, v in tr.parent.state_dict().items())
     assert not all(torch.equal(frozen[k], v) for k, v in tr.net.state_dict().items())
     merged = tr.parent_merged.cpu().numpy()

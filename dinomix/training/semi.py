@@ -19,6 +19,8 @@ w(t) = consistency_weight * exp(-5 (1 - t / T_ramp)^2) (sigmoid ramp-up, T_ramp 
 Which pseudo-labels count: one fixed threshold, or per-class thresholds from the teacher's confidence quantiles
 (`pseudo_labels`, dinomix/methods/thresholds.py). With `student_patches: mixed` the student sees only the mixed
 patches: the supervised loss on their ground-truth voxels, the consistency loss on their pseudo-labelled ones.
+Fine-tuning (`init_weights`) can add a distillation from the frozen parent on every voxel without ground truth
+(`parent_distillation`, dinomix/methods/parent_distillation.py), in every method.
 
 Partial and missing labels: a labeled case annotates a set of organs; label values of organs it does not
 annotate are unknown and treated as such (set to 0 = "background or an unannotated organ", the marginal
@@ -240,12 +242,12 @@ class SemiTrainer(Trainer):
         return self.cfg.semi.student_patches == "mixed" or self.parent is not None
 
     def _parent_loss(self, x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """semi.parent_distillation on the student's input x (already augmented) and its logits."""
+        """semi.parent_distillation, weighted, on the student's input x (already augmented) and its logits."""
         pd = self.cfg.semi.parent_distillation
         with torch.no_grad():
             parent_logits = self._forward(self.parent, x)
-        return unbiased_distillation(logits, parent_logits, self.parent_merged, mask.to(logits.device),
-                                     pd.temperature)
+        return pd.weight * unbiased_distillation(logits, parent_logits, self.parent_merged, mask.to(logits.device),
+                                                 pd.temperature)
 
     @staticmethod
     def _no_gt(rows: Patches) -> torch.Tensor:
@@ -443,7 +445,7 @@ class SemiTrainer(Trainer):
             terms = self._component_losses(it, logits, stem, levels, lab0, len(lab0))
             if self.parent is not None:
                 lab0.extra["from_label"] = torch.ones((len(lab0), 1) + tuple(lab_l.shape[1:]))
-                terms["loss_parent"] = s.parent_distillation.weight * self._parent_loss(x, logits, self._no_gt(lab0))
+                terms["loss_parent"] = self._parent_loss(x, logits, self._no_gt(lab0))
             loss = sup + sum(terms.values()) if terms else sup
             self._backward(loss)
             self._info = {k: round(float(v.detach()), 5) for k, v in terms.items()}
@@ -516,8 +518,6 @@ class SemiTrainer(Trainer):
             if self.parent is not None:
                 no_gt = torch.cat([self._no_gt(lab0), self._no_gt(mixed)])
                 terms["loss_parent"] = self._parent_loss(x, logits, no_gt)
-        if "loss_parent" in terms:
-            terms["loss_parent"] = s.parent_distillation.weight * terms["loss_parent"]
         loss = sup + w * cons + (sum(terms.values()) if terms else 0.0)
         self._backward(loss)
         self._update_teacher(it)
