@@ -32,14 +32,13 @@ def test_corrected_organs_are_those_annotated_in_partially_labeled_cases():
     assert corrected_organs([full, scan], schema) == []
 
 
-def test_parent_distillation_is_on_for_semi_supervised_fine_tunes_only():
+def test_parent_distillation_is_off_unless_asked_for():
     from dinomix.errors import DinomixError
-    from dinomix.finetune_cli import PARENT_DISTILLATION_WEIGHT, parent_distillation_settings
+    from dinomix.finetune_cli import parent_distillation_settings
 
-    assert parent_distillation_settings("pic", None, ["liver"]) == {"weight": PARENT_DISTILLATION_WEIGHT,
-                                                                     "free_organs": ["liver"]}
-    assert parent_distillation_settings("supervised", None, ["liver"])["weight"] == 0.0  # the plain baseline
-    assert parent_distillation_settings("pic", 0.0, [])["weight"] == 0.0
+    assert parent_distillation_settings("pic", None, ["liver"]) == {"weight": 0.0, "free_organs": ["liver"]}
+    assert parent_distillation_settings("supervised", None, ["liver"])["weight"] == 0.0
+    assert parent_distillation_settings("pic", 1.0, ["liver"]) == {"weight": 1.0, "free_organs": ["liver"]}
     assert parent_distillation_settings("supervised", 0.5, [])["weight"] == 0.5
     with pytest.raises(DinomixError, match="--parent-distillation"):
         parent_distillation_settings("pic", -1.0, [])
@@ -100,7 +99,8 @@ def finetuned(tmp_path_factory, data_dir, registry_env, dinomix):
     manifest = _dataset(tmp, data_dir)
     res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, "--priority", "pancreas", "liver",
                   "--iterations", "2", "--events", "-", "--holdout", "btcv_img0004",
-                  "--patch-size", "32", "--threads", "1", env=registry_env, timeout=1200)
+                  "--patch-size", "32", "--threads", "1", "--parent-distillation", "0.5", env=registry_env,
+                  timeout=1200)
     assert res.returncode == 0, res.describe()
     return res, manifest
 
@@ -122,9 +122,9 @@ def test_finetune_registers_a_new_version_with_its_parent(finetuned, registry_en
     assert meta.training["config"]["semi"]["pseudo_labels"]["threshold"] == "class_quantile"
     assert meta.training["config"]["semi"]["student_patches"] == "mixed"
     assert meta.training["config"]["semi"]["rampup"] == 0.0       # the teacher is trained from the start
-    # distillation from the frozen parent, which has no say on the corrected and the priority organs
+    # distillation from the frozen parent (asked for here), which has no say on the corrected and priority organs
     pd = meta.training["config"]["semi"]["parent_distillation"]
-    assert pd["weight"] == 1.0 and pd["free_organs"] == ["spleen", "liver", "pancreas"]
+    assert pd["weight"] == 0.5 and pd["free_organs"] == ["spleen", "liver", "pancreas"]
     assert meta.training["finetune"]["parent_distillation"] == pd
     parent_cfg = registry.resolve(PARENT).meta.training["config"]
     assert meta.training["config"]["optim"]["lr"] == parent_cfg["optim"]["lr"]
