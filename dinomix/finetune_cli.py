@@ -185,7 +185,7 @@ def corrected_organs(cases: list, schema) -> list[str]:
     return [n for n in schema.names if n in found]
 
 
-def parent_distillation_settings(method: str, weight: Optional[float], free_organs: list[str]) -> dict:
+def parent_distillation_settings(weight: Optional[float], free_organs: list[str]) -> dict:
     """semi.parent_distillation of a fine-tune, off unless asked for. It addresses the EMA teacher drifting with
     the student on organs nobody corrected (the vena cava lost 11 Dice points beside a corrected portal vein in the
     correction-loop benchmark), and at weight 1 it did hold them (every other organ within 2 points), but the
@@ -297,7 +297,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         "method": opts.method, "init_weights": str(Path(entry.path).resolve()), "ema_warmup": False,
         "pic": cfg.semi.pic.model_copy(update={"priority": {o: opts.priority_weight for o in priority}}),
         "parent_distillation": cfg.semi.parent_distillation.model_copy(
-            update=parent_distillation_settings(opts.method, opts.parent_distillation, free)),
+            update=parent_distillation_settings(opts.parent_distillation, free)),
         **finetune_semi_defaults(opts.method, cfg.semi)})
     cfg = cfg.model_copy(update={
         "model_id": name, "title": title, "organs": meta.organs.names, "architecture": meta.architecture,

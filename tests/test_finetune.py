@@ -36,12 +36,10 @@ def test_parent_distillation_is_off_unless_asked_for():
     from dinomix.errors import DinomixError
     from dinomix.finetune_cli import parent_distillation_settings
 
-    assert parent_distillation_settings("pic", None, ["liver"]) == {"weight": 0.0, "free_organs": ["liver"]}
-    assert parent_distillation_settings("supervised", None, ["liver"])["weight"] == 0.0
-    assert parent_distillation_settings("pic", 1.0, ["liver"]) == {"weight": 1.0, "free_organs": ["liver"]}
-    assert parent_distillation_settings("supervised", 0.5, [])["weight"] == 0.5
+    assert parent_distillation_settings(None, ["liver"]) == {"weight": 0.0, "free_organs": ["liver"]}
+    assert parent_distillation_settings(1.0, ["liver"]) == {"weight": 1.0, "free_organs": ["liver"]}
     with pytest.raises(DinomixError, match="--parent-distillation"):
-        parent_distillation_settings("pic", -1.0, [])
+        parent_distillation_settings(-1.0, [])
 
 
 def test_new_versions_are_numbered_after_the_highest_in_use():
