@@ -32,6 +32,7 @@ class Reporter:
         self.stage: Optional[str] = None
         self.stage_fraction = 0.0
         self.t0 = time.monotonic()
+        self.stage_t0 = self.t0
         self._lock = threading.Lock()
         self._last_emit = 0.0
         self.bar = tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
@@ -58,14 +59,22 @@ class Reporter:
         return min(1.0, (self.done_weight + w * self.stage_fraction) / self.total)
 
     def eta(self) -> Optional[float]:
+        """Seconds left, at the pace of the current stage once it has made some progress (stage weights are
+        guesses: a cached preprocessing stage that ends at once must not make the training look 10x faster),
+        else at the average pace so far."""
         f = self.fraction
-        el = time.monotonic() - self.t0
-        return None if f < 0.02 else round(el * (1 - f) / f, 1)
+        now = time.monotonic()
+        w = self.stages.get(self.stage, 0.0) if self.stage else 0.0
+        if w > 0 and self.stage_fraction >= 0.02:
+            per_weight = (now - self.stage_t0) / (w * self.stage_fraction)
+            return round(per_weight * max(0.0, self.total - self.done_weight - w * self.stage_fraction), 1)
+        return None if f < 0.02 else round((now - self.t0) * (1 - f) / f, 1)
 
     def begin(self, stage: str, message: str = "") -> None:
         if self.stage is not None:
             self.done_weight += self.stages.get(self.stage, 0.0)
         self.stage, self.stage_fraction = stage, 0.0
+        self.stage_t0 = time.monotonic()
         self._progress(message or stage, force=True)
 
     def update(self, stage_fraction: float, message: str = "", force: bool = False) -> None:

@@ -116,3 +116,22 @@ def test_result_names_the_written_outputs_and_the_summary_holds_the_same(events,
 def test_a_successful_run_leaves_exactly_its_three_outputs(segmented_case):
     names = sorted(p.name for p in segmented_case.folder.iterdir())
     assert names == ["case.json", "case.nii.gz", "case.seg.nrrd"]
+
+
+def test_time_left_follows_the_pace_of_the_current_stage(monkeypatch):
+    """A stage that ends at once (a warm preprocessing cache) must not make the rest look fast: 10% of the
+    weight done in 0 s, then training at 10 s per 10% of its stage, leaves 81 s at 10% of training."""
+    import dinomix.events as ev
+
+    clock = [100.0]
+    monkeypatch.setattr(ev.time, "monotonic", lambda: clock[0])
+    rep = ev.Reporter(bar=False, stages={"cache": 0.1, "train": 0.9})
+    rep.begin("cache")
+    rep.update(1.0)
+    rep.begin("train")
+    clock[0] += 9.0
+    rep.update(0.1)
+    assert rep.eta() == pytest.approx(81.0)
+    clock[0] += 81.0
+    rep.update(1.0)
+    assert rep.eta() == 0.0
