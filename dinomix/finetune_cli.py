@@ -88,8 +88,8 @@ def register(sub) -> None:
     f.add_argument("--priority-weight", type=float, default=3.0, help="PIC multiplier of the --priority organs")
     f.add_argument("--parent-distillation", type=float, default=None, metavar="WEIGHT",
                    help="weight of the distillation from the frozen parent on the organs nobody corrected "
-                        "(default 0 = off; 1 held the other organs but learnt no corrected organ in the "
-                        "correction-loop benchmark)")
+                        "(default 0 = off; at the same iteration count, 1 learnt the corrected organs a little "
+                        "better and forgot less, but each step costs 1.45x)")
     f.set_defaults(func=cmd_finetune)
 
 
