@@ -120,7 +120,7 @@ def test_a_successful_run_leaves_exactly_its_three_outputs(segmented_case):
 
 def test_time_left_follows_the_pace_of_the_current_stage(monkeypatch):
     """A stage that ends at once (a warm preprocessing cache) must not make the rest look fast: 10% of the
-    weight done in 0 s, then training at 10 s per 10% of its stage, leaves 81 s at 10% of training."""
+    weight done in 0 s, then 9 s for the first 10% of training, leaves 81 s for the other 90%."""
     import dinomix.events as ev
 
     clock = [100.0]
