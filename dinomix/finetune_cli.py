@@ -188,8 +188,9 @@ def corrected_organs(cases: list, schema) -> list[str]:
 def parent_distillation_settings(weight: Optional[float], free_organs: list[str]) -> dict:
     """semi.parent_distillation of a fine-tune, off unless asked for. It addresses the EMA teacher drifting with
     the student on organs nobody corrected (the vena cava lost 11 Dice points beside a corrected portal vein in the
-    correction-loop benchmark), and at weight 1 it did hold them (every other organ within 2 points), but the
-    corrected organs gained nothing in the same 10 minutes, against +12.9 without it (2026-12-01, README)."""
+    correction-loop benchmark). At equal iterations weight 1 learnt the corrected organs as well or better and
+    forgot less; off by default because each step costs 1.45x, so a short time budget buys fewer iterations
+    (2026-12-01/02 runs, README "Correction loop")."""
     if weight is None:
         weight = 0.0
     if weight < 0:
