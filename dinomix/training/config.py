@@ -179,6 +179,14 @@ class SemiConfig(BaseModel):
         return self.method != "supervised" or self.init_weights is not None or self.components.any_enabled
 
 
+class TrainModeConfig(BaseModel):
+    """One grid the network trains on when it is to serve several modes (`TrainConfig.train_modes`)."""
+
+    share: float = Field(default=1.0, gt=0, description="relative share of the iterations spent on this grid")
+    patch_size: Optional[tuple[int, int, int]] = Field(default=None, description="patch in voxels on this grid "
+                                                       "(default: the config's patch_size)")
+
+
 class TrainConfig(BaseModel):
     model_id: str = "abdomen-btcv13"
     title: str = "Abdominal organs (BTCV 13), compact 3D student"
@@ -187,6 +195,10 @@ class TrainConfig(BaseModel):
     mode: str = "fast"
     spacing_mm: tuple[float, float, float] = (3.0, 3.0, 3.0)
     modes: Optional[dict[str, ModeConfig]] = Field(default=None, description="inference modes of the model file")
+    train_modes: dict[str, TrainModeConfig] = Field(
+        default_factory=dict, description="train one network on several modes' grids (scale augmentation), so one "
+        "model file serves them all: each iteration's patches come from one grid, drawn by share; empty: the "
+        "`mode` grid only. Each mode needs its spacing in `modes`; evaluation and checkpoints follow `mode`")
     patch_size: tuple[int, int, int] = (80, 80, 80)
     batch_size: int = 2
     iterations: int = 2000
@@ -202,6 +214,23 @@ class TrainConfig(BaseModel):
     amp: bool = True
     threads: Optional[int] = None
     semi: SemiConfig = SemiConfig()
+
+    @model_validator(mode="after")
+    def _train_modes_defined(self) -> "TrainConfig":
+        if not self.train_modes:
+            return self
+        if self.mode not in self.train_modes:
+            raise ValueError(f"train_modes must include the config's mode '{self.mode}' (it is evaluated on)")
+        missing = [m for m in self.train_modes if not self.modes or m not in self.modes]
+        if missing:
+            raise ValueError(f"train_modes {', '.join(missing)}: not in `modes`, which gives each mode's spacing")
+        if self.modes[self.mode].spacing_mm != tuple(self.spacing_mm):
+            raise ValueError(f"modes.{self.mode}.spacing_mm {self.modes[self.mode].spacing_mm} differs from "
+                             f"spacing_mm {tuple(self.spacing_mm)}")
+        if len(self.train_modes) > 1 and (self.semi.method != "supervised" or self.semi.components.any_enabled):
+            raise ValueError("train_modes with several grids needs semi.method 'supervised' without components: "
+                             "unlabeled, mixed and teacher-feature patches are drawn on the `mode` grid only")
+        return self
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":

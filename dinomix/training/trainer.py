@@ -128,6 +128,7 @@ class Trainer:
         s = cfg.sampling
         self.sampler = BalancedSampler(self.train_cases, self.schema.num_classes, cfg.patch_size,
                                        s.organ_prob, s.power, s.jitter)
+        self.grid_samplers = self._grid_samplers(ds, train, disk)
         torch.manual_seed(cfg.seed)
         self.net = build_network(cfg.architecture).to(self.device)
         self.train_net: torch.nn.Module = self.net  # what training forward passes call (DDP under torchrun)
@@ -146,6 +147,34 @@ class Trainer:
             self.rep.log(f"distributed: {self.dist.world_size} processes ({self.dist.backend}), batch {cfg.batch_size} "
                          f"per process ({self.dist.world_size * cfg.batch_size} patches per iteration), learning "
                          "rate unchanged")
+
+    def _grid_samplers(self, ds: Dataset, train: list, disk) -> list[tuple[str, float, BalancedSampler]]:
+        """(mode, share, sampler) of each training grid (cfg.train_modes); the `mode` grid reuses the cases
+        already cached. Empty for a one-grid run, which then draws exactly as before."""
+        cfg, s = self.cfg, self.cfg.sampling
+        if len(cfg.train_modes) < 2:
+            return []
+        out = []
+        for name, tm in cfg.train_modes.items():
+            cases = self.train_cases if name == cfg.mode else cache_cases(ds, train, self.schema, self.pp, name,
+                                                                          cache_dir=disk)
+            self.check()
+            patch = tuple(tm.patch_size or cfg.patch_size)
+            out.append((name, tm.share, BalancedSampler(cases, self.schema.num_classes, patch, s.organ_prob,
+                                                        s.power, s.jitter)))
+        self.rep.log("training grids: " + ", ".join(
+            f"{n} {self.pp.mode(n).spacing_mm[0]:g} mm ({sh:g} share, patch {'x'.join(map(str, smp.patch))})"
+            for n, sh, smp in out))
+        return out
+
+    def select_grid(self, it: int) -> None:
+        """Point `self.sampler` at the grid of iteration `it`: drawn from its own generator seeded by (seed, it),
+        so the iteration's crops, and a resumed run, do not depend on it."""
+        if not self.grid_samplers:
+            return
+        shares = np.array([sh for _, sh, _ in self.grid_samplers], float)
+        k = int(np.random.default_rng([self.cfg.seed, it, 0x6D6F6465]).choice(len(shares), p=shares / shares.sum()))
+        self.sampler = self.grid_samplers[k][2]
 
     def replicated_modules(self) -> list[torch.nn.Module]:
         """Modules besides the network whose parameters are trained (subclasses); DDP averages their gradients."""
@@ -337,6 +366,7 @@ class Trainer:
         it = start
         for it in range(start, cfg.iterations):
             self.check()
+            self.select_grid(it)
             loss = self.dist.mean(self.step(it))  # the logged loss: mean over the processes
             losses.append(loss)
             done = it + 1
