@@ -25,7 +25,8 @@ the repository, never committed):
    (unlabeled) and the 4 P1 eval cases as held-out cases (split "eval": `dinomix finetune` evaluates
    before/after on them and plans the budget around that). The test cases are never in it.
 4. DINO-Mix fine-tune: `dinomix finetune --model BASE --dataset MANIFEST --priority <the worst organs>
-   --minutes 10` (PIC with the corrected organs as priority, mean teacher, both mixing directions).
+   --minutes 10` (PIC with the corrected organs as priority, mean teacher, both mixing directions;
+   --parent-distillation W adds the distillation from the frozen parent to this fine-tune only).
    Plain fine-tune: the same command with `--method supervised` (no teacher, no unlabeled scans, no mixing), same
    budget, corrected cases, held-out cases, learning rate and seed; its manifest leaves out the unlabeled scans,
    which it would not use but would still preprocess inside its budget.
@@ -195,6 +196,8 @@ def run_finetune(method: str, base: str, manifest: Path, priority: list[str], ar
     cmd += ["--iterations", str(args.ft_iterations)] if args.ft_iterations else ["--minutes", f"{args.minutes:g}"]
     if method == "pic" and priority:
         cmd += ["--priority", *priority]
+    if method == "pic" and args.parent_distillation:  # the plain fine-tune stays plain
+        cmd += ["--parent-distillation", f"{args.parent_distillation:g}"]
     if threads:
         cmd += ["--threads", str(threads)]
     rec: dict[str, Any] = {"method": method, "what": RUNS[method], "command": " ".join(["dinomix"] + cmd[3:])}
@@ -304,6 +307,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--base-iterations", type=int, default=None, help="fixed iterations of the base training")
     p.add_argument("--minutes", type=float, default=10.0, help="fine-tuning budget of each fine-tune (default 10)")
     p.add_argument("--ft-iterations", type=int, default=None, help="fixed fine-tuning iterations instead of --minutes")
+    p.add_argument("--parent-distillation", type=float, default=None, metavar="WEIGHT",
+                   help="pass --parent-distillation WEIGHT to the DINO-Mix fine-tune (default: its default, off)")
     p.add_argument("--correct-cases", nargs=2, default=None, metavar="ID",
                    help="the 2 training scans the clinician corrects (default: the first two P1 unlabeled_20p)")
     p.add_argument("--n-worst", type=int, default=3, help="organs corrected (the worst by base Dice; default 3)")
@@ -350,6 +355,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "settings": {"patch_size_base": patch, "seed": args.seed, "device": args.device, "threads": threads,
                      "finetune_budget": (f"{args.ft_iterations} iterations" if args.ft_iterations
                                          else f"{args.minutes:g} min"),
+                     "parent_distillation": args.parent_distillation,
                      "correct_cases": [f"btcv_img{c}" for c in correct], "n_worst": args.n_worst,
                      "unlabeled_cases": [f"btcv_img{u}" for u in unlabeled],
                      "holdout_cases": [f"btcv_img{h}" for h in holdout], "data": str(btcv), "workdir": str(work),

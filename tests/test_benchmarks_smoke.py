@@ -86,7 +86,7 @@ def test_ssl_p1_quick_prints_the_table_and_writes_the_json(tmp_path, data_dir):
 
 def test_finetune_quick_prints_before_after_and_targets(tmp_path, data_dir):
     before = _results_untouched("finetune.json")
-    proc, doc = _run("finetune", tmp_path, data_dir)
+    proc, doc = _run("finetune", tmp_path, data_dir, "--parent-distillation", "1")
     assert _results_untouched("finetune.json") == before
     assert "Dice % on the test cases" in proc.stdout and "Targets:" in proc.stdout
     assert proc.stdout.count("PASS") + proc.stdout.count("FAIL") >= 3
@@ -107,6 +107,10 @@ def test_finetune_quick_prints_before_after_and_targets(tmp_path, data_dir):
         assert Path(ft["path"]).is_relative_to(tmp_path / "work")  # the registry of the run, not the user's
     assert "--priority" in doc["finetunes"]["pic"]["command"]
     assert "--method supervised" in doc["finetunes"]["supervised"]["command"]
+    # the distillation goes to the DINO-Mix fine-tune only; the plain fine-tune stays plain
+    assert "--parent-distillation 1" in doc["finetunes"]["pic"]["command"]
+    assert "--parent-distillation" not in doc["finetunes"]["supervised"]["command"]
+    assert doc["settings"]["parent_distillation"] == 1.0
     assert set(doc["test"]) == {"base", "pic", "supervised"}
     for s in doc["test"].values():
         _check_scores(s)
