@@ -303,6 +303,8 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     cfg = cfg.model_copy(update={
         "model_id": name, "title": title, "organs": meta.organs.names, "architecture": meta.architecture,
         "preprocessing": meta.preprocessing, "modes": modes, "mode": mode, "spacing_mm": modes[mode].spacing_mm,
+        # one grid: a fine-tune's unlabeled and mixed patches are drawn on the mode grid only (TrainConfig.train_modes)
+        "train_modes": {},
         "data": DataConfig(dataset=str(manifest), train_splits=["train"], eval_split="holdout" if hold else None),
         "patch_size": fit_roi((edge,) * 3, div), "iterations": opts.iterations or 1000, "eval_every": 0,
         "checkpoint_every": 50, "seed": opts.seed, "threads": opts.threads,
@@ -318,6 +320,9 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     rep.log(f"fine-tuning '{meta.model_id}' -> '{name}' ({opts.method}): {len(labeled)} labeled training cases "
             f"({len(partial)} partially), {len(tr.train_cases) - len(labeled)} unlabeled, {len(tr.eval_cases)} held "
             f"out; priority organs: {', '.join(priority) or 'none'}")
+    if len(modes) > 1:
+        rep.log(f"fine-tuning on the {mode} grid ({modes[mode].spacing_mm[0]:g} mm); the new model keeps the "
+                f"parent's modes ({', '.join(modes)}), the others running the fine-tuned weights on their grids")
     if priority and opts.method != "pic":
         rep.log(f"--priority only acts through PIC; method {opts.method} ignores it", "warning")
 

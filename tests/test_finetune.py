@@ -131,6 +131,7 @@ def test_finetune_registers_a_new_version_with_its_parent(finetuned, registry_en
     assert meta.training["semi"]["unlabeled_cases"] == ["btcv_img0024"]
     parent_modes = set(registry.resolve(PARENT).meta.preprocessing.modes)
     assert set(meta.preprocessing.modes) == parent_modes  # every inference mode of the parent kept
+    assert meta.training["config"]["train_modes"] == {}  # a parent trained on several grids is fine-tuned on one
     listed = dinomix("models", "list", "--json", env=registry_env)
     assert listed.returncode == 0, listed.describe()
     entry = [m for m in json.loads(listed.stdout) if m["name"] == f"{PARENT}.ft1"]

@@ -17,6 +17,7 @@ from dinomix.training.config import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 CARD_DIR = ROOT / "Resources" / "Models" / "abdomen-btcv13"
 RECIPE = ROOT / "dinomix" / "recipes" / "abdomen-btcv13.json"
+STAGE1_RECIPE = ROOT / "dinomix" / "recipes" / "abdomen-btcv13-stage1.json"
 REGRESSION_CASE = "btcv_img0027"   # a P1 test case: never trained on
 MARGIN = 5.0                       # Dice points below the card's value that still pass
 
@@ -37,9 +38,16 @@ def test_the_model_was_trained_with_the_recipe_in_the_repository_and_never_on_te
     meta = registry.resolve(None).meta
     recipe = TrainConfig.from_file(RECIPE).model_dump(mode="json")
     trained = meta.training["config"]
-    for key in ("iterations", "patch_size", "batch_size", "spacing_mm", "seed", "optim", "sampling", "organs",
-                "architecture"):
+    for key in ("iterations", "patch_size", "batch_size", "spacing_mm", "modes", "train_modes", "seed", "optim",
+                "sampling", "organs", "architecture"):
         assert trained[key] == recipe[key], key
+    # one model for both modes: trained on the fast and the full grid, and its file offers both
+    assert set(recipe["train_modes"]) == {"fast", "full"} == set(meta.preprocessing.modes)
+    # stage 2 starts from stage 1 (the recipe beside it), whose weights the model file names
+    stage1 = TrainConfig.from_file(STAGE1_RECIPE)
+    assert not stage1.train_modes and stage1.semi.init_weights is None
+    assert recipe["semi"]["init_weights"].startswith("runs/abdomen-btcv13-stage1/")
+    assert meta.training["semi"]["init"]["trained"]
     test_ids = {f"btcv_img{c}" for c in json.loads((data_dir / "btcv" / "splits_p1.json").read_text())["test"]}
     assert len(meta.training["train_cases"]) == 24
     assert not test_ids & set(meta.training["train_cases"])
@@ -54,18 +62,20 @@ def test_the_model_card_states_data_terms_recipe_time_metrics_and_limits():
         assert f"| {organ.name}" in card, organ.name  # a row of the per-organ table
 
 
-def test_the_shipped_model_keeps_its_card_dice_on_a_test_case(data_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["fast", "full"])
+def test_the_shipped_model_keeps_its_card_dice_on_a_test_case(data_dir, tmp_path, mode):
     from tests.conftest import segment_case
 
     floors = _floors()
     assert floors["case"] == REGRESSION_CASE
+    assert floors["model_weights_sha256"] == registry.resolve(None).meta.weights_sha256  # floors of these weights
     ct = data_dir / "btcv" / f"{REGRESSION_CASE}_ct.nii.gz"
-    seg = segment_case(ct, tmp_path)
+    seg = segment_case(ct, tmp_path, "--mode", mode)
     pred = sitk.GetArrayFromImage(sitk.ReadImage(str(seg.nifti)))
     gt = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "btcv" / f"{REGRESSION_CASE}_label.nii.gz")))
     assert pred.shape == gt.shape
     low = {}
-    for name, value in floors["dice"].items():
+    for name, value in floors["dice" if mode == "fast" else "dice_full"].items():
         v = registry.resolve(None).meta.organs.by_name(name).value
         g, p = gt == v, pred == v
         dice = 200.0 * np.logical_and(g, p).sum() / max(1, g.sum() + p.sum())
