@@ -191,7 +191,7 @@ def dinomix_command() -> list[str]:
     return [sys.executable, "-m", "dinomix"]
 
 
-MODE_FALLBACK_NOTE = ("the chosen model has no such mode (the shipped abdomen-btcv13 is 3 mm only), so this row "
+MODE_FALLBACK_NOTE = ("the chosen model has no such mode, so this row "
                       "runs the untrained design of the same architecture, which has both modes: speed and memory "
                       "of the architecture, not organs")
 

@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("input", help="CT image (NIfTI, NRRD, MHA) or DICOM series folder")
     s.add_argument("-o", "--output", required=True,
                    help="output: a .seg.nrrd or .nii.gz file name, or a folder (JSON summary beside it)")
-    s.add_argument("--mode", choices=["fast", "full"], default="fast", help="fast: 3 mm, full: 1.5 mm")
+    s.add_argument("--mode", choices=["fast", "full"], default="fast",
+                   help="quality mode; its grid comes from the model file (built-in: fast 3 mm, full 2 mm)")
     s.add_argument("--model", default=None, help="registry name or model file (default: abdomen-btcv13)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
     s.add_argument("--organs", nargs="+", default=None, help="only these organs (names from the model)")

@@ -43,7 +43,8 @@ def register(subparsers: Any) -> None:
     e.add_argument("--split", default=None,
                    help="cases of this split (default: 'test' for --btcv, every labeled case for --dataset)")
     e.add_argument("--cases", nargs="+", default=None, metavar="ID", help="only these case ids")
-    e.add_argument("--mode", choices=["fast", "full"], default="fast", help="fast: 3 mm, full: 1.5 mm")
+    e.add_argument("--mode", choices=["fast", "full"], default="fast",
+                   help="quality mode; its grid comes from the model file (built-in: fast 3 mm, full 2 mm)")
     e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
     e.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for evaluation.json / .md")
     e.add_argument("--report", action="store_true", help="also write montage_<case>.png for the first cases")

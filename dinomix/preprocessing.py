@@ -2,9 +2,9 @@
 
 Chain (dictionary transforms over a sample with key "image"):
   1. `OrientResampled`: to a canonical axis order (RAS by default; axis permutation and flips only) and
-     the model spacing of the chosen mode (fast 3 mm, full 1.5 mm), trilinear, in one pass that reads the
-     input where it lies (no reoriented copy of a full-size CT). Label keys (training) go through
-     `Reorientd` and a nearest-neighbour `ResampleToSpacingd` instead.
+     the model spacing of the chosen mode (from the model file; built-in: fast 3 mm, full 2 mm), trilinear,
+     in one pass that reads the input where it lies (no reoriented copy of a full-size CT). Label keys
+     (training) go through `Reorientd` and a nearest-neighbour `ResampleToSpacingd` instead.
   2. MONAI `ScaleIntensityRanged`: CT window and scaling.
   3. `ForegroundBoxd`: crop to the body's bounding box plus a margin, so the network skips air.
 
