@@ -89,7 +89,8 @@ def register(sub) -> None:
     f.add_argument("--parent-distillation", type=float, default=None, metavar="WEIGHT",
                    help="weight of the distillation from the frozen parent on the organs nobody corrected "
                         "(default 0 = off; at the same iteration count, 1 learnt the corrected organs a little "
-                        "better and forgot less, but each step costs 1.45x)")
+                        "better and forgot less, but each step costs 1.2-1.45x: in 10 CPU minutes it was no "
+                        "better than off)")
     f.set_defaults(func=cmd_finetune)
 
 
@@ -189,8 +190,9 @@ def parent_distillation_settings(weight: Optional[float], free_organs: list[str]
     """semi.parent_distillation of a fine-tune, off unless asked for. It addresses the EMA teacher drifting with
     the student on organs nobody corrected (the vena cava lost 11 Dice points beside a corrected portal vein in the
     correction-loop benchmark). At equal iterations weight 1 learnt the corrected organs as well or better and
-    forgot less; off by default because each step costs 1.45x, so a short time budget buys fewer iterations
-    (2026-12-01/02 runs, README "Correction loop")."""
+    forgot less; off by default because each step costs 1.2-1.45x, and in the same-day 10-minute benchmark
+    (2026-12-02) the fewer iterations learnt less of the corrected organs (12.0 vs 17.9) and lost more of the
+    vena cava (-4.4 vs -1.8) while holding the liver (README "Correction loop")."""
     if weight is None:
         weight = 0.0
     if weight < 0:
