@@ -150,16 +150,20 @@ class Trainer:
 
     def _grid_samplers(self, ds: Dataset, train: list, disk) -> list[tuple[str, float, BalancedSampler]]:
         """(mode, share, sampler) of each training grid (cfg.train_modes); the `mode` grid reuses the cases
-        already cached. Empty for a one-grid run, which then draws exactly as before."""
+        already cached (and the sampler, at the same patch). Empty for a one-grid run, which then draws exactly
+        as before."""
         cfg, s = self.cfg, self.cfg.sampling
         if len(cfg.train_modes) < 2:
             return []
         out = []
         for name, tm in cfg.train_modes.items():
+            patch = tuple(tm.patch_size or cfg.patch_size)
+            if name == cfg.mode and patch == tuple(cfg.patch_size):
+                out.append((name, tm.share, self.sampler))
+                continue
             cases = self.train_cases if name == cfg.mode else cache_cases(ds, train, self.schema, self.pp, name,
                                                                           cache_dir=disk)
             self.check()
-            patch = tuple(tm.patch_size or cfg.patch_size)
             out.append((name, tm.share, BalancedSampler(cases, self.schema.num_classes, patch, s.organ_prob,
                                                         s.power, s.jitter)))
         self.rep.log("training grids: " + ", ".join(
