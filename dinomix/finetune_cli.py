@@ -5,7 +5,7 @@ result as a new version of the model.
                      (--minutes M | --iterations N) [--events FILE|-] [--new-name NAME] [--holdout CASE ...]
 
 Optional extras: --method {pic,cutmix,mean_teacher,supervised} (default pic), --output RUN_DIR, --device,
---patch-size, --lr, --threads, --seed, --priority-weight, --parent-distillation.
+--patch-size, --lr, --threads, --seed, --priority-weight, --parent-distillation, --trust-teacher-background.
 
 What it does:
 
@@ -18,8 +18,9 @@ What it does:
    test or holdout; every other case is for training.
 3. Runs the semi-supervised trainer (dinomix/training/semi.py) from the model's weights, with PIC priorities
    (`--priority-weight`, default 3) on the `--priority` organs, the parent's peak learning rate, and
-   `finetune_semi_defaults`: per-class pseudo-label thresholds, no consistency ramp-up and (pic, cutmix) the
-   mixed-only student batch. `--parent-distillation W` adds a distillation from the frozen parent on every voxel
+   `finetune_semi_defaults`: per-class pseudo-label thresholds, no consistency ramp-up, (pic, cutmix) the
+   mixed-only student batch, and the corrected organs left open where the teacher says background (its
+   background does not rule them out; `--trust-teacher-background` turns this off). `--parent-distillation W` adds a distillation from the frozen parent on every voxel
    without ground truth, where the corrected organs (annotated in the partially labeled cases, and the
    --priority ones) are merged with background (`semi.parent_distillation`, dinomix/methods/
    parent_distillation.py; off by default). With `--minutes`, the iteration count is chosen
@@ -91,6 +92,9 @@ def register(sub) -> None:
                         "(default 0 = off; at the same iteration count, 1 learnt the corrected organs a little "
                         "better and forgot less, but each step costs 1.2-1.45x: in 10 CPU minutes it was no "
                         "better than off)")
+    f.add_argument("--trust-teacher-background", dest="open_organs", action="store_false",
+                   help="let the teacher's background pseudo-labels rule out the corrected organs too (default: "
+                        "they do not, since the parent never learnt them; semi.pseudo_labels.open_organs)")
     f.set_defaults(func=cmd_finetune)
 
 
@@ -102,7 +106,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         model=args.model, dataset=args.dataset, priority=list(args.priority or []), minutes=args.minutes,
         iterations=args.iterations, new_name=args.new_name, holdout=args.holdout, method=args.method,
         output=args.output, device=args.device, patch_size=args.patch_size, lr=args.lr, threads=args.threads,
-        seed=args.seed, priority_weight=args.priority_weight, parent_distillation=args.parent_distillation)
+        seed=args.seed, priority_weight=args.priority_weight, parent_distillation=args.parent_distillation,
+        open_organs=args.open_organs)
 
     def work(rep, check) -> dict:
         result = finetune(opts, rep, check)
@@ -135,6 +140,7 @@ class FinetuneOptions:
     seed: int = 0
     priority_weight: float = 3.0
     parent_distillation: Optional[float] = None  # None: off
+    open_organs: bool = True  # semi.pseudo_labels.open_organs = the corrected and priority organs
 
 
 # ---------------------------------------------------------------- helpers (pure, tested directly)
@@ -202,7 +208,7 @@ def parent_distillation_settings(weight: Optional[float], free_organs: list[str]
     return {"weight": weight, "free_organs": list(free_organs)}
 
 
-def finetune_semi_defaults(method: str, parent: "SemiConfig") -> dict:
+def finetune_semi_defaults(method: str, parent: "SemiConfig", open_organs: Optional[list[str]] = None) -> dict:
     """Semi-supervised settings a fine-tune uses whatever its parent was trained with.
 
     * Per-class pseudo-label thresholds (`class_quantile`): the parent is a trained model that is rarely 0.9-sure
@@ -214,9 +220,12 @@ def finetune_semi_defaults(method: str, parent: "SemiConfig") -> dict:
     * No consistency ramp-up: the teacher starts as the trained parent, so its pseudo-labels are worth their full
       weight from the first iteration; with the ramp-up of training from scratch nothing held the organs the
       corrections leave unannotated during the first 40 % of the run, the student forgot them, and the EMA
-      teacher followed it."""
-    out: dict = {"pseudo_labels": parent.pseudo_labels.model_copy(update={"threshold": "class_quantile"}),
-                 "rampup": 0.0}
+      teacher followed it.
+    * `open_organs` (the corrected and priority organs): the teacher starts as a parent that missed them, so its
+      background pseudo-labels on the unlabeled scans would say "no gallbladder here" where there is one; these
+      organs are merged with background in the pseudo-label loss (`semi.pseudo_labels.open_organs`)."""
+    pl = parent.pseudo_labels.model_copy(update={"threshold": "class_quantile", "open_organs": list(open_organs or [])})
+    out: dict = {"pseudo_labels": pl, "rampup": 0.0}
     if method in ("cutmix", "pic") and not parent.components.any_enabled:
         out["student_patches"] = "mixed"
     return out
@@ -301,7 +310,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         "pic": cfg.semi.pic.model_copy(update={"priority": {o: opts.priority_weight for o in priority}}),
         "parent_distillation": cfg.semi.parent_distillation.model_copy(
             update=parent_distillation_settings(opts.parent_distillation, free)),
-        **finetune_semi_defaults(opts.method, cfg.semi)})
+        **finetune_semi_defaults(opts.method, cfg.semi, free if opts.open_organs else [])})
     cfg = cfg.model_copy(update={
         "model_id": name, "title": title, "organs": meta.organs.names, "architecture": meta.architecture,
         "preprocessing": meta.preprocessing, "modes": modes, "mode": mode, "spacing_mm": modes[mode].spacing_mm,

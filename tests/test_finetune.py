@@ -42,6 +42,23 @@ def test_parent_distillation_is_off_unless_asked_for():
         parent_distillation_settings(-1.0, [])
 
 
+def test_the_corrected_organs_are_open_unless_the_teacher_background_is_trusted():
+    import argparse
+
+    from dinomix.finetune_cli import finetune_semi_defaults, register
+    from dinomix.training.config import SemiConfig
+
+    parent = SemiConfig(method="pic")
+    assert finetune_semi_defaults("pic", parent, ["liver"])["pseudo_labels"].open_organs == ["liver"]
+    assert finetune_semi_defaults("pic", parent)["pseudo_labels"].open_organs == []
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    parse = sub.choices["finetune"].parse_args
+    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1"]).open_organs is True
+    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1",
+                  "--trust-teacher-background"]).open_organs is False
+
+
 def test_new_versions_are_numbered_after_the_highest_in_use():
     assert next_version_name("m", set()) == "m.ft1"
     assert next_version_name("m", {"m", "m.ft1", "m.ft3", "other.ft9", "m.ft2.ft1", "mx.ft7"}) == "m.ft4"
@@ -120,6 +137,8 @@ def test_finetune_registers_a_new_version_with_its_parent(finetuned, registry_en
     assert meta.training["config"]["semi"]["pseudo_labels"]["threshold"] == "class_quantile"
     assert meta.training["config"]["semi"]["student_patches"] == "mixed"
     assert meta.training["config"]["semi"]["rampup"] == 0.0       # the teacher is trained from the start
+    # the parent's background does not rule out the corrected and priority organs
+    assert meta.training["config"]["semi"]["pseudo_labels"]["open_organs"] == ["spleen", "liver", "pancreas"]
     # distillation from the frozen parent (asked for here), which has no say on the corrected and priority organs
     pd = meta.training["config"]["semi"]["parent_distillation"]
     assert pd["weight"] == 0.5 and pd["free_organs"] == ["spleen", "liver", "pancreas"]

@@ -18,8 +18,8 @@ from dinomix.errors import Cancelled
 from dinomix.modelfile import load_model
 from dinomix.training.config import TrainConfig
 from dinomix.training.losses import partial_dice_ce
-from dinomix.training.semi import (SemiTrainer, fill_unknown, labeled_patches, masked_partial_dice_ce, sanitize_labels,
-                                   sigmoid_rampup)
+from dinomix.training.semi import (SemiTrainer, fill_unknown, labeled_patches, masked_partial_dice_ce, open_background,
+                                   sanitize_labels, sigmoid_rampup)
 from dinomix.training.trainer import CHECKPOINT, Trainer
 
 ITERS = 6
@@ -95,6 +95,42 @@ def test_unknown_voxels_of_partial_labels_take_confident_teacher_labels():
     q = labeled_patches(torch.zeros(1, 1, 6, 1, 1), lab, ann_full)
     fill_unknown(q, ann_full, pseudo, sure)
     assert q.target.view(6).tolist() == [1, 0, 0, 0, 0, 0]
+
+
+def test_open_organs_are_unannotated_only_where_the_teacher_says_background():
+    target = torch.tensor([0, 1, 2, 0]).view(1, 4, 1, 1)
+    ann = torch.ones(1, 4, 4, 1, 1, dtype=torch.bool)
+    open_classes = torch.tensor([False, False, True, True])   # organs 2 and 3 are open
+    open_background(ann, target, open_classes)
+    a = ann[0, :, :, 0, 0]
+    assert a[:, 0].tolist() == [True, True, False, False]     # background voxel: 2 and 3 merge with background
+    assert a[:, 1].all() and a[:, 2].all()                     # a voxel labelled as an organ keeps every class
+    assert a[:, 3].tolist() == [True, True, False, False]
+    # so predicting an open organ on a background pseudo-label costs nothing, predicting a closed one does
+    logits = torch.zeros(1, 4, 4, 1, 1)
+    weight = torch.ones(1, 4, 1, 1)
+    base = masked_partial_dice_ce(logits, target, ann, weight, dice_weight=0.0)
+    to_open, to_closed = logits.clone(), logits.clone()
+    to_open[0, 2, 0], to_closed[0, 1, 0] = 5.0, 5.0
+    assert masked_partial_dice_ce(to_open, target, ann, weight, dice_weight=0.0) < base
+    assert masked_partial_dice_ce(to_closed, target, ann, weight, dice_weight=0.0) > base
+    none = torch.ones(1, 4, 4, 1, 1, dtype=torch.bool)
+    open_background(none, target, None)
+    assert none.all()
+
+
+def test_filled_background_leaves_open_organs_the_case_does_not_annotate_unknown():
+    lab = torch.tensor([1, 0, 0]).view(1, 3, 1, 1)
+    ann = torch.tensor([[True, True, False, False]])            # annotates organ 1; 2, 3 unknown
+    pseudo = torch.tensor([1, 0, 3]).view(1, 3, 1, 1)
+    sure = torch.ones(1, 3, 1, 1, dtype=torch.bool)
+    p = labeled_patches(torch.zeros(1, 1, 3, 1, 1), lab, ann)
+    fill_unknown(p, ann, pseudo, sure, open_classes=torch.tensor([False, True, True, False]))
+    assert p.target.view(3).tolist() == [1, 0, 3]
+    a = p.ann[0, :, :, 0, 0]
+    # voxel 1, teacher background: organ 1 is annotated (ruled out), open organ 2 stays unknown, closed 3 is known
+    assert a[:, 1].tolist() == [True, True, False, True]
+    assert a[:, 2].all()                                        # teacher says organ 3: known for every class
 
 
 def test_sigmoid_rampup():

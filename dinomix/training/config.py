@@ -70,12 +70,21 @@ class PseudoLabelConfig(BaseModel):
     semi.confidence for every class. `class_quantile`: per class, the `quantile` of the teacher's confidence
     over the voxels it assigns to that class (EMA `momentum`), clipped to [floor, semi.confidence], so the most
     confident (1 - quantile) share of every organ's pseudo-labels counts even where the teacher is never very
-    sure of that organ."""
+    sure of that organ.
+
+    `open_organs` is for fine-tuning: a parent that never learnt the gallbladder calls every gallbladder of the
+    unlabeled scans background, and its teacher's confident background would teach the student to erase what the
+    clinician's corrections teach it (MiB's unbiased cross-entropy, Cermelli et al., CVPR 2020, applied to
+    pseudo-labels). A pseudo-label that names an organ still counts as it is."""
 
     threshold: Literal["fixed", "class_quantile"] = "fixed"
     quantile: float = Field(default=0.5, ge=0, le=1)
     momentum: float = Field(default=0.9, ge=0, le=1)
     floor: float = Field(default=0.0, ge=0, le=1)
+    open_organs: list[str] = Field(
+        default_factory=list,
+        description="organs the teacher's background does not rule out: where a pseudo-label is background, these "
+                    "organs are merged with it (marginal loss), so the student is free to find them there")
 
 
 class ParentDistillationConfig(BaseModel):

@@ -17,7 +17,8 @@ on the labeled patches + w(t) * the same loss, voxel-weighted and with per-voxel
 (`masked_partial_dice_ce`), on the mixed patches, whose labels are mixed ground truth / pseudo-labels;
 w(t) = consistency_weight * exp(-5 (1 - t / T_ramp)^2) (sigmoid ramp-up, T_ramp = rampup * iterations).
 Which pseudo-labels count: one fixed threshold, or per-class thresholds from the teacher's confidence quantiles
-(`pseudo_labels`, dinomix/methods/thresholds.py). With `student_patches: mixed` the student sees only the mixed
+(`pseudo_labels`, dinomix/methods/thresholds.py); `pseudo_labels.open_organs` (fine-tuning) are organs a
+background pseudo-label does not rule out (merged with it, as for partial labels). With `student_patches: mixed` the student sees only the mixed
 patches: the supervised loss on their ground-truth voxels, the consistency loss on their pseudo-labelled ones.
 Fine-tuning (`init_weights`) can add a distillation from the frozen parent on every voxel without ground truth
 (`parent_distillation`, dinomix/methods/parent_distillation.py), in every method.
@@ -111,6 +112,20 @@ def sanitize_labels(lab: torch.Tensor, ann: torch.Tensor) -> torch.Tensor:
     return torch.where(keep, lab, torch.zeros_like(lab))
 
 
+def open_background(ann: torch.Tensor, target: torch.Tensor, open_classes: Optional[torch.Tensor],
+                    where: Optional[torch.Tensor] = None) -> None:
+    """In place: at pseudo-labelled background voxels (`where`, default everywhere), the `open_classes` (bool, C)
+    become unannotated, so the marginal loss merges them with background (semi.pseudo_labels.open_organs).
+    ann (B,C,...) bool, target (B,...) long."""
+    if open_classes is None or not bool(open_classes.any()):
+        return
+    bg = target == 0
+    if where is not None:
+        bg &= where
+    idx = torch.nonzero(open_classes).reshape(-1)
+    ann[:, idx] &= ~bg.unsqueeze(1)
+
+
 # ---------------------------------------------------------------- data
 
 class UnlabeledSampler:
@@ -143,17 +158,21 @@ def labeled_patches(img: torch.Tensor, lab: torch.Tensor, ann: torch.Tensor,
 
 
 def fill_unknown(lab: Patches, ann: torch.Tensor, pseudo: torch.Tensor, sure: torch.Tensor,
-                 conf: Optional[torch.Tensor] = None) -> None:
+                 conf: Optional[torch.Tensor] = None, open_classes: Optional[torch.Tensor] = None) -> None:
     """In place: voxels of partially labeled patches whose label is unknown (0 while some organ is not
     annotated) take the teacher's confident class when that is background or an organ the patch does not
-    annotate; they then count as annotated for every class. A teacher vote for an annotated organ there is
-    overruled by the annotation (the organ is not there)."""
+    annotate; they then count as annotated for every class, except that a teacher background leaves the
+    `open_classes` the patch does not annotate unknown (semi.pseudo_labels.open_organs). A teacher vote for an
+    annotated organ there is overruled by the annotation (the organ is not there)."""
     ann = ann.bool()
     for b in torch.nonzero(~ann.all(dim=1)).reshape(-1).tolist():
         tc = pseudo[b]
         ok = (lab.target[b] == 0) & sure[b] & ((tc == 0) | ~ann[b][tc])
         lab.target[b][ok] = tc[ok]
         lab.ann[b][:, ok] = True
+        if open_classes is not None:
+            still_open = open_classes & ~ann[b]
+            open_background(lab.ann[b:b + 1], lab.target[b:b + 1], still_open, ok[None])
         if conf is not None and "confidence" in lab.extra:
             lab.extra["confidence"][b, 0][ok] = conf[b][ok]
         if "from_label" in lab.extra:  # filled voxels are teacher pseudo-labels, not ground truth
@@ -171,6 +190,7 @@ class SemiTrainer(Trainer):
         self.parent: Optional[torch.nn.Module] = None  # frozen initial weights (semi.parent_distillation)
         self.parent_merged: Optional[torch.Tensor] = None
         self.pic: Optional[PIC] = None
+        self.open_classes: Optional[torch.Tensor] = None  # semi.pseudo_labels.open_organs as a class mask
         self.thresholds: Optional[ClassThresholds] = None
         self.parent_id: Optional[str] = None
         self.provenance: dict = {}
@@ -205,6 +225,12 @@ class SemiTrainer(Trainer):
             pl = s.pseudo_labels
             self.thresholds = ClassThresholds(self.schema.num_classes, s.confidence, pl.threshold, pl.quantile,
                                               pl.momentum, pl.floor)
+            if pl.open_organs:
+                self.open_classes = torch.zeros(self.schema.num_classes, dtype=torch.bool)
+                for name in pl.open_organs:
+                    self.open_classes[self.schema.by_name(name).value] = True
+                self.rep.log("a teacher's background does not rule out: " + ", ".join(pl.open_organs)
+                             + " (merged with background in the pseudo-label loss)")
         if s.method == "pic":
             priority = np.ones(self.schema.num_classes)
             for name, mult in s.pic.priority.items():
@@ -468,13 +494,14 @@ class SemiTrainer(Trainer):
         unl = Patches(img_u, pseudo[off:], torch.ones((img_u.shape[0], self.schema.num_classes) + img_u.shape[2:],
                                                       dtype=torch.bool), sure[off:].float(),
                       self._extras(self.unlabeled.last_draws, conf[off:]))
+        open_background(unl.ann, unl.target, self.open_classes)
         mixed_only = s.student_patches == "mixed"
         if self._track_ground_truth:  # which voxels carry ground truth, mixed along with them (1 in labeled patches)
             lab0.extra["from_label"] = torch.ones((nl, 1) + tuple(lab_l.shape[1:]))
             unl.extra["from_label"] = torch.zeros((len(unl), 1) + tuple(img_u.shape[2:]))
         lab = lab0.clone()
         if fill:
-            fill_unknown(lab, ann_l, pseudo[:nl], sure[:nl], conf[:nl])
+            fill_unknown(lab, ann_l, pseudo[:nl], sure[:nl], conf[:nl], self.open_classes)
         if self.pic is not None:
             self.pic.observe(*self.dist.gather_cat(unl.target, unl.weight))  # all processes' pseudo-labels
         t = it / max(1, cfg.iterations - 1)
