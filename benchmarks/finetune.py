@@ -26,9 +26,8 @@ the repository, never committed):
    before/after on them and plans the budget around that). The test cases are never in it.
 4. DINO-Mix fine-tune: `dinomix finetune --model BASE --dataset MANIFEST --priority <the worst organs>
    --minutes 10` (PIC with the corrected organs as priority, mean teacher, both mixing directions;
-   --parent-distillation W adds the distillation from the frozen parent to this fine-tune only, and
-   --trust-teacher-background turns off its default of leaving the corrected organs open where the teacher
-   says background).
+   --parent-distillation W adds the distillation from the frozen parent and --open-organs leaves the
+   corrected organs open where the teacher says background, both to this fine-tune only).
    Plain fine-tune: the same command with `--method supervised` (no teacher, no unlabeled scans, no mixing), same
    budget, corrected cases, held-out cases, learning rate and seed; its manifest leaves out the unlabeled scans,
    which it would not use but would still preprocess inside its budget.
@@ -200,8 +199,8 @@ def run_finetune(method: str, base: str, manifest: Path, priority: list[str], ar
         cmd += ["--priority", *priority]
     if method == "pic" and args.parent_distillation:  # the plain fine-tune stays plain
         cmd += ["--parent-distillation", f"{args.parent_distillation:g}"]
-    if method == "pic" and args.trust_teacher_background:  # the control of semi.pseudo_labels.open_organs
-        cmd += ["--trust-teacher-background"]
+    if method == "pic" and args.open_organs:  # semi.pseudo_labels.open_organs, the DINO-Mix fine-tune only
+        cmd += ["--open-organs"]
     if threads:
         cmd += ["--threads", str(threads)]
     rec: dict[str, Any] = {"method": method, "what": RUNS[method], "command": " ".join(["dinomix"] + cmd[3:])}
@@ -313,9 +312,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--ft-iterations", type=int, default=None, help="fixed fine-tuning iterations instead of --minutes")
     p.add_argument("--parent-distillation", type=float, default=None, metavar="WEIGHT",
                    help="pass --parent-distillation WEIGHT to the DINO-Mix fine-tune (default: its default, off)")
-    p.add_argument("--trust-teacher-background", action="store_true",
-                   help="pass --trust-teacher-background to the DINO-Mix fine-tune (the behaviour before the "
-                        "corrected organs were left open where the teacher says background)")
+    p.add_argument("--open-organs", action="store_true",
+                   help="pass --open-organs to the DINO-Mix fine-tune (corrected organs open where its teacher "
+                        "says background; default off)")
     p.add_argument("--correct-cases", nargs=2, default=None, metavar="ID",
                    help="the 2 training scans the clinician corrects (default: the first two P1 unlabeled_20p)")
     p.add_argument("--n-worst", type=int, default=3, help="organs corrected (the worst by base Dice; default 3)")
@@ -363,7 +362,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "finetune_budget": (f"{args.ft_iterations} iterations" if args.ft_iterations
                                          else f"{args.minutes:g} min"),
                      "parent_distillation": args.parent_distillation,
-                     "trust_teacher_background": args.trust_teacher_background,
+                     "open_organs": args.open_organs,
                      "correct_cases": [f"btcv_img{c}" for c in correct], "n_worst": args.n_worst,
                      "unlabeled_cases": [f"btcv_img{u}" for u in unlabeled],
                      "holdout_cases": [f"btcv_img{h}" for h in holdout], "data": str(btcv), "workdir": str(work),

@@ -86,7 +86,7 @@ def test_ssl_p1_quick_prints_the_table_and_writes_the_json(tmp_path, data_dir):
 
 def test_finetune_quick_prints_before_after_and_targets(tmp_path, data_dir):
     before = _results_untouched("finetune.json")
-    proc, doc = _run("finetune", tmp_path, data_dir, "--parent-distillation", "1", "--trust-teacher-background")
+    proc, doc = _run("finetune", tmp_path, data_dir, "--parent-distillation", "1", "--open-organs")
     assert _results_untouched("finetune.json") == before
     assert "Dice % on the test cases" in proc.stdout and "Targets:" in proc.stdout
     assert proc.stdout.count("PASS") + proc.stdout.count("FAIL") >= 3
@@ -111,9 +111,9 @@ def test_finetune_quick_prints_before_after_and_targets(tmp_path, data_dir):
     assert "--parent-distillation 1" in doc["finetunes"]["pic"]["command"]
     assert "--parent-distillation" not in doc["finetunes"]["supervised"]["command"]
     assert doc["settings"]["parent_distillation"] == 1.0
-    assert "--trust-teacher-background" in doc["finetunes"]["pic"]["command"]
-    assert "--trust-teacher-background" not in doc["finetunes"]["supervised"]["command"]
-    assert doc["settings"]["trust_teacher_background"] is True
+    assert "--open-organs" in doc["finetunes"]["pic"]["command"]
+    assert "--open-organs" not in doc["finetunes"]["supervised"]["command"]
+    assert doc["settings"]["open_organs"] is True
     assert set(doc["test"]) == {"base", "pic", "supervised"}
     for s in doc["test"].values():
         _check_scores(s)

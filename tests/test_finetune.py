@@ -42,7 +42,7 @@ def test_parent_distillation_is_off_unless_asked_for():
         parent_distillation_settings(-1.0, [])
 
 
-def test_the_corrected_organs_are_open_unless_the_teacher_background_is_trusted():
+def test_the_corrected_organs_are_open_only_when_asked_for():
     import argparse
 
     from dinomix.finetune_cli import finetune_semi_defaults, register
@@ -54,9 +54,8 @@ def test_the_corrected_organs_are_open_unless_the_teacher_background_is_trusted(
     sub = argparse.ArgumentParser().add_subparsers()
     register(sub)
     parse = sub.choices["finetune"].parse_args
-    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1"]).open_organs is True
-    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1",
-                  "--trust-teacher-background"]).open_organs is False
+    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1"]).open_organs is False
+    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1", "--open-organs"]).open_organs is True
 
 
 def test_new_versions_are_numbered_after_the_highest_in_use():
@@ -114,7 +113,7 @@ def finetuned(tmp_path_factory, data_dir, registry_env, dinomix):
     manifest = _dataset(tmp, data_dir)
     res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, "--priority", "pancreas", "liver",
                   "--iterations", "2", "--events", "-", "--holdout", "btcv_img0004",
-                  "--patch-size", "32", "--threads", "1", "--parent-distillation", "0.5", env=registry_env,
+                  "--patch-size", "32", "--threads", "1", "--parent-distillation", "0.5", "--open-organs", env=registry_env,
                   timeout=1200)
     assert res.returncode == 0, res.describe()
     return res, manifest
@@ -137,7 +136,7 @@ def test_finetune_registers_a_new_version_with_its_parent(finetuned, registry_en
     assert meta.training["config"]["semi"]["pseudo_labels"]["threshold"] == "class_quantile"
     assert meta.training["config"]["semi"]["student_patches"] == "mixed"
     assert meta.training["config"]["semi"]["rampup"] == 0.0       # the teacher is trained from the start
-    # the parent's background does not rule out the corrected and priority organs
+    # asked for here: the parent's background does not rule out the corrected and priority organs
     assert meta.training["config"]["semi"]["pseudo_labels"]["open_organs"] == ["spleen", "liver", "pancreas"]
     # distillation from the frozen parent (asked for here), which has no say on the corrected and priority organs
     pd = meta.training["config"]["semi"]["parent_distillation"]
