@@ -24,8 +24,8 @@ What it does:
    distillation from the frozen parent on every voxel without ground truth, where the corrected organs
    (annotated in the partially labeled cases, and the --priority ones) are merged with background
    (`semi.parent_distillation`, dinomix/methods/parent_distillation.py; off by default). With `--minutes`, the
-   iteration count is chosen from a measured step time (3 trial iterations, then undone) so that the whole command, evaluations
-   included, fits the budget and the learning-rate / ramp-up / PIC schedules complete.
+   iteration count is chosen from a measured step time (3 trial iterations, then undone) so that the whole
+   command, evaluations included, fits the budget and the learning-rate / ramp-up / PIC schedules complete.
 4. Evaluates before and after on the held-out cases (model-grid Dice in %, sliding window on the training
    preprocessing; organs annotated and present in each case).
 5. Writes the new model into the registry as `<parent>.ft1`, `.ft2`, ... (or `--new-name`; an existing name

@@ -18,8 +18,8 @@ on the labeled patches + w(t) * the same loss, voxel-weighted and with per-voxel
 w(t) = consistency_weight * exp(-5 (1 - t / T_ramp)^2) (sigmoid ramp-up, T_ramp = rampup * iterations).
 Which pseudo-labels count: one fixed threshold, or per-class thresholds from the teacher's confidence quantiles
 (`pseudo_labels`, dinomix/methods/thresholds.py); `pseudo_labels.open_organs` (fine-tuning) are organs a
-background pseudo-label does not rule out (merged with it, as for partial labels). With `student_patches: mixed` the student sees only the mixed
-patches: the supervised loss on their ground-truth voxels, the consistency loss on their pseudo-labelled ones.
+background pseudo-label does not rule out (merged with it, as for partial labels). With `student_patches:
+mixed` the student sees only the mixed patches: the supervised loss on their ground-truth voxels, the consistency loss on their pseudo-labelled ones.
 Fine-tuning (`init_weights`) can add a distillation from the frozen parent on every voxel without ground truth
 (`parent_distillation`, dinomix/methods/parent_distillation.py), in every method.
 
