@@ -19,7 +19,8 @@ w(t) = consistency_weight * exp(-5 (1 - t / T_ramp)^2) (sigmoid ramp-up, T_ramp 
 Which pseudo-labels count: one fixed threshold, or per-class thresholds from the teacher's confidence quantiles
 (`pseudo_labels`, dinomix/methods/thresholds.py); `pseudo_labels.open_organs` (fine-tuning) are organs a
 background pseudo-label does not rule out (merged with it, as for partial labels). With `student_patches:
-mixed` the student sees only the mixed patches: the supervised loss on their ground-truth voxels, the consistency loss on their pseudo-labelled ones.
+mixed` the student sees only the mixed patches: the supervised loss on their ground-truth voxels, the
+consistency loss on their pseudo-labelled ones.
 Fine-tuning (`init_weights`) can add a distillation from the frozen parent on every voxel without ground truth
 (`parent_distillation`, dinomix/methods/parent_distillation.py), in every method.
 
@@ -226,9 +227,7 @@ class SemiTrainer(Trainer):
             self.thresholds = ClassThresholds(self.schema.num_classes, s.confidence, pl.threshold, pl.quantile,
                                               pl.momentum, pl.floor)
             if pl.open_organs:
-                self.open_classes = torch.zeros(self.schema.num_classes, dtype=torch.bool)
-                for name in pl.open_organs:
-                    self.open_classes[self.schema.by_name(name).value] = True
+                self.open_classes = self._class_mask(pl.open_organs)
                 self.rep.log("a teacher's background does not rule out: " + ", ".join(pl.open_organs)
                              + " (merged with background in the pseudo-label loss)")
         if s.method == "pic":
@@ -247,13 +246,18 @@ class SemiTrainer(Trainer):
         self._setup_components()
         self._ready = True
 
+    def _class_mask(self, names: list[str]) -> torch.Tensor:
+        """Bool (C,) mask of the named organs (a clear error for a name the model does not know)."""
+        mask = torch.zeros(self.schema.num_classes, dtype=torch.bool)
+        for name in names:
+            mask[self.schema.by_name(name).value] = True
+        return mask
+
     def _setup_parent(self) -> None:
         """The frozen copy of the initial weights that semi.parent_distillation distils from."""
         pd = self.cfg.semi.parent_distillation
-        merged = torch.zeros(self.schema.num_classes, dtype=torch.bool)
+        merged = self._class_mask(pd.free_organs)
         merged[0] = True
-        for name in pd.free_organs:
-            merged[self.schema.by_name(name).value] = True
         self.parent = copy.deepcopy(self.net).eval()
         for p in self.parent.parameters():
             p.requires_grad_(False)
