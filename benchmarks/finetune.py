@@ -27,7 +27,8 @@ the repository, never committed):
 4. DINO-Mix fine-tune: `dinomix finetune --model BASE --dataset MANIFEST --priority <the worst organs>
    --minutes 10` (PIC with the corrected organs as priority, mean teacher, both mixing directions;
    --parent-distillation W adds the distillation from the frozen parent and --open-organs leaves the
-   corrected organs open where the teacher says background, both to this fine-tune only).
+   corrected organs open where the teacher says background, --consistency-weight W sets the weight of its
+   consistency loss against the supervised one, all to this fine-tune only).
    Plain fine-tune: the same command with `--method supervised` (no teacher, no unlabeled scans, no mixing), same
    budget, corrected cases, held-out cases, learning rate and seed; its manifest leaves out the unlabeled scans,
    which it would not use but would still preprocess inside its budget.
@@ -201,6 +202,8 @@ def run_finetune(method: str, base: str, manifest: Path, priority: list[str], ar
         cmd += ["--parent-distillation", f"{args.parent_distillation:g}"]
     if method == "pic" and args.open_organs:  # semi.pseudo_labels.open_organs, the DINO-Mix fine-tune only
         cmd += ["--open-organs"]
+    if method == "pic" and args.consistency_weight is not None:  # semi.consistency_weight, DINO-Mix only
+        cmd += ["--consistency-weight", f"{args.consistency_weight:g}"]
     if threads:
         cmd += ["--threads", str(threads)]
     rec: dict[str, Any] = {"method": method, "what": RUNS[method], "command": " ".join(["dinomix"] + cmd[3:])}
@@ -315,6 +318,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--open-organs", action="store_true",
                    help="pass --open-organs to the DINO-Mix fine-tune (corrected organs open where its teacher "
                         "says background; default off)")
+    p.add_argument("--consistency-weight", type=float, default=None, metavar="W",
+                   help="pass --consistency-weight W to the DINO-Mix fine-tune (default: the base's, 1.0)")
     p.add_argument("--correct-cases", nargs=2, default=None, metavar="ID",
                    help="the 2 training scans the clinician corrects (default: the first two P1 unlabeled_20p)")
     p.add_argument("--n-worst", type=int, default=3, help="organs corrected (the worst by base Dice; default 3)")
@@ -363,6 +368,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                          else f"{args.minutes:g} min"),
                      "parent_distillation": args.parent_distillation,
                      "open_organs": args.open_organs,
+                     "consistency_weight": args.consistency_weight,
                      "correct_cases": [f"btcv_img{c}" for c in correct], "n_worst": args.n_worst,
                      "unlabeled_cases": [f"btcv_img{u}" for u in unlabeled],
                      "holdout_cases": [f"btcv_img{h}" for h in holdout], "data": str(btcv), "workdir": str(work),

@@ -96,6 +96,10 @@ def register(sub) -> None:
                    help="leave the corrected and priority organs open where the teacher says background "
                         "(semi.pseudo_labels.open_organs; off by default: in the 10-minute correction-loop benchmark "
                         "it learnt them no faster and lost more of the vena cava)")
+    f.add_argument("--consistency-weight", type=float, default=None, metavar="W",
+                   help="weight of the consistency (pseudo-label) loss against the supervised loss on the "
+                        "corrections (default: the parent's, 1.0 for the built-in models); lower favours the "
+                        "corrected organs, higher holds what the parent knew")
     f.set_defaults(func=cmd_finetune)
 
 
@@ -108,7 +112,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         iterations=args.iterations, new_name=args.new_name, holdout=args.holdout, method=args.method,
         output=args.output, device=args.device, patch_size=args.patch_size, lr=args.lr, threads=args.threads,
         seed=args.seed, priority_weight=args.priority_weight, parent_distillation=args.parent_distillation,
-        open_organs=args.open_organs)
+        open_organs=args.open_organs, consistency_weight=args.consistency_weight)
 
     def work(rep, check) -> dict:
         result = finetune(opts, rep, check)
@@ -142,6 +146,7 @@ class FinetuneOptions:
     priority_weight: float = 3.0
     parent_distillation: Optional[float] = None  # None: off
     open_organs: bool = False  # True: semi.pseudo_labels.open_organs = the corrected and priority organs
+    consistency_weight: Optional[float] = None  # None: the parent's semi.consistency_weight
 
 
 # ---------------------------------------------------------------- helpers (pure, tested directly)
@@ -255,6 +260,8 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         raise DinomixError("--iterations must be at least 1")
     if opts.minutes is not None and opts.minutes <= 0:
         raise DinomixError("--minutes must be positive")
+    if opts.consistency_weight is not None and opts.consistency_weight < 0:
+        raise DinomixError(f"--consistency-weight must be 0 or more (got {opts.consistency_weight:g})")
     entry = registry.resolve(opts.model)
     meta: ModelMeta = entry.meta
     if OrganSchema.from_names(meta.organs.names).names != meta.organs.names:
@@ -315,7 +322,8 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         "pic": cfg.semi.pic.model_copy(update={"priority": {o: opts.priority_weight for o in priority}}),
         "parent_distillation": cfg.semi.parent_distillation.model_copy(
             update=parent_distillation_settings(opts.parent_distillation, free)),
-        **finetune_semi_defaults(opts.method, cfg.semi, free if opts.open_organs else [])})
+        **finetune_semi_defaults(opts.method, cfg.semi, free if opts.open_organs else []),
+        **({} if opts.consistency_weight is None else {"consistency_weight": opts.consistency_weight})})
     cfg = cfg.model_copy(update={
         "model_id": name, "title": title, "organs": meta.organs.names, "architecture": meta.architecture,
         "preprocessing": meta.preprocessing, "modes": modes, "mode": mode, "spacing_mm": modes[mode].spacing_mm,

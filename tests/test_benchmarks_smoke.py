@@ -86,7 +86,8 @@ def test_ssl_p1_quick_prints_the_table_and_writes_the_json(tmp_path, data_dir):
 
 def test_finetune_quick_prints_before_after_and_targets(tmp_path, data_dir):
     before = _results_untouched("finetune.json")
-    proc, doc = _run("finetune", tmp_path, data_dir, "--parent-distillation", "1", "--open-organs")
+    proc, doc = _run("finetune", tmp_path, data_dir, "--parent-distillation", "1", "--open-organs",
+                      "--consistency-weight", "0.5")
     assert _results_untouched("finetune.json") == before
     assert "Dice % on the test cases" in proc.stdout and "Targets:" in proc.stdout
     assert proc.stdout.count("PASS") + proc.stdout.count("FAIL") >= 3
@@ -114,6 +115,9 @@ def test_finetune_quick_prints_before_after_and_targets(tmp_path, data_dir):
     assert "--open-organs" in doc["finetunes"]["pic"]["command"]
     assert "--open-organs" not in doc["finetunes"]["supervised"]["command"]
     assert doc["settings"]["open_organs"] is True
+    assert "--consistency-weight 0.5" in doc["finetunes"]["pic"]["command"]
+    assert "--consistency-weight" not in doc["finetunes"]["supervised"]["command"]
+    assert doc["settings"]["consistency_weight"] == 0.5
     assert set(doc["test"]) == {"base", "pic", "supervised"}
     for s in doc["test"].values():
         _check_scores(s)

@@ -58,6 +58,29 @@ def test_the_corrected_organs_are_open_only_when_asked_for():
     assert parse(["--model", "m", "--dataset", "d", "--iterations", "1", "--open-organs"]).open_organs is True
 
 
+def test_the_consistency_weight_is_the_parents_unless_given():
+    import argparse
+
+    from dinomix.finetune_cli import register
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    register(sub)
+    parse = sub.choices["finetune"].parse_args
+    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1"]).consistency_weight is None
+    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1",
+                  "--consistency-weight", "0.3"]).consistency_weight == 0.3
+
+
+def test_a_negative_consistency_weight_is_refused_by_name():
+    from dinomix.errors import DinomixError
+    from dinomix.events import Reporter
+    from dinomix.finetune_cli import FinetuneOptions, finetune
+
+    opts = FinetuneOptions(model=PARENT, dataset="unused", iterations=1, consistency_weight=-0.5)
+    with pytest.raises(DinomixError, match="--consistency-weight must be 0 or more"):
+        finetune(opts, Reporter(bar=False), lambda: None)
+
+
 def test_new_versions_are_numbered_after_the_highest_in_use():
     assert next_version_name("m", set()) == "m.ft1"
     assert next_version_name("m", {"m", "m.ft1", "m.ft3", "other.ft9", "m.ft2.ft1", "mx.ft7"}) == "m.ft4"
@@ -113,7 +136,8 @@ def finetuned(tmp_path_factory, data_dir, registry_env, dinomix):
     manifest = _dataset(tmp, data_dir)
     res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, "--priority", "pancreas", "liver",
                   "--iterations", "2", "--events", "-", "--holdout", "btcv_img0004",
-                  "--patch-size", "32", "--threads", "1", "--parent-distillation", "0.5", "--open-organs", env=registry_env,
+                  "--patch-size", "32", "--threads", "1", "--parent-distillation", "0.5", "--open-organs",
+                  "--consistency-weight", "0.5", env=registry_env,
                   timeout=1200)
     assert res.returncode == 0, res.describe()
     return res, manifest
@@ -136,6 +160,7 @@ def test_finetune_registers_a_new_version_with_its_parent(finetuned, registry_en
     assert meta.training["config"]["semi"]["pseudo_labels"]["threshold"] == "class_quantile"
     assert meta.training["config"]["semi"]["student_patches"] == "mixed"
     assert meta.training["config"]["semi"]["rampup"] == 0.0       # the teacher is trained from the start
+    assert meta.training["config"]["semi"]["consistency_weight"] == 0.5  # asked for here (--consistency-weight)
     # asked for here: the parent's background does not rule out the corrected and priority organs
     assert meta.training["config"]["semi"]["pseudo_labels"]["open_organs"] == ["spleen", "liver", "pancreas"]
     # distillation from the frozen parent (asked for here), which has no say on the corrected and priority organs
