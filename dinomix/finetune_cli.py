@@ -98,8 +98,9 @@ def register(sub) -> None:
                         "it learnt them no faster and lost more of the vena cava)")
     f.add_argument("--consistency-weight", type=float, default=None, metavar="W",
                    help="weight of the consistency (pseudo-label) loss against the supervised loss on the "
-                        "corrections (default: the parent's, 1.0 for the built-in models); lower favours the "
-                        "corrected organs, higher holds what the parent knew")
+                        "corrections (default: the parent's, 1.0 for the built-in models; in the 10-minute "
+                        "correction-loop benchmark 0.3 forgot the organs nobody corrected and 2 learnt none of "
+                        "the corrected ones, so 1 stays)")
     f.set_defaults(func=cmd_finetune)
 
 
