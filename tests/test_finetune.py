@@ -42,30 +42,31 @@ def test_parent_distillation_is_off_unless_asked_for():
         parent_distillation_settings(-1.0, [])
 
 
-def test_the_corrected_organs_are_open_only_when_asked_for():
-    import argparse
-
-    from dinomix.finetune_cli import finetune_semi_defaults, register
-    from dinomix.training.config import SemiConfig
-
-    parent = SemiConfig(method="pic")
-    assert finetune_semi_defaults("pic", parent, ["liver"])["pseudo_labels"].open_organs == ["liver"]
-    assert finetune_semi_defaults("pic", parent)["pseudo_labels"].open_organs == []
-    sub = argparse.ArgumentParser().add_subparsers()
-    register(sub)
-    parse = sub.choices["finetune"].parse_args
-    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1"]).open_organs is False
-    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1", "--open-organs"]).open_organs is True
-
-
-def test_the_consistency_weight_is_the_parents_unless_given():
+def _finetune_parse(argv: list[str]):
+    """`dinomix finetune`'s own argument parser, as the command line builds it."""
     import argparse
 
     from dinomix.finetune_cli import register
 
     sub = argparse.ArgumentParser().add_subparsers()
     register(sub)
-    parse = sub.choices["finetune"].parse_args
+    return sub.choices["finetune"].parse_args(argv)
+
+
+def test_the_corrected_organs_are_open_only_when_asked_for():
+    from dinomix.finetune_cli import finetune_semi_defaults
+    from dinomix.training.config import SemiConfig
+
+    parent = SemiConfig(method="pic")
+    assert finetune_semi_defaults("pic", parent, ["liver"])["pseudo_labels"].open_organs == ["liver"]
+    assert finetune_semi_defaults("pic", parent)["pseudo_labels"].open_organs == []
+    parse = _finetune_parse
+    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1"]).open_organs is False
+    assert parse(["--model", "m", "--dataset", "d", "--iterations", "1", "--open-organs"]).open_organs is True
+
+
+def test_the_consistency_weight_is_the_parents_unless_given():
+    parse = _finetune_parse
     assert parse(["--model", "m", "--dataset", "d", "--iterations", "1"]).consistency_weight is None
     assert parse(["--model", "m", "--dataset", "d", "--iterations", "1",
                   "--consistency-weight", "0.3"]).consistency_weight == 0.3
