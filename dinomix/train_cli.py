@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                     if not job.cancel_event.is_set():  # else the signal handler saves it
                         tr.write_checkpoint()
             raise
-        tr.dist.close()
+        tr.close_distributed()
         if not tr.dist.is_main:
             return result
         if args.register:
@@ -73,9 +73,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return result
 
     try:
-        return job.run(work)
+        code = job.run(work)
     finally:
         job.close()
+    holder.clear()
+    DistContext.from_env().exit_process(code)  # under torchrun: no interpreter finalization (see there)
+    return code
 
 
 def register_dataset(sub) -> None:

@@ -40,7 +40,9 @@ bit for bit. With N > 1 processes:
 
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -117,8 +119,28 @@ class DistContext:
                                f"{str(exc)[:300]} (launch with torchrun)") from None
 
     def close(self) -> None:
+        """Leave the process group while the interpreter is fully alive. Callers first drop every object that
+        holds the group (the DDP wrapper's reducer does): the group's gloo threads must be joined now, not
+        during interpreter finalization, where a late release aborts the process (`exit_process`)."""
         if self.enabled and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
+
+    def exit_process(self, code: int) -> None:
+        """End a torchrun worker with `code` once its outputs are written, skipping interpreter finalization.
+
+        Finalization of a process that has run gloo collectives can abort it with "terminate called without an
+        active exception" (C++ threads released while the interpreter is torn down; pytorch/pytorch#190489,
+        the atexit fix in #179291 was abandoned). A worker that ends with SIGABRT after a complete run makes
+        torchrun report the whole run as failed, so the worker leaves through os._exit after flushing."""
+        if not self.enabled:
+            return
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
 
     # ------------------------------------------------------------------ collectives (no-ops in 1 process)
     def barrier(self) -> None:

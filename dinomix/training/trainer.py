@@ -197,6 +197,11 @@ class Trainer:
         self.train_net = DistributedDataParallel(
             module, device_ids=[self.device.index] if self.device.type == "cuda" else None, static_graph=True)
 
+    def close_distributed(self) -> None:
+        """After a complete run: drop the DDP wrapper (its reducer holds the process group), then leave it."""
+        self.train_net = self.net
+        self.dist.close()
+
     def verify_replicas(self) -> list[str]:
         """Every process hashes its weights and all compare (DDP keeps them identical; a difference means some
         gradient bypassed DDP): stops the run if they differ."""
