@@ -31,7 +31,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.distributed import DistContext, SilentReporter
     from .training.trainer import Trainer
 
-    main = DistContext.from_env().is_main  # under torchrun only rank 0 reports
+    ctx = DistContext.from_env()  # torchrun's environment (a 1-process context without it)
+    main = ctx.is_main  # under torchrun only rank 0 reports
     holder: dict = {}
     saving = threading.Lock()  # held by the worker thread while it saves after an error (distributed runs)
 
@@ -77,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         job.close()
     holder.clear()
-    DistContext.from_env().exit_process(code)  # under torchrun: no interpreter finalization (see there)
+    ctx.exit_process(code)  # under torchrun: no interpreter finalization (see there)
     return code
 
 
