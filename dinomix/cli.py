@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Commands defined in other modules (training, evaluation), registered if importable."""
     regs = []
-    for modname in ("dinomix.train_cli", "dinomix.evaluate_cli", "dinomix.finetune_cli", "dinomix.cache_cli"):
+    for modname in ("dinomix.train_cli", "dinomix.evaluate_cli", "dinomix.finetune_cli", "dinomix.cache_cli", "dinomix.scene_cli"):
         try:
             mod = __import__(modname, fromlist=["register"])
             regs.append(mod.register)
