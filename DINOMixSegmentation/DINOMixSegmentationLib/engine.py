@@ -1,21 +1,36 @@
 """Running the `dinomix` engine as a background process and reading its JSON-lines events without blocking.
 
-`BackgroundCommand` starts `python -m dinomix ...` (with the Python that runs Slicer), reads its stdout in a
-thread and hands events to the caller through a queue: `poll()` returns at once, so it can be called from a
-QTimer on Slicer's main thread. `cancel()` sends SIGTERM to the process group (the engine stops within a
-fraction of a second and exits 130, leaving no partial output); if the process is still alive 2 s later it
-is killed.
+`BackgroundCommand` starts `python -m dinomix ...` (with the Python that runs Slicer) and hands its events to
+the caller through a queue: `poll()` returns at once, so it can be called from a QTimer on Slicer's main thread.
+
+The engine's stdout and stderr go to files, never to pipes: a pipe holds 64 KiB, and a reader thread that the
+GIL holds back (Slicer's main thread busy) would let a chatty engine block on a full pipe. A worker thread
+reads the files incrementally (new bytes every 50 ms) and turns complete lines into events.
+
+In Slicer, `PythonSlicer` is a launcher that starts the real Python (`python-real`) as its child, so ending
+the engine means ending a process tree:
+  - POSIX: the command runs in its own session (process group); `cancel()` sends SIGTERM to the group (the
+    engine stops within a fraction of a second and exits 130, leaving no partial output); whatever of the
+    group is still alive KILL_AFTER_S later gets SIGKILL, also when the launcher is gone and only the real
+    Python is left.
+  - Windows: the console window is hidden as Slicer's own `slicer.util.launchConsoleProcess` does it
+    (STARTUPINFO with SW_HIDE, and CREATE_NO_WINDOW); `cancel()` ends the tree with `taskkill /T /F` (a GUI
+    application has no console to send CTRL_BREAK_EVENT through, and terminate() would end the launcher only).
+The command counts as ended only once the whole tree is gone, so its files can be removed safely.
 """
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -23,7 +38,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 CANCEL_EXIT = 130
-KILL_AFTER_S = 2.0
+KILL_AFTER_S = 1.5  # a cancelled engine that is still alive then is killed (the whole tree)
+READ_INTERVAL_S = 0.05
+STDERR_TAIL_LINES = 60
 
 
 class EngineNotFound(RuntimeError):
@@ -103,6 +120,97 @@ class Engine:
         return env
 
 
+# ---------------------------------------------------------------- process trees (standard library only)
+
+def popen_options() -> dict[str, Any]:
+    """subprocess.Popen keywords that make the command a tree of its own and, on Windows, hide its console."""
+    if os.name == "nt":
+        info = subprocess.STARTUPINFO()  # as slicer.util.launchConsoleProcess: no console window for PythonSlicer
+        info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+        info.wShowWindow = 0  # SW_HIDE
+        return {"startupinfo": info,
+                "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
+    return {"start_new_session": True}  # own session and process group: a signal reaches launcher + python-real
+
+
+def tree_kill_command(pid: int) -> list[str]:
+    """Windows: end a process and all its descendants at once (the launcher and python-real)."""
+    return ["taskkill", "/T", "/F", "/PID", str(int(pid))]
+
+
+def _group_members(pgid: int) -> Optional[list[int]]:
+    """Living (not zombie) processes of a process group, from /proc; None where there is no /proc."""
+    if not os.path.isdir("/proc/self"):
+        return None
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat = f.read().decode("ascii", "replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and fields[0] not in ("Z", "X") and fields[2] == str(pgid):  # state, ppid, pgrp
+            members.append(int(entry))
+    return members
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the POSIX process group `pgid` is still running (zombies do not count)."""
+    members = _group_members(pgid)
+    if members is not None:
+        return bool(members)
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def signal_tree(pid: int, kill: bool) -> None:
+    """POSIX: SIGTERM (or SIGKILL) to the process group the command leads. Windows: taskkill /T /F."""
+    if os.name == "nt":
+        flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
+        try:
+            subprocess.run(tree_kill_command(pid), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           stdin=subprocess.DEVNULL, timeout=10, creationflags=flags)
+        except (OSError, subprocess.SubprocessError):
+            pass
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL if kill else signal.SIGTERM)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+class _FileLines:
+    """Complete lines appended to a file since the last read (a partial last line waits for its end)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._rest = ""
+
+    def read(self, final: bool = False) -> list[str]:
+        if self._f is None:
+            try:
+                self._f = open(self.path, "rb")
+            except OSError:
+                return []
+        text = self._rest + self._decoder.decode(self._f.read(), final=final)
+        lines = text.split("\n")
+        self._rest = "" if final else lines.pop()
+        if final:
+            self._f.close()
+            self._f = None
+        return [ln.rstrip("\r") for ln in lines if ln.strip()]
+
+
 class BackgroundCommand:
     """One engine command in the background. States: new, preparing, running, finished, cancelled, failed.
 
@@ -120,13 +228,15 @@ class BackgroundCommand:
         self.returncode: Optional[int] = None
         self.state = "new"
         self.error: Optional[str] = None  # message of an `error` event, or why the command failed
-        self.stderr_tail: deque[str] = deque(maxlen=60)
+        self.stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self.stdout_lines: list[str] = []  # non-event stdout (e.g. `models list --json`)
         self.events: list[dict] = []
+        self.engine_pid: Optional[int] = None  # the real Python's pid, from the engine's first event
         self._queue: "queue.Queue[dict]" = queue.Queue()
         self._lock = threading.Lock()
         self._cancel_requested = False
         self._cancel_time: Optional[float] = None
+        self._killed = False
         self._threads: list[threading.Thread] = []
         self._done = threading.Event()
         self.started_at: Optional[float] = None
@@ -148,15 +258,16 @@ class BackgroundCommand:
         return self
 
     def cancel(self) -> None:
-        """Ask the engine to stop (SIGTERM to its process group); returns at once."""
+        """Ask the engine to stop; returns at once. The worker thread ends the whole process tree if the
+        engine is still alive KILL_AFTER_S later (on Windows: at once)."""
         with self._lock:
             if self._cancel_requested or self._done.is_set():
                 return
             self._cancel_requested = True
             self._cancel_time = time.monotonic()
             proc = self.proc
-        if proc is not None and proc.poll() is None:
-            self._signal(proc, terminate=True)
+        if proc is not None and os.name != "nt":
+            signal_tree(proc.pid, kill=False)  # SIGTERM: the engine cancels cleanly and exits 130
 
     @property
     def cancel_requested(self) -> bool:
@@ -171,8 +282,7 @@ class BackgroundCommand:
         return self._done.is_set()
 
     def poll(self) -> list[dict]:
-        """New events since the last call (never blocks). Also escalates a cancel to a kill after 2 s."""
-        self._escalate()
+        """New events since the last call (never blocks)."""
         out = []
         while True:
             try:
@@ -183,14 +293,7 @@ class BackgroundCommand:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the command ends (for tests and scripts, not for the GUI thread)."""
-        end = None if timeout is None else time.monotonic() + timeout
-        while not self._done.is_set():
-            self._escalate()
-            remaining = None if end is None else end - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            self._done.wait(0.05 if remaining is None else min(0.05, remaining))
-        return True
+        return self._done.wait(timeout)
 
     # ------------------------------------------------------------------ worker
     def _emit(self, event: dict) -> None:
@@ -204,6 +307,22 @@ class BackgroundCommand:
         self._queue.put({"event": "_finished", "state": state, "returncode": self.returncode,
                          "message": self.error})
 
+    def _stdout_line(self, line: str) -> None:
+        event = None
+        if line.lstrip().startswith("{"):
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                event = None
+        if isinstance(event, dict) and "event" in event:
+            if self.engine_pid is None and isinstance(event.get("pid"), int):
+                self.engine_pid = event["pid"]
+            if event["event"] == "error" and not self.error:
+                self.error = str(event.get("message") or "engine error")
+            self._emit(event)
+        else:
+            self.stdout_lines.append(line)
+
     def _run(self) -> None:
         try:
             if self.prepare is not None:
@@ -212,48 +331,49 @@ class BackgroundCommand:
             self.error = str(exc) or type(exc).__name__
             self._finish("failed")
             return
+        try:
+            io_dir = Path(tempfile.mkdtemp(prefix="dinomix-io-"))
+        except OSError as exc:
+            self.error = f"could not start the DINOMix engine: {exc}"
+            self._finish("failed")
+            return
+        try:
+            self._run_process(io_dir)
+        finally:
+            shutil.rmtree(io_dir, ignore_errors=True)
+
+    def _run_process(self, io_dir: Path) -> None:
+        out_path, err_path = io_dir / "stdout.txt", io_dir / "stderr.txt"
         with self._lock:
             if self._cancel_requested:
                 self._finish("cancelled")
                 return
             try:
-                kwargs: dict[str, Any] = {}
-                if os.name == "posix":
-                    kwargs["start_new_session"] = True  # own process group: a cancel reaches launcher + Python
-                else:
-                    kwargs["creationflags"] = getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)
-                self.proc = subprocess.Popen(self.command_line, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                             stdin=subprocess.DEVNULL, env=self.engine.environment(),
-                                             cwd=self.cwd, text=True, encoding="utf-8", errors="replace",
-                                             bufsize=1, **kwargs)
+                with open(out_path, "wb") as out, open(err_path, "wb") as err:
+                    self.proc = subprocess.Popen(self.command_line, stdout=out, stderr=err,
+                                                 stdin=subprocess.DEVNULL, env=self.engine.environment(),
+                                                 cwd=self.cwd, **popen_options())
             except (OSError, EngineNotFound) as exc:
                 self.error = f"could not start the DINOMix engine: {exc}"
                 self._finish("failed")
                 return
             self.state = "running"
-        err_thread = threading.Thread(target=self._read_stderr, name="dinomix-stderr", daemon=True)
-        err_thread.start()
-        self._threads.append(err_thread)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            event = None
-            if line.lstrip().startswith("{"):
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    event = None
-            if isinstance(event, dict) and "event" in event:
-                if event["event"] == "error" and not self.error:
-                    self.error = str(event.get("message") or "engine error")
-                self._emit(event)
-            else:
-                self.stdout_lines.append(line)
-        self.proc.wait()
-        err_thread.join(timeout=5)
-        self.returncode = self.proc.returncode
+        proc = self.proc
+        stdout, stderr = _FileLines(out_path), _FileLines(err_path)
+
+        def drain(final: bool = False) -> None:
+            for line in stdout.read(final):
+                self._stdout_line(line)
+            self.stderr_tail.extend(stderr.read(final))
+
+        while proc.poll() is None:
+            drain()
+            self._escalate()
+            time.sleep(READ_INTERVAL_S)
+        if self._cancel_requested:
+            self._end_tree()  # the launcher is gone; python-real may not be
+        drain(final=True)
+        self.returncode = proc.returncode
         if self._cancel_requested or self.returncode == CANCEL_EXIT or any(
                 e.get("event") == "cancelled" for e in self.events[-3:]):
             self._finish("cancelled")
@@ -267,33 +387,35 @@ class BackgroundCommand:
                                                     f"the engine stopped with exit code {self.returncode}")
             self._finish("failed")
 
-    def _read_stderr(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        for line in self.proc.stderr:
-            line = line.rstrip("\r\n")
-            if line:
-                self.stderr_tail.append(line)
-
-    # ------------------------------------------------------------------ signals
-    def _signal(self, proc: subprocess.Popen, terminate: bool) -> None:
-        try:
-            if os.name == "posix":
-                os.killpg(proc.pid, signal.SIGTERM if terminate else signal.SIGKILL)
-            elif terminate:
-                proc.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
-            else:
-                proc.kill()
-        except (ProcessLookupError, PermissionError, OSError):
-            try:
-                proc.terminate() if terminate else proc.kill()
-            except OSError:
-                pass
-
+    # ------------------------------------------------------------------ ending the tree
     def _escalate(self) -> None:
-        proc = self.proc
-        if (self._cancel_time is not None and proc is not None and proc.poll() is None
-                and time.monotonic() - self._cancel_time > KILL_AFTER_S):
-            self._signal(proc, terminate=False)
+        """Worker thread, while the launcher lives: after a cancel, end the tree (Windows at once, POSIX after
+        KILL_AFTER_S)."""
+        if self._cancel_time is None or self._killed or self.proc is None:
+            return
+        if os.name == "nt" or time.monotonic() - self._cancel_time > KILL_AFTER_S:
+            self._kill_tree()
+
+    def _kill_tree(self) -> None:
+        self._killed = True
+        assert self.proc is not None
+        signal_tree(self.proc.pid, kill=True)
+        if os.name == "nt" and self.engine_pid and self.engine_pid != self.proc.pid:
+            signal_tree(self.engine_pid, kill=True)  # python-real, should the launcher be gone already
+
+    def _end_tree(self) -> None:
+        """After a cancel, once the launcher has exited: wait for the rest of its process group (python-real),
+        kill it at the deadline, and return once nothing of the group runs (at most 5 s more)."""
+        if os.name == "nt" or self.proc is None or self._cancel_time is None:
+            if os.name == "nt" and self.proc is not None and not self._killed:
+                self._kill_tree()
+            return
+        pgid = self.proc.pid
+        give_up = time.monotonic() + KILL_AFTER_S + 5.0
+        while group_alive(pgid) and time.monotonic() < give_up:
+            if not self._killed and time.monotonic() - self._cancel_time > KILL_AFTER_S:
+                self._kill_tree()
+            time.sleep(0.02)
 
 
 def run_engine(engine: Engine, args: list[Any], timeout: float = 300.0) -> BackgroundCommand:
@@ -301,6 +423,6 @@ def run_engine(engine: Engine, args: list[Any], timeout: float = 300.0) -> Backg
     cmd = BackgroundCommand(engine, args).start()
     if not cmd.wait(timeout):
         cmd.cancel()
-        cmd.wait(5)
+        cmd.wait(KILL_AFTER_S + 5)
         raise TimeoutError(f"'dinomix {' '.join(cmd.args)}' did not finish in {timeout:.0f} s")
     return cmd
