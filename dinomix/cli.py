@@ -20,8 +20,12 @@ from typing import Any, Callable, Optional
 
 from . import __version__
 from .errors import Cancelled, DinomixError, OutputError
+
+
+class MemoryLimitError(DinomixError):
+    """A segmentation would need more memory than allowed (--max-memory, default: the machine's memory)."""
 from .events import Reporter
-from .imageio import AtomicWriter
+from .imageio import DISK_FULL_ERRNOS, AtomicWriter, disk_full_error
 
 CANCEL_EXIT = 130
 
@@ -35,6 +39,7 @@ class Job:
         self.on_cancel = on_cancel
         self.writer = AtomicWriter()
         self.cancel_event = threading.Event()
+        self.finished = threading.Event()  # the worker has ended: its outcome stands, signals change nothing
         self._events_file = None
         if events_target == "-":
             stream = sys.stdout
@@ -53,10 +58,16 @@ class Job:
             raise Cancelled("cancelled")
 
     def _on_signal(self, signum, frame) -> None:  # noqa: ARG002
-        self.cancel_event.set()
+        # Once the outputs are committed (or the worker has ended) the run has its outcome: a late signal
+        # must not turn a success into 'cancelled' after its result, nor a traceback; the process exits
+        # in a moment anyway.
+        if self.finished.is_set():
+            return
         # Remove partial outputs under the writers' lock and leave at once, whatever the worker is doing
         # (it may sit inside a long native call that does not return for seconds).
-        self.writer.abort()
+        if not self.writer.abort():
+            return
+        self.cancel_event.set()
         self.reporter.close()
         note = ""
         if self.on_cancel is not None:
@@ -86,6 +97,7 @@ class Job:
         worker.start()
         while worker.is_alive():
             worker.join(0.1)
+        self.finished.set()
         self.reporter.close()
         exc = outcome.get("error")
         # MONAI wraps errors raised inside transforms in RuntimeError; report the user error inside.
@@ -94,6 +106,7 @@ class Job:
         if exc is None:
             self.reporter.emit("result", **(outcome.get("result") or {}))
             return 0
+        self.writer.abort()  # files staged for a commit that will not come
         if isinstance(exc, Cancelled):
             self.reporter.emit("cancelled", message=str(exc))
             return CANCEL_EXIT
@@ -103,6 +116,9 @@ class Job:
             code = exc.exit_code
         elif isinstance(exc, MemoryError):
             msg, kind, code = "out of memory: try --mode fast or close other programs", "MemoryError", 3
+        elif isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            msg = str(disk_full_error(Path(exc.filename or ".")))
+            kind, code = "OutputError", OutputError.exit_code
         else:
             msg = f"internal error ({type(exc).__name__}: {exc}); please report it with the log"
             kind, code = "InternalError", 1
@@ -130,16 +146,22 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[[], None]) -> dict:
-    from .imageio import check_is_ct, check_writable, read_image
-    from .outputs import output_paths, write_json, write_labelmap, write_seg_nrrd
+    from .imageio import check_is_ct, read_image, remove_leftovers
+    from .outputs import check_outputs, output_paths
 
     t0 = time.perf_counter()
     paths = output_paths(args.output)
-    wanted = {"seg_nrrd", "nifti", "summary"} if not args.formats else set(args.formats)
-    for key in wanted:
-        check_writable(paths[key])
+    wanted = [k for k in ("seg_nrrd", "nifti", "summary") if not args.formats or k in args.formats]
+    targets = [paths[k] for k in wanted]
+    for p in remove_leftovers(targets):
+        rep.log(f"removed {p}, left by an interrupted run")
+    check_outputs(targets, args.input, args.overwrite)
+    limit = args.max_memory or _machine_memory()
     rep.begin("read", f"reading {args.input}")
-    image = read_image(args.input)
+    notes: list[str] = []
+    image = read_image(args.input, notes, check_size=lambda size, bpv: _check_memory(args, limit, size, bpv))
+    for note in notes:
+        rep.log(note, "warning")
     if not args.force:
         check_is_ct(image, Path(args.input).name)
     check()
@@ -148,6 +170,8 @@ def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[
     rep.stages.update(STAGES)
     rep.total = sum(rep.stages.values())
     seg = Segmenter(args.model, args.device)
+    _check_memory(args, limit, image.GetSize(), 4, image.GetSpacing(),
+                  seg.meta.preprocessing.mode(args.mode).spacing_mm, len(seg.meta.organs.organs) + 1)
     if not seg.meta.trained:
         rep.log(f"model '{seg.meta.model_id}' is UNTRAINED (random weights): its output is not anatomy", "warning")
     if seg.meta.backbone_untrained:
@@ -160,13 +184,29 @@ def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[
                           fill_holes=False if args.no_fill_holes else None)
     res = seg.segment(image, opts, rep, check)
     rep.begin("write", "writing outputs")
-    written = {}
+    summary = _write_outputs(args, job, res, paths, wanted, notes, t0)
+    rep.update(1.0, "done", force=True)
+    if not args.events:
+        vols = ", ".join(f"{o['name']} {o['volume_ml']:.0f} ml" for o in summary["organs"])
+        print(f"segmented {args.input} in {summary['run_time_s']:.1f} s ({res.mode}, {res.device}) "
+              f"with {res.meta.display_name()}\n  {vols}\n  wrote: {', '.join(summary['outputs'].values())}")
+    return summary
+
+
+def _write_outputs(args: argparse.Namespace, job: Job, res, paths: dict[str, Path], wanted: list[str],
+                   notes: list[str], t0: float) -> dict:
+    """Every output is written to a temporary file and verified, then all are renamed together: a failure
+    or a cancel leaves the previous set as it was, never a mix of old and new files."""
+    from .outputs import write_json, write_labelmap, write_seg_nrrd
+
+    written = {k: str(paths[k]) for k in wanted}
     if "seg_nrrd" in wanted:
-        written["seg_nrrd"] = str(write_seg_nrrd(res.labels, res.organs, paths["seg_nrrd"], job.writer))
+        write_seg_nrrd(res.labels, res.organs, paths["seg_nrrd"], job.writer, staged=True)
     if "nifti" in wanted:
-        written["nifti"] = str(write_labelmap(res.labels, paths["nifti"], job.writer))
+        write_labelmap(res.labels, paths["nifti"], job.writer, staged=True)
     summary = {
         "input": str(args.input),
+        "input_notes": notes,
         "model": {"id": res.meta.model_id, "trained": res.meta.trained, "status": res.meta.status,
                   "weights_sha256": res.meta.weights_sha256},
         "mode": res.mode, "device": res.device,
@@ -179,21 +219,69 @@ def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[
         "outputs": written,
     }
     if "summary" in wanted:
-        written["summary"] = str(paths["summary"])
-        write_json(summary, paths["summary"], job.writer)
-    rep.update(1.0, "done", force=True)
-    if not args.events:
-        vols = ", ".join(f"{o['name']} {o['volume_ml']:.0f} ml" for o in summary["organs"])
-        print(f"segmented {args.input} in {summary['run_time_s']:.1f} s ({res.mode}, {res.device}) "
-              f"with {res.meta.display_name()}\n  {vols}\n  wrote: {', '.join(written.values())}")
+        write_json(summary, paths["summary"], job.writer, staged=True)
+    replaced = job.writer.commit(overwrite=args.overwrite)
+    if replaced:
+        job.reporter.log(f"replaced the existing {', '.join(map(str, replaced))} (--overwrite)")
     return summary
+
+
+def _machine_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().total)
+
+
+def _check_memory(args: argparse.Namespace, limit: int, size, bytes_per_voxel: int, spacing=None,
+                  target=None, n_classes: int = 0) -> None:
+    """Refuse, before anything large is allocated, an input whose segmentation would not fit in memory
+    (the kernel would kill the process without a word: a wrong voxel size of 50 mm asks for 160 GB)."""
+    from .imageio import _fmt_bytes
+    from .preprocessing import estimate_memory, grid_shape
+
+    need = estimate_memory(tuple(size), bytes_per_voxel, spacing, target, n_classes)
+    if need <= limit:
+        return
+    grid = ""
+    if spacing is not None and target is not None:
+        shape = grid_shape(tuple(size), tuple(spacing), tuple(target))
+        grid = (f"; its {'x'.join(map(str, size))} voxels of {'x'.join(f'{s:g}' for s in spacing)} mm become "
+                f"{'x'.join(map(str, shape))} voxels on the model's {min(target):g} mm grid ({args.mode} mode). "
+                "Check the voxel size in the image header")
+    source = "--max-memory" if args.max_memory else "this machine's memory; raise it with --max-memory"
+    raise MemoryLimitError(f"segmenting {Path(str(args.input)).name} needs about {_fmt_bytes(need)} of memory, "
+                           f"more than the limit of {_fmt_bytes(limit)} ({source}){grid}")
+
+
+def parse_size(text: str) -> int:
+    """'16G', '16GB', '500M', '2.5g' or a plain number of bytes -> bytes (decimal units, as 'df -H')."""
+    units = {"": 1, "B": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(num) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a memory size such as 16G or 500M") from None
+    if not value > 0 or value != value:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive memory size")
+    return int(value)
+
+
+def overlap_value(text: str) -> float:
+    """Sliding-window overlap: a fraction in [0, 1) (1 would never advance the window)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1): give a fraction such as 0.25 or 0.5")
+    return value
 
 
 # ---------------------------------------------------------------- models
 
 def cmd_models(args: argparse.Namespace) -> int:
     from . import registry
-    from .modelfile import read_meta
 
     try:
         if args.models_cmd == "list":
@@ -208,9 +296,12 @@ def cmd_models(args: argparse.Namespace) -> int:
                 for e in entries:
                     print(f"  {e.name:28s} {'built-in' if e.builtin else 'installed':9s} {e.meta.status:28s} "
                           f"modes: {','.join(e.meta.preprocessing.modes)}  organs: {len(e.meta.organs.organs)}")
+                for path, reason in registry.broken_files():
+                    print(f"  {path.stem:28s} BROKEN    {reason}\n  {'':28s}           (not used; remove it with "
+                          f"'dinomix models remove {path.stem}')")
         elif args.models_cmd == "show":
             e = registry.resolve(args.name)
-            meta = read_meta(e.path)
+            meta = registry.checked_meta(e.path)
             if args.json:
                 print(meta.model_dump_json(indent=2))
             else:
@@ -230,6 +321,9 @@ def cmd_models(args: argparse.Namespace) -> int:
     except DinomixError as exc:
         sys.stderr.write(f"dinomix: error: {exc}\n")
         return exc.exit_code
+    except OSError as exc:  # e.g. removing a model from a read-only folder
+        sys.stderr.write(f"dinomix: error: {exc.strerror or exc}: {exc.filename or ''}\n")
+        return 2
 
 
 # ---------------------------------------------------------------- parser
@@ -249,10 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
     s.add_argument("--organs", nargs="+", default=None, help="only these organs (names from the model)")
     s.add_argument("--formats", nargs="+", choices=["seg_nrrd", "nifti", "summary"], default=None)
-    s.add_argument("--overlap", type=float, default=None, help="sliding-window overlap (model default)")
+    s.add_argument("--overlap", type=overlap_value, default=None,
+                   help="sliding-window overlap in [0, 1) (model default)")
     s.add_argument("--no-largest-component", action="store_true")
     s.add_argument("--no-fill-holes", action="store_true")
     s.add_argument("--force", action="store_true", help="segment even if the image does not look like CT")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (never the input); without it an existing output is refused")
+    s.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
+                   help="refuse inputs whose segmentation needs more memory, e.g. 8G (default: this machine's memory)")
     s.add_argument("--events", default=None, metavar="FILE|-", help="JSON-lines progress events to FILE or stdout")
     s.set_defaults(func=cmd_segment)
 

@@ -1,18 +1,24 @@
-"""Writing results: NIfTI label map, Slicer `.seg.nrrd` (via slicerio), and a JSON summary."""
+"""Writing results: NIfTI label map, Slicer `.seg.nrrd` (via slicerio), and a JSON summary.
+
+Nothing the user made is ever lost: an output never replaces the input, nor (without `--overwrite`) any
+existing file, and every file is read back and compared before it counts (ITK does not report a full disk;
+it leaves a short file that still reads, zero-filled).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import SimpleITK as sitk
 import slicerio
 from scipy import ndimage
 
-from .imageio import AtomicWriter
+from .errors import OutputError
+from .imageio import AtomicWriter, _check_nifti, check_writable, same_file
 from .organs import Organ
 
 
@@ -51,34 +57,101 @@ def segmentation_dict(labels: sitk.Image, organs: list[Organ]) -> dict[str, Any]
     }
 
 
-def write_seg_nrrd(labels: sitk.Image, organs: list[Organ], path: str | os.PathLike, writer: AtomicWriter) -> Path:
+OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii")
+
+
+def _open_for(writer: AtomicWriter, staged: bool) -> Callable:
+    return writer.stage if staged else writer.open
+
+
+def write_seg_nrrd(labels: sitk.Image, organs: list[Organ], path: str | os.PathLike, writer: AtomicWriter,
+                   staged: bool = False) -> Path:
+    """`staged`: the file waits for `writer.commit()` (an output set is committed together)."""
     seg = segmentation_dict(labels, organs)
-    with writer.open(path) as tmp:
+
+    def verify(tmp: Path) -> None:
+        try:
+            back = slicerio.read_segmentation(str(tmp))
+        except Exception as exc:  # noqa: BLE001 -- pynrrd/slicerio raise various types for a damaged file
+            raise OutputError(f"the written {Path(path).name} does not read back ({str(exc)[:120]})") from None
+        if back["voxels"].shape != seg["voxels"].shape or not np.array_equal(back["voxels"], seg["voxels"]):
+            raise OutputError(f"the written {Path(path).name} does not read back as written")
+
+    with _open_for(writer, staged)(path, verify) as tmp:
         slicerio.write_segmentation(str(tmp), seg, compression_level=1)
     return Path(path)
 
 
-def write_labelmap(labels: sitk.Image, path: str | os.PathLike, writer: AtomicWriter) -> Path:
-    with writer.open(path) as tmp:
+def write_labelmap(labels: sitk.Image, path: str | os.PathLike, writer: AtomicWriter, staged: bool = False) -> Path:
+    expected = sitk.GetArrayViewFromImage(labels)
+
+    def verify(tmp: Path) -> None:
+        try:
+            _check_nifti(tmp)  # every byte there (ITK reads a short file zero-filled)
+            back = sitk.ReadImage(str(tmp))
+        except Exception as exc:  # noqa: BLE001 -- InputImageError or ITK's RuntimeError: the file is damaged
+            raise OutputError(f"the written {Path(path).name} does not read back ({str(exc)[:160]})") from None
+        if back.GetSize() != labels.GetSize() or not np.array_equal(sitk.GetArrayViewFromImage(back), expected):
+            raise OutputError(f"the written {Path(path).name} does not read back as written")
+
+    with _open_for(writer, staged)(path, verify) as tmp:
         sitk.WriteImage(labels, str(tmp), useCompression=True)
     return Path(path)
 
 
-def write_json(data: dict, path: str | os.PathLike, writer: AtomicWriter) -> Path:
-    with writer.open(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=str))
+def write_json(data: dict, path: str | os.PathLike, writer: AtomicWriter, staged: bool = False) -> Path:
+    text = json.dumps(data, indent=2, default=str)
+
+    def verify(tmp: Path) -> None:
+        try:
+            ok = tmp.read_text() == text
+        except (OSError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise OutputError(f"the written {Path(path).name} does not read back as written")
+
+    with _open_for(writer, staged)(path, verify) as tmp:
+        tmp.write_text(text)
     return Path(path)
 
 
 def output_paths(output: str | os.PathLike) -> dict[str, Path]:
-    """`-o` names a folder, a `.seg.nrrd` or a `.nii(.gz)` file; the other outputs go beside it."""
+    """`-o` names a folder, a `.seg.nrrd` or a `.nii(.gz)` file; the other outputs go beside it.
+
+    Any other file-like name is refused rather than guessed at: `-o out.png` used to become a folder,
+    `-o out.nrrd` a file named `out.seg.nrrd`.
+    """
+    text = str(output)
+    if not text.strip():
+        raise OutputError("no output given (-o is empty)")
     out = Path(output)
     name = out.name
-    for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd"):
-        if name.endswith(suffix):
+    for suffix in OUTPUT_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
             stem = out.parent / name[: -len(suffix)]
             break
     else:
+        as_folder = out.is_dir() or text.endswith(("/", os.sep)) or not Path(name).suffix
+        if not as_folder:
+            hint = f"{name[: -len('.nrrd')]}.seg.nrrd" if name.endswith(".nrrd") else "case.seg.nrrd"
+            raise OutputError(
+                f"-o {text}: DINOMix writes a Slicer segmentation (.seg.nrrd), a label map (.nii.gz or .nii) and a "
+                f"summary (.json); name one of the first two (e.g. {hint}), or give a folder (end a new folder's "
+                "name with /)")
         stem = out / "segmentation"
     return {"seg_nrrd": Path(f"{stem}.seg.nrrd"), "nifti": Path(f"{stem}.nii.gz"),
             "summary": Path(f"{stem}.json")}
+
+
+def check_outputs(paths: list[Path], input_path: str | os.PathLike, overwrite: bool) -> None:
+    """Before any work: outputs can be written, never replace the input, and replace an existing file only
+    with `overwrite` (a file this run did not make may be someone's only copy)."""
+    source = Path(input_path)
+    for p in paths:
+        check_writable(p)
+        if same_file(p, source) or (source.is_dir() and p.exists() and same_file(p.parent, source)):
+            raise OutputError(f"output {p} would replace the input {source}; choose another -o")
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise OutputError(f"{', '.join(map(str, existing))} already exist{'s' if len(existing) == 1 else ''}; "
+                          "use --overwrite to replace, or choose another -o")

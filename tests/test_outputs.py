@@ -15,12 +15,18 @@ from dinomix.outputs import output_paths
     ("out/case.seg.nrrd", "out/case"),
     ("out/case.nii.gz", "out/case"),
     ("out/case.nii", "out/case"),
-    ("out/case.nrrd", "out/case"),
     ("out/results", "out/results/segmentation"),
 ])
 def test_output_names_the_three_outputs_beside_each_other(given, stem):
     assert output_paths(given) == {"seg_nrrd": Path(f"{stem}.seg.nrrd"), "nifti": Path(f"{stem}.nii.gz"),
                                    "summary": Path(f"{stem}.json")}
+
+
+@pytest.mark.parametrize("given", ["out/case.nrrd", "out/case.png"])
+def test_an_output_name_of_another_file_type_is_refused_not_guessed(given):
+    """Issue 18: `-o out.nrrd` used to write out.seg.nrrd, `-o out.png` a folder named out.png."""
+    with pytest.raises(OutputError, match=r"\.seg\.nrrd"):
+        output_paths(given)
 
 
 def test_an_atomic_write_appears_only_when_complete(tmp_path):
