@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from .errors import DinomixError
 from .organs import CATALOG, OrganSchema, canonical_name
@@ -75,12 +75,12 @@ class Dataset(BaseModel):
         raise DinomixError(f"dataset '{self.name}' has no case '{case_id}'")
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_text(self.model_dump_json(indent=1))
-        os.replace(tmp, path)
-        return path
+        """Write the manifest atomically; an unwritable place or a full disk is one clear `OutputError`."""
+        from .imageio import AtomicWriter
+
+        with AtomicWriter().open(Path(path)) as tmp:
+            tmp.write_text(self.model_dump_json(indent=1))
+        return Path(path)
 
 
 def map_label(arr: np.ndarray, case: Case, schema: OrganSchema) -> np.ndarray:
@@ -116,9 +116,14 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         data = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise DinomixError(f"cannot read dataset manifest {p}: {exc}") from None
-    if data.get("format") != FORMAT:
-        raise DinomixError(f"{p} is not a DINOMix dataset manifest (format {data.get('format')!r})")
-    ds = Dataset.model_validate(data)
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        fmt = data.get("format") if isinstance(data, dict) else None
+        raise DinomixError(f"{p} is not a DINOMix dataset manifest (format {fmt!r})")
+    try:
+        ds = Dataset.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise DinomixError(f"dataset manifest {p} is invalid at {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
     ds.root = str(p.parent)
     for c in ds.cases:
         for n in c.label_map.values():
@@ -134,11 +139,14 @@ def import_btcv(data_dir: str | os.PathLike, split_file: Optional[str | os.PathL
     labeled_fraction "20p": only the P1 20% labeled training cases keep labels, the other 16 training cases
     become unlabeled (split "train"); "all": every train case keeps its label.
     """
-    d = Path(data_dir).resolve()
+    d = _existing_folder(data_dir)
     split_path = Path(split_file) if split_file else d / "splits_p1.json"
     if not split_path.is_file():
         raise DinomixError(f"BTCV split file not found: {split_path}")
-    splits = json.loads(split_path.read_text())
+    splits = _read_json_object(split_path, "the BTCV split file")
+    missing = [k for k in ("train", "eval", "test") if not isinstance(splits.get(k), list)]
+    if missing:
+        raise DinomixError(f"{split_path} has no list of case ids for {', '.join(missing)}")
     labeled20 = set(splits.get("labeled_20p", []))
     cases = []
     for split in ("train", "eval", "test"):
@@ -153,22 +161,49 @@ def import_btcv(data_dir: str | os.PathLike, split_file: Optional[str | os.PathL
     return Dataset(name=f"btcv-p1-{labeled_fraction}", cases=cases, root=str(d))
 
 
+def _existing_folder(folder: str | os.PathLike) -> Path:
+    f = Path(folder).resolve()
+    if not f.exists():
+        raise DinomixError(f"folder not found: {folder}")
+    if not f.is_dir():
+        raise DinomixError(f"{folder} is a file; give the dataset's folder")
+    return f
+
+
+def _read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from a file, or one message that names the file and the problem."""
+    if not path.is_file():
+        raise DinomixError(f"{path} not found ({what})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DinomixError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise DinomixError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
 def import_nnunet(folder: str | os.PathLike) -> Dataset:
     """nnU-Net v2 raw layout: imagesTr/<case>_0000.<ext>, labelsTr/<case>.<ext>, dataset.json."""
-    f = Path(folder).resolve()
-    meta = json.loads((f / "dataset.json").read_text())
+    f = _existing_folder(folder)
+    meta = _read_json_object(f / "dataset.json", "an nnU-Net v2 raw folder holds imagesTr/, labelsTr/ and dataset.json")
     labels = meta.get("labels")
     if not isinstance(labels, dict):
         raise DinomixError(f"{f}/dataset.json has no 'labels' mapping")
     ext = meta.get("file_ending", ".nii.gz")
+    if not isinstance(ext, str) or not ext.startswith("."):
+        raise DinomixError(f"{f}/dataset.json: 'file_ending' must be a suffix such as \".nii.gz\", not {ext!r}")
     label_map = {}
     for name, v in labels.items():
         if isinstance(v, (list, tuple)):
             raise DinomixError(f"{f}: region-based nnU-Net labels ({name}: {v}) are not supported")
-        label_map[int(v)] = name
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or not str(v).strip().isdigit():
+            raise DinomixError(f"{f}/dataset.json: label '{name}' has the value {v!r}; label values are whole "
+                               "numbers (0 for background)")
+        label_map[int(v)] = str(name)
     cases = []
-    chans = meta.get("channel_names", {"0": "CT"})
-    if len(chans) != 1:
+    chans = meta.get("channel_names", meta.get("modality", {"0": "CT"}))
+    if not isinstance(chans, dict) or len(chans) != 1:
         raise DinomixError(f"{f}: {len(chans)} input channels; DINOMix models take one CT channel")
     for img in sorted((f / "imagesTr").glob(f"*_0000{ext}")):
         cid = img.name[: -len(f"_0000{ext}")]
@@ -186,7 +221,7 @@ def import_nnunet(folder: str | os.PathLike) -> Dataset:
 def import_folder(folder: str | os.PathLike, label_map: dict[int, str], image_suffix: str = "_ct",
                   label_suffix: str = "_label") -> Dataset:
     """A plain folder of `<case>_ct.<ext>` / `<case>_label.<ext>` pairs; images without a label are unlabeled."""
-    f = Path(folder).resolve()
+    f = _existing_folder(folder)
     pat = re.compile(rf"^(.*){re.escape(image_suffix)}(\.nii\.gz|\.nii|\.nrrd|\.mha)$")
     cases = []
     for img in sorted(f.iterdir()):

@@ -354,14 +354,12 @@ def output_error(target: Path, exc: BaseException) -> OutputError:
         return exc
     if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
         return disk_full_error(target)
-    if isinstance(exc, OSError) and exc.strerror:
-        detail = exc.strerror
-    else:
-        lines = str(exc).strip().splitlines()
-        detail = lines[-1] if lines else type(exc).__name__
-    if disk_nearly_full(target.parent):
+    if isinstance(exc, OSError) and exc.errno is not None:  # the system said what is wrong: say that
+        return OutputError(f"cannot write output {target}: {exc.strerror or exc}")
+    lines = str(exc).strip().splitlines()
+    if disk_nearly_full(target.parent):  # ITK reports a full disk only as a failed write, if at all
         return disk_full_error(target)
-    return OutputError(f"cannot write output {target}: {detail[:200]}")
+    return OutputError(f"cannot write output {target}: {(lines[-1] if lines else type(exc).__name__)[:200]}")
 
 
 def disk_full_error(target: Path) -> OutputError:
