@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
+from pathlib import Path
 from typing import Annotated, Optional
 
 import qt
@@ -125,6 +127,11 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.progressBar.setVisible(False)
 
         self.initializeParameterNode()
+        versionProblem = self.logic.slicerVersionProblem()
+        if versionProblem:  # say so in one line, before anything is started or installed
+            self.ui.statusLabel.text = versionProblem
+            self.ui.applyButton.enabled = self.ui.installDependenciesButton.enabled = False
+            return
         preload_engine_modules()  # organ names and terminology for the import, in the background
         deps.check_in_background()  # the first "Segment abdomen" then checks the packages at once
         self.refreshModels()
@@ -133,6 +140,9 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def cleanup(self) -> None:
         if self._run is not None and not self._run.ended:
             self._run.cancel()
+        if self._modelsCommand is not None:
+            self._modelsCommand.cancel()  # `models list` must not outlive the module widget
+            self._modelsCommand = None
         self.timer.stop()
         self.removeObservers()
         self._disconnectParameterNode()
@@ -178,7 +188,7 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def updateButtons(self, caller=None, event=None) -> None:
         running = self._run is not None and not self._run.ended
         volume = self.ui.inputVolumeSelector.currentNode()
-        self.ui.applyButton.enabled = running or volume is not None
+        self.ui.applyButton.enabled = running or (volume is not None and not self.logic.slicerVersionProblem())
         self.ui.applyButton.text = _("Cancel") if running else _("Segment abdomen")
         self.ui.applyButton.toolTip = (_("Stop: the engine within 2 s; loading the result or building the 3D "
                                          "surfaces at once") if running else
@@ -277,6 +287,8 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self.logic.ensureDependencies(askConfirmation=True):
             self.ui.statusLabel.text = _("Python packages: all installed.")
             self.refreshModels()
+        else:
+            self.ui.statusLabel.text = self.logic.dependencyMessage
 
     def onApplyButton(self) -> None:
         if self._run is not None and not self._run.ended:
@@ -284,7 +296,7 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.statusLabel.text = _("Cancelling...")
             return
         if not self.logic.ensureDependencies(askConfirmation=True):
-            self.ui.statusLabel.text = _("Not started: the Python packages DINOMix needs are not installed.")
+            self.ui.statusLabel.text = _("Not started: {why}").format(why=self.logic.dependencyMessage)
             return
         p = self._parameterNode
         options = SegmentOptions(model=self.ui.modelComboBox.currentData or None,
@@ -362,6 +374,7 @@ class DINOMixSegmentationLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self.dependencyMessage = ""  # why ensureDependencies() returned False, in one line
 
     def getParameterNode(self):
         if DINOMixSegmentationParameterNode is None:
@@ -388,47 +401,85 @@ class DINOMixSegmentationLogic(ScriptedLoadableModuleLogic):
         return SegmentationRun(volumeNode, options or SegmentOptions(), segmentationNode,
                                engine=self.engine()).start()
 
-    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
-        """Install what the engine needs, at first use, with the user's consent.
+    @staticmethod
+    def slicerVersionProblem() -> Optional[str]:
+        """One line saying which Slicer DINOMix needs, or None on a supported Slicer (5.10 or later)."""
+        app = getattr(slicer, "app", None)
+        if app is None:
+            return None
+        return deps.slicer_version_problem(getattr(app, "majorVersion", None), getattr(app, "minorVersion", None))
 
-        PyTorch comes from the PyTorch extension's PyTorchUtils (CPU or CUDA build as it detects); the other
-        packages (pinned in Resources/requirements.txt) from slicer.packaging.pip_ensure (Slicer 5.11+)
-        or slicer.util.pip_install.
+    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
+        """Install what the engine needs, at first use, with the user's consent; False if it is not all there
+        (`dependencyMessage` then says why, in one line).
+
+        The Slicer version is checked first (nothing is installed on an unsupported Slicer). PyTorch comes from
+        the PyTorch extension's PyTorchUtils (CPU or CUDA build as it detects, TORCH_REQUIREMENT or newer); the
+        other packages (pinned in Resources/requirements.txt) from slicer.packaging.pip_ensure (Slicer 5.12+) or
+        slicer.util.pip_install (Slicer 5.10), with the installed PyTorch held as a constraint so that pip never
+        replaces the extension's build.
         """
+        self.dependencyMessage = ""
+        versionProblem = self.slicerVersionProblem()
+        if versionProblem:
+            self.dependencyMessage = versionProblem
+            slicer.util.errorDisplay(versionProblem, windowTitle=_("DINOMix"))
+            return False
         if deps.torch_installed() and not deps.missing_requirements():
             return True
+        declined = _("the installation was declined; nothing was installed.")
         if not deps.torch_installed():
             try:
                 import PyTorchUtils
             except ModuleNotFoundError:
-                slicer.util.errorDisplay(_("DINOMix needs the PyTorch extension. Install 'PyTorch' from the "
-                                           "Extensions Manager, restart Slicer and try again."))
+                self.dependencyMessage = _("DINOMix needs the PyTorch extension. Install 'PyTorch' from the "
+                                           "Extensions Manager, restart Slicer and try again.")
+                slicer.util.errorDisplay(self.dependencyMessage)
                 return False
             torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation,
                                                                    torchVersionRequirement=deps.TORCH_REQUIREMENT)
-            if torch is None:
+            if torch is None:  # declined in PyTorchUtils' dialog
+                self.dependencyMessage = _("PyTorch: ") + declined
                 return False
         missing = deps.missing_requirements()
         if missing:
-            packaging = getattr(slicer, "packaging", None)
             try:
-                if packaging is not None and hasattr(packaging, "pip_ensure"):
-                    packaging.pip_ensure(packaging.load_requirements(str(deps.requirements_file())),
-                                         prompt_install=askConfirmation, requester="DINOMix")
-                else:
-                    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-                            _("DINOMix needs these Python packages:\n{packages}\n\nInstall them now? This takes "
-                              "a few minutes.").format(packages="\n".join(missing))):
-                        return False
-                    with slicer.util.WaitCursor():
-                        slicer.util.pip_install(" ".join(missing))
+                import slicer.packaging as packaging  # Slicer 5.12+; `slicer.packaging` is not imported by `slicer`
+            except ImportError:
+                packaging = None
+            try:
+                with tempfile.TemporaryDirectory(prefix="dinomix-pip-") as folder:
+                    constraint = deps.write_torch_constraint(Path(folder))
+                    if packaging is not None and hasattr(packaging, "pip_ensure"):
+                        try:
+                            packaging.pip_ensure(packaging.load_requirements(str(deps.requirements_file())),
+                                                 constraints=str(constraint) if constraint else None,
+                                                 prompt_install=askConfirmation, requester="DINOMix",
+                                                 skip_in_testing=askConfirmation)
+                        except RuntimeError as exc:
+                            if "declined" in str(exc).lower():
+                                self.dependencyMessage = _("Python packages: ") + declined
+                                logging.info(f"DINOMix: {self.dependencyMessage}")
+                                return False
+                            raise
+                    else:
+                        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                                _("DINOMix needs these Python packages:\n{packages}\n\nInstall them now? This "
+                                  "takes a few minutes.").format(packages="\n".join(missing))):
+                            self.dependencyMessage = _("Python packages: ") + declined
+                            return False
+                        args = (["-c", str(constraint)] if constraint else []) + missing
+                        with slicer.util.WaitCursor():
+                            slicer.util.pip_install(args)
             except Exception as exc:
                 logging.error(f"DINOMix: installing Python packages failed: {exc}")
-                slicer.util.errorDisplay(_("Installing the Python packages failed: {error}").format(error=exc))
+                self.dependencyMessage = _("Installing the Python packages failed: {error}").format(error=exc)
+                slicer.util.errorDisplay(self.dependencyMessage)
                 return False
         still = deps.missing_requirements()
         if still:
-            slicer.util.errorDisplay(_("Still missing: {packages}").format(packages=", ".join(still)))
+            self.dependencyMessage = _("Still missing: {packages}").format(packages=", ".join(still))
+            slicer.util.errorDisplay(self.dependencyMessage)
         return not still
 
 
@@ -437,34 +488,55 @@ class DINOMixSegmentationLogic(ScriptedLoadableModuleLogic):
 #
 
 
+def _dependencyStatus() -> str:
+    return DINOMixSegmentationLogic.slicerVersionProblem() or deps.status_text()
+
+
+
 class DINOMixSegmentationTest(ScriptedLoadableModuleTest):
     """Runs inside Slicer on the CTA abdomen sample data (the Extensions Index build machines run it too).
 
     The engine's Python packages must be installed; if they are not, the tests install them only when
-    DINOMIX_TEST_INSTALL=1, else they report and skip.
+    DINOMIX_TEST_INSTALL=1, else they report and skip. `slicer_add_python_unittest` (CMakeLists.txt) runs each
+    test_* method on its own, without runTest: the check is in setUp, so each one skips cleanly where PyTorch
+    and MONAI are absent (e.g. the Extensions Index build machines).
     """
 
     def setUp(self):
         slicer.mrmlScene.Clear()
+        if not self._dependenciesReady():
+            self.skipTest("DINOMix: Python packages missing (" + _dependencyStatus() + ")")
 
     def runTest(self):
-        self.setUp()
         if not self._dependenciesReady():
+            self.delayDisplay("DINOMix: " + _dependencyStatus() + ". Skipping (DINOMIX_TEST_INSTALL=1 installs the "
+                              "Python packages in the test).")
             return
+        self.setUp()
         self.test_SegmentAbdomen()
         self.setUp()
         self.test_Cancel()
         self.setUp()
         self.test_EngineError()
 
+    _ready = None  # checked once per Slicer session (the first check may install)
+
     def _dependenciesReady(self) -> bool:
-        if deps.torch_installed() and not deps.missing_requirements():
-            return True
-        if os.environ.get("DINOMIX_TEST_INSTALL") == "1":
-            return DINOMixSegmentationLogic().ensureDependencies(askConfirmation=False)
-        self.delayDisplay("DINOMix: Python packages missing (" + deps.status_text() + "); set DINOMIX_TEST_INSTALL=1 "
-                          "to install them in the test. Skipping.")
-        return False
+        cls = DINOMixSegmentationTest
+        if cls._ready is None:
+            problem = DINOMixSegmentationLogic.slicerVersionProblem()
+            if problem:
+                logging.info(problem)
+                cls._ready = False
+            elif deps.torch_installed() and not deps.missing_requirements():
+                cls._ready = True
+            elif os.environ.get("DINOMIX_TEST_INSTALL") == "1":
+                cls._ready = DINOMixSegmentationLogic().ensureDependencies(askConfirmation=False)
+            else:
+                logging.info("DINOMix: Python packages missing (" + _dependencyStatus() + "); set "
+                             "DINOMIX_TEST_INSTALL=1 to install them in the test. Skipping.")
+                cls._ready = False
+        return cls._ready
 
     def _sampleCT(self):
         import SampleData

@@ -1,7 +1,12 @@
-"""Which Python packages the engine still needs, checked from package metadata only (nothing is imported,
-nothing is installed here). The widgets install what is missing at first use, after the user agreed:
+"""Which Slicer and which Python packages the engine needs, checked from package metadata only (nothing is
+imported, nothing is installed here). The widgets install what is missing at first use, after the user agreed:
 PyTorch through the PyTorch extension (CPU or CUDA build as it detects), the rest from
-`Resources/requirements.txt` with `slicer.packaging.pip_ensure` (Slicer 5.11+) or `slicer.util.pip_install`.
+`Resources/requirements.txt` with `slicer.packaging.pip_ensure` (Slicer 5.12+) or `slicer.util.pip_install`
+(Slicer 5.10), with the installed PyTorch held as a constraint so that pip never replaces the extension's build.
+
+Supported: 3D Slicer 5.10 and later. Slicer 5.10 is the first release with Python 3.12 (Slicer 5.0 to 5.8 run
+Python 3.9, SuperBuild/External_python.cmake); the engine and its pinned packages need Python 3.10 or later
+(monai 1.6.1, pydantic 2.14, nibabel 5.4, safetensors 0.8) and platformdirs 4.14.7 needs 3.11 or later.
 """
 
 from __future__ import annotations
@@ -16,7 +21,24 @@ from typing import Optional
 # (every "Segment abdomen") return at once instead of scanning the package metadata again.
 _all_installed = False
 
-TORCH_REQUIREMENT = ">=2.4"
+# monai 1.6.1 (Resources/requirements.txt) requires torch>=2.8.0: asking the PyTorch extension for less would let
+# pip replace its build (CPU/CUDA chosen for the machine) with PyPI's default build when it installs monai.
+TORCH_REQUIREMENT = ">=2.8"
+
+MINIMUM_SLICER = (5, 10)
+
+
+def slicer_version_problem(major: int, minor: int) -> Optional[str]:
+    """One line saying which Slicer DINOMix needs, or None when this one (major.minor) is supported."""
+    try:
+        version = (int(major), int(minor))
+    except (TypeError, ValueError):
+        return None  # unknown: do not block
+    if version >= MINIMUM_SLICER:
+        return None
+    need = ".".join(str(v) for v in MINIMUM_SLICER)
+    return (f"DINOMix needs 3D Slicer {need} or later (this is Slicer {version[0]}.{version[1]}): "
+            f"please install a current Slicer from download.slicer.org.")
 
 
 def requirements_file() -> Path:
@@ -98,14 +120,27 @@ def check_in_background() -> None:
 
 
 def torch_installed() -> bool:
-    return _all_installed or installed_version("torch") is not None
+    """PyTorch is installed in a version the engine can use (TORCH_REQUIREMENT)."""
+    return _all_installed or _satisfied("torch" + TORCH_REQUIREMENT)
+
+
+def write_torch_constraint(folder: Path) -> Optional[Path]:
+    """A pip constraints file that holds the installed PyTorch (the PyTorch extension's CPU/CUDA build) as it is,
+    so that installing the requirements can never replace it; None when PyTorch is not installed."""
+    version = installed_version("torch")
+    if version is None:
+        return None
+    path = Path(folder) / "dinomix-torch-constraint.txt"
+    path.write_text(f"torch=={version}\n")
+    return path
 
 
 def status_text() -> str:
     missing = missing_requirements()
     parts = []
     if not torch_installed():
-        parts.append("PyTorch")
+        have = installed_version("torch")
+        parts.append(f"PyTorch {TORCH_REQUIREMENT}" + (f" (installed: {have})" if have else ""))
     if missing:
         parts.append(", ".join(missing))
     return "all installed" if not parts else "missing: " + "; ".join(parts)
