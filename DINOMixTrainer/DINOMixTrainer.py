@@ -33,8 +33,9 @@ except ImportError:  # Slicer < 5.2
 from DINOMixSegmentationLib import (Engine, ThreadTask, current_model, list_models_command, parse_models_list,
                                     preload_engine_modules, set_current_model)
 from DINOMixSegmentationLib import dependencies as deps
-from DINOMixTrainerLib import (ChangeScan, ExportTask, FineTuneOptions, FineTuneRun, TrainingChart, TrainingSet,
-                               detect_changes, find_cases, format_dice, model_versions, results_table, roll_back)
+from DINOMixTrainerLib import (USE_ANYWAY_TITLE, ChangeScan, ExportTask, FineTuneOptions, FineTuneRun, TrainingChart,
+                               TrainingSet, detect_changes, find_cases, format_dice, model_versions, results_table,
+                               roll_back, use_new_model_question)
 
 POLL_INTERVAL_MS = 250
 DEFAULT_TRAINING_SET = pathlib.Path.home() / "DINOMix" / "training-set"
@@ -45,7 +46,7 @@ class DINOMixTrainer(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("DINOMix Trainer")
         self.parent.categories = [_("Segmentation")]
-        self.parent.dependencies = []
+        self.parent.dependencies = ["DINOMixSegmentation"]  # imports DINOMixSegmentation(Lib): engine, models
         self.parent.contributors = ["DINOMix developers"]
         self.parent.helpText = _(
             "Teach the DINOMix model from your corrections: the organs you changed in a DINOMix segmentation "
@@ -68,6 +69,10 @@ else:
     DINOMixTrainerParameterNode = None
 
 
+def _html(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -84,6 +89,7 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run: Optional[FineTuneRun] = None
         self._logShown = 0
         self._newModel = None
+        self._newResult = None  # the fine-tune's parsed result (per-organ Dice, self-check)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -124,6 +130,14 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rollBackButton.connect("clicked(bool)", self.onRollBack)
 
         self.initializeParameterNode()
+        versionProblem = self.logic.slicerVersionProblem()
+        if versionProblem:  # say so in one line, before anything is started or installed
+            self.ui.fineTuneStatusLabel.text = versionProblem
+            self.ui.casesStatusLabel.text = versionProblem
+            for button in (self.ui.fineTuneButton, self.ui.refreshCasesButton, self.ui.addToTrainingSetButton,
+                           self.ui.addUnlabeledFolderButton):
+                button.enabled = False
+            return
         preload_engine_modules()  # the organ catalog (names, aliases) for Refresh, imported in the background
         deps.check_in_background()
         self.refreshModels()
@@ -132,6 +146,9 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self) -> None:
         if self._run is not None and not self._run.ended:
             self._run.cancel()
+        if self._modelsCommand is not None:
+            self._modelsCommand.cancel()  # `models list` must not outlive the module widget
+            self._modelsCommand = None
         for job in (self._scan, self._export):
             if job is not None and not job.ended:
                 job.cancel()
@@ -141,6 +158,8 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        if self.logic.slicerVersionProblem():
+            return
         if self._scan is None or self._scan.ended:
             self.refreshCases()
 
@@ -293,6 +312,7 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if case is None:
             return
         if not self.logic.ensureDependencies():
+            self.ui.casesStatusLabel.text = _("Not added: {why}").format(why=self.logic.dependencyMessage)
             return
         try:
             self._export = ExportTask(self.trainingSet(), case, self.reviewedOrgans(),
@@ -360,6 +380,7 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.fineTuneStatusLabel.text = _("Cancelling...")
             return
         if not self.logic.ensureDependencies():
+            self.ui.fineTuneStatusLabel.text = _("Not started: {why}").format(why=self.logic.dependencyMessage)
             return
         summary = self.trainingSet().summary()
         if summary["labeled"] - summary["holdout"] < 1:
@@ -377,6 +398,8 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.warning(f"DINOMix: cannot show the chart: {exc}")
         self._run = self.logic.fineTune(options, chart)
         self._newModel = None
+        self._newResult = None
+        self.showSelfCheck(None)
         self._logShown = 0
         self.ui.resultsTableWidget.setRowCount(0)
         self.ui.useNewModelButton.enabled = self.ui.keepCurrentModelButton.enabled = False
@@ -438,9 +461,11 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     table.setItem(r, c, qt.QTableWidgetItem(text))
             table.resizeColumnsToContents()
             results_table(slicer.mrmlScene, result, slicer.mrmlScene.GenerateUniqueName("DINOMix fine-tune result"))
+            self._newResult = result
             self.ui.fineTuneStatusLabel.text = (_("New version {name} is ready: compare, then use it or keep the "
                                                   "current model.").format(name=self._newModel)
                                                 + (" " + result["verdict"] if result.get("verdict") else ""))
+            self.showSelfCheck(result["self_check"])
             self.ui.useNewModelButton.enabled = self.ui.keepCurrentModelButton.enabled = True
         elif run.state == "cancelled":
             self.ui.fineTuneStatusLabel.text = _("Cancelled.")
@@ -449,7 +474,31 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(run.error, windowTitle=_("DINOMix Trainer"))
         self.refreshModels()
 
+    def showSelfCheck(self, check) -> None:
+        """The self-check's verdict, prominent: coloured icon and message; the single checks in the tooltip and
+        the log. None clears it."""
+        label = self.ui.selfCheckLabel
+        if check is None:
+            label.text = ""
+            label.toolTip = ""
+            return
+        label.text = (f'<span style="color:{check.colour()}; font-weight:bold; font-size:large">{check.icon()}</span> '
+                      f'<span style="color:{check.colour()}; font-weight:bold">{_html(check.headline())}</span>')
+        lines = check.check_lines()
+        label.toolTip = "\n".join(lines) if lines else _("No single checks were reported.")
+        self.log(f"self-check: {check.verdict}: {check.message}")
+        for line in lines:
+            self.log("  " + line)
+
     def onUseNewModel(self) -> None:
+        question = use_new_model_question(self._newResult) if self._newModel else None
+        if question:  # not "safe": only on the clinician's explicit choice; No is the default
+            answer = qt.QMessageBox.warning(slicer.util.mainWindow(), USE_ANYWAY_TITLE, question,
+                                            qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.No)
+            if answer != qt.QMessageBox.Yes:
+                self.log(f"kept {current_model(self._models or None)}: {self._newModel} was not made current "
+                         "(self-check not passed)")
+                return
         if self._newModel:
             set_current_model(self._newModel)
             self.log(f"current model: {self._newModel}")
@@ -475,6 +524,7 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 class DINOMixTrainerLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        self.dependencyMessage = ""
 
     def getParameterNode(self):
         if DINOMixTrainerParameterNode is None:
@@ -486,10 +536,20 @@ class DINOMixTrainerLogic(ScriptedLoadableModuleLogic):
 
         return DINOMixSegmentationLogic().engine()
 
-    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
+    @staticmethod
+    def slicerVersionProblem() -> Optional[str]:
         from DINOMixSegmentation import DINOMixSegmentationLogic
 
-        return DINOMixSegmentationLogic().ensureDependencies(askConfirmation)
+        return DINOMixSegmentationLogic.slicerVersionProblem()
+
+    def ensureDependencies(self, askConfirmation: bool = True) -> bool:
+        """As DINOMixSegmentationLogic.ensureDependencies; `dependencyMessage` says why when it returns False."""
+        from DINOMixSegmentation import DINOMixSegmentationLogic
+
+        logic = DINOMixSegmentationLogic()
+        ok = logic.ensureDependencies(askConfirmation)
+        self.dependencyMessage = logic.dependencyMessage
+        return ok
 
     def fineTune(self, options: FineTuneOptions, chart: Optional[TrainingChart] = None) -> FineTuneRun:
         return FineTuneRun(options, engine=self.engine(), chart=chart).start()
@@ -500,9 +560,18 @@ class DINOMixTrainerTest(ScriptedLoadableModuleTest):
     export (twice: never overwrites), fine-tune with a tiny budget when the engine has `finetune`, roll back."""
 
     def setUp(self):
+        from DINOMixSegmentation import DINOMixSegmentationTest
+
         slicer.mrmlScene.Clear()
+        if not DINOMixSegmentationTest()._dependenciesReady():  # test_* methods also run without runTest (ctest)
+            self.skipTest("DINOMix: Python packages missing or Slicer too old")
 
     def runTest(self):
+        from DINOMixSegmentation import DINOMixSegmentationTest
+
+        if not DINOMixSegmentationTest()._dependenciesReady():
+            self.delayDisplay("DINOMix: Python packages missing or Slicer too old: skipping")
+            return
         self.setUp()
         self.test_CorrectExportFineTune()
 

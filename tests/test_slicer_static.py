@@ -89,6 +89,16 @@ def test_top_level_cmake_describes_the_extension():
     assert "include(${Slicer_EXTENSION_GENERATE_CONFIG})" in text and "include(${Slicer_EXTENSION_CPACK})" in text
 
 
+def test_the_minimum_slicer_is_the_same_in_cmake_and_in_the_modules():
+    sys.path.insert(0, str(REPO / "DINOMixSegmentation"))
+    from DINOMixSegmentationLib.dependencies import MINIMUM_SLICER
+
+    text = (REPO / "CMakeLists.txt").read_text()
+    m = re.search(r"^find_package\(Slicer (\d+)\.(\d+) REQUIRED\)", text, re.M)
+    assert m, "find_package(Slicer X.Y REQUIRED) names no minimum version"
+    assert (int(m.group(1)), int(m.group(2))) == MINIMUM_SLICER == (5, 10)
+
+
 def test_cmake_project_name_is_the_index_entry_name():
     text = (REPO / "CMakeLists.txt").read_text()
     project = re.search(r"^project\((\w+)\)", text, re.M).group(1)
@@ -175,7 +185,7 @@ def test_trainer_ui_has_every_control_the_module_needs():
     for name in ("casesTableWidget", "organsTableWidget", "addToTrainingSetButton", "trainingSetPathLineEdit",
                  "trainingSetSummaryLabel", "addUnlabeledFolderButton", "priorityOrgansLineEdit", "minutesSpinBox",
                  "fineTuneButton", "fineTuneProgressBar", "resultsTableWidget", "useNewModelButton",
-                 "keepCurrentModelButton", "versionsTableWidget", "rollBackButton"):
+                 "keepCurrentModelButton", "versionsTableWidget", "rollBackButton", "selfCheckLabel"):
         assert name in names, name
 
 
@@ -204,7 +214,8 @@ def test_all_module_code_compiles(tmp_path):
     assert len(files) >= 10
     for p in files:
         py_compile.compile(str(p), cfile=str(tmp_path / (p.name + "c")), doraise=True)
-        ast.parse(p.read_text(), filename=str(p), feature_version=(3, 9))  # Slicer 5.0-5.6 run Python 3.9
+        # Slicer 5.0-5.8 run Python 3.9: the modules must still load there, to say which Slicer they need
+        ast.parse(p.read_text(), filename=str(p), feature_version=(3, 9))
 
 
 def _python312():
@@ -283,8 +294,83 @@ def test_nothing_is_installed_at_import_time(module):
 def test_dependencies_are_installed_with_consent_through_pytorchutils_and_pip_ensure():
     source = (REPO / "DINOMixSegmentation" / "DINOMixSegmentation.py").read_text()
     assert "PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation" in source
-    assert 'getattr(slicer, "packaging", None)' in source and "pip_ensure(" in source
-    assert "slicer.util.pip_install(" in source and "confirmOkCancelDisplay" in source
+    assert "torchVersionRequirement=deps.TORCH_REQUIREMENT" in source
+    # `import slicer` does not import slicer.packaging (Slicer 5.12+): getattr(slicer, "packaging") would be None
+    assert "import slicer.packaging as packaging" in source and 'getattr(slicer, "packaging"' not in source
+    assert "pip_ensure(" in source and "slicer.util.pip_install(" in source and "confirmOkCancelDisplay" in source
+    # the installed PyTorch (the extension's CPU/CUDA build) is held as a constraint on both paths
+    assert "constraints=str(constraint)" in source and '["-c", str(constraint)]' in source
+    # declining says so: pip_ensure raises RuntimeError("User declined package installation")
+    assert '"declined" in str(exc).lower()' in source
+    assert 'declined = _("the installation was declined; nothing was installed.")' in source
+
+
+def _function(module: str, cls: str, name: str) -> ast.FunctionDef:
+    tree = ast.parse((REPO / module / f"{module}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == cls:
+            for f in node.body:
+                if isinstance(f, ast.FunctionDef) and f.name == name:
+                    return f
+    raise AssertionError(f"{cls}.{name} not found in {module}.py")
+
+
+def _calls(node: ast.AST) -> list[str]:
+    """Names of the calls in a function, in source order."""
+    calls = [n for n in ast.walk(node) if isinstance(n, ast.Call)]
+    calls.sort(key=lambda n: (n.lineno, n.col_offset))
+    return [getattr(n.func, "attr", getattr(n.func, "id", "")) for n in calls]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_an_older_slicer_is_named_in_one_line_before_anything_starts_or_installs(module):
+    calls = _calls(_function(module, f"{module}Widget", "setup"))
+    assert "slicerVersionProblem" in calls
+    first = calls.index("slicerVersionProblem")
+    for later in ("preload_engine_modules", "check_in_background", "refreshModels"):
+        assert later in calls and calls.index(later) > first, later
+    install = _calls(_function("DINOMixSegmentation", "DINOMixSegmentationLogic", "ensureDependencies"))
+    assert install.index("slicerVersionProblem") < min(install.index(n) for n in ("installTorch", "pip_ensure",
+                                                                                   "pip_install"))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_cleanup_cancels_every_background_command(module):
+    src = ast.unparse(_function(module, f"{module}Widget", "cleanup"))
+    assert "self._run.cancel()" in src
+    assert "self._modelsCommand.cancel()" in src
+
+
+def test_the_trainer_declares_the_module_it_imports():
+    source = (REPO / "DINOMixTrainer" / "DINOMixTrainer.py").read_text()
+    assert "from DINOMixSegmentationLib import" in source
+    m = re.search(r"self\.parent\.dependencies = (\[.*?\])", source)
+    assert m and ast.literal_eval(m.group(1)) == ["DINOMixSegmentation"]
+    seg = (REPO / "DINOMixSegmentation" / "DINOMixSegmentation.py").read_text()
+    assert "self.parent.dependencies = []" in seg
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_module_tests_skip_cleanly_without_the_python_packages(module):
+    """slicer_add_python_unittest runs each test_* method without runTest (unittest's loader): the dependency
+    check must be in setUp, and skip there; runTest (Reload and Test) checks before it calls setUp."""
+    setup = ast.unparse(_function(module, f"{module}Test", "setUp"))
+    assert "_dependenciesReady()" in setup and "self.skipTest(" in setup
+    run = _function(module, f"{module}Test", "runTest")
+    first = next(s for s in run.body if not isinstance(s, (ast.Import, ast.ImportFrom)))
+    assert isinstance(first, ast.If) and "_dependenciesReady()" in ast.unparse(first.test), ast.unparse(run)
+
+
+def test_use_new_model_asks_before_making_a_model_that_is_not_safe_current():
+    """The widget stays thin: the decision is DINOMixTrainerLib.use_new_model_question; a Yes/No box, No default."""
+    src = ast.unparse(_function("DINOMixTrainer", "DINOMixTrainerWidget", "onUseNewModel"))
+    calls = _calls(_function("DINOMixTrainer", "DINOMixTrainerWidget", "onUseNewModel"))
+    assert calls.index("use_new_model_question") < calls.index("warning") < calls.index("set_current_model")
+    assert "qt.QMessageBox.Yes | qt.QMessageBox.No, qt.QMessageBox.No" in src
+    assert "if answer != qt.QMessageBox.Yes:" in src
+    ended = ast.unparse(_function("DINOMixTrainer", "DINOMixTrainerWidget", "_fineTuneEnded"))
+    assert "set_current_model" not in ended and "use_model" not in ended  # never current without a click
+    assert "self.showSelfCheck(result['self_check'])" in ended
 
 
 def test_requirements_pin_the_non_torch_packages():

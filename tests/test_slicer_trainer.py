@@ -16,9 +16,10 @@ from test_slicer_support import (BTCV_CASE, engine_labels, fresh_result, load_vo
 
 from DINOMixSegmentationLib import Engine, current_model, list_models, segment_mask
 from DINOMixSegmentationLib.volumeio import ijk_to_ras, image_array
-from DINOMixTrainerLib import (FineTuneOptions, FineTuneRun, TrainingChart, TrainingSet, TrainingSetError, case_for,
-                               detect_changes, find_cases, finetune_available, model_versions, parse_metric,
-                               parse_result, results_table, roll_back, use_model)
+from DINOMixTrainerLib import (FineTuneOptions, FineTuneRun, SelfCheck, TrainingChart, TrainingSet, TrainingSetError,
+                               case_for, detect_changes, find_cases, finetune_available, model_versions, parse_metric,
+                               parse_result, parse_self_check, results_table, roll_back, use_model,
+                               use_new_model_question)
 
 
 def _organs_by_size(seg, volume, summary):
@@ -268,6 +269,59 @@ def test_finetune_events_are_parsed_into_chart_and_table(scene):
     assert table.GetNumberOfRows() == 2 and table.GetTable().GetValue(0, 3).ToDouble() == pytest.approx(0.02)
 
 
+# ---------------------------------------------------------------- fine-tune: the self-check
+
+def _result(self_check=None, **extra) -> dict:
+    ev = {"event": "result", "model": "abdomen-btcv13.ft1", "parent": "abdomen-btcv13", **extra}
+    if self_check is not None:
+        ev["self_check"] = self_check
+    return parse_result(ev)
+
+
+SAFE = {"verdict": "safe", "message": "Corrected organs improved; the others stayed the same.",
+        "checks": [{"name": "corrected organs", "passed": True, "detail": "liver +4.1"},
+                   {"name": "other organs unchanged", "passed": True, "detail": "max change 0.8"}]}
+UNSAFE = {"verdict": "unsafe", "message": "The pancreas shrank by 30 % on the training scans.",
+          "checks": [{"name": "organ volumes", "passed": False, "detail": "pancreas -30 %"},
+                     {"name": "loss", "passed": None, "detail": ""}]}
+
+
+def test_the_self_check_is_parsed_from_the_result_event():
+    check = _result(SAFE)["self_check"]
+    assert isinstance(check, SelfCheck) and check.reported and check.safe
+    assert check.headline().startswith("Self-check passed") and SAFE["message"] in check.headline()
+    assert check.check_lines() == ["[passed] corrected organs: liver +4.1", "[passed] other organs unchanged: max change 0.8"]
+    bad = _result(UNSAFE)["self_check"]
+    assert bad.verdict == "unsafe" and not bad.safe
+    assert bad.check_lines() == ["[FAILED] organ volumes: pancreas -30 %", "[not run] loss"]
+    assert bad.colour() != check.colour() and bad.icon() != check.icon()
+
+
+@pytest.mark.parametrize("value", [None, "safe", {"verdict": "SAFE!"}, {"verdict": 1, "checks": "x"}, {}])
+def test_a_missing_or_malformed_self_check_is_unknown_never_safe(value):
+    check = parse_self_check(value)
+    assert check.verdict == "unknown" and not check.safe
+    assert check.reported == isinstance(value, dict)
+    assert check.checks == []
+    if value is None:  # an older engine: say so
+        assert "reports no self-check" in check.headline()
+
+
+def test_only_a_safe_model_becomes_current_without_a_question():
+    assert use_new_model_question(_result(SAFE)) is None
+    q = use_new_model_question(_result(UNSAFE))
+    assert q.startswith("The self-check says this model may be worse") and q.endswith("Use it anyway?")
+    assert UNSAFE["message"] in q
+    unknown = use_new_model_question(_result({"verdict": "unknown", "message": "No held-out case; too few scans."}))
+    assert "could not tell" in unknown and "too few scans" in unknown and unknown.endswith("Use it anyway?")
+    older = use_new_model_question(_result())  # an engine without the self-check
+    assert "reports no self-check" in older and older.endswith("Use it anyway?")
+    assert use_new_model_question(None) is not None
+    # a held-out measurement that says "worse" is asked about even when the self-check passed
+    worse = use_new_model_question(_result(SAFE, worse_than_parent=True))
+    assert worse and "measured worse" in worse
+
+
 def test_finetune_options_build_the_engine_command():
     opts = FineTuneOptions(model="m", dataset="/d", priority=["liver", "pancreas"], minutes=5, holdout=["c2"])
     assert opts.engine_args() == ["finetune", "--model", "m", "--dataset", "/d", "--priority", "liver", "pancreas",
@@ -310,6 +364,9 @@ def test_finetune_with_a_tiny_budget_registers_a_new_version_and_roll_back_works
     result = run.result
     assert result["parent"] == parent and result["model"] and result["model"] != parent
     assert result["organs"], "no per-organ before/after Dice"
+    assert result["self_check"].verdict in ("safe", "unsafe", "unknown")
+    if "self_check" in result["raw"]:  # the engine's contract: a verdict, a message, the single checks
+        assert result["self_check"].verdict == result["raw"]["self_check"]["verdict"] and result["self_check"].message
     assert all(0.0 <= (o["before"] or 0) <= 1.0 and 0.0 <= (o["after"] or 0) <= 1.0 for o in result["organs"])
     loss_points, dice_points = chart.points()
     assert loss_points == 2 and dice_points == 2  # two iterations; eval before and after

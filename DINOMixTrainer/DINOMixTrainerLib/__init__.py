@@ -3,17 +3,18 @@ fine-tuning in the background, model versions. Builds on DINOMixSegmentationLib 
 
 from .cases import (Case, ChangeScan, LayerRefs, OrganChange, case_for, compute_changes, detect_changes, find_cases,
                     match_segments)
-from .finetune import (FineTuneOptions, FineTuneRun, TrainingChart, default_new_name,
-                       finetune_available, format_dice, parse_metric, parse_result, results_table)
+from .finetune import (FineTuneOptions, FineTuneRun, SelfCheck, TrainingChart, default_new_name,
+                       finetune_available, format_dice, parse_metric, parse_result, parse_self_check, results_table)
 from .trainingset import ExportResult, ExportTask, TrainingSet, TrainingSetError, build_labels
-from .versions import ModelVersion, model_versions, roll_back, use_model
+from .versions import (USE_ANYWAY_TITLE, ModelVersion, model_versions, roll_back, use_model,
+                       use_new_model_question)
 
 __all__ = [
     "Case", "ChangeScan", "LayerRefs", "OrganChange", "case_for", "compute_changes", "detect_changes", "find_cases",
     "match_segments",
-    "FineTuneOptions", "FineTuneRun", "TrainingChart", "default_new_name", "finetune_available",
+    "FineTuneOptions", "FineTuneRun", "SelfCheck", "TrainingChart", "default_new_name", "finetune_available",
     "format_dice",
-    "parse_metric", "parse_result", "results_table",
+    "parse_metric", "parse_result", "parse_self_check", "results_table",
     "ExportResult", "ExportTask", "TrainingSet", "TrainingSetError", "build_labels",
-    "ModelVersion", "model_versions", "roll_back", "use_model",
+    "USE_ANYWAY_TITLE", "ModelVersion", "model_versions", "roll_back", "use_model", "use_new_model_question",
 ]

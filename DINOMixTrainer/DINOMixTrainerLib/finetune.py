@@ -8,7 +8,9 @@ It registers a new model version (`<parent>.ftN` unless --new-name; parent recor
     metric kind=train: iteration, iterations, loss, time_left_s          (every iteration)
     metric kind=eval:  phase before|after, mean_dice, dice {organ: %}    (on the held-out cases)
     metric kind=plan:  iterations, step_s, budget_s
-    result: model, parent, path, per_organ {organ: {before, after, delta}} (%), before, after, verdict, ...
+    result: model, parent, path, per_organ {organ: {before, after, delta}} (%), before, after, verdict, ...,
+            self_check {verdict: safe|unsafe|unknown, message, checks: [{name, passed: bool|null, detail}]}
+            (the check for a clinician without a held-out case; absent in older engines: read as unknown)
 Held-out cases are the labeled cases whose split is eval/val/validation/test/holdout (the Trainer exports a
 case as `holdout` when asked) or those given with --holdout. Dice arrive in percent; here they are 0..1.
 """
@@ -79,8 +81,63 @@ def format_dice(v: Optional[float]) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+SELF_CHECK_VERDICTS = ("safe", "unsafe", "unknown")
+
+
+@dataclass
+class SelfCheck:
+    """The fine-tune's self-check (`result.self_check`): is the new model safe to use without a held-out case?"""
+
+    verdict: str = "unknown"  # safe | unsafe | unknown
+    message: str = ""
+    checks: list[dict] = field(default_factory=list)  # {name, passed: True | False | None, detail}
+    reported: bool = False  # False: the engine sent no self-check (older engine)
+
+    @property
+    def safe(self) -> bool:
+        return self.verdict == "safe"
+
+    def headline(self) -> str:
+        """One line for the status area: the verdict in words, then the engine's message."""
+        words = {"safe": "Self-check passed: the new model looks safe to use.",
+                 "unsafe": "Self-check FAILED: the new model may be worse than the current one.",
+                 "unknown": "Self-check inconclusive: it could not tell whether the new model is better or worse."}
+        text = self.message.strip() or ("" if self.reported else
+                                        "This engine reports no self-check; compare the results yourself.")
+        return (words[self.verdict] + (" " + text if text else "")).strip()
+
+    def check_lines(self) -> list[str]:
+        """One line per check: '[passed] name: detail' (for a tooltip and the log)."""
+        mark = {True: "passed", False: "FAILED", None: "not run"}
+        return [f"[{mark.get(c.get('passed'), 'not run')}] {c.get('name', '?')}"
+                + (f": {c['detail']}" if c.get("detail") else "") for c in self.checks]
+
+    def colour(self) -> str:
+        """A colour for the verdict (green, red, orange), as an HTML colour name."""
+        return {"safe": "#2e7d32", "unsafe": "#c62828"}.get(self.verdict, "#e65100")
+
+    def icon(self) -> str:
+        return {"safe": "\u2714", "unsafe": "\u26a0"}.get(self.verdict, "?")  # heavy check mark, warning sign
+
+
+def parse_self_check(value: Any) -> SelfCheck:
+    """`result.self_check` -> SelfCheck; a missing or malformed one is `unknown` (never `safe`)."""
+    if not isinstance(value, dict):
+        return SelfCheck()
+    verdict = str(value.get("verdict", "")).strip().lower()
+    checks = []
+    for c in value.get("checks") or []:
+        if isinstance(c, dict):
+            passed = c.get("passed")
+            checks.append({"name": str(c.get("name", "")), "passed": passed if isinstance(passed, bool) else None,
+                           "detail": str(c.get("detail") or "")})
+    return SelfCheck(verdict=verdict if verdict in SELF_CHECK_VERDICTS else "unknown",
+                     message=str(value.get("message") or ""), checks=checks, reported=True)
+
+
 def parse_result(ev: dict) -> dict:
-    """A `result` event -> {model, parent, path, verdict, worse, organs: [{name, before, after}] (0..1)}."""
+    """A `result` event -> {model, parent, path, verdict, worse, organs: [{name, before, after}] (0..1),
+    self_check: SelfCheck}."""
     model = ev.get("model")
     name = model.get("name") or model.get("id") if isinstance(model, dict) else model
     organs: list[dict] = []
@@ -99,7 +156,8 @@ def parse_result(ev: dict) -> dict:
         return _dice(d.get("mean_dice")) if isinstance(d, dict) else None
     return {"model": name, "parent": ev.get("parent"), "path": ev.get("path"), "organs": organs,
             "mean_before": mean("before"), "mean_after": mean("after"), "verdict": ev.get("verdict", ""),
-            "worse": ev.get("worse_than_parent"), "iterations": ev.get("iterations"), "raw": ev}
+            "worse": ev.get("worse_than_parent"), "iterations": ev.get("iterations"),
+            "self_check": parse_self_check(ev.get("self_check")), "raw": ev}
 
 
 # ---------------------------------------------------------------- chart and table nodes

@@ -2,6 +2,10 @@
 
 "Use the new model" and "Roll back" only change which version is current (a small JSON file in the
 registry folder, see DINOMixSegmentationLib.models); no model file is ever deleted or overwritten.
+
+A fine-tuned model whose self-check is not "safe" (or that measured worse than its parent on held-out cases)
+becomes current only after the clinician's explicit choice: `use_new_model_question` gives the question to
+ask (its safe answer, the default, is No).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from typing import Optional
 
 from DINOMixSegmentationLib.models import ModelInfo, current_model, lineage, set_current_model
 
-from .finetune import format_dice
+from .finetune import SelfCheck, format_dice, parse_self_check
 
 
 @dataclass
@@ -51,3 +55,28 @@ def use_model(name: str, models: list[ModelInfo]) -> None:
 def roll_back(name: str, models: list[ModelInfo]) -> None:
     """Select an earlier version as current; the newer files stay in the registry."""
     set_current_model(name, models)
+
+
+USE_ANYWAY_TITLE = "Use a model that may be worse?"
+
+
+def use_new_model_question(result: Optional[dict]) -> Optional[str]:
+    """None when the new model may be made current at once: its self-check says "safe" and it did not measure
+    worse than its parent on held-out cases. Otherwise the question to ask before making it current (the
+    answer must be an explicit Yes; No, the default, keeps the current model)."""
+    result = result or {}
+    check = result.get("self_check")
+    if not isinstance(check, SelfCheck):
+        check = parse_self_check(check)
+    worse = result.get("worse") is True
+    if check.safe and not worse:
+        return None
+    if check.verdict == "unsafe" or worse:
+        reasons = [check.message.strip()] if check.verdict == "unsafe" and check.message.strip() else []
+        if worse:
+            reasons.append("On the held-out cases it measured worse than the model it was fine-tuned from.")
+        return ("The self-check says this model may be worse than the current one."
+                + "".join(" " + r for r in reasons) + "\n\nUse it anyway?")
+    because = check.message.strip() or ("This engine reports no self-check." if not check.reported else "")
+    return ("The self-check could not tell whether this model is better or worse than the current one."
+            + (" " + because if because else "") + "\n\nUse it anyway?")
