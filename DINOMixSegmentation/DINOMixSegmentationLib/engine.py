@@ -171,13 +171,16 @@ def group_alive(pgid: int) -> bool:
     return True
 
 
-def signal_tree(pid: int, kill: bool) -> None:
-    """POSIX: SIGTERM (or SIGKILL) to the process group the command leads. Windows: taskkill /T /F."""
+def signal_tree(pid: int, kill: bool, wait: bool = True) -> None:
+    """POSIX: SIGTERM (or SIGKILL) to the process group the command leads. Windows: taskkill /T /F (without
+    waiting for it with wait=False: it then ends the tree even if Slicer exits right after)."""
     if os.name == "nt":
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
         try:
-            subprocess.run(tree_kill_command(pid), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           stdin=subprocess.DEVNULL, timeout=10, creationflags=flags)
+            killer = subprocess.Popen(tree_kill_command(pid), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      stdin=subprocess.DEVNULL, creationflags=flags)
+            if wait:
+                killer.wait(timeout=10)
         except (OSError, subprocess.SubprocessError):
             pass
         return
@@ -258,16 +261,21 @@ class BackgroundCommand:
         return self
 
     def cancel(self) -> None:
-        """Ask the engine to stop; returns at once. The worker thread ends the whole process tree if the
-        engine is still alive KILL_AFTER_S later (on Windows: at once)."""
+        """Ask the engine to stop; returns at once. POSIX: SIGTERM to the process group, and the worker thread
+        kills what is left of it KILL_AFTER_S later. Windows: taskkill /T /F, started at once."""
         with self._lock:
             if self._cancel_requested or self._done.is_set():
                 return
             self._cancel_requested = True
             self._cancel_time = time.monotonic()
             proc = self.proc
-        if proc is not None and os.name != "nt":
-            signal_tree(proc.pid, kill=False)  # SIGTERM: the engine cancels cleanly and exits 130
+            if proc is not None and os.name == "nt":
+                self._killed = True
+        if proc is not None:
+            if os.name == "nt":
+                signal_tree(proc.pid, kill=True, wait=False)  # no console to send CTRL_BREAK_EVENT through
+            else:
+                signal_tree(proc.pid, kill=False)  # SIGTERM: the engine cancels cleanly and exits 130
 
     @property
     def cancel_requested(self) -> bool:
@@ -407,8 +415,11 @@ class BackgroundCommand:
         """After a cancel, once the launcher has exited: wait for the rest of its process group (python-real),
         kill it at the deadline, and return once nothing of the group runs (at most 5 s more)."""
         if os.name == "nt" or self.proc is None or self._cancel_time is None:
-            if os.name == "nt" and self.proc is not None and not self._killed:
-                self._kill_tree()
+            if os.name == "nt" and self.proc is not None:
+                if not self._killed:
+                    self._kill_tree()
+                elif self.engine_pid and self.engine_pid != self.proc.pid:
+                    signal_tree(self.engine_pid, kill=True)  # python-real, should it have outlived the launcher
             return
         pgid = self.proc.pid
         give_up = time.monotonic() + KILL_AFTER_S + 5.0
