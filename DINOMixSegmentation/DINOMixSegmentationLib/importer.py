@@ -1,16 +1,17 @@
 """Loading the engine's result into the scene without blocking Slicer's GUI.
 
 `import_result` (segmentation.py) reads the .seg.nrrd with Slicer's reader and builds the kept original from
-the segments, all on the GUI thread: about a second of CPU for a clinical-size CT (512 x 512 x 400). Here the
-same result is built in two parts:
+the segments in one call on the GUI thread: about a second of CPU for a clinical-size CT (512 x 512 x 400).
+`ResultImport` builds the same result in short steps on the main thread (no Python thread: inside Slicer one
+would only run while the main thread runs Python):
 
-* a worker thread reads the file (header, then the gzip voxels straight into a VTK image's buffer, in 4 MB
-  chunks, cancel points between them) and copies the voxels once more for the kept original (on the volume's
-  grid the engine's label map *is* the original output); it creates only plain VTK objects that belong to no
-  scene (vtkOrientedImageData, vtkImageData);
-* one short `step()` on the GUI thread then assembles a vtkSegmentation (13 segments sharing that one
-  labelmap layer: no copy), swaps it into the segmentation node in one go (a new node, or the node being
-  replaced) and adds the hidden original labelmap node: milliseconds, whatever the CT size.
+* each `step()` reads a few chunks of the file (header, then the gzip voxels straight into a VTK image's
+  buffer, 4 MB per chunk) for at most `tasks.BUDGET_S`, then copies slabs of the voxels for the kept original
+  (on the volume's grid the engine's label map *is* the original output); until the last step it creates only
+  plain VTK objects that belong to no scene (vtkOrientedImageData, vtkImageData);
+* the last step assembles a vtkSegmentation (13 segments sharing that one labelmap layer: no copy), swaps it
+  into the segmentation node in one go (a new node, or the node being replaced) and adds the hidden original
+  labelmap node: milliseconds, whatever the CT size.
 
 Cancel before that step leaves the scene untouched (the scene only changes in the last step). Files this
 reader does not handle (several layers, detached data, another grid than the volume's) fall back to
@@ -27,17 +28,17 @@ import datetime as _dt
 import json
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 
 from .segmentation import (ATTR_CREATED, ATTR_ENGINE, ATTR_MODE, ATTR_MODEL, ATTR_MODEL_SHA, ATTR_MODEL_TRAINED,
                            ATTR_ORGANS, ATTR_ORIGINAL_OF, ORIGINAL_ROLE, Grid, import_result, keep_original,
-                           organs_from_summary, original_labelmap)
-from .tasks import ENDED, ThreadTask
-from .volumeio import (NrrdUnsupported, array_to_vtk_matrix, read_nrrd_data, read_nrrd_header, same_lattice)
+                           organs_from_summary, original_labelmap, set_terminology)
+from .tasks import BUDGET_S, ENDED, advance
+from .volumeio import NrrdUnsupported, array_to_vtk_matrix, read_nrrd_chunks, read_nrrd_header, same_lattice
 
-SLAB = 16  # slices copied per chunk (the worker's cancel points)
+SLAB = 16  # slices copied per unit of work
 
 
 def parse_segments(keyvalues: dict) -> list[dict]:
@@ -64,20 +65,25 @@ class ResultImport:
 
     def __init__(self, seg_nrrd: str | Path, summary: dict, volume_node, segmentation_node=None,
                  name: Optional[str] = None, model_organs: Optional[list[dict]] = None,
-                 before_read: Optional[Callable[[], None]] = None) -> None:
+                 before_read: Optional[Callable[[], Iterator[None]]] = None) -> None:
         self.path = Path(seg_nrrd)
         self.summary = summary
         self.volume_node = volume_node
         self.segmentation_node = segmentation_node
         self.name = name
         self.model_organs = model_organs
-        self.before_read = before_read  # worker thread, first (e.g. keeping a copy of the engine's files)
+        self.before_read = before_read  # a generator function run first, in steps (e.g. keeping the engine's files)
         self.state = "new"  # new, reading, done, failed, cancelled
         self.error: Optional[str] = None
         self.fallback = False  # True when the file needed Slicer's reader (one long step)
-        self.task: Optional[ThreadTask] = None
         self.step_seconds: list[float] = []
+        self.cpu_seconds = 0.0  # main-thread CPU time of all steps
         self._grid: Optional[Grid] = None
+        self._work: Optional[Iterator[None]] = None
+        self._data: Optional[dict] = None
+        self._fraction = 0.0
+        self._message = ""
+        self._cancel = False
 
     # ------------------------------------------------------------------ control
     @property
@@ -86,12 +92,12 @@ class ResultImport:
 
     @property
     def fraction(self) -> float:
-        return 1.0 if self.state == "done" else 0.95 * (self.task.fraction if self.task else 0.0)
+        return 1.0 if self.state == "done" else 0.95 * self._fraction
 
     @property
     def message(self) -> str:
         if self.state == "reading":
-            return self.task.message if self.task else ""
+            return self._message
         return {"done": "loaded", "cancelled": "cancelled", "failed": self.error or "failed"}.get(self.state, "")
 
     def start(self) -> "ResultImport":
@@ -99,59 +105,66 @@ class ResultImport:
             raise RuntimeError("an import can be started once")
         if self.volume_node is None or self.volume_node.GetImageData() is None:
             raise ValueError("the input volume has no image data")
-        self._grid = Grid.of_volume(self.volume_node)  # GUI thread: the volume's geometry (a few numbers)
-        self.task = ThreadTask(self._read, name="dinomix-import").start()
+        self._grid = Grid.of_volume(self.volume_node)  # the volume's geometry (a few numbers)
+        self._work = self._read()
         self.state = "reading"
         return self
 
     def cancel(self) -> None:
-        """Stops the reading; the scene is left as it was (it only changes in the last step)."""
-        if self.task is not None and not self.ended:
-            self.task.cancel()
+        """Stops the reading at the next step; the scene is left as it was (it only changes in the last step)."""
+        if not self.ended:
+            self._cancel = True
 
-    def step(self) -> bool:
-        """GUI thread: returns at once while the worker reads; the last call puts the result in the scene."""
+    def step(self, budget_s: float = BUDGET_S) -> bool:
+        """Main thread: reads for at most `budget_s`; the last call puts the result in the scene."""
         if self.ended:
             return True
-        if self.task is None:
+        if self._work is None:
             raise RuntimeError("start() the import first")
-        if not self.task.finished:
-            return False
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.thread_time()
         try:
-            if self.task.state == "cancelled" or self.task.cancel_requested:
+            if self._cancel:
+                self._work.close()
                 self.state = "cancelled"
-            elif self.task.state == "failed":
-                self.state, self.error = "failed", self.task.error
-            elif self.task.result.get("unsupported"):
-                self.fallback = True
-                self._import_with_slicer_reader()
+                return True
+            try:
+                if not advance(self._work, budget_s):
+                    return False
+            except Exception as exc:
+                self.state, self.error = "failed", str(exc) or type(exc).__name__
+                return True
+            try:
+                if self._data.get("unsupported"):
+                    self.fallback = True
+                    self._import_with_slicer_reader()
+                else:
+                    self._attach(self._data)
                 self.state = "done"
-            else:
-                self._attach(self.task.result)
-                self.state = "done"
-        except Exception as exc:
-            self.state, self.error = "failed", str(exc) or type(exc).__name__
+            except Exception as exc:
+                self.state, self.error = "failed", str(exc) or type(exc).__name__
+            return True
         finally:
             self.step_seconds.append(time.monotonic() - t0)
-        return True
+            self.cpu_seconds += time.thread_time() - c0
 
     def wait(self, timeout: Optional[float] = None) -> str:
         from .tasks import run_steps
 
         return run_steps(self, timeout)
 
-    # ------------------------------------------------------------------ worker thread
-    def _read(self, task: ThreadTask) -> dict:
+    # ------------------------------------------------------------------ the reading, in units of work
+    def _report(self, fraction: float, message: str) -> None:
+        self._fraction, self._message = fraction, message
+
+    def _read(self) -> Iterator[None]:
         import vtk
 
         import slicer
 
         if self.before_read is not None:
-            task.report(0.0, "keeping the engine's files")
-            self.before_read()
-        task.check()
-        task.report(0.0, "reading the engine's segmentation")
+            self._report(0.0, "keeping the engine's files")
+            yield from self.before_read()
+        self._report(0.0, "reading the engine's segmentation")
         try:
             header = read_nrrd_header(self.path)
             if int(header.fields.get("dimension", "0")) != 3:
@@ -164,12 +177,15 @@ class ResultImport:
             dtype = header.dtype
             if dtype.byteorder == ">" or dtype.kind not in "iu":
                 raise NrrdUnsupported(f"voxel type {dtype}")
+            if header.encoding not in ("raw", "gzip"):
+                raise NrrdUnsupported(f"encoding '{header.encoding}'")
             sizes = header.sizes
             offset = [int(v) for v in header.keyvalues.get("Segmentation_ReferenceImageExtentOffset",
                                                            "0 0 0").split()]
             data_matrix = header.ijk_to_ras()
         except NrrdUnsupported as exc:
-            return {"unsupported": str(exc)}
+            self._data = {"unsupported": str(exc)}
+            return
         # extent index e holds stored voxel e - offset
         shift = np.eye(4)
         shift[:3, 3] = -np.asarray(offset, dtype=float)
@@ -180,7 +196,9 @@ class ResultImport:
                     np.dtype(np.uint16): vtk.VTK_UNSIGNED_SHORT, np.dtype(np.int16): vtk.VTK_SHORT,
                     np.dtype(np.uint32): vtk.VTK_UNSIGNED_INT, np.dtype(np.int32): vtk.VTK_INT}.get(dtype)
         if vtk_type is None:
-            return {"unsupported": f"voxel type {dtype}"}
+            self._data = {"unsupported": f"voxel type {dtype}"}
+            return
+        yield
         # the segmentation's one layer: a plain VTK image (no scene), filled straight from the file
         layer = slicer.vtkOrientedImageData()
         layer.SetExtent(*extent)
@@ -189,8 +207,10 @@ class ResultImport:
         from vtk.util import numpy_support
 
         view = numpy_support.vtk_to_numpy(layer.GetPointData().GetScalars()).reshape(sizes[2], sizes[1], sizes[0])
-        read_nrrd_data(header, view, check=task.check,
-                       progress=lambda f: task.report(0.8 * f, "reading the engine's segmentation"))
+        yield
+        for fraction in read_nrrd_chunks(header, view):
+            self._report(0.8 * fraction, "reading the engine's segmentation")
+            yield
         # the kept original: on the volume's grid the engine's label map is exactly the model's output
         original = None
         grid = self._grid
@@ -201,13 +221,14 @@ class ResultImport:
             original.SetDimensions(*grid.size)
             original.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
             orig_view = numpy_support.vtk_to_numpy(original.GetPointData().GetScalars()).reshape(grid.shape_kji)
+            yield
             for k in range(0, sizes[2], SLAB):
-                task.check()
                 np.copyto(orig_view[k:k + SLAB], view[k:k + SLAB], casting="unsafe")
-                task.report(0.8 + 0.15 * min(1.0, (k + SLAB) / sizes[2]), "keeping the model's original output")
-        task.report(0.95, "organ names and terminology")
-        organs = organs_from_summary(self.summary, self.model_organs)  # imports the engine's organ catalog
-        return {"layer": layer, "segments": segments, "organs": organs, "original": original}
+                self._report(0.8 + 0.15 * min(1.0, (k + SLAB) / sizes[2]), "keeping the model's original output")
+                yield
+        self._report(0.95, "organ names and terminology")
+        organs = organs_from_summary(self.summary, self.model_organs)  # the engine's organ catalog (imported)
+        self._data = {"layer": layer, "segments": segments, "organs": organs, "original": original}
 
     # ------------------------------------------------------------------ GUI thread, one step
     def _new_node(self):
@@ -237,7 +258,7 @@ class ResultImport:
             for key, value in s["tags"].items():
                 segment.SetTag(key, value)
             if organ and organ.get("terminology"):
-                segment.SetTerminology(organ["terminology"])
+                set_terminology(segment, organ["terminology"])
             segment.AddRepresentation(binary, data["layer"])
             segmentation.AddSegment(segment, s["id"])
         node = self.segmentation_node

@@ -9,10 +9,12 @@ follow its events without blocking, import the result, build its 3D surfaces, ca
     run.progress                        # stage (read, infer, ..., import, 3D), fraction, message, time left
     run.cancel()                        # ends the engine within 2 s, removes the temporary files
 
-Every poll() returns within milliseconds, also after the engine has finished: the result is read in a worker
-thread and put in the scene in one short step (`ResultImport`), then the 3D surfaces are built in a worker
-thread and attached one organ per poll (`SurfaceBuilder`). Cancel while importing leaves the scene as it was;
-cancel while the surfaces are built keeps the segmentation and drops the surfaces (`surfaces_cancelled`).
+Every poll() returns within a few tens of milliseconds and nothing runs in a Python thread of Slicer's process
+(there, such a thread only advances while the main thread runs Python: see tasks.py). The volume is written
+for the engine a few chunks per poll; the engine runs in its own process; its result is read a few chunks per
+poll and put in the scene in one short step (`ResultImport`); the 3D surfaces are built by the engine process
+and attached one organ per poll (`SurfaceBuilder`). Cancel while importing leaves the scene as it was; cancel
+while the surfaces are built keeps the segmentation and drops the surfaces (`surfaces_cancelled`).
 `run.wait()` does the same loop blocking, for tests and scripts.
 """
 
@@ -24,12 +26,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from .engine import BackgroundCommand, Engine
 from .importer import ResultImport
 from .surfaces import SurfaceBuilder
-from .volumeio import VolumeSnapshot, safe_name, write_nrrd
+from .tasks import advance
+from .volumeio import VolumeSnapshot, nrrd_chunks, safe_name
 
 STATES_ENDED = ("done", "failed", "cancelled")
 
@@ -107,6 +110,8 @@ class SegmentationRun:
         self.surfaces: Optional[SurfaceBuilder] = None
         self._cancel_requested = False
         self._phase_started: Optional[float] = None
+        self._export: Optional[Iterator[float]] = None  # the engine's input, written a few chunks per poll
+        self._args: list[str] = []
 
     # ------------------------------------------------------------------ control
     def start(self) -> "SegmentationRun":
@@ -115,28 +120,42 @@ class SegmentationRun:
         if self.volume_node is None or self.volume_node.GetImageData() is None:
             raise ValueError("select an input volume with image data")
         self.started_at = time.monotonic()
-        # a view of the voxels (no copy on the GUI thread); the worker thread writes it to the engine's input
+        # a view of the voxels (no copy); poll() writes it for the engine a few chunks at a time
         snapshot = VolumeSnapshot.of(self.volume_node, copy=False)
         self.temp_dir = Path(tempfile.mkdtemp(prefix="dinomix-segment-", dir=self.temp_root))
         input_path = self.temp_dir / f"{safe_name(snapshot.name)}.nrrd"
         output_path = self.temp_dir / "result.seg.nrrd"
-        args = self.options.engine_args(input_path, output_path)
-
-        def prepare() -> None:  # worker thread: file I/O only
-            write_nrrd(input_path, snapshot.array, snapshot.ijk_to_ras)
-
-        self.command = BackgroundCommand(self.engine, args, prepare=prepare).start()
+        self._args = self.options.engine_args(input_path, output_path)
+        self._export = nrrd_chunks(input_path, snapshot.array, snapshot.ijk_to_ras)
         self.state = "running"
+        self.progress = Progress(fraction=0.0, stage="export", message="writing the volume for the engine")
         self._log(f"exporting '{snapshot.name}' {snapshot.size_ijk} and starting the engine")
         return self
 
+    def _step_export(self) -> None:
+        """A few chunks of the engine's input file; the engine starts once it is complete."""
+        try:
+            if not advance(self._export):
+                return
+        except OSError as exc:
+            self._export = None
+            self._end("failed", f"could not write the volume for the engine: {exc}")
+            return
+        self._export = None
+        self.command = BackgroundCommand(self.engine, self._args).start()
+
     def cancel(self) -> None:
         """Returns at once; the run ends on a following poll() (the engine within 2 s)."""
-        if self.state in STATES_ENDED or self.command is None or self._cancel_requested:
+        if self.state in STATES_ENDED or self.state == "new" or self._cancel_requested:
             return
         self._cancel_requested = True
         self._log("cancelling")
-        if self.importer is not None:
+        if self.command is None:  # still writing the engine's input: nothing runs yet
+            if self._export is not None:
+                self._export.close()
+                self._export = None
+            self._end("cancelled")
+        elif self.importer is not None:
             self.importer.cancel()
         elif self.surfaces is not None:
             self.surfaces.cancel()
@@ -149,7 +168,10 @@ class SegmentationRun:
 
     def poll(self) -> list[dict]:
         """New engine events; after the engine: one short step of the import or of the 3D surfaces."""
-        if self.command is None or self.ended:
+        if self.ended or self.state == "new":
+            return []
+        if self.command is None:
+            self._step_export()
             return []
         if self.state == "importing":
             self._step_import()
@@ -223,15 +245,23 @@ class SegmentationRun:
         else:
             self._end("failed", self.command.error if self.command else "the engine failed")
 
-    def _keep_outputs(self) -> None:
-        """Worker thread: copy the engine's files to keep_outputs_dir (debugging, tests)."""
+    def _keep_outputs(self) -> Iterator[None]:
+        """Copy the engine's files to keep_outputs_dir (debugging, tests), 8 MB per unit of the import's steps."""
         if not self.options.keep_outputs_dir:
             return
         keep = Path(self.options.keep_outputs_dir)
         keep.mkdir(parents=True, exist_ok=True)
-        for p in self.temp_dir.iterdir():
-            if p.is_file():
-                shutil.copy2(p, keep / p.name)
+        for p in sorted(self.temp_dir.iterdir()):
+            if not p.is_file():
+                continue
+            with open(p, "rb") as src, open(keep / p.name, "wb") as dst:
+                while True:
+                    data = src.read(8 << 20)
+                    if not data:
+                        break
+                    dst.write(data)
+                    yield
+            shutil.copystat(p, keep / p.name)
 
     def _step_import(self) -> None:
         """One short GUI-thread step of the import, then of the 3D surfaces."""
@@ -256,7 +286,7 @@ class SegmentationRun:
                 self._end("done")
                 return
             self._phase_started = time.monotonic()
-            self.surfaces = SurfaceBuilder(self.segmentation_node).start()
+            self.surfaces = SurfaceBuilder(self.segmentation_node, engine=self.engine, temp_root=self.temp_root).start()
             self.progress = Progress(fraction=0.0, stage="3D", message=self.surfaces.message)
             return
         surfaces = self.surfaces
@@ -274,7 +304,7 @@ class SegmentationRun:
             elif surfaces.state == "failed":
                 self._log(f"3D surfaces not built: {surfaces.error}")
             else:
-                self._log(f"3D surfaces of {len(surfaces.installed)} organs built in the background "
+                self._log(f"3D surfaces of {len(surfaces.installed)} organs built by the engine process "
                           f"in {self.surfaces_seconds:.1f} s")
             self._end("done")
 

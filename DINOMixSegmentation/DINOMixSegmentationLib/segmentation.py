@@ -39,6 +39,29 @@ ANATOMIC_CONTEXT = "Anatomic codes - DICOM master list"
 
 # ---------------------------------------------------------------- terminology
 
+TERMINOLOGY_TAG = "TerminologyEntry"  # vtkSegment::GetTerminologyEntryTagName() in every Slicer version
+
+
+def terminology_tag() -> str:
+    import slicer
+
+    getter = getattr(slicer.vtkSegment, "GetTerminologyEntryTagName", None)
+    return getter() if getter is not None else TERMINOLOGY_TAG
+
+
+def set_terminology(segment, entry: str) -> None:
+    """A segment's terminology entry, through its tag (what vtkSegment.SetTerminology does where it exists)."""
+    segment.SetTag(terminology_tag(), entry)
+
+
+def get_terminology(segment) -> str:
+    """A segment's terminology entry ('' when none), through its tag: works in every supported Slicer."""
+    import vtk
+
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(terminology_tag(), value) else ""
+
+
 def parse_terminology(entry: str) -> dict:
     """Slicer terminology entry string -> {'type': code value, 'modifier': code value, ...} (empty if none)."""
     parts = (entry or "").split("~")
@@ -250,7 +273,7 @@ def import_result(seg_nrrd: str | Path, summary: dict, volume_node, segmentation
                 continue
             segment.SetName(organ["display_name"])
             if organ.get("terminology"):
-                segment.SetTerminology(organ["terminology"])
+                set_terminology(segment, organ["terminology"])
         model = summary.get("model") or {}
         segmentation_node.SetAttribute(ATTR_MODEL, str(model.get("id", "")))
         segmentation_node.SetAttribute(ATTR_MODEL_SHA, str(model.get("weights_sha256", "")))

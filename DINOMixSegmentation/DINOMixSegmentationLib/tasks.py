@@ -1,37 +1,67 @@
-"""Work that must not block Slicer's GUI thread.
+"""Work that must not block Slicer's GUI thread, designed for how Python really runs inside Slicer.
 
-Two patterns, both driven by a QTimer on the GUI thread (the widgets) or by a `wait()` loop (tests, scripts):
+Slicer's main thread holds Python's GIL while it sits idle in the Qt event loop (PythonQt is built without
+thread support: neither CTK's Python manager nor Slicer ever release the GIL). A Python worker thread started
+there therefore runs only while the main thread itself runs Python, i.e. during the modules' timer ticks, a few
+milliseconds every 150-250 ms: a 0.3 s numpy job in a thread takes many seconds, and a long VTK call made from a
+thread (VTK calls hold the GIL in Slicer) freezes the GUI just as if the main thread had made it. Heavy work is
+therefore never done in a Python thread of Slicer's process. Two patterns instead, both driven by the widgets'
+QTimer (or by `run_steps` in tests and scripts):
 
-* `ThreadTask` runs a function in a daemon thread. The function gets the task, calls `task.check()` between
-  chunks of work (raises `Cancelled` once `cancel()` was called) and `task.report(fraction, message)`. It
-  must not touch MRML nodes: it works on numpy arrays (views of image data taken on the GUI thread, or its own
-  copies) and on plain VTK objects that belong to no scene. numpy, zlib and file I/O release the GIL, and VTK
-  filters release it too (Slicer's VTK, like the VTK wheels, is built with VTK_PYTHON_FULL_THREADSAFE), so the
-  GUI thread keeps running; work that holds the GIL (numpy on large arrays) is done in slabs of a few slices.
-* Stepped jobs (`ResultImport`, `SurfaceBuilder`, `ChangeScan`, `ExportTask`) split what has to happen on the GUI
-  thread (MRML changes) into short `step()` calls: one step does one small unit (one organ, one case) and
-  returns; `step()` returns True once the job has ended (`state` done, failed or cancelled).
+* Short steps on the main thread: a job is a generator of small units (a few MB of a file written or read, a
+  slab of voxels copied), and each `step()` runs units until `BUDGET_S` has passed, so no single call on the
+  main thread takes more than a few tens of milliseconds. Reading the engine's result (`ResultImport`) and
+  writing the engine's input are done this way.
+* The engine process: `EngineTask` dumps the voxel arrays a computation needs as `.npy` files (in short steps,
+  as above: memory copies into the page cache) with a JSON job, and runs `dinomix scene <task>` (see
+  dinomix/scene_cli.py) in the background; its JSON-lines events are read at each step. 3D surfaces, the
+  Trainer's comparison with the model's original output and the training-set export run there, on the other
+  cores, whatever the main thread does. Results come back as files Slicer reads with its own C++ readers (one
+  surface per step) or in the `result` event.
 
-`mtime_token` fingerprints the VTK/MRML objects a background computation read, so a result computed while the
-user edited the scene is detected and recomputed rather than applied.
+`ThreadTask` remains for light work that waits on the operating system (listing a folder, a small manifest):
+in Slicer such a thread advances only during timer ticks, so it must never carry heavy work.
+
+`mtime_token` fingerprints the VTK/MRML objects whose voxels were dumped, so a result computed from a scene the
+user edited meanwhile is detected and recomputed rather than applied.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
 
 ENDED = ("done", "failed", "cancelled")
+BUDGET_S = 0.04  # main-thread time one step may spend on chunks of work (each chunk takes a few ms)
+CHUNK_BYTES = 8 << 20  # bytes per chunk of a file written or read on the main thread
 
 
 class Cancelled(Exception):
     """Raised by `ThreadTask.check()` after `cancel()`."""
 
 
+def advance(work: Iterator, budget_s: float = BUDGET_S) -> bool:
+    """Run units of a generator until `budget_s` has passed; True once it is exhausted."""
+    end = time.perf_counter() + budget_s
+    for _ in work:
+        if time.perf_counter() >= end:
+            return False
+    return True
+
+
 class ThreadTask:
-    """`fn(task)` in a daemon thread; poll `finished`, then read `state`, `result` or `error`."""
+    """`fn(task)` in a daemon thread; poll `finished`, then read `state`, `result` or `error`.
+
+    Light work only (file-system listings, small files): inside Slicer a Python thread runs only while the main
+    thread runs Python (see the module docstring)."""
 
     def __init__(self, fn: Callable[["ThreadTask"], Any], name: str = "dinomix-task") -> None:
         self.fn = fn
@@ -42,7 +72,7 @@ class ThreadTask:
         self.traceback: Optional[str] = None
         self.fraction = 0.0
         self.message = ""
-        self.cpu_seconds = 0.0  # CPU time of the worker thread (what the GUI thread was spared)
+        self.cpu_seconds = 0.0
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -70,7 +100,6 @@ class ThreadTask:
         self.state = state
         self._done.set()
 
-    # ------------------------------------------------------------------ worker side
     def check(self) -> None:
         if self._cancel.is_set():
             raise Cancelled()
@@ -80,7 +109,6 @@ class ThreadTask:
         if message is not None:
             self.message = message
 
-    # ------------------------------------------------------------------ GUI side
     def cancel(self) -> None:
         self._cancel.set()
 
@@ -95,6 +123,171 @@ class ThreadTask:
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Block until the task ends (tests and scripts only, never the GUI thread)."""
         return self._done.wait(timeout)
+
+
+def npy_chunks(path: Path, array: np.ndarray, chunk_bytes: int = CHUNK_BYTES) -> Iterator[None]:
+    """Write `array` (C-contiguous) as a .npy file, one chunk per unit; the file appears under its name only
+    once complete (a closed generator removes its temporary file)."""
+    from numpy.lib import format as npformat
+
+    arr = np.ascontiguousarray(array)
+    data = memoryview(arr.reshape(-1).view(np.uint8))
+    tmp = path.with_name(f".{path.name}.part")
+    f = open(tmp, "wb")
+    try:
+        npformat.write_array_header_1_0(f, npformat.header_data_from_array_1_0(arr))
+        for start in range(0, len(data), chunk_bytes):
+            f.write(data[start:start + chunk_bytes])
+            yield
+        f.close()
+        tmp.replace(path)
+    finally:
+        f.close()
+        tmp.unlink(missing_ok=True)
+
+
+class EngineTask:
+    """One `dinomix scene <task>` run: arrays dumped as .npy files in short main-thread steps, then the engine.
+
+        task = EngineTask(engine, "changes")
+        job = {"original": task.dump("original", array), ...}   # file names; nothing is written yet
+        task.start(job)
+        while not task.step(): ...       # from a QTimer: writes a few chunks, then reads the engine's events
+        task.state, task.result, task.events, task.error
+        task.close()                     # removes the folder of dumps and outputs
+
+    `before_engine()`, if given to start(), runs once the dumps are written and before the engine starts; it
+    returns False to have the dumps written again (the scene was edited while they were written; it may first
+    call `reset_dumps()`, `dump()` fresh arrays and `start()` with the new job). Cancel stops
+    the writing at once or the engine within 2 s (it leaves no partial file)."""
+
+    def __init__(self, engine, task: str, temp_root: Optional[str] = None) -> None:
+        self.engine = engine
+        self.task = task
+        self.dir = Path(tempfile.mkdtemp(prefix=f"dinomix-{task}-", dir=temp_root))
+        self.state = "new"  # new, writing, running, done, failed, cancelled
+        self.error: Optional[str] = None
+        self.result: Optional[dict] = None
+        self.events: list[dict] = []
+        self.fraction = 0.0
+        self.message = ""
+        self.command = None
+        self.rewrites = 0
+        self._dumps: list[tuple[Path, np.ndarray]] = []
+        self._names: dict[int, str] = {}
+        self._writing: Optional[Iterator[None]] = None
+        self._job: dict = {}
+        self._before_engine: Optional[Callable[[], bool]] = None
+        self._cancel = False
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED
+
+    def dump(self, name: str, array: Optional[np.ndarray]) -> Optional[str]:
+        """The file that will hold `array` (the same array, by identity, is dumped once); None for None."""
+        if array is None:
+            return None
+        if id(array) in self._names:
+            return self._names[id(array)]
+        path = self.dir / f"{name}-{len(self._dumps)}.npy"
+        self._dumps.append((path, array))
+        self._names[id(array)] = str(path)
+        return str(path)
+
+    def reset_dumps(self) -> None:
+        """Forget the registered arrays (the caller registers fresh views, then start() again)."""
+        if self._writing is not None:
+            self._writing.close()
+        self._writing = None
+        self._dumps, self._names = [], {}
+
+    def _write_all(self) -> Iterator[None]:
+        total = sum(a.nbytes for _, a in self._dumps) or 1
+        done = 0
+        for path, array in self._dumps:
+            for _ in npy_chunks(path, array):
+                done += CHUNK_BYTES
+                self.fraction = 0.3 * min(1.0, done / total)
+                yield
+
+    def start(self, job: dict, before_engine: Optional[Callable[[], bool]] = None) -> "EngineTask":
+        if self.state not in ("new", "writing"):
+            raise RuntimeError("the task has started already")
+        self._job = job
+        self._before_engine = before_engine
+        self.state = "writing"
+        self.message = "preparing the data"
+        self._writing = self._write_all()
+        return self
+
+    def cancel(self) -> None:
+        self._cancel = True
+        if self.command is not None:
+            self.command.cancel()
+
+    def step(self) -> bool:
+        """Main thread: a few chunks of the dumps, or the engine's new events; True once the task has ended."""
+        if self.ended:
+            return True
+        if self._cancel and self.command is None:
+            if self._writing is not None:
+                self._writing.close()
+            self.state = "cancelled"
+            return True
+        if self.state == "writing":
+            if not advance(self._writing):
+                return False
+            self._writing = None
+            if self._before_engine is not None and not self._before_engine():
+                self.rewrites += 1  # the scene changed while the dumps were written: write them again
+                if self._writing is None:  # (the caller may have registered fresh arrays and called start())
+                    self._writing = self._write_all()
+                return False
+            self._start_engine()
+            return self.ended
+        for ev in self.command.poll():
+            self._handle(ev)
+        return self.ended
+
+    def _start_engine(self) -> None:
+        from .engine import BackgroundCommand
+
+        job_path = self.dir / "job.json"
+        job_path.write_text(json.dumps(self._job))
+        self.command = BackgroundCommand(self.engine, ["scene", self.task, str(job_path), "--events", "-"]).start()
+        self.state = "running"
+        self.message = "working in the engine process"
+
+    def _handle(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "_finished":
+            state = ev.get("state")
+            if state == "finished" and self.result is not None:
+                self.state, self.fraction = "done", 1.0
+            elif state == "cancelled" or self._cancel:
+                self.state = "cancelled"
+            else:
+                self.state = "failed"
+                self.error = self.command.error or "the engine failed"
+            return
+        if not kind.startswith("_"):
+            self.events.append(ev)
+        if kind == "progress":
+            self.fraction = 0.3 + 0.7 * float(ev.get("fraction") or 0.0)
+            self.message = str(ev.get("message") or self.message)
+        elif kind == "result":
+            self.result = {k: v for k, v in ev.items() if k not in ("event", "time")}
+
+    def new_events(self, since: int) -> list[dict]:
+        return self.events[since:]
+
+    def close(self) -> None:
+        """Remove the folder of dumps and outputs (after the caller has read the outputs)."""
+        if self._writing is not None:
+            self._writing.close()
+            self._writing = None
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def run_steps(job, timeout: Optional[float] = None, interval: float = 0.02) -> str:

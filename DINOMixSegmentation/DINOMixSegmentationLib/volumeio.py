@@ -1,10 +1,11 @@
 """Volumes between the MRML scene and files: a snapshot of a volume node, a plain NRRD writer and reader.
 
 The snapshot (a view of the voxels, or a copy, plus the IJK-to-RAS matrix) is taken on the main thread in
-microseconds (view) or milliseconds (copy); writing and reading NRRD is file I/O (numpy, zlib and file reads
-release the GIL), so it runs in a worker thread and never blocks Slicer's GUI. NRRD stores the geometry in
-LPS, which is what ITK (and so the engine) reads: the volume is exported with its exact spacing, origin and
-axis directions.
+microseconds (view) or milliseconds (copy). Writing and reading NRRD are generators of chunks (`nrrd_chunks`,
+`read_nrrd_chunks`): the modules run a few chunks per timer tick on Slicer's main thread (a raw chunk is a
+memory copy to or from the page cache, a gzip chunk a few milliseconds of zlib), never in a Python thread,
+which inside Slicer would only run while the main thread runs Python. NRRD stores the geometry in LPS, which is
+what ITK (and so the engine) reads: the volume is exported with its exact spacing, origin and axis directions.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -138,37 +139,40 @@ def nrrd_header(array: np.ndarray, ijk_to_ras_matrix: np.ndarray, encoding: str 
     return ("\n".join(lines) + "\n\n").encode("ascii")
 
 
-def write_nrrd(path: str | os.PathLike, array: np.ndarray, ijk_to_ras_matrix: np.ndarray,
-               compress: bool = False, chunk_bytes: int = 16 << 20) -> Path:
-    """Write a (k, j, i) array with its IJK-to-RAS geometry as a single-file NRRD.
-
-    The data go to a temporary name beside the target and are renamed at the end, so a reader never
-    sees a half-written file.
-    """
+def nrrd_chunks(path: str | os.PathLike, array: np.ndarray, ijk_to_ras_matrix: np.ndarray,
+                compress: bool = False, chunk_bytes: int = 8 << 20) -> Iterator[float]:
+    """Write a (k, j, i) array with its IJK-to-RAS geometry as a single-file NRRD, one chunk per unit (yields
+    the fraction written). The data go to a temporary name beside the target, renamed at the end: a reader
+    never sees a half-written file, and closing the generator early removes the temporary file."""
     path = Path(path)
     arr = np.ascontiguousarray(array)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     data = arr.reshape(-1).view(np.uint8)
     tmp = path.with_name(f".{path.name}.part")
+    f = open(tmp, "wb")
     try:
-        with open(tmp, "wb") as f:
-            f.write(nrrd_header(arr, ijk_to_ras_matrix, "gzip" if compress else "raw"))
-            if compress:
-                comp = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: gzip stream
-                for start in range(0, data.size, chunk_bytes):
-                    f.write(comp.compress(data[start:start + chunk_bytes]))
-                f.write(comp.flush())
-            else:
-                for start in range(0, data.size, chunk_bytes):
-                    f.write(data[start:start + chunk_bytes])
-            f.flush()
-            os.fsync(f.fileno())
+        f.write(nrrd_header(arr, ijk_to_ras_matrix, "gzip" if compress else "raw"))
+        comp = zlib.compressobj(1, zlib.DEFLATED, 31) if compress else None  # wbits 31: gzip stream
+        for start in range(0, data.size, chunk_bytes):
+            piece = data[start:start + chunk_bytes]
+            f.write(comp.compress(piece) if comp is not None else piece)
+            yield min(1.0, (start + chunk_bytes) / max(1, data.size))
+        if comp is not None:
+            f.write(comp.flush())
+        f.close()
         os.replace(tmp, path)
-    except BaseException:
+    finally:
+        f.close()
         tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+
+def write_nrrd(path: str | os.PathLike, array: np.ndarray, ijk_to_ras_matrix: np.ndarray,
+               compress: bool = False, chunk_bytes: int = 16 << 20) -> Path:
+    """`nrrd_chunks` at once (scripts, tests)."""
+    for _ in nrrd_chunks(path, array, ijk_to_ras_matrix, compress, chunk_bytes):
+        pass
+    return Path(path)
 
 
 def same_lattice(a: np.ndarray, b: np.ndarray, tol: float = 1e-4) -> Optional[np.ndarray]:
@@ -275,12 +279,13 @@ def read_nrrd_header(path: str | os.PathLike, max_bytes: int = 4 << 20) -> NrrdH
     return NrrdHeader(path, fields, keyvalues, data_offset)
 
 
-def read_nrrd_data(header: NrrdHeader, out: np.ndarray, check=None, progress=None,
-                   chunk_bytes: int = 4 << 20) -> np.ndarray:
-    """Read the voxels into `out` (C-contiguous, `header.dtype`, as many bytes as the data hold), in chunks:
-    `check()` is called between chunks (a worker's cancel point), `progress(fraction)` after each."""
+def read_nrrd_chunks(header: NrrdHeader, out: np.ndarray, chunk_bytes: int = 4 << 20) -> Iterator[float]:
+    """Read the voxels into `out` (C-contiguous, `header.dtype`, as many bytes as the data hold), one chunk per
+    unit (yields the fraction read)."""
     if not out.flags.c_contiguous or out.dtype != header.dtype:
         raise ValueError("the output array must be C-contiguous with the file's voxel type")
+    if header.encoding not in ("raw", "gzip"):
+        raise NrrdUnsupported(f"encoding '{header.encoding}'")
     dst = memoryview(out.reshape(-1).view(np.uint8))
     total = len(dst)
     pos = 0
@@ -292,11 +297,8 @@ def read_nrrd_data(header: NrrdHeader, out: np.ndarray, check=None, progress=Non
                 if not n:
                     raise EOFError(f"{header.path.name}: {total - pos} bytes of voxel data missing")
                 pos += n
-                if check is not None:
-                    check()
-                if progress is not None:
-                    progress(pos / total)
-        elif header.encoding == "gzip":
+                yield pos / total
+        else:
             inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib stream
             while pos < total:
                 data = inflater.unconsumed_tail or f.read(1 << 20)
@@ -305,10 +307,15 @@ def read_nrrd_data(header: NrrdHeader, out: np.ndarray, check=None, progress=Non
                 piece = inflater.decompress(data, min(chunk_bytes, total - pos))
                 dst[pos:pos + len(piece)] = piece
                 pos += len(piece)
-                if check is not None:
-                    check()
-                if progress is not None:
-                    progress(pos / total)
-        else:
-            raise NrrdUnsupported(f"encoding '{header.encoding}'")
+                yield pos / total
+
+
+def read_nrrd_data(header: NrrdHeader, out: np.ndarray, check=None, progress=None,
+                   chunk_bytes: int = 4 << 20) -> np.ndarray:
+    """`read_nrrd_chunks` at once: `check()` between chunks, `progress(fraction)` after each."""
+    for fraction in read_nrrd_chunks(header, out, chunk_bytes):
+        if check is not None:
+            check()
+        if progress is not None:
+            progress(fraction)
     return out

@@ -5,8 +5,10 @@ The comparison reads each segment's layer on the original's voxel grid (no resam
 agree, which is the case after Segment Editor edits) and counts changed voxels per organ from one joint
 histogram per layer, in slabs, so it needs little memory. `detect_changes` does it at once (scripts, tests);
 on a clinical-size CT that is more than a second of CPU. `ChangeScan` does the same for the Trainer's
-Refresh without blocking Slicer: the GUI thread only takes views of the voxel arrays (`LayerRefs`, no copy),
-a worker thread counts, and a result computed while the user edited the segmentation is recomputed.
+Refresh without blocking Slicer and without a Python thread (inside Slicer one would only run while the main
+thread runs Python): the main thread takes views of the voxel arrays (`LayerRefs`, no copy) and dumps them a
+few chunks per timer tick, `dinomix scene changes` counts in the engine process (the same
+`compute_changes`), and a result computed while the user edited the segmentation is recomputed.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import numpy as np
 
 from DINOMixSegmentationLib.engine import import_engine
 from DINOMixSegmentationLib.segmentation import (ATTR_MODEL, Grid, _export_mask, _same_transform,
-                                                 is_dinomix_segmentation, layers_in_grid, oriented_image_grid,
+                                                 get_terminology, is_dinomix_segmentation, layers_in_grid, oriented_image_grid,
                                                  original_labelmap, parse_terminology, reference_volume,
                                                  segmentation_organs, terminology_from_schema)
-from DINOMixSegmentationLib.tasks import ENDED, ThreadTask, mtime_token
+from DINOMixSegmentationLib.tasks import ENDED, EngineTask, mtime_token
 from DINOMixSegmentationLib.volumeio import image_array, same_lattice
 
 MIN_CHANGED_VOXELS = 10
@@ -77,8 +79,7 @@ def match_segments(segmentation_node, organs: list[dict]) -> dict[str, str]:
             if sid in used:
                 continue
             seg = segmentation.GetSegment(sid)
-            term = seg.GetTerminology() if hasattr(seg, "GetTerminology") else ""
-            parsed = parse_terminology(term)
+            parsed = parse_terminology(get_terminology(seg))
             if parsed["type"] == t_type and parsed["modifier"] == t_mod:
                 out[organ["name"]] = sid
                 used.add(sid)
@@ -232,7 +233,7 @@ def detect_changes(case: Case, min_voxels: int = MIN_CHANGED_VOXELS,
 
 # ---------------------------------------------------------------- the same, without blocking the GUI thread
 
-SLAB = 8  # slices per chunk of numpy work in a worker thread (bounds how long it holds the GIL)
+SLAB = 8  # slices per chunk of numpy work (build_labels, in scripts)
 
 
 class LayerRefs:
@@ -309,99 +310,19 @@ def overlap(shape_kji: tuple, offset_ijk: tuple, grid_shape_kji: tuple):
     return tuple(g), tuple(a)
 
 
-def _slab_max(array: np.ndarray, check=None) -> int:
-    m = 0
-    for k in range(0, array.shape[0], SLAB):
-        if check is not None:
-            check()
-        if array[k:k + SLAB].size:
-            m = max(m, int(array[k:k + SLAB].max()))
-    return m
-
-
-def _counts(array: np.ndarray, check=None, minlength: int = 256) -> np.ndarray:
-    """Histogram of a non-negative integer array, in slabs."""
-    counts = np.zeros(minlength, dtype=np.int64)
-    for k in range(0, array.shape[0], SLAB):
-        if check is not None:
-            check()
-        c = np.bincount(array[k:k + SLAB].ravel(), minlength=minlength)
-        if c.size > counts.size:
-            c[:counts.size] += counts
-            counts = c.astype(np.int64)
-        else:
-            counts[:c.size] += c
-    return counts
-
-
-def _joint_counts_slabs(original: np.ndarray, current: np.ndarray, o_max: int, check=None) -> np.ndarray:
-    """joint[o, c] over two arrays of the same shape, in slabs (as `_joint_counts`, with cancel points)."""
-    c_max = _slab_max(current, check) + 1
-    dtype = np.uint32 if o_max * c_max >= 65536 else np.uint16
-    joint = np.zeros(o_max * c_max, dtype=np.int64)
-    for k in range(0, original.shape[0], SLAB):
-        if check is not None:
-            check()
-        code = original[k:k + SLAB].astype(dtype) * dtype(c_max) + current[k:k + SLAB].astype(dtype)
-        joint += np.bincount(code.ravel(), minlength=o_max * c_max)
-    return joint.reshape(o_max, c_max)
-
-
 def compute_changes(organs: list[dict], segment_of: dict[str, str], refs: dict, grid_shape: tuple,
                     original: Optional[np.ndarray], min_voxels: int = MIN_CHANGED_VOXELS,
                     min_fraction: float = MIN_CHANGED_FRACTION, check=None, progress=None) -> list[dict]:
-    """`detect_changes`' counts from views (`LayerRefs.refs`, the original's (k, j, i) array or None); numpy only,
-    so it can run in a worker thread. Returns OrganChange fields as dicts."""
-    by_array: dict[tuple, object] = {}
-    placed = {}
-    for sid, (arr, offset, lv) in refs.items():
-        if arr is None:
-            continue
-        ov = overlap(arr.shape, offset, grid_shape)
-        if ov is not None:
-            placed[sid] = (arr, ov, lv, (id(arr), tuple(offset)))  # slices are not hashable before Python 3.12
-    out = []
-    if original is None:
-        for n, o in enumerate(organs):
-            sid = segment_of.get(o["name"])
-            cur = 0
-            if sid in placed:
-                arr, (g_sl, a_sl), lv, key = placed[sid]
-                if key not in by_array:
-                    by_array[key] = _counts(arr[a_sl], check, minlength=_slab_max(arr[a_sl], check) + 1)
-                counts = by_array[key]
-                cur = int(counts[lv]) if lv < counts.size else 0
-            out.append(dict(name=o["name"], display_name=o.get("display_name", o["name"]), value=int(o["value"]),
-                            segment_id=sid, original_voxels=None, current_voxels=cur, changed_voxels=None,
-                            changed=None, reviewed=cur > 0))
-            if progress is not None:
-                progress((n + 1) / max(1, len(organs)))
-        return out
-    orig_counts = _counts(original, check)
-    o_max = int(np.nonzero(orig_counts)[0].max()) + 1 if orig_counts.any() else 1
-    for n, o in enumerate(organs):
-        value = int(o["value"])
-        sid = segment_of.get(o["name"])
-        n_orig = int(orig_counts[value]) if value < orig_counts.size else 0
-        if sid is None or sid not in refs:
-            n_cur, n_changed = 0, n_orig
-        elif sid not in placed:  # empty, or entirely outside the grid
-            n_cur, n_changed = 0, n_orig
-        else:
-            arr, (g_sl, a_sl), lv, key = placed[sid]
-            joint = by_array.get(key)
-            if joint is None:
-                joint = by_array[key] = _joint_counts_slabs(original[g_sl], arr[a_sl], o_max, check)
-            n_cur = int(joint[:, lv].sum()) if lv < joint.shape[1] else 0
-            both = int(joint[value, lv]) if value < joint.shape[0] and lv < joint.shape[1] else 0
-            n_changed = n_orig + n_cur - 2 * both
-        changed = n_changed > max(min_voxels, min_fraction * n_orig)
-        out.append(dict(name=o["name"], display_name=o.get("display_name", o["name"]), value=value, segment_id=sid,
-                        original_voxels=n_orig, current_voxels=n_cur, changed_voxels=n_changed, changed=changed,
-                        reviewed=changed))
-        if progress is not None:
-            progress((n + 1) / max(1, len(organs)))
-    return out
+    """`detect_changes`' counts from views (`LayerRefs.refs`, the original's (k, j, i) array or None), as OrganChange
+    fields: the engine's `dinomix.scene_cli.compute_changes`, which `ChangeScan` runs in the engine process."""
+    return import_engine("dinomix.scene_cli").compute_changes(organs, segment_of, refs, grid_shape, original,
+                                                              min_voxels, min_fraction, check, progress)
+
+
+def refs_job(task: EngineTask, refs: dict) -> dict:
+    """`LayerRefs.refs` as an engine job's refs: each distinct layer array dumped once."""
+    return {sid: {"file": task.dump("layer", arr), "offset": [int(v) for v in offset], "label_value": int(lv)}
+            for sid, (arr, offset, lv) in refs.items()}
 
 
 class ChangeScan:
@@ -411,25 +332,30 @@ class ChangeScan:
         while not scan.step(): ...      # from a QTimer; scan.fraction, scan.message
         scan.state                      # done / cancelled / failed; each finished case has its .changes
 
-    Per case: one GUI-thread step takes views of the voxel arrays; a worker counts; one step applies the counts
-    to `case.changes` (all of a case's organs at once), unless the segmentation was edited meanwhile, in which
-    case it is counted again. Cancel leaves the cases not yet finished as they were.
+    Per case: one main-thread step takes views of the voxel arrays; the next steps dump them (a few chunks each)
+    and `dinomix scene changes` counts in the engine process; one step applies the counts to `case.changes` (all
+    of a case's organs at once), unless the segmentation was edited meanwhile, in which case it is counted
+    again. Cancel stops the engine within 2 s and leaves the cases not yet finished as they were.
     """
 
     def __init__(self, cases: list[Case], min_voxels: int = MIN_CHANGED_VOXELS,
-                 min_fraction: float = MIN_CHANGED_FRACTION, max_attempts: int = 3) -> None:
+                 min_fraction: float = MIN_CHANGED_FRACTION, max_attempts: int = 3, engine=None,
+                 temp_root: Optional[str] = None) -> None:
         self.cases = list(cases)
         self.min_voxels = min_voxels
         self.min_fraction = min_fraction
         self.max_attempts = max_attempts
+        self.engine = engine
+        self.temp_root = temp_root
         self.state = "new"
         self.error: Optional[str] = None
         self.errors: dict[str, str] = {}  # case name -> why it could not be compared
         self.index = 0
         self.attempts = 0
         self.step_seconds: list[float] = []
-        self.task: Optional[ThreadTask] = None
+        self.task: Optional[EngineTask] = None
         self._refs: Optional[LayerRefs] = None
+        self._original: Optional[np.ndarray] = None
         self._cancel = False
 
     @property
@@ -461,12 +387,19 @@ class ChangeScan:
         return self
 
     def cancel(self) -> None:
+        """Returns at once; the scan ends on a following step (the engine within 2 s)."""
         self._cancel = True
         if self.task is not None:
             self.task.cancel()
 
+    def _close_task(self) -> None:
+        if self.task is not None:
+            self.task.close()
+            self.task = None
+
     def _begin(self) -> None:
-        """GUI thread: views of the current case's voxels; the worker starts once nothing needs exporting."""
+        """Main thread: views of the current case's voxels; the dumps start once nothing needs Slicer's export."""
+        self._close_task()
         case = self.cases[self.index]
         seg = case.segmentation_node
         original_node = original_labelmap(seg)
@@ -475,56 +408,56 @@ class ChangeScan:
         ids = [case.segment_of[o["name"]] for o in case.organs if o["name"] in case.segment_of]
         self._refs = LayerRefs(seg, ids, original_node or case.volume_node)
         self._original = image_array(original_node.GetImageData()) if original_node is not None else None
-        self.task = None
         if not self._refs.pending:
-            self._start_worker()
+            self._start_task()
 
-    def _start_worker(self) -> None:
-        case, refs, original = self.cases[self.index], self._refs, self._original
-        grid_shape = refs.grid.shape_kji
-        organs, segment_of = list(case.organs), dict(case.segment_of)
-        min_voxels, min_fraction = self.min_voxels, self.min_fraction
-        snapshot = dict(refs.refs)
+    def _start_task(self) -> None:
+        from DINOMixSegmentationLib.engine import Engine
 
-        def count(task: ThreadTask) -> list[dict]:
-            return compute_changes(organs, segment_of, snapshot, grid_shape, original, min_voxels, min_fraction,
-                                   check=task.check, progress=task.report)
-
-        self.task = ThreadTask(count, name="dinomix-changes").start()
+        case, refs = self.cases[self.index], self._refs
+        task = self.task = EngineTask(self.engine or Engine(), "changes", self.temp_root)
+        task.start({"organs": list(case.organs), "segment_of": dict(case.segment_of),
+                    "refs": refs_job(task, refs.refs), "grid_shape": list(refs.grid.shape_kji),
+                    "original": task.dump("original", self._original), "min_voxels": self.min_voxels,
+                    "min_fraction": self.min_fraction})
 
     def step(self) -> bool:
-        """GUI thread: returns at once while the worker counts; True once the scan has ended."""
+        """Main thread: a few chunks of the dumps or the engine's events; True once the scan has ended."""
         if self.ended:
             return True
         t0 = time.monotonic()
         try:
             if self._cancel:
+                if self.task is not None and not self.task.step():
+                    return False  # the engine is stopping (within 2 s)
+                self._close_task()
                 self.state = "cancelled"
                 return True
             if self.task is None:  # segments needing Slicer's export, one per step
                 if not self._refs.export_next():
-                    self._start_worker()
+                    self._start_task()
                 return False
-            if not self.task.finished:
+            if not self.task.step():
                 return False
             case = self.cases[self.index]
-            if self.task.state == "failed":
-                self.errors[case.name] = self.task.error or "failed"
+            if self.task.state != "done":
+                self.errors[case.name] = self.task.error or self.task.state
             elif self._refs.changed() and self.attempts + 1 < self.max_attempts:
                 self.attempts += 1  # edited while counting: count again
                 self._begin()
                 return False
             else:
-                case.changes = [OrganChange(**d) for d in self.task.result]
+                case.changes = [OrganChange(**d) for d in self.task.result["changes"]]
+            self._close_task()
             self.index += 1
             self.attempts = 0
             if self.index >= len(self.cases):
                 self.state = "done"
-                self.task = None
                 return True
             self._begin()
             return False
         except Exception as exc:
+            self._close_task()
             self.state, self.error = "failed", str(exc) or type(exc).__name__
             return True
         finally:

@@ -11,8 +11,11 @@ name nobody holds yet (a second export of the same scan becomes `<case>-v2`, `-v
 updated under a lock file and replaced atomically.
 
 `export_case` does it all at once (scripts, tests). `ExportTask` does the same for the Trainer's "Add to
-training set" without blocking Slicer: the GUI thread takes views of the voxels, a worker thread copies the
-image and builds the label map in slabs (redone if the segmentation was edited meanwhile), then writes.
+training set" without blocking Slicer and without a Python thread (inside Slicer one would only run while the
+main thread runs Python): the main thread takes views of the voxels and dumps them a few chunks per timer tick
+(taken again if the segmentation was edited meanwhile), then `dinomix scene export` builds the label map,
+compresses and writes the files in the engine process. Both write through the engine's
+`dinomix.scene_cli.write_training_case`, and take the same lock file as `add_unlabeled_folder`.
 """
 
 from __future__ import annotations
@@ -30,10 +33,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 from DINOMixSegmentationLib.engine import import_engine
-from DINOMixSegmentationLib.tasks import ENDED, ThreadTask
-from DINOMixSegmentationLib.volumeio import VolumeSnapshot, safe_name, write_nrrd
+from DINOMixSegmentationLib.tasks import ENDED, EngineTask
+from DINOMixSegmentationLib.volumeio import VolumeSnapshot, safe_name
 
-from .cases import SLAB, Case, LayerRefs, overlap
+from .cases import Case, LayerRefs, refs_job
 
 MANIFEST = "dataset.json"
 FORMAT = "dinomix-dataset"
@@ -103,37 +106,15 @@ class TrainingSet:
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        lock = self.folder / ".dataset.lock"
-        t0 = time.monotonic()
-        while True:
-            try:
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, str(os.getpid()).encode())
-                os.close(fd)
-                break
-            except FileExistsError:
-                try:
-                    if time.time() - lock.stat().st_mtime > LOCK_STALE_S:
-                        lock.unlink(missing_ok=True)  # left behind by a crashed process
-                        continue
-                except FileNotFoundError:
-                    continue
-                if time.monotonic() - t0 > 30:
-                    raise TrainingSetError(f"the training set is locked by another process ({lock})")
-                time.sleep(0.05)
         try:
-            yield
-        finally:
-            lock.unlink(missing_ok=True)
+            with _scene().locked(self.folder):
+                yield
+        except TimeoutError as exc:
+            raise TrainingSetError(str(exc)) from None
 
     def _save(self, data: dict) -> None:
         """Validate with the engine's own Dataset model, then replace the manifest atomically."""
-        ds = import_engine("dinomix.datasets").Dataset.model_validate(data)
-        text = ds.model_dump_json(indent=1)
-        tmp = self.manifest_path.with_name(f".{MANIFEST}.{os.getpid()}.part")
-        tmp.write_text(text)
-        os.replace(tmp, self.manifest_path)
+        _scene().save_manifest(self.folder, data)
 
     # ------------------------------------------------------------------ export of a reviewed case
     def _plan_export(self, case: Case, reviewed: Optional[list[str]], split: str) -> list[str]:
@@ -183,57 +164,16 @@ class TrainingSet:
                     split: str = "train") -> ExportResult:
         return self.prepare_export(case, reviewed, case_id, split).write()
 
-    def _existing_ids(self) -> set[str]:
-        ids = {c["id"] for c in self.cases()}
-        for sub in ("images", "labels"):
-            d = self.folder / sub
-            if d.is_dir():
-                ids |= {_split_suffix(p.name)[0] for p in d.iterdir() if not p.name.startswith(".")}
-        return ids
+    def _write_export(self, job: ExportJob) -> ExportResult:
+        try:
+            r = _scene().write_training_case(self.folder, self.name, job.base_id, job.image.array, job.image.ijk_to_ras,
+                                             job.labels, job.label_map, job.annotated, job.provenance, job.split)
+        except TimeoutError as exc:
+            raise TrainingSetError(str(exc)) from None
+        return result_of(r)
 
     def _candidate_ids(self, base: str) -> Iterator[str]:
-        yield base
-        n = 2
-        while True:
-            yield f"{base}-v{n}"
-            n += 1
-
-    def _write_export(self, job: ExportJob) -> ExportResult:
-        images, labels = self.folder / "images", self.folder / "labels"
-        images.mkdir(parents=True, exist_ok=True)
-        labels.mkdir(parents=True, exist_ok=True)
-        token = f"{os.getpid()}-{time.monotonic_ns()}"
-        tmp_img = images / f".{job.base_id}.{token}.nrrd.part"
-        tmp_lab = labels / f".{job.base_id}.{token}.nrrd.part"
-        try:
-            write_nrrd(tmp_img, job.image.array, job.image.ijk_to_ras, compress=True)
-            write_nrrd(tmp_lab, job.labels, job.image.ijk_to_ras, compress=True)
-            with self._locked():
-                taken = self._existing_ids()
-                for cid in self._candidate_ids(job.base_id):
-                    if cid in taken:
-                        continue
-                    img, lab = images / f"{cid}.nrrd", labels / f"{cid}.nrrd"
-                    if _claim(tmp_img, img):
-                        if _claim(tmp_lab, lab):
-                            break
-                        img.unlink()  # label name taken by a stray file: give the image name back
-                prov = labels / f"{cid}.json"
-                prov_tmp = labels / f".{cid}.json.{token}.part"
-                prov_tmp.write_text(json.dumps({"case": cid, **job.provenance}, indent=1, default=str))
-                os.replace(prov_tmp, prov)
-                data = self.load()
-                data.setdefault("name", self.name)
-                data["format"] = FORMAT
-                data.setdefault("cases", []).append({
-                    "id": cid, "image": f"images/{cid}.nrrd", "label": f"labels/{cid}.nrrd",
-                    "label_map": {str(k): v for k, v in job.label_map.items()},
-                    "annotated": job.annotated, "split": job.split})
-                self._save(data)
-        finally:
-            tmp_img.unlink(missing_ok=True)
-            tmp_lab.unlink(missing_ok=True)
-        return ExportResult(cid, img, lab, prov, job.annotated)
+        return _scene().candidate_ids(base)
 
     # ------------------------------------------------------------------ unlabeled scans
     def add_unlabeled_folder(self, folder: str | os.PathLike) -> list[str]:
@@ -324,32 +264,21 @@ class TrainingSet:
         return names
 
 
+def _scene():
+    return import_engine("dinomix.scene_cli")
+
+
+def result_of(r: dict) -> ExportResult:
+    return ExportResult(r["case_id"], Path(r["image"]), Path(r["label"]), Path(r["provenance"]), list(r["annotated"]))
+
+
 def build_labels(case: Case, reviewed: list[str], refs: LayerRefs, shape_kji: tuple, check=None,
                  progress=None) -> np.ndarray:
-    """The label map of a case (model's organ values) from layer views, in slabs (numpy only: any thread).
+    """The label map of a case (model's organ values) from layer views (the engine's `build_labels`).
 
     Where segments overlap, the reviewed organs win over the others (what the clinician checked is what the
     label map says), then the later organ in schema order."""
-    labels = np.zeros(shape_kji, dtype=np.uint8)
-    ordered = ([o for o in case.organs if o["name"] not in reviewed]
-               + [o for o in case.organs if o["name"] in reviewed])
-    for n, o in enumerate(ordered):
-        sid = case.segment_of.get(o["name"])
-        if sid not in refs.refs:
-            continue
-        arr, offset, lv = refs.refs[sid]
-        ov = overlap(arr.shape, offset, shape_kji) if arr is not None else None
-        if ov is None:
-            continue
-        dst, src = labels[ov[0]], arr[ov[1]]
-        value = int(o["value"])
-        for k in range(0, dst.shape[0], SLAB):
-            if check is not None:
-                check()
-            np.putmask(dst[k:k + SLAB], src[k:k + SLAB] == lv, value)
-        if progress is not None:
-            progress((n + 1) / len(ordered))
-    return labels
+    return _scene().build_labels(case.organs, case.segment_of, reviewed, refs.refs, shape_kji, check, progress)
 
 
 class ExportTask:
@@ -359,23 +288,28 @@ class ExportTask:
         while not task.step(): ...     # from a QTimer; task.fraction, task.message
         task.state, task.result        # done (an ExportResult) / failed (task.error) / cancelled
 
-    Cancel is honoured until the files are written; the writing itself (atomic, a few seconds) completes.
+    Cancel stops the dumps at once or the engine within 2 s; the training set then holds nothing of the case
+    (the engine claims the final names in one short section, which a cancel waits for: a cancel in those
+    milliseconds leaves the whole case in the set, never part of it).
     """
 
     def __init__(self, training_set: TrainingSet, case: Case, reviewed: Optional[list[str]] = None,
-                 case_id: Optional[str] = None, split: str = "train", max_attempts: int = 3) -> None:
+                 case_id: Optional[str] = None, split: str = "train", max_attempts: int = 3, engine=None,
+                 temp_root: Optional[str] = None) -> None:
         self.training_set = training_set
         self.case = case
         self.reviewed = training_set._plan_export(case, reviewed, split)  # fails early, on the GUI thread
         self.case_id = case_id
         self.split = split
         self.max_attempts = max_attempts
+        self.engine = engine
+        self.temp_root = temp_root
         self.state = "new"  # new, preparing, writing, done, failed, cancelled
         self.error: Optional[str] = None
         self.result: Optional[ExportResult] = None
         self.attempts = 0
         self.step_seconds: list[float] = []
-        self.task: Optional[ThreadTask] = None
+        self.task: Optional[EngineTask] = None
         self._refs: Optional[LayerRefs] = None
         self._view: Optional[VolumeSnapshot] = None
         self._cancel = False
@@ -387,7 +321,7 @@ class ExportTask:
     @property
     def fraction(self) -> float:
         part = self.task.fraction if self.task is not None else 0.0
-        return {"preparing": 0.6 * part, "writing": 0.6 + 0.4 * part, "done": 1.0}.get(self.state, 0.0)
+        return {"preparing": 0.3 * part, "writing": part, "done": 1.0}.get(self.state, 0.0)
 
     @property
     def message(self) -> str:
@@ -397,80 +331,74 @@ class ExportTask:
                 "cancelled": "cancelled", "failed": self.error or "failed"}.get(self.state, "")
 
     def start(self) -> "ExportTask":
+        from DINOMixSegmentationLib.engine import Engine
+
         if self.state != "new":
             raise RuntimeError("an export can be started once")
         self.state = "preparing"
+        self.task = EngineTask(self.engine or Engine(), "export", self.temp_root)
         self._snapshot()
         return self
 
     def cancel(self) -> None:
-        if self.state == "preparing":
+        """Returns at once; the export ends on a following step (the engine within 2 s)."""
+        if not self.ended:
             self._cancel = True
             if self.task is not None:
                 self.task.cancel()
 
     def _snapshot(self) -> None:
-        """GUI thread: views of the image and of the segment layers (no copy)."""
+        """Main thread: views of the image and of the segment layers (no copy)."""
         case = self.case
         self._view = VolumeSnapshot.of(case.volume_node, copy=False)
         ids = [case.segment_of[o["name"]] for o in case.organs if o["name"] in case.segment_of]
         self._refs = LayerRefs(case.segmentation_node, ids, case.volume_node)
-        self.task = None
         if not self._refs.pending:
-            self._start_preparing()
+            self._start_dumps()
 
-    def _start_preparing(self) -> None:
-        case, reviewed, refs, view = self.case, list(self.reviewed), self._refs, self._view
+    def _start_dumps(self) -> None:
+        task, case, view = self.task, self.case, self._view
+        task.reset_dumps()
+        job = self.training_set._job(case, self.reviewed, self.case_id, self.split, view, None)
+        task.start({"folder": str(self.training_set.folder), "name": self.training_set.name, "base_id": job.base_id,
+                    "image": task.dump("image", view.array), "ijk_to_ras": view.ijk_to_ras.tolist(),
+                    "organs": list(case.organs), "segment_of": dict(case.segment_of),
+                    "refs": refs_job(task, self._refs.refs), "reviewed": list(self.reviewed),
+                    "label_map": {str(k): v for k, v in job.label_map.items()}, "annotated": job.annotated,
+                    "provenance": job.provenance, "split": self.split}, before_engine=self._unchanged)
 
-        def prepare(task: ThreadTask):
-            image = np.empty_like(view.array)
-            for k in range(0, image.shape[0], SLAB):
-                task.check()
-                image[k:k + SLAB] = view.array[k:k + SLAB]
-            task.report(0.3)
-            labels = build_labels(case, reviewed, refs, image.shape, check=task.check,
-                                  progress=lambda f: task.report(0.3 + 0.7 * f))
-            return VolumeSnapshot(view.name, image, view.ijk_to_ras), labels
-
-        self.task = ThreadTask(prepare, name="dinomix-export").start()
+    def _unchanged(self) -> bool:
+        """Before the engine starts: if the segmentation was edited while it was dumped, take it again."""
+        if not self._refs.changed() or self.attempts + 1 >= self.max_attempts:
+            return True
+        self.attempts += 1
+        self._snapshot()
+        return False
 
     def step(self) -> bool:
-        """GUI thread: returns at once while the worker works; True once the export has ended."""
+        """Main thread: a few chunks of the dumps or the engine's events; True once the export has ended."""
         if self.ended:
             return True
         t0 = time.monotonic()
         try:
-            if self.state == "preparing":
-                if self._cancel:
-                    self.state = "cancelled"
-                    return True
-                if self.task is None:
-                    if not self._refs.export_next():
-                        self._start_preparing()
-                    return False
-                if not self.task.finished:
-                    return False
-                if self.task.state != "done":
-                    self.state, self.error = ("cancelled", None) if self.task.state == "cancelled" else \
-                        ("failed", self.task.error)
-                    return True
-                if self._refs.changed() and self.attempts + 1 < self.max_attempts:
-                    self.attempts += 1  # edited while copying: take it again
-                    self._snapshot()
-                    return False
-                image, labels = self.task.result
-                job = self.training_set._job(self.case, self.reviewed, self.case_id, self.split, image, labels)
-                self.task = ThreadTask(lambda task: job.write(), name="dinomix-export-write").start()
-                self.state = "writing"
+            if self._refs.pending and not self._cancel:  # segments needing Slicer's export, one per step
+                if not self._refs.export_next():
+                    self._start_dumps()
                 return False
-            if not self.task.finished:
+            if not self.task.step():
+                if self.task.state == "running":
+                    self.state = "writing"
                 return False
             if self.task.state == "done":
-                self.state, self.result = "done", self.task.result
+                self.state, self.result = "done", result_of(self.task.result)
+            elif self.task.state == "cancelled" or self._cancel:
+                self.state = "cancelled"
             else:
                 self.state, self.error = "failed", self.task.error
+            self.task.close()
             return True
         except Exception as exc:
+            self.task.close()
             self.state, self.error = "failed", str(exc) or type(exc).__name__
             return True
         finally:
@@ -480,20 +408,3 @@ class ExportTask:
         from DINOMixSegmentationLib.tasks import run_steps
 
         return run_steps(self, timeout)
-
-
-def _claim(tmp: Path, final: Path) -> bool:
-    """Give `tmp`'s content the name `final` unless that name exists (atomic, never overwrites)."""
-    try:
-        os.link(tmp, final)
-        return True
-    except FileExistsError:
-        return False
-    except OSError:  # no hard links on this file system: claim the name, then move the data onto it
-        try:
-            fd = os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            return False
-        os.close(fd)
-        os.replace(tmp, final)
-        return True
