@@ -167,7 +167,7 @@ def test_cancel_mid_run_stops_within_two_seconds_and_leaves_nothing(scene, data_
     n_seg = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
     run = SegmentationRun(volume, SegmentOptions(keep_outputs_dir=str(tmp_path / "keep"))).start()
     t0 = time.monotonic()
-    while run.progress.stage in ("", "read") and not run.ended:  # wait until the model is working
+    while run.progress.stage in ("", "export", "read") and not run.ended:  # wait until the model is working
         run.poll()
         assert time.monotonic() - t0 < 600
         time.sleep(0.05)

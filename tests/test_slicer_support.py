@@ -8,6 +8,9 @@ do: they look up `slicer.mrmlScene` and `slicer.modules.segmentations.logic()` /
 The `scene` fixture therefore binds, for the test's duration, exactly those names to a real vtkMRMLScene and
 real logic objects set on it, as Slicer's application does at start-up. Nothing is mocked: every call runs
 Slicer's C++ code.
+
+Flows are driven through `slicer_harness.MainLoop`: mode "slicer" behaves like Slicer's main thread (the GIL is
+held between timer ticks, so Python threads starve), mode "sleep" is the plain sleeping loop.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from slicer_harness import SEGMENTATION_TICK_S, MainLoop
 
 REPO = Path(__file__).resolve().parents[1]
 for _module_dir in (REPO / "DINOMixSegmentation", REPO / "DINOMixTrainer"):
@@ -111,23 +116,21 @@ class SegmentedCase:
     poll_seconds: list = field(default_factory=list)  # duration of each poll() before the final import
     events: list = field(default_factory=list)
     wall_s: float = 0.0
+    loop: MainLoop | None = None
 
 
-def run_segmentation(scene, volume, keep_dir: Path, **options) -> SegmentedCase:
+def run_segmentation(scene, volume, keep_dir: Path, mode: str = "sleep", **options) -> SegmentedCase:
+    """'Segment abdomen' as the widget runs it: the click, then run.poll() from the QTimer until it ends."""
     from DINOMixSegmentationLib import SegmentationRun, SegmentOptions
 
     run = SegmentationRun(volume, SegmentOptions(keep_outputs_dir=str(keep_dir), **options))
+    loop = MainLoop(mode, SEGMENTATION_TICK_S)
+    case = SegmentedCase(scene, volume, run, keep_dir, loop=loop)
     t0 = time.monotonic()
-    run.start()
-    case = SegmentedCase(scene, volume, run, keep_dir)
-    while not run.ended:
-        t = time.monotonic()
-        events = run.poll()
-        if not run.ended:
-            case.poll_seconds.append(time.monotonic() - t)
-        case.events.extend(events)
-        assert time.monotonic() - t0 < RUN_TIMEOUT_S, "segmentation did not finish in time"
-        time.sleep(0.1)
+    loop.call(run.start, "click")
+
+    loop.run(lambda: case.events.extend(run.poll()), lambda: run.ended, timeout=RUN_TIMEOUT_S, label="poll")
+    case.poll_seconds = [c.wall_s for c in loop.calls[1:]]
     case.wall_s = time.monotonic() - t0
     return case
 

@@ -1,0 +1,127 @@
+"""A main loop that behaves like Slicer's main thread, for the Slicer-module tests and benchmarks/slicer_gui.py.
+
+Inside the Slicer application the main thread holds Python's GIL while it sits idle in the Qt event loop:
+PythonQt is built without thread support, and neither CTK's ctkAbstractPythonManager nor Slicer ever calls
+PyEval_SaveThread. A Python thread started by a module therefore advances only while the main thread runs
+Python, i.e. during the modules' QTimer callbacks, and every VTK call made from such a thread (VTK holds the GIL
+in Slicer) blocks the next timer callback until it returns.
+
+`MainLoop("slicer", interval)` reproduces that: between two calls it sleeps in libc's `usleep` called through
+`ctypes.PyDLL`, which (unlike `ctypes.CDLL` and `time.sleep`) does not release the GIL, exactly as Qt's event
+loop waits for events with the GIL held; the calls come at the widget's own QTimer interval (the next one is
+due `interval` after the previous one was due, as a Qt timer; a late call is not followed by a burst).
+`MainLoop("sleep", interval)` is the loop the tests used so far: `time.sleep` between calls releases the GIL, so
+Python threads run freely (a Slicer built with thread support would behave so).
+
+Every call through the loop (a click or a timer tick) is timed: wall time and the main thread's own CPU time
+(`time.thread_time`). The targets: no call over 100 ms of CPU; a flow under "slicer" within 1.3 x of the same
+flow under "sleep"; Cancel ends a flow within 2 s.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+MODES = ("slicer", "sleep")
+SEGMENTATION_TICK_S = 0.150  # DINOMixSegmentation.POLL_INTERVAL_MS
+TRAINER_TICK_S = 0.250  # DINOMixTrainer.POLL_INTERVAL_MS
+MAX_CALL_CPU_S = 0.100
+
+# What Slicer's application has imported before any module's code runs (its Python start-up imports the whole
+# `vtk` package and slicer): a first `import vtk` inside a timed call would cost most of a second.
+import vtk  # noqa: E402,F401
+from vtk.util import numpy_support  # noqa: E402,F401
+
+_LIBC = ctypes.PyDLL(None)  # PyDLL: the call keeps the GIL, as Qt's event loop in Slicer does
+_LIBC.usleep.argtypes = [ctypes.c_uint]
+_LIBC.usleep.restype = ctypes.c_int
+
+
+def sleep_holding_gil(seconds: float) -> None:
+    """Wait `seconds` without releasing the GIL (no other Python thread runs meanwhile)."""
+    remaining = int(max(0.0, seconds) * 1e6)
+    while remaining > 0:
+        n = min(remaining, 500_000)  # usleep wants less than a second
+        _LIBC.usleep(n)
+        remaining -= n
+
+
+@dataclass
+class Call:
+    label: str
+    wall_s: float
+    cpu_s: float
+
+
+@dataclass
+class MainLoop:
+    """Slicer's main thread ("slicer": the GIL held between calls) or the old test loop ("sleep")."""
+
+    mode: str = "slicer"
+    interval: float = SEGMENTATION_TICK_S
+    calls: list[Call] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {self.mode!r}")
+
+    def idle(self, seconds: float) -> None:
+        """The event loop between two calls."""
+        if seconds <= 0:
+            return
+        if self.mode == "slicer":
+            sleep_holding_gil(seconds)
+        else:
+            time.sleep(seconds)
+
+    def call(self, fn: Callable[[], Any], label: str = "") -> Any:
+        """One main-thread call (a click, a timer tick), timed."""
+        w, c = time.perf_counter(), time.thread_time()
+        try:
+            return fn()
+        finally:
+            self.calls.append(Call(label, time.perf_counter() - w, time.thread_time() - c))
+
+    def run(self, tick: Callable[[], Any], done: Callable[[], bool], timeout: float = 900.0,
+            label: str | Callable[[], str] = "tick", interval: Optional[float] = None) -> float:
+        """Call `tick` every `interval` (the widget's QTimer) until `done()`; returns the wall time. On timeout
+        raises TimeoutError (the caller cancels)."""
+        interval = self.interval if interval is None else interval
+        t0 = time.perf_counter()
+        due = t0 + interval
+        while not done():
+            now = time.perf_counter()
+            if now - t0 > timeout:
+                raise TimeoutError(f"not done after {timeout:.0f} s")
+            self.idle(due - now)
+            self.call(tick, label() if callable(label) else label)
+            due += interval
+            now = time.perf_counter()
+            if due < now:  # late: the next tick comes one interval from now (Qt does not burst)
+                due = now + interval
+        return time.perf_counter() - t0
+
+    def wait(self, seconds: float, interval: Optional[float] = None, tick: Optional[Callable[[], Any]] = None) -> None:
+        """Let `seconds` pass on the loop (ticking `tick` if given): the user waiting before a click."""
+        end = time.perf_counter() + seconds
+        self.run(tick or (lambda: None), lambda: time.perf_counter() >= end, timeout=seconds + 60, label="wait",
+                 interval=interval)
+
+    # ------------------------------------------------------------------ figures
+    def since(self, n: int) -> list[Call]:
+        return self.calls[n:]
+
+    @staticmethod
+    def max_cpu(calls: list[Call]) -> float:
+        return max((c.cpu_s for c in calls), default=0.0)
+
+    @staticmethod
+    def max_wall(calls: list[Call]) -> float:
+        return max((c.wall_s for c in calls), default=0.0)
+
+    @staticmethod
+    def worst(calls: list[Call]) -> Optional[Call]:
+        return max(calls, key=lambda c: c.cpu_s, default=None)
