@@ -343,17 +343,41 @@ class FastStudent:
             o += h
             h = F.leaky_relu_(o, slope)
             skips.append(h)
+        routed = getattr(net, "routed", None)
+        first_branch = len(net.ups) - routed.blocks if routed is not None else -1
+        branch_in = h if first_branch == 0 else None
         for i, (up, skip) in enumerate(zip(net.ups, reversed(skips[:-1]))):
-            o = self._transp2_cat(h, up.transp_conv.conv, skip)
-            cb = up.conv_block
-            o = _norm_act_(self._conv(o, cb.conv1.conv), cb.norm1, slope)
-            h = _norm_act_(self._conv(o, cb.conv2.conv), cb.norm2, slope)
-        del skips, o
-        fuse = net.head_fuse.conv
+            h = self._up_block(h, up, skip)
+            if i + 1 == first_branch:
+                branch_in = h
+        routed_logits = None
+        if routed is not None:  # per-organ routing: the branch's logits of the routed classes (network.RoutedConfig)
+            b = branch_in
+            for j, up in enumerate(net.branch_ups):
+                b = self._up_block(b, up, skips[-2 - (first_branch + j)])
+            routed_logits = self._head(b, stem, net.branch_fuse, net.branch_out, None, "b").clone()
+            del b, branch_in
+        del skips
+        out_into = stem if net.head_out.weight.shape[0] <= stem.shape[1] else None  # stem is spent: reuse it
+        out = self._head(h, stem, net.head_fuse, net.head_out, out_into, "")
+        if routed_logits is not None:
+            out.index_copy_(1, net.routed_index, routed_logits)
+        return out
+
+    def _up_block(self, h: torch.Tensor, up: torch.nn.Module, skip: torch.Tensor) -> torch.Tensor:
+        """One MONAI UnetUpBlock: transposed conv, concatenation with the skip, two conv + norm + act."""
+        o = self._transp2_cat(h, up.transp_conv.conv, skip)
+        cb = up.conv_block
+        o = _norm_act_(self._conv(o, cb.conv1.conv), cb.norm1, self.slope)
+        return _norm_act_(self._conv(o, cb.conv2.conv), cb.norm2, self.slope)
+
+    def _head(self, h: torch.Tensor, stem: torch.Tensor, fuse_block: torch.nn.Module, out_conv: torch.nn.Conv3d,
+              into: Optional[torch.Tensor], tag: str) -> torch.Tensor:
+        """out_conv(fuse_block(cat(up(h), stem))), with the fuse projection moved before the upsampling."""
+        fuse = fuse_block.conv
         cf = h.shape[1]
         w = fuse.weight.reshape(fuse.weight.shape[0], -1)
-        g = self._linear(h, w[:, :cf], fuse.bias, "g")  # the decoder's share of head_fuse, at half resolution
-        del h
+        g = self._linear(h, w[:, :cf], fuse.bias, "g" + tag)  # the decoder's share of head_fuse, at half resolution
         if all(s == 2 * f for s, f in zip(stem.shape[2:], g.shape[2:])):
             u = self._up2(g)
         else:
@@ -362,9 +386,8 @@ class FastStudent:
         ur, sr, ws = _rows(u), _rows(stem), w[:, cf:].t()
         for b in range(u.shape[0]):
             ur[b].addmm_(sr[b], ws)
-        u = _norm_act_(u, net.head_fuse.adn.N, slope)
-        out_into = stem if net.head_out.weight.shape[0] <= stem.shape[1] else None  # stem is spent: reuse it
-        return self._linear(u, net.head_out.weight, net.head_out.bias, "out", into=out_into)
+        u = _norm_act_(u, fuse_block.adn.N, self.slope)
+        return self._linear(u, out_conv.weight, out_conv.bias, "out" + tag, into=into)
 
 
 def _fast_runner(net: torch.nn.Module, device: torch.device) -> Optional[FastStudent]:

@@ -12,15 +12,31 @@ The decoder's half-resolution feature map (`features`) is what the DINO-Mix FKD 
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Sequence, Union
+import copy
+from typing import Annotated, Any, Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UnetResBlock, UnetUpBlock
-from pydantic import BaseModel, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from .segdino import SegDINOConfig
+
+
+class RoutedConfig(BaseModel):
+    """Per-organ routing of a fine-tuned `StudentUNet` (stored in the model file).
+
+    Why: a fine-tune on one or two corrected scans must not change the organs nobody corrected. A routed network
+    keeps the parent's whole network unchanged and adds a trainable branch (a copy of the parent's last decoder
+    blocks and output head) whose logits replace the parent's for the routed classes only. The logits of every
+    other class, background included, are the parent's exactly, so an organ that is not routed can change only
+    where a routed organ now wins over it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classes: list[int] = Field(min_length=1, description="output channels whose logits come from the branch")
+    blocks: int = Field(1, ge=1, le=4, description="decoder up-blocks copied into the branch (from the last)")
 
 
 class StudentConfig(BaseModel):
@@ -33,6 +49,7 @@ class StudentConfig(BaseModel):
     channels: tuple[int, ...] = Field(default=(24, 48, 96, 160), description="widths at 1/2, 1/4, 1/8, 1/16")
     norm: str = "instance"
     dropout: float = 0.0
+    routed: Optional[RoutedConfig] = Field(default=None, description="per-organ routing of a fine-tuned model")
 
     @property
     def divisor(self) -> int:
@@ -66,6 +83,93 @@ class StudentUNet(nn.Module):
                                      norm=norm, act=act)
         self.head_out = nn.Conv3d(cfg.stem_channels, cfg.out_channels, kernel_size=1)
         self.coarse_out = nn.Conv3d(ch[0], cfg.out_channels, kernel_size=1)
+        self.routed = cfg.routed
+        if cfg.routed is not None:
+            self._build_branch(cfg.routed)
+
+    # ---------------------------------------------------------------- per-organ routing (fine-tunes)
+    def _build_branch(self, r: RoutedConfig) -> None:
+        n = len(self.ups)
+        if r.blocks > n:
+            raise ValueError(f"routed.blocks {r.blocks} > the network's {n} decoder blocks")
+        bad = [c for c in r.classes if not 0 < c < self.cfg.out_channels]
+        if bad or len(set(r.classes)) != len(r.classes):
+            raise ValueError(f"routed.classes must be distinct organ channels 1..{self.cfg.out_channels - 1}, "
+                             f"got {r.classes}")
+        self.branch_ups = copy.deepcopy(self.ups[n - r.blocks:])
+        self.branch_fuse = copy.deepcopy(self.head_fuse)
+        self.branch_out = nn.Conv3d(self.cfg.stem_channels, len(r.classes), kernel_size=1)
+        self.register_buffer("routed_index", torch.tensor(sorted(r.classes), dtype=torch.long), persistent=False)
+
+    def branch_parameters(self) -> list[nn.Parameter]:
+        """The parameters a routed fine-tune trains (empty for a plain network)."""
+        if self.routed is None:
+            return []
+        return [p for m in (self.branch_ups, self.branch_fuse, self.branch_out) for p in m.parameters()]
+
+    def freeze_trunk(self) -> None:
+        """Only the routing branch learns: every parameter of the parent network is frozen."""
+        keep = {id(p) for p in self.branch_parameters()}
+        for p in self.parameters():
+            p.requires_grad_(id(p) in keep)
+
+    @torch.no_grad()
+    def init_branch_from(self, parent: "StudentUNet") -> None:
+        """Load `parent` (plain or routed) into this routed network: its weights everywhere, and the branch
+        started from the parent's own output path, so that the new network computes exactly the parent's logits
+        until it learns. A routed parent's branch carries over for the classes it already routed."""
+        own = self.state_dict()
+        trunk = {k: v for k, v in parent.state_dict().items() if not k.startswith("branch_")}
+        missing = [k for k in own if not k.startswith("branch_") and k not in trunk]
+        if missing:
+            raise ValueError(f"parent network lacks {missing[:3]}")
+        self.load_state_dict({**own, **trunk})
+        n, k = len(self.ups), self.routed.blocks
+        src_ups, src_fuse = parent.ups[n - k:], parent.head_fuse
+        prev: dict[int, int] = {}
+        if getattr(parent, "routed", None) is not None:
+            if parent.routed.blocks != k:
+                raise ValueError(f"parent routes through {parent.routed.blocks} blocks, this network {k}")
+            src_ups, src_fuse = parent.branch_ups, parent.branch_fuse
+            prev = {int(c): i for i, c in enumerate(parent.routed_index.tolist())}
+        self.branch_ups.load_state_dict(src_ups.state_dict())
+        self.branch_fuse.load_state_dict(src_fuse.state_dict())
+        for row, c in enumerate(self.routed_index.tolist()):
+            if c in prev:
+                w, b = parent.branch_out.weight[prev[c]], parent.branch_out.bias[prev[c]]
+            else:
+                w, b = parent.head_out.weight[c], parent.head_out.bias[c]
+            self.branch_out.weight[row].copy_(w)
+            self.branch_out.bias[row].copy_(b)
+
+    @torch.no_grad()
+    def restrict_routing(self, keep: Sequence[int]) -> None:
+        """Route only the classes in `keep` (the others return to the parent's output); no routing left when
+        `keep` is empty. The model's config follows, so the saved file describes exactly this network."""
+        rows = [i for i, c in enumerate(self.routed_index.tolist()) if c in set(keep)]
+        if not rows:
+            for name in ("branch_ups", "branch_fuse", "branch_out", "routed_index"):
+                delattr(self, name)
+            self.routed = None
+            self.cfg = self.cfg.model_copy(update={"routed": None})
+            return
+        out = nn.Conv3d(self.branch_out.in_channels, len(rows), kernel_size=1).to(self.branch_out.weight.device)
+        out.weight.copy_(self.branch_out.weight[rows])
+        out.bias.copy_(self.branch_out.bias[rows])
+        self.branch_out = out
+        self.routed_index = self.routed_index[rows]
+        self.routed = self.routed.model_copy(update={"classes": [int(c) for c in self.routed_index.tolist()]})
+        self.cfg = self.cfg.model_copy(update={"routed": self.routed})
+
+    def _route(self, logits: torch.Tensor, stem: torch.Tensor, skips: list[torch.Tensor],
+               levels: list[torch.Tensor]) -> torch.Tensor:
+        n, k = len(self.ups), self.routed.blocks
+        h = levels[n - k]
+        for j, up in enumerate(self.branch_ups):
+            h = up(h, skips[-2 - (n - k + j)])
+        up_h = F.interpolate(h, size=stem.shape[2:], mode="trilinear", align_corners=False)
+        b = self.branch_out(self.branch_fuse(torch.cat([up_h, stem], dim=1)))
+        return logits.index_copy(1, self.routed_index, b)
 
     @property
     def feature_channels(self) -> int:
@@ -79,6 +183,10 @@ class StudentUNet(nn.Module):
     def forward_pyramid(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(stem features at full resolution, decoder feature maps coarsest first: the bottleneck at 1/16,
         then the decoder outputs at 1/8, 1/4 and 1/2; the last is what `head` uses)."""
+        stem, _, levels = self._pyramid(x)
+        return stem, levels
+
+    def _pyramid(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         stem = self.stem(x)
         skips = []
         h = stem
@@ -90,7 +198,7 @@ class StudentUNet(nn.Module):
         for up, skip in zip(self.ups, reversed(skips[:-1])):
             h = up(h, skip)
             levels.append(h)
-        return stem, levels
+        return stem, skips, levels
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(stem features at full resolution, decoder features at 1/2 resolution)."""
@@ -104,8 +212,10 @@ class StudentUNet(nn.Module):
     def forward(self, x: torch.Tensor, features: bool = False):
         """Logits; with `features=True`, (logits, stem, decoder pyramid) for trainer components. One entry
         point for both, so DistributedDataParallel sees (and synchronises) every forward pass."""
-        stem, levels = self.forward_pyramid(x)
+        stem, skips, levels = self._pyramid(x)
         logits = self.head(stem, levels[-1])
+        if self.routed is not None:
+            logits = self._route(logits, stem, skips, levels)
         return (logits, stem, levels) if features else logits
 
 
