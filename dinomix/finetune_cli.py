@@ -4,10 +4,11 @@ result as a new version of the model.
     dinomix finetune --model NAME --dataset DATASET_DIR_OR_MANIFEST [--priority ORGAN ...]
                      (--minutes M | --iterations N) [--events FILE|-] [--new-name NAME] [--holdout CASE ...]
 
-Optional extras: --method {pic,cutmix,mean_teacher,supervised} (default pic), --output RUN_DIR, --device,
---patch-size, --lr, --threads, --seed, --priority-weight, --parent-distillation, --open-organs.
+Optional extras: --method {pic,cutmix,mean_teacher,supervised} (default pic), --routing {organs,off},
+--route-below, --route-blocks, --no-loco, --output RUN_DIR, --device, --patch-size, --lr, --threads, --seed,
+--priority-weight, --parent-distillation, --open-organs, --consistency-weight.
 
-What it does:
+What it does (prepare -> route -> calibrate -> leave-one-scan-out -> train -> self-check -> register):
 
 1. Loads the model (registry name or model file): its weights, architecture, organs and preprocessing; the
    new model keeps all of them (every inference mode included).
@@ -16,21 +17,31 @@ What it does:
    label values of other organs there are treated as unknown); cases without a label are unlabeled scans.
    Held-out cases: `--holdout` ids (labeled), else the labeled cases whose split is eval, val, validation,
    test or holdout; every other case is for training.
-3. Runs the semi-supervised trainer (dinomix/training/semi.py) from the model's weights, with PIC priorities
-   (`--priority-weight`, default 3) on the `--priority` organs, the parent's peak learning rate, and
-   `finetune_semi_defaults`: per-class pseudo-label thresholds, no consistency ramp-up and (pic, cutmix) the
-   mixed-only student batch. `--open-organs` leaves the corrected and priority organs open where the teacher
-   says background (`semi.pseudo_labels.open_organs`; off by default). `--parent-distillation W` adds a
-   distillation from the frozen parent on every voxel without ground truth, where the corrected organs
-   (annotated in the partially labeled cases, and the --priority ones) are merged with background
-   (`semi.parent_distillation`, dinomix/methods/parent_distillation.py; off by default). With `--minutes`, the
-   iteration count is chosen from a measured step time (3 trial iterations, then undone) so that the whole
-   command, evaluations included, fits the budget and the learning-rate / ramp-up / PIC schedules complete.
-4. Evaluates before and after on the held-out cases (model-grid Dice in %, sliding window on the training
+3. Routes (`--routing organs`, the default; dinomix/training/routing.py): the parent segments the corrected
+   scans, and an organ learns only where the correction changed it (reviewed, and the parent's Dice against the
+   correction below `--route-below`, 90 %). The new network is the parent, frozen, plus a small trainable
+   branch (a copy of its last decoder block and head, network.RoutedConfig) whose logits replace the parent's
+   for those organs only: every other organ keeps the parent's output, by construction. `--routing off`
+   fine-tunes the whole network (the behaviour before routing).
+4. Runs the semi-supervised trainer (dinomix/training/semi.py) from the model's weights, with PIC priorities
+   (`--priority-weight`, default 3) on the `--priority` organs, the parent's peak learning rate (with at least
+   ROUTED_WARMUP warm-up iterations when routed), and `finetune_semi_defaults`: per-class pseudo-label
+   thresholds, no consistency ramp-up and (pic, cutmix) the mixed-only student batch. `--open-organs` and
+   `--parent-distillation W` as before (off by default). With `--minutes`, the iteration count is planned from
+   a measured step time (3 trial iterations, then undone) and re-planned from the pace of the last iterations
+   while training, so that the whole command, checks and registration included, ends within the budget.
+5. With two or more corrected scans, leave-one-scan-out: the same fine-tune without one of them (LOCO_SHARE of
+   the iterations in all), scored against its parent on the left-out scan.
+6. Self-check (no held-out case needed): on the clinician's own scans, each routed organ must fit the
+   corrections at least as well as the parent, hold on left-out scans, change the unlabeled scans about as much
+   as the corrections changed it, and not take more than 1 % of an uncorrected organ; an organ that fails goes
+   back to the parent's output. The verdict: "safe", "unknown" (one corrected scan and no held-out case:
+   nothing shows the learnt organs are better elsewhere) or "unsafe" (worse on held-out cases).
+7. Evaluates before and after on held-out cases, if any (model-grid Dice in %, sliding window on the training
    preprocessing; organs annotated and present in each case).
-5. Writes the new model into the registry as `<parent>.ft1`, `.ft2`, ... (or `--new-name`; an existing name
-   is never overwritten), with `parent` = the source model's id, and says plainly when the new model is worse
-   than its parent on the held-out cases (it is registered all the same; `dinomix models remove` removes it).
+8. Writes the new model into the registry as `<parent>.ft1`, `.ft2`, ... (or `--new-name`; an existing name
+   is never overwritten), with `parent` = the source model's id and the self-check in its metadata. The
+   DINOMix Trainer module shows the verdict and makes an unsafe or unknown model current only when asked to.
 
 Events (`--events FILE|-`, JSON lines, besides start / progress / log / error / cancelled):
   {"event": "metric", "kind": "train", "iteration": i, "iterations": N, "loss": ..., "loss_sup": ...,
@@ -39,7 +50,10 @@ Events (`--events FILE|-`, JSON lines, besides start / progress / log / error / 
   {"event": "metric", "kind": "plan", "iterations": N, "step_s": ..., "budget_s": ...}
   {"event": "result", "model": new name, "parent": ..., "path": ..., "iterations": N, "per_organ":
    {organ: {"before": %, "after": %, "delta": %}}, "before": {...}, "after": {...},
-   "worse_than_parent": true|false|null, "verdict": "...", ...}
+   "worse_than_parent": true|false|null, "verdict": "...", "self_check": {"verdict": "safe"|"unknown"|"unsafe",
+   "message": ..., "checks": [{"name", "passed", "detail"}], "removed": {...}, "per_organ": {...}},
+   "routing": {"mode", "routed", "parent_dice_on_corrections", "kept", "loco_scans", "loco_iterations"},
+   "timings_s": {stage: seconds}, ...}
 """
 
 from __future__ import annotations
@@ -63,6 +77,13 @@ HOLDOUT_SPLITS = ("eval", "val", "validation", "test", "holdout")
 METHODS = ("pic", "cutmix", "mean_teacher", "supervised")
 CALIBRATION_STEPS = 3
 MIN_ITERATIONS = 5
+ROUTING = ("organs", "off")
+LOCO_SHARE = 0.35        # share of the training iterations spent on the leave-one-scan-out checks
+MAX_LOCO_SCANS = 3
+MAX_CHECK_SCANS = 4      # unlabeled scans the self-check compares parent and new model on
+ROUTED_WARMUP = 20       # routed fine-tunes warm up at least this long: Adam's first steps move every weight of
+                         # the small branch by about the learning rate (2 steps without: several Dice points)
+REPLAN_WINDOW = 10       # iterations whose pace re-plans a time-budgeted run
 
 
 def register(sub) -> None:
@@ -81,6 +102,17 @@ def register(sub) -> None:
                    help="labeled case ids to evaluate on before and after (never trained on)")
     f.add_argument("--method", choices=METHODS, default="pic", help="semi-supervised method (default pic)")
     f.add_argument("--output", default=None, help="run folder (default: a new folder in the user cache)")
+    f.add_argument("--routing", choices=ROUTING, default="organs",
+                   help="organs (default): only the organs your corrections changed learn, every other organ keeps "
+                        "the parent's output; off: every organ is fine-tuned")
+    f.add_argument("--route-below", type=float, default=90.0, metavar="DICE",
+                   help="an annotated organ learns when the parent's Dice against your correction is below this "
+                        "(default 90)")
+    f.add_argument("--route-blocks", type=int, default=1, choices=[1, 2, 3],
+                   help="decoder blocks the routed organs get their own copy of (default 1)")
+    f.add_argument("--no-loco", dest="loco", action="store_false",
+                   help="skip the leave-one-scan-out self-check (with two or more corrected scans it takes about a "
+                        "third of the training time)")
     f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
     f.add_argument("--patch-size", type=int, default=None, help="cubic patch edge (default: the parent's, else 48)")
     f.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the parent's, else 2e-3)")
@@ -106,20 +138,23 @@ def register(sub) -> None:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     job = Job("finetune", args.events,
-              {"prepare": 0.02, "cache": 0.08, "eval_before": 0.05, "calibrate": 0.03, "train": 0.75,
-               "eval_after": 0.05, "register": 0.02})
+              {"prepare": 0.02, "route": 0.03, "cache": 0.05, "eval_before": 0.03, "calibrate": 0.02, "loco": 0.2,
+               "train": 0.55, "eval_after": 0.03, "self_check": 0.05, "register": 0.02})
     opts = FinetuneOptions(
         model=args.model, dataset=args.dataset, priority=list(args.priority or []), minutes=args.minutes,
         iterations=args.iterations, new_name=args.new_name, holdout=args.holdout, method=args.method,
         output=args.output, device=args.device, patch_size=args.patch_size, lr=args.lr, threads=args.threads,
         seed=args.seed, priority_weight=args.priority_weight, parent_distillation=args.parent_distillation,
-        open_organs=args.open_organs, consistency_weight=args.consistency_weight)
+        open_organs=args.open_organs, consistency_weight=args.consistency_weight, routing=args.routing,
+        route_below=args.route_below, route_blocks=args.route_blocks, loco=args.loco)
 
     def work(rep, check) -> dict:
         result = finetune(opts, rep, check)
         if not args.events:
+            sc = result["self_check"]
             print(f"fine-tuned '{result['parent']}' for {result['iterations']} iterations in {result['time_s']:.0f} s; "
-                  f"registered '{result['model']}' ({result['path']})\n  {result['verdict']}")
+                  f"registered '{result['model']}' ({result['path']})\n  self-check: {sc['verdict'].upper()}: "
+                  f"{sc['message']}\n  {result['verdict']}")
         return result
 
     try:
@@ -148,6 +183,10 @@ class FinetuneOptions:
     parent_distillation: Optional[float] = None  # None: off
     open_organs: bool = False  # True: semi.pseudo_labels.open_organs = the corrected and priority organs
     consistency_weight: Optional[float] = None  # None: the parent's semi.consistency_weight
+    routing: str = "organs"  # organs: network.RoutedConfig over the organs the corrections changed; off: all learn
+    route_below: float = 90.0
+    route_blocks: int = 1
+    loco: bool = True
 
 
 # ---------------------------------------------------------------- helpers (pure, tested directly)
@@ -245,17 +284,26 @@ def finetune_semi_defaults(method: str, parent: "SemiConfig", open_organs: Optio
 # ---------------------------------------------------------------- the command
 
 def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
+    """prepare -> route -> calibrate -> leave-one-scan-out -> train -> self-check -> register (module docstring)."""
     from . import registry
-    from .cachedirs import cache_root
+    from .cachedirs import cache_root, preprocessed_dir
     from .datasets import Dataset, load_dataset
     from .errors import DinomixError
-    from .modelfile import ModelMeta
-    from .network import fit_roi
+    from .modelfile import ModelMeta, load_model
+    from .network import RoutedConfig, fit_roi
     from .organs import OrganSchema
     from .training.config import DataConfig, TrainConfig
-    from .training.semi import SemiTrainer
+    from .training.data import cache_cases
+    from .training.routing import loco_deltas, predict, route_organs, self_check
 
     t0 = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.monotonic()
+        timings[name] = round(timings.get(name, 0.0) + now - since, 1)
+        return now
+
     rep.begin("prepare", f"reading model {opts.model} and dataset {opts.dataset}")
     if opts.iterations is not None and opts.iterations < 1:
         raise DinomixError("--iterations must be at least 1")
@@ -263,10 +311,17 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         raise DinomixError("--minutes must be positive")
     if opts.consistency_weight is not None and opts.consistency_weight < 0:
         raise DinomixError(f"--consistency-weight must be 0 or more (got {opts.consistency_weight:g})")
+    if opts.routing not in ROUTING:
+        raise DinomixError(f"--routing must be one of {', '.join(ROUTING)} (got {opts.routing})")
+    if not 0 < opts.route_below <= 100:
+        raise DinomixError(f"--route-below must be a Dice % in (0, 100] (got {opts.route_below:g})")
     entry = registry.resolve(opts.model)
     meta: ModelMeta = entry.meta
     if OrganSchema.from_names(meta.organs.names).names != meta.organs.names:
         raise DinomixError(f"model '{meta.model_id}' has organs outside the catalog; it cannot be fine-tuned here")
+    if opts.routing == "organs" and getattr(meta.architecture, "family", "") != "student_unet":
+        raise DinomixError(f"model '{meta.model_id}' ({meta.architecture.family}) cannot route organs; "
+                           "use --routing off")
     priority = [meta.organs.by_name(o).name for o in opts.priority]
     ds = load_dataset(opts.dataset)
     ids = [c.id for c in ds.cases]
@@ -301,7 +356,9 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     cases = [c.model_copy(update={"image": str(ds.path(c.image).resolve()),
                                   "label": str(ds.path(c.label).resolve()) if c.label else None,
                                   "split": "holdout" if c.id in hold else "train"}) for c in ds.cases]
-    manifest = Dataset(name=f"finetune-{ds.name}", cases=cases).save(run / "dataset.json")
+    manifest_ds = Dataset(name=f"finetune-{ds.name}", cases=cases)
+    manifest = manifest_ds.save(run / "dataset.json")
+    manifest_ds = load_dataset(manifest)  # as the trainer reads it, so the preprocessed cache keys match
 
     # Config: the parent's training config where it has one (optimiser, sampling...), its model description always.
     parent_cfg = meta.training.get("config") if isinstance(meta.training.get("config"), dict) else None
@@ -312,6 +369,50 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     modes = dict(meta.preprocessing.modes)
     mode = "fast" if "fast" in modes else next(iter(modes))
     div = meta.architecture.divisor
+    roi = fit_roi(meta.preprocessing.mode(mode).roi_size, div)
+    t = lap("prepare", t0)
+
+    # Route: which organs the corrections changed (the parent's predictions on the corrected scans).
+    import torch
+
+    from .inference import pick_device
+
+    device = pick_device(opts.device)
+    parent_net, _ = load_model(entry.path, device)
+    labeled_cases = [c for c in manifest_ds.cases if c.split == "train" and c.labeled]
+    rep.begin("route", f"comparing '{meta.model_id}' with the corrections of {len(labeled_cases)} scans")
+    cached_lab = cache_cases(manifest_ds, labeled_cases, meta.organs, meta.preprocessing, mode,
+                             cache_dir=preprocessed_dir() if cfg.data.persistent_cache else None)
+    check()
+    tc = time.monotonic()
+    parent_lab = []
+    for i, c in enumerate(cached_lab):
+        parent_lab.append(predict(parent_net, c, roi, div, device))
+        rep.update((i + 1) / len(cached_lab))
+        check()
+    t_case = (time.monotonic() - tc) / max(1, len(cached_lab))  # one scan's inference, for the time plan
+    names = ["background"] + meta.organs.names
+    routing = route_organs(cached_lab, parent_lab, meta.organs.num_classes, opts.route_below)
+    parent_routed = getattr(meta.architecture, "routed", None)
+    arch = meta.architecture
+    if opts.routing == "organs":
+        if not routing.classes:
+            raise DinomixError(
+                "nothing to learn: on the corrected scans the model already agrees with every corrected organ "
+                f"to {opts.route_below:g}% Dice or more (" + ", ".join(f"{names[c]} {d:.1f}%" for c, d in
+                                                                        routing.parent_dice.items())
+                + "); lower --route-below to fine-tune anyway")
+        classes = sorted(set(routing.classes) | set(parent_routed.classes if parent_routed else []))
+        arch = meta.architecture.model_copy(update={"routed": RoutedConfig(
+            classes=classes, blocks=parent_routed.blocks if parent_routed else opts.route_blocks)})
+        rep.log("learning from the corrections: " + ", ".join(f"{names[c]} (parent {routing.parent_dice[c]:.1f}% on "
+                                                              f"the corrections)" for c in routing.classes)
+                + (("; kept as the parent has them: " + ", ".join(f"{names[c]} ({w})" for c, w in
+                                                                  routing.kept.items())) if routing.kept else ""))
+    elif parent_routed is not None:
+        raise DinomixError(f"model '{meta.model_id}' is a routed fine-tune; fine-tune it with --routing organs")
+    t = lap("route", t)
+
     edge = opts.patch_size or (cfg.patch_size[0] if parent_cfg else 48)
     # The parent's own peak rate: at a quarter of it a 10-minute CPU fine-tune with PIC (about 450 iterations)
     # learnt none of the corrected organs (correction-loop benchmark, 2026-12-01); warm-up and cosine decay as ever.
@@ -324,9 +425,13 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         "parent_distillation": cfg.semi.parent_distillation.model_copy(
             update=parent_distillation_settings(opts.parent_distillation, free)),
         **finetune_semi_defaults(opts.method, cfg.semi, free if opts.open_organs else []),
-        **({} if opts.consistency_weight is None else {"consistency_weight": opts.consistency_weight})})
+        **({} if opts.consistency_weight is None else {"consistency_weight": opts.consistency_weight}),
+        # routed: the organs the reviewed ones compete with keep the parent's logits, and an unannotated voxel is
+        # already "not a routed organ" to the partial-label loss, so the teacher's pass over the labeled patches
+        # (2 of the step's 8 network passes) buys nothing
+        **({"fill_partial": False} if opts.routing == "organs" else {})})
     cfg = cfg.model_copy(update={
-        "model_id": name, "title": title, "organs": meta.organs.names, "architecture": meta.architecture,
+        "model_id": name, "title": title, "organs": meta.organs.names, "architecture": arch,
         "preprocessing": meta.preprocessing, "modes": modes, "mode": mode, "spacing_mm": modes[mode].spacing_mm,
         # one grid: a fine-tune's unlabeled and mixed patches are drawn on the mode grid only (TrainConfig.train_modes)
         "train_modes": {},
@@ -336,20 +441,24 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         "optim": cfg.optim.model_copy(update={"lr": lr}), "semi": semi})
     cfg = TrainConfig.model_validate(cfg.model_dump())
 
-    tr = SemiTrainer(cfg, run, rep, check, opts.device)
-    tr.parent_id = meta.model_id
-    tr.setup()
-    check()
+    tr = _trainer(cfg, run, rep, check, opts.device, meta.model_id)
     labeled = [c for c in tr.train_cases if c.label is not None]
+    unl_cases = [c for c in tr.train_cases if c.label is None][:MAX_CHECK_SCANS]
     partial = [c.id for c in labeled if not bool(c.annotated.all())]
-    rep.log(f"fine-tuning '{meta.model_id}' -> '{name}' ({opts.method}): {len(labeled)} labeled training cases "
-            f"({len(partial)} partially), {len(tr.train_cases) - len(labeled)} unlabeled, {len(tr.eval_cases)} held "
-            f"out; priority organs: {', '.join(priority) or 'none'}")
+    rep.log(f"fine-tuning '{meta.model_id}' -> '{name}' ({opts.method}, routing {opts.routing}): {len(labeled)} "
+            f"labeled training cases ({len(partial)} partially), {len(tr.train_cases) - len(labeled)} unlabeled, "
+            f"{len(tr.eval_cases)} held out; priority organs: {', '.join(priority) or 'none'}")
     if len(modes) > 1:
         rep.log(f"fine-tuning on the {mode} grid ({modes[mode].spacing_mm[0]:g} mm); the new model keeps the "
                 f"parent's modes ({', '.join(modes)}), the others running the fine-tuned weights on their grids")
     if priority and opts.method != "pic":
         rep.log(f"--priority only acts through PIC; method {opts.method} ignores it", "warning")
+    parent_unl = []
+    if opts.routing == "organs":
+        for c in unl_cases:
+            parent_unl.append(predict(parent_net, c, roi, div, device))
+            check()
+    t = lap("cache", t)
 
     before = None
     t_eval = 0.0
@@ -361,10 +470,16 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         rep.emit("metric", kind="eval", phase="before", model=meta.model_id, **before)
         rep.log(f"before: mean held-out Dice {before['mean_dice']:.1f}% ({meta.model_id})")
     else:
-        rep.log("no held-out labeled cases: the new model cannot be compared with its parent", "warning")
+        rep.log("no held-out labeled cases: the self-check on your own scans will say whether the new model can be "
+                "trusted", "warning")
     check()
+    t = lap("eval_before", t)
 
+    # What remains after training: the child's predictions for the self-check, the held-out evaluation, export.
+    after_s = (len(labeled) + len(unl_cases)) * t_case * 1.3 + t_eval + 5.0
+    loco_ids = _loco_cases(cached_lab, routing.classes) if opts.routing == "organs" and opts.loco else []
     step_s = None
+    loco_iters = 0
     if opts.minutes is not None:
         rep.begin("calibrate", "timing a few iterations")
         start_state = copy.deepcopy(tr.state(0, 0.0, {"mean_dice": -1.0, "iteration": -1}))
@@ -379,33 +494,76 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         step_s = statistics.mean(times[1:]) if len(times) > 1 else times[0]
         step_s *= 1.0 + 0.5 / cfg.checkpoint_every  # checkpoints and per-iteration bookkeeping
         budget_s = opts.minutes * 60.0
-        n = plan_iterations(budget_s, time.monotonic() - t0, step_s, t_eval + 5.0)
+        extra = len(loco_ids) * (2 * t_case + 3.0)  # each left-out scan: its set-up and two predictions
+        n_all = plan_iterations(budget_s, time.monotonic() - t0, step_s, after_s + extra)
+        if loco_ids:
+            loco_iters = int(n_all * LOCO_SHARE / len(loco_ids))
+            if loco_iters < MIN_ITERATIONS:
+                loco_ids, loco_iters = [], 0
+        n = n_all - loco_iters * len(loco_ids)
         if n < MIN_ITERATIONS:
-            need = (time.monotonic() - t0 + t_eval + 5.0 + MIN_ITERATIONS * step_s) / 0.92 / 60.0
+            need = (time.monotonic() - t0 + after_s + MIN_ITERATIONS * step_s) / 0.92 / 60.0
             raise DinomixError(f"a budget of {opts.minutes:g} min leaves time for {n} iterations (setup and evaluation "
                                f"took {time.monotonic() - t0:.0f} s, one iteration takes {step_s:.1f} s); "
                                f"give at least {math.ceil(need)} minutes")
         cfg.iterations = n
         rep.emit("metric", kind="plan", iterations=n, step_s=round(step_s, 3), budget_s=budget_s,
-                 spent_s=round(time.monotonic() - t0, 1))
-        rep.log(f"budget {opts.minutes:g} min: {n} iterations at {step_s:.2f} s each")
-    cfg.optim.warmup_iters = max(1, min(cfg.optim.warmup_iters, cfg.iterations // 10))
+                 spent_s=round(time.monotonic() - t0, 1), loco_iterations=loco_iters, loco_scans=len(loco_ids))
+        rep.log(f"budget {opts.minutes:g} min: {n} iterations at {step_s:.2f} s each"
+                + (f", and {loco_iters} for each of {len(loco_ids)} leave-one-scan-out checks" if loco_ids else ""))
+    else:
+        loco_iters = max(MIN_ITERATIONS, int(cfg.iterations * LOCO_SHARE / max(1, len(loco_ids)))) if loco_ids else 0
+    t = lap("calibrate", t)
+
     deadline = t0 + opts.minutes * 60.0 if opts.minutes is not None else None
+    parent_warmup = cfg.optim.warmup_iters
+
+    def warmup(n: int) -> int:
+        w = max(1, min(parent_warmup, n // 10))
+        return max(w, min(n // 2, ROUTED_WARMUP)) if opts.routing == "organs" else w
+
+    # Leave-one-scan-out: the same fine-tune without one corrected scan, scored on that scan.
+    loco: dict[int, list[float]] = {}
+    for j, cid in enumerate(loco_ids):
+        rep.begin("loco", f"leave-one-scan-out {j + 1}/{len(loco_ids)}: without {cid}")
+        k = next(i for i, c in enumerate(cached_lab) if c.id == cid)
+        sub_cfg = cfg.model_copy(update={"iterations": loco_iters, "checkpoint_every": max(1, loco_iters),
+                                         "optim": cfg.optim.model_copy(update={"warmup_iters": warmup(loco_iters)}),
+                                         "data": cfg.data.model_copy(
+            update={"cases": [c.id for c in tr.train_cases if c.id != cid], "eval_split": None})})
+        sub = _trainer(TrainConfig.model_validate(sub_cfg.model_dump()), run / f"loco-{j + 1}", rep, check,
+                       opts.device, meta.model_id, quiet=True)
+        if deadline is not None:
+            fold_end = time.monotonic() + loco_iters * step_s * 1.05
+            sub.replan = _replanner(sub.cfg, fold_end, 0.0, time.monotonic())
+        sub.run()
+        child_pred = predict(sub.net, cached_lab[k], roi, div, device)
+        for c, d in loco_deltas(cached_lab, k, parent_lab[k], child_pred, routing.classes).items():
+            loco.setdefault(c, []).append(round(d, 2))
+        del sub
+        check()
+    t = lap("loco", t)
+
+    cfg.optim.warmup_iters = warmup(cfg.iterations)
 
     def info(done: int, elapsed: float) -> dict:
         if deadline is not None:
             left = deadline - time.monotonic()
         else:
-            left = (cfg.iterations - done) * elapsed / max(done, 1) + t_eval
+            left = (cfg.iterations - done) * elapsed / max(done, 1) + after_s
         return {"kind": "train", "iterations": cfg.iterations, "time_left_s": round(max(0.0, left), 1)}
 
     tr.info_hook = info
+    if deadline is not None:
+        tr.replan = _replanner(cfg, deadline, after_s, time.monotonic())
     tr.provenance = {"finetune": {"parent": meta.model_id, "parent_weights_sha256": meta.weights_sha256,
                                   "method": opts.method, "priority": priority, "priority_weight": opts.priority_weight,
                                   "parent_distillation": cfg.semi.parent_distillation.model_dump(),
-                                  "minutes": opts.minutes, "holdout": sorted(hold), "partially_labeled": partial}}
+                                  "routing": opts.routing, "minutes": opts.minutes, "holdout": sorted(hold),
+                                  "partially_labeled": partial}}
     res = tr.run()
     check()
+    t = lap("train", t)
 
     after = None
     if tr.eval_cases:
@@ -414,18 +572,40 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         rep.emit("metric", kind="eval", phase="after", model=name, **after)
         rep.log(f"after: mean held-out Dice {after['mean_dice']:.1f}% ({name})")
     per, worse, verdict = compare(before, after)
-    rep.log(f"'{name}' is {verdict}" if worse is not None else f"'{name}': {verdict}",
-            "warning" if worse or worse is None else "info")
+    t = lap("eval_after", t)
+
+    check_result = None
+    if opts.routing == "organs":
+        rep.begin("self_check", "checking the new model against its parent on your scans")
+        child_lab = [predict(tr.net, c, roi, div, device) for c in cached_lab]
+        check()
+        child_unl = [predict(tr.net, c, roi, div, device) for c in unl_cases]
+        down = [f"{o} {v['delta']:+.1f}" for o, v in per.items() if v["delta"] is not None and v["delta"] < -1.0] \
+            if after else None
+        sc = self_check(names, routing, cached_lab, parent_lab, child_lab, parent_unl, child_unl, loco, down)
+        final = [c for c in tr.net.routed.classes if c not in sc.removed]
+        tr.net.restrict_routing(final)
+        tr.cfg.architecture = tr.net.cfg
+        check_result = sc.as_dict()
+        rep.log(f"self-check: {sc.verdict}: {sc.message}", "info" if sc.verdict == "safe" else "warning")
+    else:
+        check_result = {"verdict": "unsafe" if worse else ("safe" if worse is False else "unknown"),
+                        "message": ("Every organ was fine-tuned (--routing off): nothing keeps the organs nobody "
+                                    "corrected. " + verdict),
+                        "checks": [{"name": "held-out cases", "passed": None if worse is None else not worse,
+                                    "detail": verdict}], "removed": {}, "per_organ": {}}
+    t = lap("self_check", t)
 
     rep.begin("register", f"registering '{name}'")
     tr.provenance["finetune"].update({"before": before, "after": after, "worse_than_parent": worse,
-                                      "verdict": verdict})
+                                      "verdict": verdict, "self_check": check_result,
+                                      "routed_organs": [names[c] for c in getattr(tr.net.cfg.routed, "classes", [])]})
     registered = None
     for _ in range(5):
-        final = run / f"{cfg.model_id}.safetensors"
-        tr.export(final, cfg.iterations, res["time_s"], after)
+        final_path = run / f"{cfg.model_id}.safetensors"
+        tr.export(final_path, cfg.iterations, res["time_s"], after)
         try:
-            registered = registry.import_model(final)
+            registered = registry.import_model(final_path)
             break
         except DinomixError:
             if opts.new_name or cfg.model_id not in {e.name for e in registry.list_models()}:
@@ -434,6 +614,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     if registered is None:
         raise DinomixError("could not find a free name for the new model version")
     name = registered.name
+    lap("register", t)
     return {"model": name, "parent": meta.model_id, "path": str(registered.path), "method": opts.method,
             "priority": priority, "iterations": cfg.iterations, "time_s": round(time.monotonic() - t0, 1),
             "train_time_s": res["time_s"], "step_s": round(step_s, 3) if step_s else None,
@@ -443,4 +624,48 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
             "holdout": sorted(hold), "evaluation": "model-grid Dice % on the held-out cases (sliding window, "
                                                   "training preprocessing)",
             "before": before, "after": after, "per_organ": per, "worse_than_parent": worse, "verdict": verdict,
-            "run_dir": str(run)}
+            "self_check": check_result, "routing": {
+                "mode": opts.routing, "routed": [names[c] for c in getattr(tr.net.cfg.routed, "classes", [])],
+                "parent_dice_on_corrections": {names[c]: d for c, d in routing.parent_dice.items()},
+                "kept": {names[c]: w for c, w in routing.kept.items()}, "loco_scans": loco_ids,
+                "loco_iterations": loco_iters},
+            "timings_s": timings, "run_dir": str(run)}
+
+
+def _trainer(cfg, run: Path, rep, check, device: str, parent_id: str, quiet: bool = False):
+    """A set-up SemiTrainer for this config (quiet: its log lines and progress are not reported)."""
+    from .events import Reporter
+    from .training.semi import SemiTrainer
+
+    tr = SemiTrainer(cfg, run, Reporter(bar=False) if quiet else rep, check, device)
+    tr.parent_id = parent_id
+    tr.setup()
+    check()
+    return tr
+
+
+def _loco_cases(cached_lab: list, classes: list[int]) -> list[str]:
+    """Corrected scans to leave out one at a time (at most MAX_LOCO_SCANS): those annotating a routed organ, when
+    at least two do (with one, nothing is left to learn from)."""
+    ids = [c.id for c in cached_lab if any(c.annotated[k] and bool((c.label == k).any()) for k in classes)]
+    return ids[:MAX_LOCO_SCANS] if len(ids) >= 2 else []
+
+
+def _replanner(cfg, deadline: float, after_s: float, started: float) -> Callable[[int, float], int]:
+    """Re-plans the iteration count from the measured pace so that training ends `after_s` before the deadline:
+    the pace of the last iterations (a machine that slows down mid-run is followed within a few steps)."""
+    marks: list[tuple[int, float]] = []
+
+    def replan(done: int, elapsed: float) -> int:  # noqa: ARG001
+        now = time.monotonic()
+        marks.append((done, now))
+        del marks[:-REPLAN_WINDOW]
+        if len(marks) < 2:
+            pace = (now - started) / max(done, 1)
+        else:
+            pace = (marks[-1][1] - marks[0][1]) / max(1, marks[-1][0] - marks[0][0])
+        left = deadline - after_s - now
+        n = done + max(0, math.floor(left / max(pace, 1e-6)))
+        return n if abs(n - cfg.iterations) > max(1, 0.02 * cfg.iterations) or n < cfg.iterations else cfg.iterations
+
+    return replan

@@ -333,6 +333,9 @@ class SemiTrainer(Trainer):
     def _load_init(self, path: str) -> None:
         p = Path(path)
         net, meta = load_model(p)
+        if getattr(self.cfg.architecture, "routed", None) is not None:
+            self._load_init_routed(p, net, meta)
+            return
         if meta.architecture != self.cfg.architecture:
             raise DinomixError(f"init_weights {p.name}: its architecture {meta.architecture.model_dump()} differs "
                                f"from the config's {self.cfg.architecture.model_dump()}")
@@ -343,6 +346,23 @@ class SemiTrainer(Trainer):
         self.init_meta = meta
         if not meta.trained:
             self.rep.log(f"starting from '{meta.model_id}', which is UNTRAINED (random weights)", "warning")
+
+    def _load_init_routed(self, p: Path, net: torch.nn.Module, meta: ModelMeta) -> None:
+        """A routed fine-tune (network.RoutedConfig): the parent's network frozen, its output path copied into the
+        branch that alone learns, so the new model starts as exactly the parent."""
+        arch = self.cfg.architecture
+        plain = arch.model_copy(update={"routed": None})
+        if meta.architecture.model_copy(update={"routed": None}) != plain:
+            raise DinomixError(f"init_weights {p.name}: its architecture differs from the config's")
+        if meta.organs.names != self.schema.names:
+            raise DinomixError(f"init_weights {p.name}: its organs differ from the config's")
+        self.net.init_branch_from(net)
+        self.net.freeze_trunk()
+        self.init_meta = meta
+        names = ["background"] + self.schema.names
+        self.rep.log("only the routed organs learn (" + ", ".join(names[c] for c in arch.routed.classes)
+                     + f"); every other organ keeps '{meta.model_id}''s output; "
+                     f"{sum(p.numel() for p in self.net.branch_parameters()):,} trainable parameters")
 
     # ------------------------------------------------------------------ state
     def state(self, it: int, elapsed: float, best: dict) -> dict:

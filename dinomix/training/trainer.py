@@ -98,6 +98,8 @@ class Trainer:
         self.pp = cfg.model_preprocessing()
         self.snapshot: Optional[dict] = None
         self.history: list[dict] = []
+        # (iterations done, seconds elapsed) -> total iterations: set by a time-budgeted run (dinomix finetune)
+        self.replan: Optional[Callable[[int, float], int]] = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -373,7 +375,7 @@ class Trainer:
         t_start = time.monotonic() - elapsed
         losses: list[float] = []
         it = start
-        for it in range(start, cfg.iterations):
+        while it < cfg.iterations:
             self.check()
             self.select_grid(it)
             loss = self.dist.mean(self.step(it))  # the logged loss: mean over the processes
@@ -398,6 +400,9 @@ class Trainer:
             self.take_snapshot(done, elapsed, best)
             if done % cfg.checkpoint_every == 0:
                 self.write_checkpoint()
+            it = done
+            if self.replan is not None:  # a time budget: the iteration count follows the measured pace
+                cfg.iterations = max(done, self.replan(done, elapsed))
         self.write_checkpoint()
         final_eval = self.history[-1].get("eval") if self.history else None
         meta = self.export(self.out / "model_last.safetensors", cfg.iterations, elapsed, final_eval) \
