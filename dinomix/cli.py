@@ -100,30 +100,14 @@ class Job:
         self.finished.set()
         self.reporter.close()
         exc = outcome.get("error")
-        # MONAI wraps errors raised inside transforms in RuntimeError; report the user error inside.
-        while exc is not None and not isinstance(exc, DinomixError) and isinstance(exc.__cause__, DinomixError):
-            exc = exc.__cause__
         if exc is None:
             self.reporter.emit("result", **(outcome.get("result") or {}))
             return 0
         self.writer.abort()  # files staged for a commit that will not come
-        if isinstance(exc, Cancelled):
-            self.reporter.emit("cancelled", message=str(exc))
+        msg, kind, code = describe_error(exc, outcome.get("tb", ""))
+        if kind == "Cancelled":
+            self.reporter.emit("cancelled", message=msg)
             return CANCEL_EXIT
-        if isinstance(exc, DinomixError):
-            msg = str(exc)
-            kind = type(exc).__name__
-            code = exc.exit_code
-        elif isinstance(exc, MemoryError):
-            msg, kind, code = "out of memory: try --mode fast or close other programs", "MemoryError", 3
-        elif isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
-            msg = str(disk_full_error(Path(exc.filename or ".")))
-            kind, code = "OutputError", OutputError.exit_code
-        else:
-            msg = f"internal error ({type(exc).__name__}: {exc}); please report it with the log"
-            kind, code = "InternalError", 1
-            if os.environ.get("DINOMIX_DEBUG"):
-                sys.stderr.write(outcome.get("tb", ""))
         self.reporter.emit("error", message=msg, kind=kind)
         sys.stderr.write(f"dinomix: error: {msg}\n")
         return code
@@ -133,11 +117,57 @@ class Job:
             self._events_file.close()
 
 
+def describe_error(exc: BaseException, tb: str = "") -> tuple[str, str, int]:
+    """(one-line message, kind, exit code) of a failed run: user errors as they are, the rest named plainly.
+
+    Shared by `Job`, the batch and `dinomix serve`, so a failure reads the same wherever it happens."""
+    # MONAI wraps errors raised inside transforms in RuntimeError; report the user error inside.
+    while not isinstance(exc, DinomixError) and isinstance(exc.__cause__, DinomixError):
+        exc = exc.__cause__
+    if isinstance(exc, Cancelled):
+        return str(exc), "Cancelled", CANCEL_EXIT
+    if isinstance(exc, DinomixError):
+        return str(exc), type(exc).__name__, exc.exit_code
+    if isinstance(exc, MemoryError):
+        return "out of memory: try --mode fast or close other programs", "MemoryError", 3
+    if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+        return str(disk_full_error(Path(exc.filename or "."))), "OutputError", OutputError.exit_code
+    if os.environ.get("DINOMIX_DEBUG"):
+        sys.stderr.write(tb)
+    return f"internal error ({type(exc).__name__}: {exc}); please report it with the log", "InternalError", 1
+
+
 # ---------------------------------------------------------------- segment
+
+SEGMENT_DESCRIPTION = """Segment the abdominal organs of a CT, or of many in one run (a batch).
+
+One input (a file or a DICOM series folder) writes the output named by -o, as always.
+
+Several inputs, or a folder of scans (image files in it, or only DICOM series subfolders), make a batch:
+the model is loaded once, the next scan is read while the previous one is in the network, and -o is a
+folder that receives <scan name>.seg.nrrd, .nii.gz (.nii with --compression none) and .json per scan. A
+bad scan gets its one-line error and the others go on. Two scans with the same name are refused (rename
+one or use two runs); the output folder may not be a scanned input folder.
+
+Batch events (--events): each scan's events are those of a single run with "scan": its index (0-based);
+a scan starts with {"event": "start", "scan": i, "of": n, "input", "name"} and ends with its "result"
+(the single run's summary, plus "model_load_s": > 0 only for the first scan) or "error". The batch ends
+with {"event": "result", "batch": true, "ok": k, "failed": m, "exit_code", "scans": [{"scan", "name",
+"input", "status": "ok"|"failed", "message", "kind", "outputs", "run_time_s"}]} (no "scan" field); a
+cancel ends it with {"event": "cancelled", "batch": true, "ok": k, "scans": [...]} where the running
+scan is "cancelled" and those not reached "pending".
+
+Exit status: 0 every scan segmented; 4 some scans failed (the others were written); 5 every scan failed;
+2 the batch could not start (bad -o, names that clash, no scans found, an unusable model); 130 cancelled (scans already
+written stay, the running one leaves nothing). A single input exits as before: 0, 2 user error, 1 internal.
+"""
 
 def cmd_segment(args: argparse.Namespace) -> int:
     # The model's stages are added once the input has been read (see _segment): a bad input is reported
     # at once, without first importing PyTorch and MONAI and loading a model (seconds).
+    if len(args.input) > 1 or _is_scan_folder(args.input[0]):
+        return _segment_batch(args)
+    args.input = args.input[0]
     job = Job("segment", args.events, {"read": 0.05})
     try:
         return job.run(lambda rep, check: _segment(args, job, rep, check))
@@ -145,18 +175,74 @@ def cmd_segment(args: argparse.Namespace) -> int:
         job.close()
 
 
+def _segment_batch(args: argparse.Namespace) -> int:
+    """Several scans (batch.py): exit 0 all segmented, 4 some failed, 5 all failed (SEGMENT_DESCRIPTION)."""
+    from .batch import make_batch_job, run_batch
+
+    job = make_batch_job(args.events)
+    summary: dict = {}
+
+    def work(rep: Reporter, check: Callable[[], None]) -> dict:
+        summary.update(run_batch(args, job, rep, check))
+        return summary
+
+    try:
+        code = job.run(work)
+    finally:
+        job.close()
+    return summary.get("exit_code", 0) if code == 0 else code
+
+
 def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[[], None]) -> dict:
-    from .imageio import check_is_ct, read_image, remove_leftovers
+    t0 = time.perf_counter()
+    paths, wanted = prepare_outputs(args, rep)
+    limit = args.max_memory or _machine_memory()
+    image, notes = read_input(args, rep, limit)
+    check()
+    from .inference import Segmenter
+
+    add_model_stages(rep)
+    seg = Segmenter(args.model, args.device)
+    res, summary = segment_image(args, seg, image, notes, paths, wanted, job.writer, rep, check, limit, t0)
+    if not args.events:
+        vols = ", ".join(f"{o['name']} {o['volume_ml']:.0f} ml" for o in summary["organs"])
+        print(f"segmented {args.input} in {summary['run_time_s']:.1f} s ({res.mode}, {res.device}) "
+              f"with {res.meta.display_name()}\n  {vols}\n  wrote: {', '.join(summary['outputs'].values())}")
+    return summary
+
+
+def _is_scan_folder(path: str) -> bool:
+    """A folder of scans (image files, or only subfolders) rather than one DICOM series (see batch.py)."""
+    from .batch import scans_in_folder
+
+    return scans_in_folder(Path(path)) is not None
+
+
+def prepare_outputs(args: argparse.Namespace, rep: Reporter) -> tuple[dict[str, Path], list[str]]:
+    """The output set of one scan, checked before any work: writable, never the input, no existing file
+    without --overwrite; files left by a killed earlier run are removed."""
+    from .imageio import remove_leftovers
     from .outputs import check_outputs, output_paths
 
-    t0 = time.perf_counter()
     paths = output_paths(args.output)
+    if getattr(args, "compression", "gzip") == "none":
+        if str(args.output).endswith(".nii.gz"):
+            raise OutputError(f"-o {args.output} names a compressed label map; with --compression none it is "
+                              f"written uncompressed: name it {str(args.output)[:-3]}")
+        paths["nifti"] = paths["nifti"].with_suffix("")  # x.nii.gz -> x.nii
     wanted = [k for k in ("seg_nrrd", "nifti", "summary") if not args.formats or k in args.formats]
     targets = [paths[k] for k in wanted]
     for p in remove_leftovers(targets):
         rep.log(f"removed {p}, left by an interrupted run")
     check_outputs(targets, args.input, args.overwrite)
-    limit = args.max_memory or _machine_memory()
+    return paths, wanted
+
+
+def read_input(args: argparse.Namespace, rep: Reporter, limit: int):
+    """The input image (refused from its header alone when it would not fit in memory) and the notes on
+    how it was read; not a CT -> NotCTError unless --force."""
+    from .imageio import check_is_ct, read_image
+
     rep.begin("read", f"reading {args.input}")
     notes: list[str] = []
     image = read_image(args.input, notes, check_size=lambda size, bpv: _check_memory(args, limit, size, bpv))
@@ -164,12 +250,23 @@ def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[
         rep.log(note, "warning")
     if not args.force:
         check_is_ct(image, Path(args.input).name)
-    check()
-    from .inference import STAGES, Segmenter, SegmentOptions
+    return image, notes
+
+
+def add_model_stages(rep: Reporter) -> None:
+    """The stages after reading, added once the input was read (their weights sum with 'read')."""
+    from .inference import STAGES
 
     rep.stages.update(STAGES)
     rep.total = sum(rep.stages.values())
-    seg = Segmenter(args.model, args.device)
+
+
+def segment_image(args: argparse.Namespace, seg, image, notes: list[str], paths: dict[str, Path],
+                  wanted: list[str], writer: AtomicWriter, rep: Reporter, check: Callable[[], None],
+                  limit: int, t0: float):
+    """Segment a read image with a loaded model and commit its output set; (result, summary)."""
+    from .inference import SegmentOptions
+
     _check_memory(args, limit, image.GetSize(), 4, image.GetSpacing(),
                   seg.meta.preprocessing.mode(args.mode).spacing_mm, len(seg.meta.organs.organs) + 1)
     if not seg.meta.trained:
@@ -184,26 +281,23 @@ def _segment(args: argparse.Namespace, job: Job, rep: Reporter, check: Callable[
                           fill_holes=False if args.no_fill_holes else None)
     res = seg.segment(image, opts, rep, check)
     rep.begin("write", "writing outputs")
-    summary = _write_outputs(args, job, res, paths, wanted, notes, t0)
+    summary = _write_outputs(args, writer, rep, res, paths, wanted, notes, t0)
     rep.update(1.0, "done", force=True)
-    if not args.events:
-        vols = ", ".join(f"{o['name']} {o['volume_ml']:.0f} ml" for o in summary["organs"])
-        print(f"segmented {args.input} in {summary['run_time_s']:.1f} s ({res.mode}, {res.device}) "
-              f"with {res.meta.display_name()}\n  {vols}\n  wrote: {', '.join(summary['outputs'].values())}")
-    return summary
+    return res, summary
 
 
-def _write_outputs(args: argparse.Namespace, job: Job, res, paths: dict[str, Path], wanted: list[str],
-                   notes: list[str], t0: float) -> dict:
+def _write_outputs(args: argparse.Namespace, writer: AtomicWriter, rep: Reporter, res, paths: dict[str, Path],
+                   wanted: list[str], notes: list[str], t0: float) -> dict:
     """Every output is written to a temporary file and verified, then all are renamed together: a failure
     or a cancel leaves the previous set as it was, never a mix of old and new files."""
     from .outputs import write_json, write_labelmap, write_seg_nrrd
 
+    compress = getattr(args, "compression", "gzip") != "none"
     written = {k: str(paths[k]) for k in wanted}
     if "seg_nrrd" in wanted:
-        write_seg_nrrd(res.labels, res.organs, paths["seg_nrrd"], job.writer, staged=True)
+        write_seg_nrrd(res.labels, res.organs, paths["seg_nrrd"], writer, staged=True, compress=compress)
     if "nifti" in wanted:
-        write_labelmap(res.labels, paths["nifti"], job.writer, staged=True)
+        write_labelmap(res.labels, paths["nifti"], writer, staged=True, compress=compress)
     summary = {
         "input": str(args.input),
         "input_notes": notes,
@@ -219,10 +313,10 @@ def _write_outputs(args: argparse.Namespace, job: Job, res, paths: dict[str, Pat
         "outputs": written,
     }
     if "summary" in wanted:
-        write_json(summary, paths["summary"], job.writer, staged=True)
-    replaced = job.writer.commit(overwrite=args.overwrite)
+        write_json(summary, paths["summary"], writer, staged=True)
+    replaced = writer.commit(overwrite=args.overwrite)
     if replaced:
-        job.reporter.log(f"replaced the existing {', '.join(map(str, replaced))} (--overwrite)")
+        rep.log(f"replaced the existing {', '.join(map(str, replaced))} (--overwrite)")
     return summary
 
 
@@ -333,10 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"dinomix {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("segment", help="segment the abdominal organs of a CT")
-    s.add_argument("input", help="CT image (NIfTI, NRRD, MHA) or DICOM series folder")
+    s = sub.add_parser("segment", help="segment the abdominal organs of a CT (or of many: a batch)",
+                       description=SEGMENT_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("input", nargs="+",
+                   help="CT image (NIfTI, NRRD, MHA) or DICOM series folder; several, or a folder of scans: a batch")
     s.add_argument("-o", "--output", required=True,
-                   help="output: a .seg.nrrd or .nii.gz file name, or a folder (JSON summary beside it)")
+                   help="output: a .seg.nrrd or .nii.gz file name, or a folder (JSON summary beside it); "
+                        "a batch needs a folder (<scan name>.seg.nrrd/.nii.gz/.json in it)")
     s.add_argument("--mode", choices=["fast", "full"], default="fast",
                    help="quality mode; its grid comes from the model file (built-in: fast 3 mm, full 2 mm)")
     s.add_argument("--model", default=None, help="registry name or model file (default: abdomen-btcv13)")
@@ -352,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace existing output files (never the input); without it an existing output is refused")
     s.add_argument("--max-memory", type=parse_size, default=None, metavar="SIZE",
                    help="refuse inputs whose segmentation needs more memory, e.g. 8G (default: this machine's memory)")
+    s.add_argument("--compression", choices=["gzip", "none"], default="gzip",
+                   help="gzip (default): compressed .seg.nrrd and .nii.gz; none: raw .seg.nrrd and .nii, which a "
+                        "program (the Slicer module) loads without a gzip round trip")
     s.add_argument("--events", default=None, metavar="FILE|-", help="JSON-lines progress events to FILE or stdout")
     s.set_defaults(func=cmd_segment)
 
@@ -376,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Commands defined in other modules (training, evaluation), registered if importable."""
     regs = []
-    for modname in ("dinomix.train_cli", "dinomix.evaluate_cli", "dinomix.finetune_cli", "dinomix.cache_cli", "dinomix.scene_cli"):
+    for modname in ("dinomix.train_cli", "dinomix.evaluate_cli", "dinomix.finetune_cli", "dinomix.cache_cli", "dinomix.scene_cli",
+                    "dinomix.serve_cli"):
         try:
             mod = __import__(modname, fromlist=["register"])
             regs.append(mod.register)

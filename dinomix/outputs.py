@@ -65,9 +65,12 @@ def _open_for(writer: AtomicWriter, staged: bool) -> Callable:
 
 
 def write_seg_nrrd(labels: sitk.Image, organs: list[Organ], path: str | os.PathLike, writer: AtomicWriter,
-                   staged: bool = False) -> Path:
-    """`staged`: the file waits for `writer.commit()` (an output set is committed together)."""
+                   staged: bool = False, compress: bool = True) -> Path:
+    """`staged`: the file waits for `writer.commit()` (an output set is committed together). `compress`
+    False writes raw voxels: a program that loads the file at once skips a gzip round trip."""
     seg = segmentation_dict(labels, organs)
+    if not compress:
+        seg["encoding"] = "raw"
 
     def verify(tmp: Path) -> None:
         try:
@@ -82,7 +85,8 @@ def write_seg_nrrd(labels: sitk.Image, organs: list[Organ], path: str | os.PathL
     return Path(path)
 
 
-def write_labelmap(labels: sitk.Image, path: str | os.PathLike, writer: AtomicWriter, staged: bool = False) -> Path:
+def write_labelmap(labels: sitk.Image, path: str | os.PathLike, writer: AtomicWriter, staged: bool = False,
+                   compress: bool = True) -> Path:
     expected = sitk.GetArrayViewFromImage(labels)
 
     def verify(tmp: Path) -> None:
@@ -95,7 +99,7 @@ def write_labelmap(labels: sitk.Image, path: str | os.PathLike, writer: AtomicWr
             raise OutputError(f"the written {Path(path).name} does not read back as written")
 
     with _open_for(writer, staged)(path, verify) as tmp:
-        sitk.WriteImage(labels, str(tmp), useCompression=True)
+        sitk.WriteImage(labels, str(tmp), useCompression=compress)
     return Path(path)
 
 
