@@ -565,36 +565,41 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     check()
     t = lap("train", t)
 
-    after = None
-    if tr.eval_cases:
-        rep.begin("eval_after", f"evaluating '{name}' on {len(tr.eval_cases)} held-out cases")
-        after = tr.evaluate()
-        rep.emit("metric", kind="eval", phase="after", model=name, **after)
-        rep.log(f"after: mean held-out Dice {after['mean_dice']:.1f}% ({name})")
-    per, worse, verdict = compare(before, after)
-    t = lap("eval_after", t)
-
-    check_result = None
+    sc = None
     if opts.routing == "organs":
         rep.begin("self_check", "checking the new model against its parent on your scans")
         child_lab = [predict(tr.net, c, roi, div, device) for c in cached_lab]
         check()
         child_unl = [predict(tr.net, c, roi, div, device) for c in unl_cases]
-        down = [f"{o} {v['delta']:+.1f}" for o, v in per.items() if v["delta"] is not None and v["delta"] < -1.0] \
-            if after else None
-        sc = self_check(names, routing, cached_lab, parent_lab, child_lab, parent_unl, child_unl, loco, down)
-        final = [c for c in tr.net.routed.classes if c not in sc.removed]
-        tr.net.restrict_routing(final)
+        sc = self_check(names, routing, cached_lab, parent_lab, child_lab, parent_unl, child_unl, loco)
+        tr.net.restrict_routing([c for c in tr.net.routed.classes if c not in sc.removed])
         tr.cfg.architecture = tr.net.cfg
+    t = lap("self_check", t)
+
+    after = None
+    if tr.eval_cases:  # the final model, after the self-check sent failing organs back to the parent
+        rep.begin("eval_after", f"evaluating '{name}' on {len(tr.eval_cases)} held-out cases")
+        after = tr.evaluate()
+        rep.emit("metric", kind="eval", phase="after", model=name, **after)
+        rep.log(f"after: mean held-out Dice {after['mean_dice']:.1f}% ({name})")
+    per, worse, verdict = compare(before, after)
+    rep.log(f"'{name}' is {verdict}" if worse is not None else f"'{name}': {verdict}",
+            "warning" if worse or worse is None else "info")
+    t = lap("eval_after", t)
+
+    if sc is not None:
+        if after:
+            sc.add_holdout([f"{o} {v['delta']:+.1f}" for o, v in per.items()
+                            if v["delta"] is not None and v["delta"] < -1.0])
         check_result = sc.as_dict()
-        rep.log(f"self-check: {sc.verdict}: {sc.message}", "info" if sc.verdict == "safe" else "warning")
     else:
         check_result = {"verdict": "unsafe" if worse else ("safe" if worse is False else "unknown"),
                         "message": ("Every organ was fine-tuned (--routing off): nothing keeps the organs nobody "
                                     "corrected. " + verdict),
                         "checks": [{"name": "held-out cases", "passed": None if worse is None else not worse,
                                     "detail": verdict}], "removed": {}, "per_organ": {}}
-    t = lap("self_check", t)
+    rep.log(f"self-check: {check_result['verdict']}: {check_result['message']}",
+            "info" if check_result["verdict"] == "safe" else "warning")
 
     rep.begin("register", f"registering '{name}'")
     tr.provenance["finetune"].update({"before": before, "after": after, "worse_than_parent": worse,

@@ -202,9 +202,13 @@ def test_leave_one_scan_out_keeps_only_organs_that_help_on_every_left_out_scan()
 def test_harm_on_held_out_cases_makes_the_verdict_unsafe():
     gt = _blobs()
     t = torch.from_numpy(gt)
-    sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [],
-                    holdout_down=["spleen -3.0"])
+    sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [])
+    assert sc.verdict == "unknown"
+    sc.add_holdout(["spleen -3.0"])
     assert sc.verdict == "unsafe" and "spleen -3.0" in sc.message
+    sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [])
+    sc.add_holdout([])
+    assert sc.verdict == "safe" and sc.checks[-1].passed is True
 
 
 def test_a_routed_organ_that_overreaches_on_unlabeled_scans_is_unrouted():

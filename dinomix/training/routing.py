@@ -111,6 +111,20 @@ class SelfCheck:
     removed: dict[int, str]
     per_organ: dict[str, dict] = field(default_factory=dict)
 
+    def add_holdout(self, down: list[str]) -> None:
+        """The held-out cases' word (organs down by more than 1 Dice point, evaluated on the final model): harm
+        there makes the verdict unsafe; none, with learnt organs, makes it safe."""
+        self.checks.append(Check("held-out cases", not down,
+                                 "no organ down by more than 1 Dice point on the held-out cases" if not down
+                                 else "down by more than 1 Dice point: " + ", ".join(down)))
+        if down:
+            self.verdict = "unsafe"
+            self.message = ("The new model is worse than its parent on held-out cases: " + ", ".join(down) +
+                            ". Keep the current model unless you checked it. " + self.message)
+        elif self.verdict == "unknown":
+            self.verdict = "safe"
+            self.message += " The held-out cases confirm it: no organ down by more than 1 Dice point."
+
     def as_dict(self) -> dict:
         return {"verdict": self.verdict, "message": self.message, "checks": [c.as_dict() for c in self.checks],
                 "removed": dict(self.removed), "per_organ": self.per_organ}
@@ -152,11 +166,10 @@ def change_on(preds_a: list[torch.Tensor], preds_b: list[torch.Tensor], c: int) 
 
 def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], parent_lab: list[torch.Tensor],
                child_lab: list[torch.Tensor], parent_unl: list[torch.Tensor], child_unl: list[torch.Tensor],
-               loco: Optional[dict[int, list[float]]] = None, holdout_down: Optional[list[str]] = None
-               ) -> SelfCheck:
+               loco: Optional[dict[int, list[float]]] = None) -> SelfCheck:
     """Checks of the fine-tuned (child) model against its parent on the clinician's scans; routed organs that
     fail are removed. `names` = ["background", organ...]; `loco` = {class: [Dice change on each left-out scan]};
-    `holdout_down` = organs down by more than 1 on held-out labeled cases (if the dataset had any)."""
+    held-out cases, where the dataset has any, are added afterwards (`SelfCheck.add_holdout`)."""
     routed = list(routing.classes)
     removed: dict[int, str] = {}
     checks: list[Check] = []
@@ -246,29 +259,18 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
                         f"no organ that was not corrected loses more than {100 * MAX_NEIGHBOUR_LOSS:.0f}% of its "
                         "volume on your scans (the routed model keeps the parent's output for them)"))
 
-    if holdout_down is not None:
-        checks.append(Check("held-out cases", not holdout_down,
-                            "no organ down by more than 1 Dice point on the held-out cases" if not holdout_down
-                            else "down by more than 1 Dice point: " + ", ".join(holdout_down)))
-
     for c, why in removed.items():
         per.setdefault(names[c], {"routed": True})["removed"] = why
     final = [c for c in routed if c not in removed]
-    failed_hard = bool(holdout_down)
-    if failed_hard:
-        verdict = "unsafe"
-        message = ("The new model is worse than its parent on held-out cases: " + ", ".join(holdout_down) +
-                   ". Keep the current model unless you checked it.")
-    elif not final:
+    if not final:
         verdict = "safe"
         message = ("Nothing could be learnt safely from these corrections: the new model gives the parent's "
                    "output for every organ.")
-    elif holdout_down is not None or (loco and min(len(loco.get(c) or []) for c in final) >= MIN_LOCO_VOUCH):
+    elif loco and min(len(loco.get(c) or []) for c in final) >= MIN_LOCO_VOUCH:
         verdict = "safe"
         message = (f"Learnt {', '.join(names[c] for c in final)}; every other organ keeps the parent's output. "
-                   "Checked on your own scans" + (" and on held-out cases." if holdout_down is not None else
-                                                  " with leave-one-scan-out over "
-                                                  f"{min(len(loco[c]) for c in final)} corrected scans."))
+                   f"Checked on your own scans with leave-one-scan-out over {min(len(loco[c]) for c in final)} "
+                   "corrected scans.")
     elif loco:
         verdict = "unknown"
         message = (f"Learnt {', '.join(names[c] for c in final)} and kept the parent's output for every other "
