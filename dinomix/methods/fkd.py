@@ -535,17 +535,17 @@ class FKDConfig(BaseModel):
 
     enabled: bool = False
     weights: Optional[str] = Field(default=None, description=f"DINOv3 checkpoint file or HF folder; else ${ENV_WEIGHTS}")
-    layers: list[int] = Field(default=[-1], description="ViT layers whose normalised patch tokens are stacked")
-    min_tokens: int = Field(default=16, ge=1, description="slices are upsampled so the token grid is at least this")
+    layers: list[int] = Field(default=[-1], min_length=1, description="ViT layers whose normalised patch tokens are stacked")
+    min_tokens: int = Field(default=16, ge=1, le=4096, description="slices are upsampled so the token grid is at least this")
     loss: Literal["cosine", "affinity"] = "cosine"
-    weight: float = Field(default=1.0, ge=0)
+    weight: float = Field(default=1.0, ge=0, le=1000)
     rampup: float = Field(default=0.1, ge=0, le=1, description="sigmoid ramp-up of the FKD weight, fraction of training")
     prototype_momentum: float = Field(default=0.9, ge=0, le=1)
-    affinity_voxels: int = Field(default=256, ge=2, description="affinity variant: voxels per patch")
+    affinity_voxels: int = Field(default=256, ge=2, le=1_000_000, description="affinity variant: voxels per patch")
     level: int = Field(default=-2, le=-1, description="student decoder map distilled into: -1 the 1/2-resolution map, "
                                                      "-2 the 1/4-resolution one (default: closer to the teacher's token "
                                                      "grid, which is coarser in-plane, and 8x cheaper), ...")
-    head_hidden: Optional[int] = None
+    head_hidden: Optional[int] = Field(default=None, ge=1, le=4096)
     cache_dir: Optional[str] = Field(default=None, description="teacher feature cache (default: user cache dir)")
 
 

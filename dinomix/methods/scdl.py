@@ -92,12 +92,12 @@ class SCDLConfig(BaseModel):
 
     enabled: bool = False
     feature_level: int = Field(default=-1, description="index into batch.features (coarsest first); -1: 1/2 resolution")
-    grid: int = Field(default=12, ge=1, description="tokens per axis (adaptive average pooling, capped at the map size)")
-    hidden_dim: int = Field(default=512, ge=1)
-    embed_dim: int = Field(default=256, ge=1)
+    grid: int = Field(default=12, ge=1, le=256, description="tokens per axis (adaptive average pooling, capped at the map size)")
+    hidden_dim: int = Field(default=512, ge=1, le=8192)
+    embed_dim: int = Field(default=256, ge=1, le=8192)
     dropout: float = Field(default=0.2, ge=0, lt=1)
-    samples: int = Field(default=50, ge=1, description="reparameterised samples per class proxy")
-    init_sigma: float = Field(default=0.05, gt=0, description="initial proxy scale softplus(rho)")
+    samples: int = Field(default=50, ge=1, le=10_000, description="reparameterised samples per class proxy")
+    init_sigma: float = Field(default=0.05, gt=0, le=100, description="initial proxy scale softplus(rho)")
     similarity: Literal["samples", "mean"] = Field(
         default="samples", description="token-class similarity: mean cosine to the proxy samples, or to the proxy mean")
     tau_e2p: float = Field(default=0.2, gt=0, description="temperature of the embedding-to-proxy softmax (classes)")
@@ -105,17 +105,17 @@ class SCDLConfig(BaseModel):
     kl_mode: Literal["joint", "token"] = Field(default="joint", description="how the two directions are compared")
     kl_class_prior: Literal["uniform", "target"] = Field(
         default="uniform", description="joint mode: class marginal of the proxy-to-embedding side")
-    kl_prior_floor: float = Field(default=1e-3, gt=0, description="floor of the target class proportions")
-    dist_weight: float = Field(default=0.1, ge=0, description="distribution consistency term inside scdl_proxy")
+    kl_prior_floor: float = Field(default=1e-3, gt=0, le=1, description="floor of the target class proportions")
+    dist_weight: float = Field(default=0.1, ge=0, le=1000, description="distribution consistency term inside scdl_proxy")
     sac_tokens: Literal["proportion", "majority"] = "proportion"
     sac_background: bool = Field(default=False, description="SAC also anchors the background proxy")
-    cdba_weight: float = Field(default=0.1, ge=0)
-    proxy_weight: float = Field(default=0.1, ge=0)
-    sac_weight: float = Field(default=0.1, ge=0)
+    cdba_weight: float = Field(default=0.1, ge=0, le=1000)
+    proxy_weight: float = Field(default=0.1, ge=0, le=1000)
+    sac_weight: float = Field(default=0.1, ge=0, le=1000)
     prior: bool = Field(default=False, description="build the prior-token projection (`prior_features`)")
     ramp_start: float = Field(default=0.0, ge=0, le=1, description="training progress where the ramp-up starts")
     rampup: float = Field(default=0.0, ge=0, le=1, description="sigmoid ramp-up length, fraction of training")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
 
 
 # ---------------------------------------------------------------- tokens and labels
