@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cli import Job
+
+if TYPE_CHECKING:
+    from .training.config import TrainConfig
 
 
 def register(sub) -> None:
@@ -22,12 +26,46 @@ def register(sub) -> None:
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
     t.add_argument("--events", default=None, metavar="FILE|-", help="JSON-lines progress events")
     t.add_argument("--register", action="store_true", help="import the final model into the registry")
+    t.add_argument("--resample-labels", action="store_true",
+                   help="resample a label whose grid differs from its image's onto the image grid (nearest "
+                        "neighbour, as `dinomix evaluate` does) instead of refusing the case")
     t.set_defaults(func=cmd_train)
     register_dataset(sub)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def prepare(args: argparse.Namespace, rep) -> TrainConfig:
+    """The validated config with the command line's overrides, and every check that needs no preprocessing:
+    a run refused after hours of training (an invalid --iterations, a model id already in the registry, a
+    misaligned label of the last case) has wasted them."""
     from .training.config import TrainConfig
+    from .training.data import check_cases, training_selection
+    from .training.trainer import load_training_dataset
+
+    cfg = TrainConfig.from_file(args.config)
+    overrides = {}
+    if args.iterations is not None:
+        overrides["iterations"] = args.iterations
+    if args.resample_labels:
+        overrides["data"] = {**cfg.data.model_dump(), "resample_labels": True}
+    if overrides:
+        cfg = TrainConfig.validated({**cfg.model_dump(), **overrides}, "dinomix train (command-line options)")
+    if args.register:
+        from .errors import DinomixError
+        from .registry import list_models
+
+        if any(e.name == cfg.model_id for e in list_models()):
+            raise DinomixError(f"--register: a model named '{cfg.model_id}' is already installed; set another "
+                               "model_id in the config or remove the installed one first")
+    ds = load_training_dataset(cfg)
+    train, evals = training_selection(ds, cfg.data, cfg.semi.method == "supervised")
+    resampled = check_cases(ds, train + [c for c in evals if c not in train], cfg.data.resample_labels)
+    if resampled:
+        rep.log(f"labels on another grid than their image, resampled onto it (nearest neighbour): "
+                f"{', '.join(resampled)}", "warning")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from .training.distributed import DistContext, SilentReporter
     from .training.trainer import Trainer
 
@@ -49,9 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         job.reporter = SilentReporter(job.reporter.stages)
 
     def work(rep, check) -> dict:
-        cfg = TrainConfig.from_file(args.config)
-        if args.iterations is not None:
-            cfg.iterations = args.iterations
+        cfg = prepare(args, rep)
         tr = Trainer(cfg, Path(args.output), rep, check, args.device)
         holder["trainer"] = tr
         try:

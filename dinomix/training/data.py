@@ -4,6 +4,12 @@ sampled class-balanced and deterministically from a per-iteration random generat
 Crop sampling is written here rather than with MONAI's RandCropByLabelClassesd because balancing must
 be across the whole dataset (pick an organ, then a case that has it annotated and present), and every
 draw must come from one generator seeded by (seed, iteration) so a resumed run repeats the same crops.
+
+Cases are checked as `dinomix evaluate` reads them, so training and evaluation never disagree about where an
+organ is: a label whose grid differs from its image's is refused (or, with `resample_labels`, resampled onto
+the image grid with nearest neighbour, as evaluate does), label values must be whole numbers, case ids unique,
+and an image that is a label map is refused. The grid checks read file headers only and run before any case is
+preprocessed (or taken from the preprocessed cache).
 """
 
 from __future__ import annotations
@@ -21,33 +27,116 @@ from monai.data import CacheDataset, PersistentDataset
 from monai.transforms import Compose, MapTransform, SelectItemsd
 
 from ..datasets import Case, Dataset, map_label
-from ..errors import DinomixError
+from ..errors import DinomixError, InputImageError
+from ..evaluation import _grid_str, _same_grid, read_label
 from ..imageio import read_image
 from ..organs import OrganSchema
 from ..preprocessing import PreprocessConfig, build_preprocess, sitk_to_sample
 
 MAX_INDICES = 50_000
+MAX_LABEL_MAP_VALUES = 256  # a non-negative image with at most this many distinct whole values is a label map
 
+
+# ---------------------------------------------------------------- checks
+
+def refuse_duplicate_ids(dataset: Dataset) -> None:
+    """Two cases with one id would share preprocessed-cache entries, provenance and evaluation records."""
+    ids = [c.id for c in dataset.cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise DinomixError(f"dataset '{dataset.name}': case id {', '.join(map(repr, dup))} appears more than once; "
+                           "every case needs its own id")
+
+
+def _header(path: Path) -> Optional[sitk.ImageFileReader]:
+    """A file's grid without its voxels; None where the header cannot tell (DICOM folders, 4D files,
+    unreadable files: reading the case reports those)."""
+    if not path.is_file():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None
+    return reader if reader.GetDimension() == 3 else None
+
+
+def grid_mismatch(case_id: str, label, image) -> DinomixError:
+    return DinomixError(
+        f"case '{case_id}': label grid ({_grid_str(label)}) differs from image grid ({_grid_str(image)}); trained "
+        "as it is, the organs would be learnt in the wrong place (`dinomix evaluate` resamples it). Fix the label "
+        "file, or pass --resample-labels (data.resample_labels) to resample it onto the image grid with nearest "
+        "neighbour")
+
+
+def check_label_grid(dataset: Dataset, case: Case, resample: bool) -> bool:
+    """From the headers: True if the case's label must be resampled onto its image grid; raises if it must
+    and `resample` is off. Also refuses an image that is its own label."""
+    img_path, lab_path = dataset.path(case.image), dataset.path(case.label)
+    if img_path.resolve() == lab_path.resolve():
+        raise DinomixError(f"case '{case.id}': the image and the label are the same file ({img_path}); the "
+                           "image must be the CT")
+    image, label = _header(img_path), _header(lab_path)
+    if image is None or label is None or _same_grid(image, label):
+        return False
+    if not resample:
+        raise grid_mismatch(case.id, label, image)
+    return True
+
+
+def check_cases(dataset: Dataset, cases: list[Case], resample_labels: bool = False) -> list[str]:
+    """Everything about the cases that can be checked before preprocessing; the ids whose labels will be
+    resampled onto their image grids."""
+    refuse_duplicate_ids(dataset)
+    return [c.id for c in cases if c.labeled and check_label_grid(dataset, c, resample_labels)]
+
+
+def refuse_label_map_as_ct(image: sitk.Image, case_id: str, name: str) -> None:
+    """A label map in the image column trains a network to segment label maps; refused with a clear message."""
+    arr = sitk.GetArrayViewFromImage(image)
+    sample = arr.ravel()[:: max(1, arr.size // 2_000_000)]
+    if float(sample.min()) < 0 or not np.array_equal(sample, np.round(sample)):
+        return  # a CT in Hounsfield units has air and fat below 0
+    values = np.unique(sample)
+    if len(values) <= MAX_LABEL_MAP_VALUES:
+        raise InputImageError(
+            f"case '{case_id}': the image {name} looks like a label map, not a CT ({len(values)} distinct whole "
+            f"values from {values[0]:g} to {values[-1]:g}, none below 0; a CT in Hounsfield units has air and fat "
+            "below 0). Check the dataset's image and label entries")
+
+
+def label_on_image_grid(label: sitk.Image, image: sitk.Image, case_id: str, resample: bool) -> sitk.Image:
+    """The label on the image's voxel grid: as it is, resampled (nearest neighbour, as evaluate does), or refused."""
+    if _same_grid(image, label):
+        return label
+    if not resample:
+        raise grid_mismatch(case_id, label, image)
+    return sitk.Resample(label, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+
+
+# ---------------------------------------------------------------- loading
 
 class LoadCased(MapTransform):
     """Case -> sample dict with the image, the label mapped into the schema, and the annotated mask."""
 
-    def __init__(self, dataset: Dataset, schema: OrganSchema) -> None:
+    def __init__(self, dataset: Dataset, schema: OrganSchema, resample_labels: bool = False) -> None:
         super().__init__(("case",))
         self.dataset = dataset
         self.schema = schema
+        self.resample_labels = resample_labels
 
     def __call__(self, data: dict) -> dict:
         case: Case = data["case"]
-        image = read_image(self.dataset.path(case.image))
+        image_path = self.dataset.path(case.image)
+        image = read_image(image_path)
+        refuse_label_map_as_ct(image, case.id, image_path.name)
         sample = sitk_to_sample(image)
         annotated = np.zeros(self.schema.num_classes, bool)
         annotated[0] = True
         if case.labeled:
-            lab_img = sitk.ReadImage(str(self.dataset.path(case.label)))
-            if lab_img.GetSize() != image.GetSize():
-                raise DinomixError(f"case '{case.id}': label size {lab_img.GetSize()} differs from image size "
-                                   f"{image.GetSize()}")
+            lab_img = read_label(self.dataset.path(case.label), case.id)  # refuses fractional values
+            lab_img = label_on_image_grid(lab_img, image, case.id, self.resample_labels)
             arr = map_label(sitk.GetArrayViewFromImage(lab_img), case, self.schema)
             for n in case.annotated_organs(self.schema):
                 annotated[self.schema.by_name(n).value] = True
@@ -78,24 +167,31 @@ def _file_id(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def case_key(dataset: Dataset, case: Case, schema: OrganSchema, pp: PreprocessConfig, mode: str) -> str:
+def case_key(dataset: Dataset, case: Case, schema: OrganSchema, pp: PreprocessConfig, mode: str,
+             label_resampled: bool = False) -> str:
     """What a preprocessed case depends on: its files (path, size, modification time: an edited or re-exported
-    correction is a new key), how labels map into the schema, the preprocessing and the mode."""
+    correction is a new key), how labels map into the schema, the preprocessing and the mode; and whether its
+    label was resampled onto the image grid (only then, so the keys of all other cases stay as they were)."""
     parts = {"v": PREPROCESSED_VERSION, "image": _file_id(dataset.path(case.image)),
              "label": _file_id(dataset.path(case.label)) if case.label else None,
              "label_map": {str(k): v for k, v in sorted(case.label_map.items())},
              "annotated": case.annotated_organs(schema) if case.labeled else None, "organs": schema.names,
              "preprocessing": pp.model_dump(mode="json"), "mode": mode, "id": case.id}
+    if label_resampled:
+        parts["label_resampled"] = True
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def cache_cases(dataset: Dataset, cases: list[Case], schema: OrganSchema, pp: PreprocessConfig, mode: str,
-                num_workers: int = 1, cache_dir: Optional[Path] = None) -> list[CachedCase]:
+                num_workers: int = 1, cache_dir: Optional[Path] = None,
+                resample_labels: bool = False) -> list[CachedCase]:
     """Load and preprocess every case once: in memory (MONAI CacheDataset) or, with `cache_dir`, through MONAI's
     PersistentDataset, so later runs and fine-tunes on the same scans skip preprocessing (a scan at 3 mm takes
-    5-15 s on 2 cores; 16 unlabeled scans ate most of a 5-minute fine-tuning budget before this cache)."""
+    5-15 s on 2 cores; 16 unlabeled scans ate most of a 5-minute fine-tuning budget before this cache).
+    The cases are checked first (`check_cases`), so a bad label is refused before a cached copy is used."""
     if not cases:
         return []
+    resampled = set(check_cases(dataset, cases, resample_labels))
     labeled = [c for c in cases if c.labeled]
     unlabeled = [c for c in cases if not c.labeled]
     out: list[CachedCase] = []
@@ -103,14 +199,14 @@ def cache_cases(dataset: Dataset, cases: list[Case], schema: OrganSchema, pp: Pr
         if not group:
             continue
         # flattened: PersistentDataset caches up to the first Randomizable, and a nested Compose is one
-        chain = Compose([LoadCased(dataset, schema), build_preprocess(pp, mode, keys),
+        chain = Compose([LoadCased(dataset, schema, resample_labels), build_preprocess(pp, mode, keys),
                          SelectItemsd(KEEP_KEYS, allow_missing_keys=True)]).flatten()
         if cache_dir is None:
             ds = CacheDataset([{"case": c} for c in group], transform=chain, num_workers=num_workers,
                               progress=False, copy_cache=False)
         else:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            items = [{"case": c, "key": case_key(dataset, c, schema, pp, mode)} for c in group]
+            items = [{"case": c, "key": case_key(dataset, c, schema, pp, mode, c.id in resampled)} for c in group]
             ds = PersistentDataset(items, transform=chain, cache_dir=cache_dir,
                                    hash_func=lambda item: item["key"].encode(), track_meta=False,
                                    weights_only=True)
@@ -222,3 +318,27 @@ def augment(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     noise = torch.randn(img.shape, generator=gen) * float(rng.uniform(0, 0.03))
     return img * scale + shift + noise
+
+
+# ---------------------------------------------------------------- before a run
+
+def training_selection(dataset: Dataset, data, supervised: bool) -> tuple[list[Case], list[Case]]:
+    """The (training, evaluation) cases a config's `data` section selects, as the trainer's set-up selects them;
+    ids named in `cases`/`eval_cases` that the dataset lacks are refused (else they would silently train on
+    fewer cases or on none)."""
+    ids = {c.id for c in dataset.cases}
+    for key in ("cases", "eval_cases"):
+        missing = [i for i in (getattr(data, key) or []) if i not in ids]
+        if missing:
+            raise DinomixError(f"data.{key}: dataset '{dataset.name}' has no case {', '.join(map(repr, missing))}")
+    train = [c for c in dataset.cases if c.split in data.train_splits and (not data.cases or c.id in data.cases)]
+    if supervised:
+        train = [c for c in train if c.labeled]
+    evals = []
+    if data.eval_split:
+        evals = [c for c in dataset.cases if c.split == data.eval_split and c.labeled
+                 and (data.eval_cases is None or c.id in data.eval_cases)]
+    if not any(c.labeled for c in train):
+        raise DinomixError(f"dataset '{dataset.name}' has no labeled case in split(s) {', '.join(data.train_splits)}"
+                           + (" among data.cases" if data.cases else "") + ": nothing to train on")
+    return train, evals
