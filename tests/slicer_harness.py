@@ -63,6 +63,7 @@ class MainLoop:
     mode: str = "slicer"
     interval: float = SEGMENTATION_TICK_S
     calls: list[Call] = field(default_factory=list)
+    idles: list[tuple[float, float]] = field(default_factory=list)  # (start, end) perf_counter of each idle wait
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -72,10 +73,12 @@ class MainLoop:
         """The event loop between two calls."""
         if seconds <= 0:
             return
+        t0 = time.perf_counter()
         if self.mode == "slicer":
             sleep_holding_gil(seconds)
         else:
             time.sleep(seconds)
+        self.idles.append((t0, time.perf_counter()))
 
     def call(self, fn: Callable[[], Any], label: str = "") -> Any:
         """One main-thread call (a click, a timer tick), timed."""

@@ -14,10 +14,12 @@ QTimer (or by `run_steps` in tests and scripts):
   writing the engine's input are done this way.
 * The engine process: `EngineTask` dumps the voxel arrays a computation needs as `.npy` files (in short steps,
   as above: memory copies into the page cache) with a JSON job, and runs `dinomix scene <task>` (see
-  dinomix/scene_cli.py) in the background; its JSON-lines events are read at each step. 3D surfaces, the
-  Trainer's comparison with the model's original output and the training-set export run there, on the other
-  cores, whatever the main thread does. Results come back as files Slicer reads with its own C++ readers (one
-  surface per step) or in the `result` event.
+  dinomix/scene_cli.py) in the background; it writes its JSON-lines events to a file that each step reads
+  (no Python thread stands between the engine and the main thread, so a result or a cancel is seen at the
+  next tick whatever Python's threads are doing). 3D surfaces, the Trainer's comparison with the model's
+  original output and the training-set export run there, on the other cores, whatever the main thread does.
+  Results come back as files Slicer reads with its own C++ readers (one surface per step) or in the `result`
+  event.
 
 `ThreadTask` remains for light work that waits on the operating system (listing a folder, a small manifest):
 in Slicer such a thread advances only during timer ticks, so it must never carry heavy work.
@@ -29,6 +31,7 @@ user edited meanwhile is detected and recomputed rather than applied.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -179,6 +182,9 @@ class EngineTask:
         self._job: dict = {}
         self._before_engine: Optional[Callable[[], bool]] = None
         self._cancel = False
+        self._stopping = False
+        self._events_path: Optional[Path] = None
+        self._events_pos = 0
 
     @property
     def ended(self) -> bool:
@@ -246,8 +252,17 @@ class EngineTask:
                 return False
             self._start_engine()
             return self.ended
-        for ev in self.command.poll():
+        for ev in self._read_events():
             self._handle(ev)
+        if not self.ended and self._stopping and process_exited(self.command.proc):
+            self.state = "cancelled"
+        if not self.ended:
+            for ev in self.command.poll():  # the process ended without its last event (killed, crashed)
+                if ev.get("event") == "_finished" and not self.ended:
+                    for late in self._read_events():
+                        self._handle(late)
+                    if not self.ended:
+                        self._finished(ev.get("state"))
         return self.ended
 
     def _start_engine(self) -> None:
@@ -255,29 +270,55 @@ class EngineTask:
 
         job_path = self.dir / "job.json"
         job_path.write_text(json.dumps(self._job))
-        self.command = BackgroundCommand(self.engine, ["scene", self.task, str(job_path), "--events", "-"]).start()
+        # events go to a file read at each step: no Python thread stands between the engine and the main thread
+        self._events_path = self.dir / "events.jsonl"
+        self.command = BackgroundCommand(self.engine, ["scene", self.task, str(job_path), "--events",
+                                                       str(self._events_path)]).start()
         self.state = "running"
         self.message = "working in the engine process"
 
+    def _read_events(self) -> list[dict]:
+        """Complete new lines of the engine's events file (a non-blocking read of a few bytes)."""
+        try:
+            with open(self._events_path, "rb") as f:
+                f.seek(self._events_pos)
+                data = f.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self._events_pos += end
+        out = []
+        for line in data[:end].splitlines():
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(ev, dict) and "event" in ev:
+                out.append(ev)
+        return out
+
+    def _finished(self, state: Optional[str]) -> None:
+        if state == "finished" and self.result is not None:
+            self.state, self.fraction = "done", 1.0
+        elif state == "cancelled" or self._cancel:
+            self.state = "cancelled"
+        else:
+            self.state = "failed"
+            self.error = self.error or self.command.error or "the engine failed"
+
     def _handle(self, ev: dict) -> None:
         kind = ev.get("event")
-        if kind == "_finished":
-            state = ev.get("state")
-            if state == "finished" and self.result is not None:
-                self.state, self.fraction = "done", 1.0
-            elif state == "cancelled" or self._cancel:
-                self.state = "cancelled"
-            else:
-                self.state = "failed"
-                self.error = self.command.error or "the engine failed"
-            return
-        if not kind.startswith("_"):
-            self.events.append(ev)
+        self.events.append(ev)
         if kind == "progress":
             self.fraction = 0.3 + 0.7 * float(ev.get("fraction") or 0.0)
             self.message = str(ev.get("message") or self.message)
-        elif kind == "result":
+        elif kind == "result":  # the engine's last word: its files are complete (it exits right after)
             self.result = {k: v for k, v in ev.items() if k not in ("event", "time")}
+            self.state, self.fraction = "done", 1.0
+        elif kind == "error":
+            self.state, self.error = "failed", str(ev.get("message") or "the engine failed")
+        elif kind == "cancelled":
+            self._stopping = True  # the engine is exiting (os._exit right after this event)
 
     def new_events(self, since: int) -> list[dict]:
         return self.events[since:]
@@ -288,6 +329,28 @@ class EngineTask:
             self._writing.close()
             self._writing = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def process_exited(proc) -> bool:
+    """Whether a child process has exited (a zombie not yet reaped by its reader thread counts as exited); False
+    where this cannot be told without waiting (then the reader thread's end is awaited)."""
+    if proc is None:
+        return False
+    if proc.returncode is not None:
+        return True
+    if os.name != "posix":  # (os.kill(pid, 0) would send CTRL_C_EVENT on Windows)
+        return False
+    try:
+        os.kill(proc.pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    try:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+    except OSError:
+        return False
 
 
 def run_steps(job, timeout: Optional[float] = None, interval: float = 0.02) -> str:
