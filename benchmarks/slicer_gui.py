@@ -1,33 +1,39 @@
-"""Slicer GUI benchmark: how long each call the DINOMix modules make on Slicer's GUI thread takes.
+"""Slicer GUI benchmark: every long flow of the DINOMix modules under a main loop that behaves like Slicer's
+main thread, side by side with the plain sleeping loop.
 
-    python benchmarks/slicer_gui.py                     # BTCV case and clinical-size CT (long: see below)
-    python benchmarks/slicer_gui.py --cts btcv          # the BTCV case only
-    python benchmarks/slicer_gui.py --no-before         # skip the old one-shot paths (they block for long)
+    python benchmarks/slicer_gui.py                      # BTCV case and clinical-size CT, both loops
+    python benchmarks/slicer_gui.py --cts btcv           # the BTCV case only
+    python benchmarks/slicer_gui.py --no-finetune        # skip the fine-tune flow (it runs minutes of CPU)
 
-Runs the modules' real flows through their Qt-free Libs with slicer-core (real MRML scene, Slicer's readers,
-segmentation logic and conversion rules; no Qt, no views) on (a) the BTCV case btcv_img0031 (257 x 257 x 94)
-and (b) a clinical-size CT, the BTCV case resampled to 0.8 x 0.8 x 1.5 mm (about 505 x 505 x 398; made once
-with benchmarks/inference.py's `make_clinical`, in a cache folder outside the repository):
+Inside the Slicer application the main thread holds Python's GIL while idle in the Qt event loop, so a Python
+thread there advances only during the modules' timer ticks (tests/slicer_harness.py). Each flow is run under
+two loops (tests/slicer_harness.py's MainLoop):
 
-1. widget set-up: `dinomix models list --json` in the background (start, polls, parsing), dependency check;
-2. Segment abdomen with 3D on, with the built-in model, through the real background engine process: the
-   click (export starts), every poll the widget's QTimer makes (every 150 ms) while the engine runs, while the
-   result is read and put in the scene, and while the 3D surfaces are built and attached;
-3. a correction with Slicer's `slicer.util.updateSegmentBinaryLabelmapFromArray` (what the Segment Editor does;
-   Slicer's own code, shown apart);
-4. the Trainer's Refresh (find the cases, compare the organs with the kept original: `ChangeScan`);
-5. Add to training set (`ExportTask`);
-6. unless --no-before: the one-shot paths the modules used before, timed the same way in the same run
-   (`import_result`, `CreateClosedSurfaceRepresentation`, `detect_changes`, `prepare_export`, the volume copy
-   of the old start). With --estimate-before-surfaces the old 3D conversion is not re-run: its cost is then the
-   sum of the per-organ CPU times of the same Slicer conversion rule measured in the background (the old path
-   ran exactly those conversions, one after the other, on the GUI thread).
+* "slicer": between timer ticks the loop sleeps in libc's usleep through ctypes.PyDLL, which keeps the GIL, as
+  Slicer's main thread does;
+* "sleep": time.sleep between ticks (the GIL is free: Python threads run), the loop the tests used so far.
 
-Every GUI-thread call is timed twice: wall time and the GUI thread's own CPU time (time.thread_time). On a
-loaded machine, or under `nice`, wall times include waiting for a CPU and overstate what an idle machine would
-show (often many times); the thread CPU time does not, and is the figure the target is checked on; wall time
-is reported beside it. Prints a table (step, calls, max ms, total ms) and writes
-benchmarks/results/slicer_gui.json with the longest single GUI-thread call (target: below 0.3 s).
+The modules' real flows run through their Qt-free Libs with slicer-core (real MRML scene, Slicer's readers and
+segmentation logic; no Qt, no views) at the widgets' own timer intervals (150 ms Segmentation, 250 ms Trainer),
+on (a) the BTCV case btcv_img0031 (257 x 257 x 94) and (b) a clinical-size CT, the BTCV case resampled to
+0.8 x 0.8 x 1.5 mm (about 505 x 505 x 398; made once with benchmarks/inference.py's `make_clinical`, in a cache
+folder outside the repository):
+
+1. widget set-up: `dinomix models list --json` (start, polls, parsing);
+2. Segment abdomen with 3D on, with the built-in model: the click, then every timer tick until the result and
+   all 3D surfaces are in the scene;
+3. a correction with Slicer's own `slicer.util` functions (what the Segment Editor does; not timed as a flow);
+4. the Trainer's Refresh (find the cases, compare the organs with the kept original);
+5. Add to training set;
+6. fine-tune with the live chart (2 iterations on the exported case, a held-out copy for before/after Dice;
+   on the BTCV case only unless --finetune-cts says otherwise);
+7. Cancel in each flow: segmentation (engine running), 3D surfaces (first organs attached), Refresh, Add to
+   training set, fine-tune: seconds from the Cancel click to the flow's end, with its engine process gone.
+
+Every main-thread call (click or tick) is timed: wall time and the main thread's own CPU time
+(time.thread_time). Targets: no call over 100 ms of CPU; each flow's wall time under "slicer" within 1.3 x of
+the same flow under "sleep"; Cancel within 2 s. Under `nice` or on a loaded machine wall times include waiting
+for a CPU; the CPU figure does not. Prints a table and writes benchmarks/results/slicer_gui.json.
 """
 
 from __future__ import annotations
@@ -42,49 +48,19 @@ import sys
 import tempfile
 import time
 import types
-from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "DINOMixSegmentation"), str(REPO / "DINOMixTrainer"), str(REPO / "benchmarks")]
+sys.path[:0] = [str(REPO / "DINOMixSegmentation"), str(REPO / "DINOMixTrainer"), str(REPO / "benchmarks"),
+                str(REPO / "tests")]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "slicer_gui.json"
 BTCV_CASE = "btcv_img0031"
-TARGET_S = 0.3
-POLL_S = 0.15  # the Segmentation widget's QTimer interval
-TRAINER_POLL_S = 0.25  # the Trainer widget's
-
-
-# ---------------------------------------------------------------- timing
-
-class Timer:
-    """Per step: number of calls, and wall / GUI-thread CPU seconds of every call."""
-
-    def __init__(self) -> None:
-        self.steps: "OrderedDict[str, dict]" = OrderedDict()
-
-    def add(self, step: str, wall: float, cpu: float, kind: str) -> None:
-        s = self.steps.setdefault(step, {"kind": kind, "wall": [], "cpu": []})
-        s["wall"].append(wall)
-        s["cpu"].append(cpu)
-
-    def call(self, step: str, fn: Callable, *args, kind: str = "after", **kwargs):
-        w, c = time.monotonic(), time.thread_time()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            self.add(step, time.monotonic() - w, time.thread_time() - c, kind)
-
-    def rows(self) -> list[dict]:
-        out = []
-        for step, s in self.steps.items():
-            out.append({"step": step, "kind": s["kind"], "calls": len(s["wall"]),
-                        "max_wall_ms": round(1000 * max(s["wall"]), 2),
-                        "total_wall_ms": round(1000 * sum(s["wall"]), 1),
-                        "max_cpu_ms": round(1000 * max(s["cpu"]), 2),
-                        "total_cpu_ms": round(1000 * sum(s["cpu"]), 1)})
-        return out
+TARGET_CALL_CPU_S = 0.1
+TARGET_RATIO = 1.3
+TARGET_CANCEL_S = 2.0
+FLOWS = ["setup", "segment + 3D", "refresh", "add to training set", "fine-tune"]
 
 
 # ---------------------------------------------------------------- scene (what Slicer's application sets up)
@@ -97,7 +73,8 @@ def make_scene():
     app_logic.SetMRMLScene(scene)
     logics = {}
     for name, cls in (("segmentations", slicer.vtkSlicerSegmentationsModuleLogic),
-                      ("volumes", slicer.vtkSlicerVolumesLogic)):
+                      ("volumes", slicer.vtkSlicerVolumesLogic), ("plots", slicer.vtkSlicerPlotsLogic),
+                      ("tables", slicer.vtkSlicerTablesLogic)):
         logic = cls()
         logic.SetMRMLApplicationLogic(app_logic)
         logic.SetMRMLScene(scene)
@@ -128,150 +105,166 @@ def load_volume(scene, path: Path, name: str):
 
 # ---------------------------------------------------------------- the flows
 
-def poll_until(timer: Timer, label: Callable[[], str], step: Callable[[], Any], done: Callable[[], bool],
-               interval: float, timeout: float = 7200.0) -> None:
-    t0 = time.monotonic()
-    while not done():
-        timer.call(label(), step)
-        if time.monotonic() - t0 > timeout:
-            raise SystemExit(f"timed out: {label()}")
-        time.sleep(interval)
+def flow_row(loop, n0: int, wall: float, **extra) -> dict:
+    calls = loop.since(n0)
+    worst = loop.worst(calls)
+    return {"wall_s": round(wall, 2), "calls": len(calls),
+            "max_call_cpu_ms": round(1000 * worst.cpu_s, 1) if worst else 0.0,
+            "max_call_cpu_step": worst.label if worst else "",
+            "max_call_wall_ms": round(1000 * loop.max_wall(calls), 1),
+            "total_main_cpu_ms": round(1000 * sum(c.cpu_s for c in calls), 1), **extra}
 
 
-def run_ct(name: str, path: Path, mode: str, before: bool, estimate_surfaces: bool, tmp: Path) -> dict:
+def cancel_row(loop, job, started, done, interval: float, pid_of=None) -> dict:
+    """Cancel once `started()`, then tick until `done()`: seconds from the click to the end."""
+    from test_slicer_support import pid_alive
+
+    tick = job.step if hasattr(job, "step") else job.poll
+    loop.run(tick, lambda: done() or started(), timeout=1800, label="before cancel", interval=interval)
+    if done():
+        return {"cancel_s": None, "note": "ended before it could be cancelled"}
+    pid = pid_of() if pid_of else None
+    n0 = len(loop.calls)
+    t0 = time.perf_counter()
+    loop.call(job.cancel, "cancel click")
+    loop.run(tick, done, timeout=120, label="after cancel", interval=interval)
+    took = time.perf_counter() - t0
+    calls = loop.since(n0)
+    return {"cancel_s": round(took, 2), "process_left": bool(pid and pid_alive(pid)),
+            "max_call_cpu_ms": round(1000 * loop.max_cpu(calls), 1)}
+
+
+def run_mode(name: str, path: Path, mode: str, tmp: Path, finetune: bool) -> dict:
     import numpy as np
 
     import slicer
-    from DINOMixSegmentationLib import (Engine, SegmentationRun, SegmentOptions, import_result, list_models_command,
-                                        parse_models_list, preload_engine_modules, segment_mask)
-    from DINOMixSegmentationLib import dependencies as deps
-    from DINOMixSegmentationLib.volumeio import VolumeSnapshot, image_array
-    from DINOMixTrainerLib import ChangeScan, ExportTask, TrainingSet, case_for, detect_changes, find_cases
+    from slicer_harness import SEGMENTATION_TICK_S, TRAINER_TICK_S, MainLoop
 
-    timer = Timer()
-    info: dict[str, Any] = {"ct": name, "input": path.name}
+    from DINOMixSegmentationLib import (Engine, SegmentationRun, SegmentOptions, SurfaceBuilder, list_models_command,
+                                        parse_models_list, segment_mask)
+    from DINOMixTrainerLib import (ChangeScan, ExportTask, FineTuneOptions, FineTuneRun, TrainingChart, TrainingSet,
+                                   case_for, detect_changes, find_cases)
+
+    out: dict[str, Any] = {"mode": mode, "flows": {}, "cancel": {}}
     scene, keep_alive = make_scene()
-    t = time.monotonic()
     volume = load_volume(scene, path, name)
-    info["load_volume_wall_s"] = round(time.monotonic() - t, 2)  # Slicer's "Add data", not a module step
-    info["size"] = list(volume.GetImageData().GetDimensions())
-    print(f"\n[{name}] {path.name} {info['size']}", flush=True)
+    out["size"] = list(volume.GetImageData().GetDimensions())
+    seg_loop = MainLoop(mode, SEGMENTATION_TICK_S)
+    tr_loop = MainLoop(mode, TRAINER_TICK_S)
+    print(f"[{name} / {mode}] {out['size']}", flush=True)
 
     # 1. widget set-up
-    preload_engine_modules()
-    # the widgets run the first check in a background thread at set-up; a click before it finished runs it itself
-    timer.call("setup: dependency check, cold (worst case: a click before the background check ended)",
-               deps.missing_requirements)
-    timer.call("setup: dependency check, later clicks", deps.missing_requirements)
-    cmd = timer.call("setup: models list, start", list_models_command(Engine()).start)
-    poll_until(timer, lambda: "setup: models list, poll", cmd.poll, lambda: cmd.finished, POLL_S, 600)
-    timer.call("setup: models list, parse", parse_models_list, "\n".join(cmd.stdout_lines))
+    n0, t0 = len(seg_loop.calls), time.perf_counter()
+    cmd = seg_loop.call(list_models_command(Engine()).start, "setup: models list start")
+    seg_loop.run(cmd.poll, lambda: cmd.finished, timeout=600, label="setup: models list poll")
+    seg_loop.call(lambda: parse_models_list("\n".join(cmd.stdout_lines)), "setup: parse")
+    out["flows"]["setup"] = flow_row(seg_loop, n0, time.perf_counter() - t0)
 
     # 2. Segment abdomen, 3D on
-    keep = tmp / f"{name}-engine"
-    run = SegmentationRun(volume, SegmentOptions(mode=mode, show_3d=True, keep_outputs_dir=str(keep)))
-    t_run = time.monotonic()
-    timer.call("segment: click (checks, export + engine start)",
-               lambda: (deps.torch_installed() and deps.missing_requirements(), run.start()))
-    print(f"[{name}] segmenting (engine in the background) ...", flush=True)
-    importer = None
+    keep = tmp / f"{name}-{mode}-engine"
+    run = SegmentationRun(volume, SegmentOptions(mode="fast", show_3d=True, keep_outputs_dir=str(keep)))
+    n0, t0 = len(seg_loop.calls), time.perf_counter()
+    seg_loop.call(run.start, "segment: click")
 
-    def label() -> str:
+    def phase() -> str:
         if run.state == "running":
-            return "segment: poll while the engine runs"
+            return "segment: tick, engine input / engine running"
         if run.importer is not None:
-            return "segment: poll while the result is read / put in the scene"
-        return "segment: poll while 3D surfaces are built / attached"
+            return "segment: tick, result read / put in the scene"
+        return "segment: tick, 3D surfaces attached"
 
-    def poll():
-        nonlocal importer
-        run.poll()
-        importer = run.importer or importer
-
-    poll_until(timer, label, poll, lambda: run.ended, POLL_S)
+    seg_loop.run(run.poll, lambda: run.ended, timeout=3600, label=phase)
     if run.state != "done":
         raise SystemExit(f"segmentation {run.state}: {run.error}\n" + "\n".join(run.log[-20:]))
-    info["segment_wall_s"] = round(time.monotonic() - t_run, 1)
-    info["engine_run_time_s"] = run.summary.get("run_time_s")
-    info["model"] = run.summary.get("model")
-    info["import_wall_s"] = round(run.import_seconds or 0, 2)
-    info["import_worker_cpu_s"] = round(importer.task.cpu_seconds, 3) if importer and importer.task else None
-    info["surfaces_wall_s"] = round(run.surfaces_seconds or 0, 1)
-    surfaces = run.surfaces
-    info["surfaces_worker_cpu_s"] = round(surfaces.task.cpu_seconds, 2)
-    info["surfaces_worker_cpu_per_organ_s"] = {k: round(v, 3) for k, v in surfaces.cpu_seconds.items()}
     seg = run.segmentation_node
-    assert seg.GetSegmentation().GetNumberOfSegments() == len(run.summary["organs"])
     assert seg.GetSegmentation().ContainsRepresentation("Closed surface")
-    print(f"[{name}] done in {info['segment_wall_s']} s (3D surfaces: {info['surfaces_worker_cpu_s']} s CPU in the "
-          "background)", flush=True)
+    out["flows"]["segment + 3D"] = flow_row(
+        seg_loop, n0, time.perf_counter() - t0, engine_run_time_s=run.summary.get("run_time_s"),
+        import_wall_s=round(run.import_seconds or 0, 2), surfaces_wall_s=round(run.surfaces_seconds or 0, 2),
+        surfaces_engine_cpu_s=round(sum(run.surfaces.cpu_seconds.values()), 2))
+    print(f"[{name} / {mode}] segment + 3D: {out['flows']['segment + 3D']['wall_s']} s", flush=True)
 
     # 3. a correction (Slicer's own functions, as the Segment Editor)
     sizes = {o["name"]: int(segment_mask(seg, o["name"], volume).sum()) for o in run.summary["organs"]}
     corrected = sorted(sizes, key=lambda n: -sizes[n])[:2]
     for organ in corrected:
-        arr = timer.call("user edit: arrayFromSegmentBinaryLabelmap (Slicer)",
-                         slicer.util.arrayFromSegmentBinaryLabelmap, seg, organ, volume, kind="slicer")
+        arr = slicer.util.arrayFromSegmentBinaryLabelmap(seg, organ, volume)
         zs = np.nonzero(arr.any(axis=(1, 2)))[0]
         arr[zs[len(zs) // 2]] = 0  # one slice of the organ erased
-        timer.call("user edit: updateSegmentBinaryLabelmapFromArray (Slicer)",
-                   slicer.util.updateSegmentBinaryLabelmapFromArray, arr, seg, organ, volume, kind="slicer")
-    info["corrected"] = corrected
+        slicer.util.updateSegmentBinaryLabelmapFromArray(arr, seg, organ, volume)
 
     # 4. Trainer: Refresh
-    cases = timer.call("refresh: find cases", find_cases, scene)
-    scan = timer.call("refresh: start comparison", ChangeScan(cases).start)
-    poll_until(timer, lambda: "refresh: poll (comparison in a worker)", scan.step, lambda: scan.ended, TRAINER_POLL_S)
+    n0, t0 = len(tr_loop.calls), time.perf_counter()
+    cases = tr_loop.call(lambda: find_cases(scene), "refresh: click, find cases")
+    scan = tr_loop.call(ChangeScan(cases).start, "refresh: click, start")
+    tr_loop.run(scan.step, lambda: scan.ended, timeout=1800, label="refresh: tick")
     case = next(c for c in cases if c.segmentation_node is seg)
-    info["changed_found"] = case.changed_organs()
-    if sorted(case.changed_organs()) != sorted(corrected):
-        print(f"WARNING: found {case.changed_organs()} changed, corrected {corrected}")
+    out["flows"]["refresh"] = flow_row(tr_loop, n0, time.perf_counter() - t0, changed_found=case.changed_organs(),
+                                       corrected=corrected)
 
     # 5. Add to training set
-    ts = TrainingSet(tmp / f"{name}-training-set")
-    task = timer.call("export: click (start)", ExportTask(ts, case).start)
-    poll_until(timer, lambda: "export: poll (label map and files in a worker)", task.step, lambda: task.ended,
-               TRAINER_POLL_S)
+    ts = TrainingSet(tmp / f"{name}-{mode}-training-set")
+    n0, t0 = len(tr_loop.calls), time.perf_counter()
+    task = tr_loop.call(ExportTask(ts, case).start, "export: click")
+    tr_loop.run(task.step, lambda: task.ended, timeout=1800, label="export: tick")
     if task.state != "done":
         raise SystemExit(f"export {task.state}: {task.error}")
-    info["export"] = task.result.case_id
+    out["flows"]["add to training set"] = flow_row(tr_loop, n0, time.perf_counter() - t0, case_id=task.result.case_id)
 
-    # 6. the one-shot paths of before, same data
-    if before:
-        print(f"[{name}] the one-shot paths of before ...", flush=True)
-        timer.call("BEFORE segment click: copy of the volume", VolumeSnapshot.of, volume, kind="before")
-        summary = json.loads((keep / "result.json").read_text())
-        old = timer.call("BEFORE end of segmentation: import_result (Slicer's reader + original)", import_result,
-                         keep / "result.seg.nrrd", summary, volume, kind="before")
-        if not estimate_surfaces:
-            timer.call("BEFORE 3D: CreateClosedSurfaceRepresentation (all organs)",
-                       old.CreateClosedSurfaceRepresentation, kind="before")
-        else:
-            total = sum(surfaces.cpu_seconds.values())
-            timer.add("BEFORE 3D: CreateClosedSurfaceRepresentation (all organs) [estimated]", total, total,
-                      "before-estimated")
-        old_case = case_for(seg)
-        timer.call("BEFORE refresh: detect_changes", detect_changes, old_case, kind="before")
-        old_case.set_reviewed(corrected)
-        timer.call("BEFORE export click: prepare_export", TrainingSet(tmp / f"{name}-old-ts").prepare_export, old_case,
-                   kind="before")
+    # 6. fine-tune with the live chart
+    if finetune:
+        ts.export_case(case, split="holdout")  # before/after Dice need a held-out case (script, not timed)
+        chart = TrainingChart(scene)
+        n0, t0 = len(tr_loop.calls), time.perf_counter()
+        ft = tr_loop.call(FineTuneRun(FineTuneOptions(model="abdomen-btcv13", dataset=str(ts.folder),
+                                                      priority=ts.corrected_organs(), iterations=2),
+                                      chart=chart).start, "fine-tune: click")
+        tr_loop.run(ft.poll, lambda: ft.ended, timeout=3600, label="fine-tune: tick")
+        if ft.state != "done":
+            raise SystemExit(f"fine-tune {ft.state}: {ft.error}\n" + "\n".join(ft.log[-20:]))
+        out["flows"]["fine-tune"] = flow_row(tr_loop, n0, time.perf_counter() - t0, chart_points=list(chart.points()))
 
-    info["steps"] = timer.rows()
-    after = [r for r in info["steps"] if r["kind"] == "after"]
-    worst_cpu = max(after, key=lambda r: r["max_cpu_ms"])
-    worst_wall = max(after, key=lambda r: r["max_wall_ms"])
-    info["max_gui_call_cpu_s"] = round(worst_cpu["max_cpu_ms"] / 1000, 4)
-    info["max_gui_call_cpu_step"] = worst_cpu["step"]
-    info["max_gui_call_wall_s"] = round(worst_wall["max_wall_ms"] / 1000, 4)
-    info["max_gui_call_wall_step"] = worst_wall["step"]
-    befores = [r for r in info["steps"] if r["kind"].startswith("before")]
-    if befores:
-        b = max(befores, key=lambda r: r["max_cpu_ms"])
-        info["before_max_gui_call_cpu_s"] = round(b["max_cpu_ms"] / 1000, 3)
-        info["before_max_gui_call_step"] = b["step"]
+    # 7. Cancel in each flow
+    print(f"[{name} / {mode}] cancels ...", flush=True)
+    run2 = SegmentationRun(volume, SegmentOptions(mode="fast", show_3d=True))
+    seg_loop.call(run2.start, "cancel segment: click")
+    out["cancel"]["segment (engine running)"] = cancel_row(
+        seg_loop, run2, lambda: run2.progress.stage not in ("", "export", "read"), lambda: run2.ended,
+        SEGMENTATION_TICK_S, lambda: run2.command.proc.pid)
+    seg.RemoveClosedSurfaceRepresentation()
+    builder = SurfaceBuilder(seg)
+    seg_loop.call(builder.start, "cancel 3D: start")
+    out["cancel"]["3D surfaces"] = cancel_row(seg_loop, builder, lambda: bool(builder.installed),
+                                              lambda: builder.ended and builder.task.ended, SEGMENTATION_TICK_S,
+                                              lambda: builder.task.command.proc.pid)
+    scan2 = ChangeScan([case_for(seg)])
+    tr_loop.call(scan2.start, "cancel refresh: click")
+    out["cancel"]["refresh"] = cancel_row(tr_loop, scan2, lambda: scan2.task is not None and scan2.task.command is not None
+                                          and scan2.task.command.proc is not None, lambda: scan2.ended, TRAINER_TICK_S,
+                                          lambda: scan2.task.command.proc.pid)
+    case2 = case_for(seg)
+    detect_changes(case2)
+    ts2 = TrainingSet(tmp / f"{name}-{mode}-cancelled-set")
+    task2 = ExportTask(ts2, case2)
+    tr_loop.call(task2.start, "cancel export: click")
+    out["cancel"]["add to training set"] = cancel_row(
+        tr_loop, task2, lambda: task2.task.command is not None and task2.task.command.proc is not None,
+        lambda: task2.ended, TRAINER_TICK_S, lambda: task2.task.command.proc.pid)
+    out["cancel"]["add to training set"]["files_left"] = len([p for p in ts2.folder.rglob("*") if p.is_file()]) \
+        if ts2.folder.exists() else 0
+    if finetune:
+        ft2 = FineTuneRun(FineTuneOptions(model="abdomen-btcv13", dataset=str(ts.folder), iterations=500))
+        tr_loop.call(ft2.start, "cancel fine-tune: click")
+        out["cancel"]["fine-tune"] = cancel_row(tr_loop, ft2, lambda: any(m["kind"] == "train" for m in ft2.metrics),
+                                                lambda: ft2.ended, TRAINER_TICK_S, lambda: ft2.command.proc.pid)
+    calls = seg_loop.calls + tr_loop.calls
+    worst = max(calls, key=lambda c: c.cpu_s)
+    out["max_call_cpu_ms"] = round(1000 * worst.cpu_s, 1)
+    out["max_call_cpu_step"] = worst.label
+    out["max_call_wall_ms"] = round(1000 * max(c.wall_s for c in calls), 1)
     scene.Clear(1)
     del keep_alive
-    return info
+    return out
 
 
 # ---------------------------------------------------------------- report
@@ -299,19 +292,36 @@ def machine() -> dict:
             "slicer_core": slicer_core, "nice": os.nice(0), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
+def summarize(ct: dict) -> list[dict]:
+    rows = []
+    modes = ct["modes"]
+    for flow in FLOWS:
+        if not all(flow in m["flows"] for m in modes.values()):
+            continue
+        s, g = modes["sleep"]["flows"][flow], modes["slicer"]["flows"][flow]
+        rows.append({"flow": flow, "sleep_wall_s": s["wall_s"], "slicer_wall_s": g["wall_s"],
+                     "ratio": round(g["wall_s"] / s["wall_s"], 2) if s["wall_s"] else None,
+                     "sleep_max_call_cpu_ms": s["max_call_cpu_ms"], "slicer_max_call_cpu_ms": g["max_call_cpu_ms"],
+                     "slicer_max_call_step": g["max_call_cpu_step"]})
+    for flow in modes["slicer"]["cancel"]:
+        s, g = modes["sleep"]["cancel"].get(flow, {}), modes["slicer"]["cancel"][flow]
+        rows.append({"flow": f"cancel {flow}", "sleep_wall_s": s.get("cancel_s"), "slicer_wall_s": g.get("cancel_s"),
+                     "ratio": None, "sleep_max_call_cpu_ms": s.get("max_call_cpu_ms"),
+                     "slicer_max_call_cpu_ms": g.get("max_call_cpu_ms"),
+                     "process_left": bool(s.get("process_left") or g.get("process_left"))})
+    return rows
+
+
 def print_table(results: list[dict]) -> None:
-    for r in results:
-        print(f"\n{r['ct']}: {r['input']} {'x'.join(map(str, r['size']))}  (wall = elapsed; cpu = the GUI thread's own "
-              "CPU time)")
-        print(f"{'step':78s} {'calls':>5s} {'max cpu ms':>10s} {'tot cpu ms':>10s} {'max wall ms':>11s} "
-              f"{'tot wall ms':>11s}")
-        for s in r["steps"]:
-            print(f"{s['step'][:78]:78s} {s['calls']:5d} {s['max_cpu_ms']:10.1f} {s['total_cpu_ms']:10.1f} "
-                  f"{s['max_wall_ms']:11.1f} {s['total_wall_ms']:11.1f}")
-        print(f"longest GUI-thread call: {1000 * r['max_gui_call_cpu_s']:.1f} ms CPU ({r['max_gui_call_cpu_step']}), "
-              f"{1000 * r['max_gui_call_wall_s']:.1f} ms wall ({r['max_gui_call_wall_step']})"
-              + (f"; before: {r['before_max_gui_call_cpu_s']:.2f} s CPU ({r['before_max_gui_call_step']})"
-                 if "before_max_gui_call_cpu_s" in r else ""))
+    for ct in results:
+        print(f"\n{ct['ct']}: {ct['input']} {'x'.join(map(str, ct['size']))}  (wall s; cancel rows: s from the Cancel "
+              "click to the end; max call = longest main-thread call, CPU ms)")
+        print(f"{'flow':34s} {'sleep s':>8s} {'slicer s':>9s} {'ratio':>6s} {'max call sleep':>15s} "
+              f"{'max call slicer':>16s}")
+        for r in ct["table"]:
+            f = lambda v, w, d=2: f"{v:{w}.{d}f}" if isinstance(v, (int, float)) else f"{'-':>{w}s}"  # noqa: E731
+            print(f"{r['flow'][:34]:34s} {f(r['sleep_wall_s'], 8)} {f(r['slicer_wall_s'], 9)} {f(r['ratio'], 6)} "
+                  f"{f(r['sleep_max_call_cpu_ms'], 15, 1)} {f(r['slicer_max_call_cpu_ms'], 16, 1)}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -323,10 +333,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         Path(platformdirs.user_cache_dir("dinomix", appauthor=False)) / "bench")),
         help="folder for the clinical-size CT (outside the repository; shared with benchmarks/inference.py)")
     p.add_argument("--cts", nargs="+", default=["btcv", "clinical"], choices=["btcv", "clinical"])
-    p.add_argument("--mode", default="fast", choices=["fast", "full"])
-    p.add_argument("--no-before", action="store_true", help="skip the one-shot paths of before")
-    p.add_argument("--estimate-before-surfaces", action="store_true",
-                   help="do not re-run the old all-organ 3D conversion (long with an untrained model): estimate it")
+    p.add_argument("--modes", nargs="+", default=["sleep", "slicer"], choices=["sleep", "slicer"])
+    p.add_argument("--no-finetune", action="store_true", help="skip the fine-tune flow and its cancel")
+    p.add_argument("--finetune-cts", nargs="+", default=["btcv"], choices=["btcv", "clinical"],
+                   help="the CTs the fine-tune flow runs on (minutes of CPU each: default the BTCV case only)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
     args = p.parse_args(argv)
     data = Path(args.data)
@@ -343,18 +353,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
         "machine": machine(), "loadavg_start": [round(v, 2) for v in os.getloadavg()],
-        "target_max_gui_call_s": TARGET_S, "poll_interval_s": {"segmentation": POLL_S, "trainer": TRAINER_POLL_S},
+        "targets": {"max_call_cpu_s": TARGET_CALL_CPU_S, "slicer_over_sleep_wall": TARGET_RATIO,
+                    "cancel_s": TARGET_CANCEL_S},
         "notes": [
-            "Real Lib code with slicer-core (real MRML, Slicer's readers and conversion rules), no Qt: the widgets' "
-            "own Qt work (tables, progress bar) and Slicer's rendering of the views are not included.",
-            "cpu = the GUI thread's own CPU time per call (time.thread_time); wall = elapsed. Under nice or on a "
-            "loaded machine wall times include waiting for a CPU and overstate an idle machine's figures, often many times; "
-            "compare ratios, and check the target on the CPU figure.",
-            "BEFORE rows: the one-shot calls the modules made on the GUI thread before (same data, same run). "
-            "'[estimated]': the sum of the per-organ CPU times of the same Slicer conversion rule, measured in the "
-            "background (the old path ran those conversions back to back on the GUI thread).",
-            "The built-in model is used as shipped in this checkout: if it is the UNTRAINED placeholder, its organs "
-            "are large irregular blobs, which makes surfaces and exports costlier than real organs would.",
+            "mode 'slicer': the main loop holds the GIL between timer ticks (libc usleep through ctypes.PyDLL), as "
+            "Slicer's main thread does; mode 'sleep': time.sleep between ticks (Python threads run freely).",
+            "Real Lib code with slicer-core (real MRML, Slicer's readers and segmentation logic), no Qt: the widgets' "
+            "own Qt work and Slicer's rendering of the views are not included.",
+            "max call = the longest single main-thread call (click or timer tick), in the main thread's CPU ms "
+            "(time.thread_time); wall times under nice or on a loaded machine include waiting for a CPU.",
+            "The built-in model is used as shipped in this checkout.",
         ],
     }
     env_registry = tempfile.mkdtemp(prefix="dinomix-gui-bench-registry-")
@@ -368,25 +376,41 @@ def main(argv: Optional[list[str]] = None) -> int:
         clinical, meta = make_clinical(data, Path(args.cache))
         res["clinical_ct"] = meta
         cts.append(("clinical", clinical))
+    import dinomix.organs  # noqa: F401  (the widgets import the organ catalog at set-up)
+
     results = []
     with tempfile.TemporaryDirectory(prefix="dinomix-gui-bench-") as tmp:
         for name, path in cts:
-            results.append(run_ct(name, path, args.mode, not args.no_before, args.estimate_before_surfaces, Path(tmp)))
+            ct = {"ct": name, "input": path.name, "modes": {}}
+            for mode in args.modes:
+                ct["modes"][mode] = run_mode(name, path, mode, Path(tmp),
+                                             not args.no_finetune and name in args.finetune_cts)
+            ct["size"] = next(iter(ct["modes"].values()))["size"]
+            if set(ct["modes"]) == {"sleep", "slicer"}:
+                ct["table"] = summarize(ct)
+            results.append(ct)
     shutil.rmtree(env_registry, ignore_errors=True)
     res["results"] = results
     res["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    res["max_gui_call_cpu_s"] = max(r["max_gui_call_cpu_s"] for r in results)
-    res["max_gui_call_wall_s"] = max(r["max_gui_call_wall_s"] for r in results)
-    res["target_met_cpu"] = res["max_gui_call_cpu_s"] < TARGET_S
-    res["target_met_wall"] = res["max_gui_call_wall_s"] < TARGET_S
+    modes = [m for ct in results for m in ct["modes"].values()]
+    res["max_call_cpu_ms"] = max(m["max_call_cpu_ms"] for m in modes)
+    res["target_met_call_cpu"] = res["max_call_cpu_ms"] < 1000 * TARGET_CALL_CPU_S
+    ratios = [r["ratio"] for ct in results for r in ct.get("table", []) if r.get("ratio") is not None]
+    res["max_ratio"] = max(ratios) if ratios else None
+    res["target_met_ratio"] = res["max_ratio"] is not None and res["max_ratio"] <= TARGET_RATIO
+    cancels = [c.get("cancel_s") for m in modes for c in m["cancel"].values()]
+    res["max_cancel_s"] = max((c for c in cancels if c is not None), default=None)
+    res["target_met_cancel"] = res["max_cancel_s"] is not None and res["max_cancel_s"] < TARGET_CANCEL_S and not any(
+        c.get("process_left") for m in modes for c in m["cancel"].values())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    print_table(results)
-    print(f"\nlongest GUI-thread call over all: {1000 * res['max_gui_call_cpu_s']:.1f} ms CPU, "
-          f"{1000 * res['max_gui_call_wall_s']:.1f} ms wall (target < {1000 * TARGET_S:.0f} ms: "
-          f"{'met' if res['target_met_cpu'] else 'MISSED'} on CPU, {'met' if res['target_met_wall'] else 'missed'} "
-          f"on wall; load average {res['loadavg_start'][0]} -> {res['loadavg_end'][0]}, nice {res['machine']['nice']})")
+    if all("table" in ct for ct in results):
+        print_table(results)
+    print(f"\nlongest main-thread call: {res['max_call_cpu_ms']:.1f} ms CPU (target < {1000 * TARGET_CALL_CPU_S:.0f}); "
+          f"worst slicer/sleep wall ratio {res['max_ratio']} (target <= {TARGET_RATIO}); slowest cancel "
+          f"{res['max_cancel_s']} s (target < {TARGET_CANCEL_S}); load average {res['loadavg_start'][0]} -> "
+          f"{res['loadavg_end'][0]}, nice {res['machine']['nice']}")
     print(f"wrote {out}")
     return 0
 
