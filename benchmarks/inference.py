@@ -22,6 +22,15 @@ Measures, in one run:
    overhead plus the mean time per window times the number of windows, and the table says so. Ours is
    timed before and after nnU-Net and averaged, to even out drift in machine load.
 
+3. Cold against warm (issue 20), on a 512 x 512 x 240 CT (the clinical-size source case resampled to
+   exactly that over its own extent, cached outside the repository), per mode, all in one run so the
+   ratios share the machine's load: cold = one `dinomix segment` (process start, imports, model load);
+   warm = the second request of that mode to one `dinomix serve` (client round trip through
+   dinomix.serve_client), plus a hand-off request (--compression none, .seg.nrrd + summary); batch =
+   `dinomix segment` on --batch-scans links to the CT: the first scan and each later scan, from the
+   events' times, and the batch's peak RSS. `--warm-only` runs only this part (results in
+   benchmarks/results/inference_warm.json); `--no-warm` skips it.
+
 Prints a table and writes benchmarks/results/inference.json (machine, load, settings, every number).
 The real data is read from ../shared/data (or --data / $DINOMIX_DATA); nothing derived from it is
 written into the repository.
@@ -210,15 +219,12 @@ def model_for_mode(model: Optional[str], mode: str, workdir: Path) -> Optional[s
     return str(path)
 
 
-def run_segment(image: Path, mode: str, workdir: Path, model: Optional[str]) -> dict:
+def run_child(cmd: list[str]) -> dict:
+    """Run a command to its end: wall time, this child's rusage (wait4) and the polled peak RSS of its tree."""
     import psutil
 
-    out = workdir / f"{image.name.split('.')[0]}_{mode}.seg.nrrd"
-    cmd = dinomix_command() + ["segment", str(image), "-o", str(out), "--mode", mode]
-    if model:
-        cmd += ["--model", model]
     load_before = os.getloadavg()
-    t0 = time.perf_counter()
+    t0, t0_unix = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tree_peak = [0]
     done = threading.Event()
@@ -251,15 +257,25 @@ def run_segment(image: Path, mode: str, workdir: Path, model: Optional[str]) -> 
     for r in readers:
         r.join()
     poller.join()
-    rec: dict[str, Any] = {
-        "input": image.name, "mode": mode, "returncode": proc.returncode, "wall_s": round(wall, 2),
-        "cpu_user_s": round(ru.ru_utime, 2), "cpu_sys_s": round(ru.ru_stime, 2),
-        "peak_rss_bytes": int(ru.ru_maxrss) * 1024,          # Linux: KiB
-        "peak_rss_tree_polled_bytes": int(tree_peak[0]),
-        "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in os.getloadavg()],
-    }
-    if proc.returncode != 0:
-        rec["error"] = (streams.get("stderr") or "")[-2000:]
+    return {"returncode": proc.returncode, "wall_s": round(wall, 2), "t0_unix": t0_unix,
+            "cpu_user_s": round(ru.ru_utime, 2), "cpu_sys_s": round(ru.ru_stime, 2),
+            "peak_rss_bytes": int(ru.ru_maxrss) * 1024,          # Linux: KiB
+            "peak_rss_tree_polled_bytes": int(tree_peak[0]),
+            "loadavg_before": [round(v, 2) for v in load_before],
+            "loadavg_after": [round(v, 2) for v in os.getloadavg()],
+            "stdout": streams.get("stdout") or "", "stderr": streams.get("stderr") or ""}
+
+
+def run_segment(image: Path, mode: str, workdir: Path, model: Optional[str]) -> dict:
+    out = workdir / f"{image.name.split('.')[0]}_{mode}.seg.nrrd"
+    cmd = dinomix_command() + ["segment", str(image), "-o", str(out), "--mode", mode]
+    if model:
+        cmd += ["--model", model]
+    child = run_child(cmd)
+    rec: dict[str, Any] = {"input": image.name, "mode": mode,
+                           **{k: v for k, v in child.items() if k not in ("stdout", "stderr", "t0_unix")}}
+    if child["returncode"] != 0:
+        rec["error"] = child["stderr"][-2000:]
         return rec
     summary = json.loads(out.with_name(out.name.replace(".seg.nrrd", ".json")).read_text())
     rec["run_time_s"] = summary.get("run_time_s")
@@ -394,6 +410,203 @@ def compare_networks(clinical: Path, modes: list[str], n_timed: int, model: Opti
     return rows
 
 
+# ---------------------------------------------------------------- 3. cold, warm (serve) and batch
+
+WARM_SIZE = (512, 512, 240)
+WARM_TARGETS = {"cold_fast_s": 12.0, "warm_fast_s": 5.0, "warm_full_s": 12.0, "batch_fast_s": 5.0,
+                "batch_full_s": 12.0, "batch_peak_rss_bytes": 3.0e9}
+
+
+def make_warm_ct(data: Path, cache: Path, size: tuple[int, int, int] = WARM_SIZE) -> tuple[Path, dict]:
+    """The clinical-size source case resampled to exactly `size` voxels over its own extent (cached)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    src, _ = pick_clinical_source(data)
+    cache.mkdir(parents=True, exist_ok=True)
+    out = cache / f"{src.name.replace('_ct.nii.gz', '')}_{'x'.join(map(str, size))}_ct.nii.gz"
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(src))
+    r.ReadImageInformation()
+    spacing = [n * sp / t for n, sp, t in zip(r.GetSize(), r.GetSpacing(), size)]
+    meta = {"source": src.name, "size": list(size), "spacing_mm": [round(v, 4) for v in spacing], "path": str(out)}
+    side = out.with_suffix(".json")
+    if out.exists() and side.exists() and json.loads(side.read_text()) == meta:
+        return out, meta
+    img = sitk.ReadImage(str(src))
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    corner = np.array(img.GetOrigin()) - d @ (0.5 * np.array(img.GetSpacing()))
+    origin = corner + d @ (0.5 * np.array(spacing))
+    lo = float(sitk.GetArrayViewFromImage(img).min())
+    res = sitk.Resample(img, list(size), sitk.Transform(), sitk.sitkLinear, origin.tolist(), spacing,
+                        img.GetDirection(), lo, sitk.sitkInt16)
+    tmp = out.with_name(out.name + ".part.nii.gz")
+    sitk.WriteImage(res, str(tmp), True)
+    os.replace(tmp, out)
+    side.write_text(json.dumps(meta))
+    return out, meta
+
+
+def _peak_rss_of(pid: int) -> Optional[int]:
+    """A live process's high-water mark of resident memory (Linux VmHWM), bytes."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def serve_rows(ct: Path, modes: list[str], model_for, workdir: Path) -> dict:
+    """One `dinomix serve`: per mode a first request, a second (the warm time) and a hand-off request
+    (--compression none, .seg.nrrd and summary only: what a client such as Slicer loads at once)."""
+    from dinomix.serve_client import ServeClient
+
+    t = time.perf_counter()
+    client = ServeClient(model=model_for(modes[0]), device="cpu").start()
+    rec: dict[str, Any] = {"start_to_ready_s": round(time.perf_counter() - t, 2), "requests": []}
+    try:
+        for mode in modes:
+            variants = [("first", {}), ("warm", {}),
+                        ("handoff", {"compression": "none", "formats": ["seg_nrrd", "summary"]})]
+            for kind, extra in variants:
+                out = workdir / f"serve_{mode}_{kind}"
+                load = os.getloadavg()
+                t = time.perf_counter()
+                r = client.request(ct, out / "ct.seg.nrrd", mode=mode, model=model_for(mode), timeout=1200, **extra)
+                wall = time.perf_counter() - t
+                row = {"mode": mode, "kind": kind, "event": r["event"], "wall_s": round(wall, 2),
+                       "loadavg_before": [round(v, 2) for v in load]}
+                if r["event"] == "result":
+                    row.update({k: r[k] for k in ("warm", "model_load_s", "request_s", "timings_s", "run_time_s")})
+                else:
+                    row["error"] = r.get("message")
+                rec["requests"].append(row)
+                print(f"  serve {mode} {kind}: {wall:.1f} s ({r['event']}, warm {r.get('warm')}), "
+                      f"load {load[0]:.1f}", flush=True)
+                for f in out.glob("*"):
+                    f.unlink()
+        rec["peak_rss_bytes"] = _peak_rss_of(client.pid) if client.pid else None
+    finally:
+        client.close()
+    return rec
+
+
+def batch_rows(ct: Path, mode: str, model: Optional[str], workdir: Path, n: int) -> dict:
+    """`dinomix segment` on n copies of the CT (links with their own names): per-scan times from events."""
+    scans = workdir / f"batch_in_{mode}"
+    scans.mkdir(exist_ok=True)
+    for i in range(n):
+        link = scans / f"scan{i}.nii.gz"
+        if not link.exists():
+            link.symlink_to(ct)
+    out, events = workdir / f"batch_out_{mode}", workdir / f"batch_{mode}.jsonl"
+    cmd = dinomix_command() + ["segment", str(scans), "-o", str(out), "--mode", mode, "--events", str(events)]
+    if model:
+        cmd += ["--model", model]
+    child = run_child(cmd)
+    rec: dict[str, Any] = {"mode": mode, "scans": n,
+                           **{k: v for k, v in child.items() if k not in ("stdout", "stderr", "t0_unix")}}
+    evs = [json.loads(line) for line in events.read_text().splitlines() if line.strip()] if events.exists() else []
+    results = sorted((e for e in evs if e["event"] == "result" and "scan" in e), key=lambda e: e["scan"])
+    if child["returncode"] != 0 or len(results) != n:
+        rec["error"] = child["stderr"][-2000:]
+        return rec
+    rec["first_scan_s"] = round(results[0]["time"] - child["t0_unix"], 2)  # from the process's start
+    rec["per_scan_after_first_s"] = round((results[-1]["time"] - results[0]["time"]) / (n - 1), 2)
+    rec["per_scan_timings_s"] = [r["timings_s"] for r in results]
+    for f in list(out.glob("*")) + [events]:
+        f.unlink()
+    return rec
+
+
+def warm_section(data: Path, cache: Path, modes: list[str], model: Optional[str], n_batch: int) -> dict:
+    ct, meta = make_warm_ct(data, cache)
+    res: dict[str, Any] = {"ct": meta, "cold": [], "batch": []}
+    with tempfile.TemporaryDirectory(prefix="dinomix-bench-warm-") as tmp:
+        work = Path(tmp)
+        models = {m: model_for_mode(model, m, work) for m in modes}
+        for mode in modes:
+            print(f"cold: dinomix segment {ct.name} --mode {mode} ...", flush=True)
+            rec = run_segment(ct, mode, work, models[mode])
+            res["cold"].append(rec)
+            print(f"  {rec['wall_s']:.1f} s, peak RSS {rec['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+        print("warm: dinomix serve ...", flush=True)
+        res["serve"] = serve_rows(ct, modes, models.get, work)
+        for mode in modes:
+            print(f"batch: dinomix segment {n_batch} scans --mode {mode} ...", flush=True)
+            rec = batch_rows(ct, mode, models[mode], work, n_batch)
+            res["batch"].append(rec)
+            print(f"  first {rec.get('first_scan_s')} s, then {rec.get('per_scan_after_first_s')} s a scan, "
+                  f"peak RSS {rec['peak_rss_bytes'] / 1e9:.2f} GB", flush=True)
+    res["rows"] = warm_table(res, modes)
+    res["targets"] = warm_targets(res["rows"])
+    return res
+
+
+def warm_table(res: dict, modes: list[str]) -> list[dict]:
+    """Per mode: cold, warm and batch times side by side, and their ratios to cold (measured in one run)."""
+    rows = []
+    for mode in modes:
+        cold = next(r for r in res["cold"] if r["mode"] == mode)
+        req = {r["kind"]: r for r in res["serve"]["requests"] if r["mode"] == mode}
+        batch = next(r for r in res["batch"] if r["mode"] == mode)
+        c = cold.get("wall_s") if cold.get("returncode") == 0 else None
+        warm = req.get("warm", {}).get("wall_s")
+        per = batch.get("per_scan_after_first_s")
+        rows.append({"mode": mode, "cold_s": c, "warm_first_s": req.get("first", {}).get("wall_s"), "warm_s": warm,
+                     "handoff_s": req.get("handoff", {}).get("wall_s"), "batch_first_s": batch.get("first_scan_s"),
+                     "batch_next_s": per, "warm_vs_cold": round(warm / c, 3) if warm and c else None,
+                     "batch_vs_cold": round(per / c, 3) if per and c else None,
+                     "rss_cold_bytes": cold.get("peak_rss_bytes"), "rss_serve_bytes": res["serve"].get("peak_rss_bytes"),
+                     "rss_batch_bytes": batch.get("peak_rss_bytes"), "load_cold": cold["loadavg_before"][0]})
+    return rows
+
+
+def warm_targets(rows: list[dict]) -> list[dict]:
+    out = []
+
+    def add(what: str, value: Optional[float], limit: float, unit: str = "s") -> None:
+        shown = "-" if value is None else (f"{value:.1f} s" if unit == "s" else f"{value / 1e9:.2f} GB")
+        target = f"<= {limit:g} s" if unit == "s" else f"<= {limit / 1e9:g} GB"
+        out.append({"what": what, "value": shown, "target": target, "met": value is not None and value <= limit})
+
+    for r in rows:
+        m = r["mode"]
+        if m == "fast":
+            add("cold first scan, fast (dinomix segment)", r["cold_s"], WARM_TARGETS["cold_fast_s"])
+        add(f"warm per scan, {m} (serve, second request)", r["warm_s"], WARM_TARGETS[f"warm_{m}_s"])
+        add(f"batch per scan after the first, {m}", r["batch_next_s"], WARM_TARGETS[f"batch_{m}_s"])
+        add(f"batch peak RSS, {m}", r["rss_batch_bytes"], WARM_TARGETS["batch_peak_rss_bytes"], unit="B")
+    return out
+
+
+def print_warm(res: dict) -> None:
+    ct = res["ct"]
+    print(f"\ncold, warm and batch on a {'x'.join(map(str, ct['size']))} CT ({ct['source']} resampled), one run; "
+          f"serve start to ready {res['serve']['start_to_ready_s']} s")
+    hdr = (f"{'mode':4s} {'cold s':>6s} {'warm1 s':>7s} {'warm s':>6s} {'handoff':>7s} {'batch1 s':>8s} "
+           f"{'batchN s':>8s} {'warm/cold':>9s} {'batch/cold':>10s} {'RSS cold':>8s} {'RSS serve':>9s} "
+           f"{'RSS batch':>9s} {'load':>4s}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in res["rows"]:
+        def f(v, w, p=1):
+            return f"{v:{w}.{p}f}" if isinstance(v, (int, float)) else f"{'-':>{w}s}"
+        print(f"{r['mode']:4s} {f(r['cold_s'], 6)} {f(r['warm_first_s'], 7)} {f(r['warm_s'], 6)} "
+              f"{f(r['handoff_s'], 7)} {f(r['batch_first_s'], 8)} {f(r['batch_next_s'], 8)} "
+              f"{f(r['warm_vs_cold'], 9, 2)} {f(r['batch_vs_cold'], 10, 2)} {gb(r['rss_cold_bytes']):>8s} "
+              f"{gb(r['rss_serve_bytes']):>9s} {gb(r['rss_batch_bytes']):>9s} {r['load_cold']:4.1f}")
+    print("  cold = `dinomix segment` end to end (process start, imports, model load); warm1/warm = first and second "
+          "request of that mode\n  to `dinomix serve` (client round trip, gzip outputs); handoff = a warm request "
+          "with --compression none and\n  .seg.nrrd + summary only; batch1 = first scan of a batch (from the "
+          "process's start), batchN = each later scan;\n  RSS in GB (serve: the server's high-water mark over "
+          "all its requests); load = 1-min load average before the cold run")
+    for t in res["targets"]:
+        print(f"  {'PASS' if t['met'] else 'MISS'}  {t['what']}: {t['value']} (target {t['target']})")
+
+
 # ---------------------------------------------------------------- report
 
 def gb(v: Optional[float]) -> str:
@@ -481,8 +694,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--no-nnunet", action="store_true", help="skip the network comparison")
     p.add_argument("--windows", type=int, default=2, help="windows timed per network and mode (default 2)")
     p.add_argument("--model", default=None, help="model name or file (default: the built-in model)")
-    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--out", default=None, help="results file (default: benchmarks/results/inference.json, "
+                                                   "or inference_warm.json with --warm-only)")
+    p.add_argument("--no-warm", action="store_true", help="skip the cold / warm (serve) / batch rows")
+    p.add_argument("--warm-only", action="store_true", help="only the cold / warm (serve) / batch rows")
+    p.add_argument("--batch-scans", type=int, default=3, help="scans in the timed batch (default 3)")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = str(DEFAULT_OUT.with_name("inference_warm.json") if args.warm_only else DEFAULT_OUT)
     # The engine's own import sets OpenMP's wait policy before torch loads; do the same here, so the
     # network comparison in this process runs as the engine does (set for both networks alike).
     import dinomix.inference  # noqa: F401
@@ -495,6 +714,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                            "machine": machine_info(), "load_start": load_snapshot(), "targets_def": TARGETS}
     inputs: list[tuple[Path, bool]] = []
+    if args.warm_only:
+        args.no_clinical, args.cases, args.no_nnunet = True, "none", True
     if not args.no_clinical:
         clinical, meta = make_clinical(data, Path(args.cache))
         res["clinical_ct"] = meta
@@ -523,12 +744,20 @@ def main(argv: Optional[list[str]] = None) -> int:
             res["networks"] = compare_networks(inputs[0][0], args.modes, args.windows,
                                                model_for_mode(args.model, "full", Path(tmp))
                                                if "full" in args.modes else args.model)
+    if not args.no_warm:
+        res["warm"] = warm_section(data, Path(args.cache), args.modes, args.model, args.batch_scans)
     res["load_end"] = load_snapshot()
     res["targets"] = evaluate_targets(res)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
-    print_tables(res)
+    if res["segment"] or res.get("networks"):
+        print_tables(res)
+    else:
+        print(f"\nmachine: {res['machine'].get('cpu_model')}, {res['machine'].get('cores_available')} cores; load "
+              f"average at start {res['load_start']['loadavg']}, at end {res['load_end']['loadavg']}")
+    if res.get("warm"):
+        print_warm(res["warm"])
     print(f"\nwrote {out}")
     return 0
 
