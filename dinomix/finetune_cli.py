@@ -364,7 +364,9 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     parent_cfg = meta.training.get("config") if isinstance(meta.training.get("config"), dict) else None
     try:
         cfg = TrainConfig.model_validate(parent_cfg) if parent_cfg else TrainConfig()
-    except Exception:  # an older or foreign config: start from the defaults
+    except Exception as exc:  # an older or foreign config: start from the defaults, and say so
+        rep.log(f"the training config stored in '{meta.model_id}' does not validate here ({str(exc).splitlines()[0]}); "
+                "fine-tuning with the default training settings", "warning")
         cfg, parent_cfg = TrainConfig(), None
     modes = dict(meta.preprocessing.modes)
     mode = "fast" if "fast" in modes else next(iter(modes))
@@ -439,7 +441,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         "patch_size": fit_roi((edge,) * 3, div), "iterations": opts.iterations or 1000, "eval_every": 0,
         "checkpoint_every": 50, "seed": opts.seed, "threads": opts.threads,
         "optim": cfg.optim.model_copy(update={"lr": lr}), "semi": semi})
-    cfg = TrainConfig.model_validate(cfg.model_dump())
+    cfg = TrainConfig.validated(cfg.model_dump(), "dinomix finetune")
 
     tr = _trainer(cfg, run, rep, check, opts.device, meta.model_id)
     labeled = [c for c in tr.train_cases if c.label is not None]
@@ -531,7 +533,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
                                          "optim": cfg.optim.model_copy(update={"warmup_iters": warmup(loco_iters)}),
                                          "data": cfg.data.model_copy(
             update={"cases": [c.id for c in tr.train_cases if c.id != cid], "eval_split": None})})
-        sub = _trainer(TrainConfig.model_validate(sub_cfg.model_dump()), run / f"loco-{j + 1}", rep, check,
+        sub = _trainer(TrainConfig.validated(sub_cfg.model_dump(), "dinomix finetune"), run / f"loco-{j + 1}", rep, check,
                        opts.device, meta.model_id, quiet=True)
         if deadline is not None:
             fold_end = time.monotonic() + loco_iters * step_s * 1.05

@@ -245,7 +245,10 @@ def forget_digest(path: str | os.PathLike) -> None:
         return
     entries = _index_entries(path.parent)
     if entries.pop(path.name, None) is not None:
-        _write_index(path.parent, entries)
+        if entries:
+            _write_index(path.parent, entries)
+        else:  # the last imported model is gone: leave the folder as it was before the first import
+            _index_path(path.parent).unlink()
 
 
 def recorded_digest(path: Path) -> Optional[tuple[str, str]]:

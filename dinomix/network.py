@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.blocks import Convolution, UnetResBlock, UnetUpBlock
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer
 
 from .segdino import SegDINOConfig
 
@@ -50,6 +50,14 @@ class StudentConfig(BaseModel):
     norm: str = "instance"
     dropout: float = 0.0
     routed: Optional[RoutedConfig] = Field(default=None, description="per-organ routing of a fine-tuned model")
+
+    @model_serializer(mode="wrap")
+    def _drop_unrouted(self, handler):
+        """A plain network's config reads as it did before routing existed (model files, recipes, comparisons)."""
+        out = handler(self)
+        if isinstance(out, dict) and out.get("routed") is None:
+            out.pop("routed", None)
+        return out
 
     @property
     def divisor(self) -> int:

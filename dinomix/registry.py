@@ -129,6 +129,9 @@ def import_model(path: str | os.PathLike) -> Entry:
         raise DinomixError(f"{dest} is in the way (a broken model file); remove it first with "
                            f"'dinomix models remove {dest.stem}'")
     _copy_verified(Path(path), dest)
+    from .modelfile import record_digest
+
+    record_digest(dest)  # outside the file: an edit of its metadata or weights is refused at load
     return Entry(meta.model_id, dest, meta, False)
 
 
@@ -172,6 +175,7 @@ def remove_model(name: str) -> Path:
     for path, _ in broken_files():
         if name in (path.name, path.stem) and not any(e.name == name for e in list_models()):
             path.unlink()
+            _forget(path)
             return path
     e = resolve(name)
     if e.builtin:
@@ -179,4 +183,11 @@ def remove_model(name: str) -> Path:
     if e.path.parent.resolve() != registry_dir().resolve():
         raise DinomixError(f"'{name}' is not in the registry folder {registry_dir()}")
     e.path.unlink()
+    _forget(e.path)
     return e.path
+
+
+def _forget(path: Path) -> None:
+    from .modelfile import forget_digest
+
+    forget_digest(path)

@@ -123,9 +123,11 @@ class Trainer:
         self.eval_ids = [c.id for c in evals]
         self.rep.begin("cache", f"preprocessing {len(train)} training and {len(evals)} eval cases")
         disk = preprocessed_dir() if cfg.data.persistent_cache else None
-        self.train_cases = cache_cases(ds, train, self.schema, self.pp, cfg.mode, cache_dir=disk)
+        self.train_cases = cache_cases(ds, train, self.schema, self.pp, cfg.mode, cache_dir=disk,
+                                       resample_labels=cfg.data.resample_labels)
         self.check()
-        self.eval_cases = cache_cases(ds, evals, self.schema, self.pp, cfg.mode, cache_dir=disk)
+        self.eval_cases = cache_cases(ds, evals, self.schema, self.pp, cfg.mode, cache_dir=disk,
+                                      resample_labels=cfg.data.resample_labels)
         self.check()
         s = cfg.sampling
         self.sampler = BalancedSampler(self.train_cases, self.schema.num_classes, cfg.patch_size,
@@ -164,7 +166,8 @@ class Trainer:
                 out.append((name, tm.share, self.sampler))
                 continue
             cases = self.train_cases if name == cfg.mode else cache_cases(ds, train, self.schema, self.pp, name,
-                                                                          cache_dir=disk)
+                                                                          cache_dir=disk,
+                                                                          resample_labels=cfg.data.resample_labels)
             self.check()
             out.append((name, tm.share, BalancedSampler(cases, self.schema.num_classes, patch, s.organ_prob,
                                                         s.power, s.jitter)))
