@@ -113,6 +113,10 @@ def register(sub) -> None:
     f.add_argument("--no-loco", dest="loco", action="store_false",
                    help="skip the leave-one-scan-out self-check (with two or more corrected scans it takes about a "
                         "third of the training time)")
+    f.add_argument("--keep-unverified", action="store_true",
+                   help="keep organs learnt from fewer than 3 corrected scans (and no held-out case), which the "
+                        "self-check cannot vouch for; the new model is then marked 'unknown' (default: such organs "
+                        "keep the parent's output)")
     f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
     f.add_argument("--patch-size", type=int, default=None, help="cubic patch edge (default: the parent's, else 48)")
     f.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the parent's, else 2e-3)")
@@ -146,7 +150,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         output=args.output, device=args.device, patch_size=args.patch_size, lr=args.lr, threads=args.threads,
         seed=args.seed, priority_weight=args.priority_weight, parent_distillation=args.parent_distillation,
         open_organs=args.open_organs, consistency_weight=args.consistency_weight, routing=args.routing,
-        route_below=args.route_below, route_blocks=args.route_blocks, loco=args.loco)
+        route_below=args.route_below, route_blocks=args.route_blocks, loco=args.loco,
+        keep_unverified=args.keep_unverified)
 
     def work(rep, check) -> dict:
         result = finetune(opts, rep, check)
@@ -187,6 +192,7 @@ class FinetuneOptions:
     route_below: float = 90.0
     route_blocks: int = 1
     loco: bool = True
+    keep_unverified: bool = False  # keep learnt organs nothing can vouch for (the model is then marked unknown)
 
 
 # ---------------------------------------------------------------- helpers (pure, tested directly)
@@ -573,7 +579,9 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         child_lab = [predict(tr.net, c, roi, div, device) for c in cached_lab]
         check()
         child_unl = [predict(tr.net, c, roi, div, device) for c in unl_cases]
-        sc = self_check(names, routing, cached_lab, parent_lab, child_lab, parent_unl, child_unl, loco)
+        # held-out cases can vouch for what the corrected scans cannot: then keep it until they have spoken
+        sc = self_check(names, routing, cached_lab, parent_lab, child_lab, parent_unl, child_unl, loco,
+                        keep_unverified=opts.keep_unverified or bool(tr.eval_cases))
         tr.net.restrict_routing([c for c in tr.net.routed.classes if c not in sc.removed])
         tr.cfg.architecture = tr.net.cfg
     t = lap("self_check", t)
@@ -589,6 +597,19 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
             "warning" if worse or worse is None else "info")
     t = lap("eval_after", t)
 
+    if sc is not None and after and tr.net.routed is not None and not opts.keep_unverified:
+        # organs the held-out cases say are worse go back to the parent's output, and the final model is scored again
+        harmed = [c for c in tr.net.routed.classes if (per.get(names[c]) or {}).get("delta") is not None
+                  and per[names[c]]["delta"] < -1.0]
+        if harmed:
+            for c in harmed:
+                sc.removed[c] = f"worse on the held-out cases ({per[names[c]]['delta']:+.1f} Dice points)"
+            tr.net.restrict_routing([c for c in tr.net.routed.classes if c not in harmed])
+            tr.cfg.architecture = tr.net.cfg
+            after = tr.evaluate()
+            rep.emit("metric", kind="eval", phase="after", model=name, **after)
+            per, worse, verdict = compare(before, after)
+            rep.log(f"without {', '.join(names[c] for c in harmed)}: '{name}' is {verdict}")
     if sc is not None:
         if after:
             sc.add_holdout([f"{o} {v['delta']:+.1f}" for o, v in per.items()

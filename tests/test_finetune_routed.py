@@ -1,7 +1,8 @@
 """The correction loop's promise, end to end on real data: a short fine-tune of the shipped model on one corrected
 scan (the Trainer's export: the model's own prediction with the reviewed organs replaced by the reference) leaves
 the organs nobody corrected as they were on another scan, learns only the organs the correction changed, and says
-in its result what its self-check found."""
+in its result what its self-check found. `--keep-unverified` keeps what one scan taught (by default the self-check
+sends it back to the parent, since one scan cannot vouch for it), so that the routed organs really change here."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def routed(tmp_path_factory, data_dir, dinomix):
                   split="train")]
     manifest = Dataset(name="one-correction", cases=cases).save(tmp / "dataset.json")
     res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, "--iterations", "12", "--events", "-",
-                  "--patch-size", "32", "--threads", "2", "--priority", *REVIEWED, env=env, timeout=1500)
+                  "--patch-size", "32", "--threads", "2", "--priority", *REVIEWED, "--keep-unverified", env=env,
+                  timeout=1500)
     assert res.returncode == 0, res.describe()
     result = [e for e in res.events() if e["event"] == "result"][-1]
     return result, env

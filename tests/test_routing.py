@@ -168,12 +168,16 @@ def test_a_routed_organ_that_eats_a_neighbour_is_unrouted():
     assert sc.verdict == "safe" and "parent's output for every organ" in sc.message
 
 
-def test_one_corrected_scan_without_holdout_gives_an_unknown_verdict():
+def test_what_one_corrected_scan_taught_is_not_kept_unless_asked_for():
     gt = _blobs()
     parent = torch.from_numpy(gt.copy())
     parent[2:6, 14:18, 2:4] = 0
     child = torch.from_numpy(gt.copy())  # learnt the gallbladder, nothing else changed
     sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [parent], [child], [], [])
+    assert 3 in sc.removed and "cannot vouch" in sc.removed[3]
+    assert sc.verdict == "safe" and "Nothing was kept" in sc.message
+    sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [parent], [child], [], [],
+                    keep_unverified=True)
     assert sc.removed == {} and sc.verdict == "unknown"
     assert [c.passed for c in sc.checks] == [True, None, None, True]
 
@@ -192,7 +196,10 @@ def test_leave_one_scan_out_keeps_only_organs_that_help_on_every_left_out_scan()
     assert 3 in sc.removed and "no clear gain" in sc.removed[3]
     sc = self_check(NAMES, Routing(classes=[3]), cases, [parent, parent], [child, child], [], [],
                     loco={3: [+4.0, +1.0]})
-    assert sc.removed == {} and sc.verdict == "unknown"  # two scans may share a style other patients' scans lack
+    assert 3 in sc.removed and "2 corrected scan(s) cannot vouch" in sc.removed[3]  # two scans may share a style
+    sc = self_check(NAMES, Routing(classes=[3]), cases, [parent, parent], [child, child], [], [],
+                    loco={3: [+4.0, +1.0]}, keep_unverified=True)
+    assert sc.removed == {} and sc.verdict == "unknown"
     three = cases + [_case("c", gt, [3])]
     sc = self_check(NAMES, Routing(classes=[3]), three, [parent] * 3, [child] * 3, [], [],
                     loco={3: [+4.0, +1.0, +2.0]})
@@ -202,11 +209,12 @@ def test_leave_one_scan_out_keeps_only_organs_that_help_on_every_left_out_scan()
 def test_harm_on_held_out_cases_makes_the_verdict_unsafe():
     gt = _blobs()
     t = torch.from_numpy(gt)
-    sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [])
+    # with held-out cases the fine-tune keeps what the corrected scans cannot vouch for until they have spoken
+    sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [], keep_unverified=True)
     assert sc.verdict == "unknown"
     sc.add_holdout(["spleen -3.0"])
     assert sc.verdict == "unsafe" and "spleen -3.0" in sc.message
-    sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [])
+    sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [], keep_unverified=True)
     sc.add_holdout([])
     assert sc.verdict == "safe" and sc.checks[-1].passed is True
 
