@@ -558,7 +558,10 @@ class DINOMixSegmentationTest(ScriptedLoadableModuleTest):
             segment = seg.GetSegmentation().GetSegment(organ["name"])
             self.assertIsNotNone(segment, organ["name"])
             self.assertEqual(segment.GetName(), organ["display_name"])
-            self.assertTrue(segment.GetTerminology().startswith("Segmentation category and type"))
+            # through the segment's tag: vtkSegment.GetTerminology exists only from Slicer 5.10
+            from DINOMixSegmentationLib.segmentation import get_terminology
+
+            self.assertTrue(get_terminology(segment).startswith("Segmentation category and type"))
         self.assertEqual(seg.GetNodeReference(seg.GetReferenceImageGeometryReferenceRole()).GetID(), volume.GetID())
         original = original_labelmap(seg)
         self.assertIsNotNone(original)

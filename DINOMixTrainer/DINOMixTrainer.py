@@ -238,7 +238,9 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay(_("Could not read the segmentations."), waitCursor=False):
             self._cases = find_cases(slicer.mrmlScene, self.currentModelOrgans())
-            self._scan = ChangeScan(self._cases, min_voxels=self.ui.minChangedVoxelsSpinBox.value).start()
+            # the engine of this widget: Slicer's PythonSlicer and start-up environment, not sys.executable
+            self._scan = ChangeScan(self._cases, min_voxels=self.ui.minChangedVoxelsSpinBox.value,
+                                    engine=self.engine()).start()
             self.ui.refreshCasesButton.text = _("Cancel")
             self.ui.casesStatusLabel.text = self._scan.message
             self._fillCases()
@@ -316,7 +318,8 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         try:
             self._export = ExportTask(self.trainingSet(), case, self.reviewedOrgans(),
-                                      split="holdout" if self.ui.holdoutCheckBox.checked else "train").start()
+                                      split="holdout" if self.ui.holdoutCheckBox.checked else "train",
+                                      engine=self.engine()).start()
         except Exception as exc:
             slicer.util.errorDisplay(str(exc))
             return
