@@ -141,3 +141,21 @@ def test_partial_loss_gradient_never_pushes_unannotated_organ_down_on_background
     g = logits.grad[:, 3][target == 0]
     # gradient descent moves logits by -grad: organ 3's logit is never lowered on background voxels
     assert bool((g <= 1e-9).all())
+
+
+def test_a_finished_run_is_extended_by_resume_with_more_iterations(uninterrupted, tmp_path):
+    import shutil
+
+    cfg, ref = uninterrupted
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    again = _train(cfg, out, "--resume")
+    _, err = again.communicate(timeout=900)
+    assert again.returncode == 2 and f"has already trained {ITERS} of {ITERS}" in err and "Traceback" not in err
+    more = _train(cfg, out, "--resume", "--iterations", str(ITERS + 2))
+    _, err = more.communicate(timeout=900)
+    assert more.returncode == 0, err
+    _, meta = load_model(out / "model_last.safetensors")
+    assert meta.training["iterations"] == ITERS + 2
+    its = [e["iteration"] for e in _events(out.with_suffix(".events")) if e["event"] == "metric"]
+    assert its == [ITERS + 1, ITERS + 2]  # only the new iterations ran

@@ -259,8 +259,18 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
             raise DinomixError(f"cannot resume: checkpoint {path} is unreadable ({str(exc)[:120]})") from None
-        if self.config_for_compare(state.get("config")) != self.cfg.model_dump(mode="json"):
+        stored = self.config_for_compare(state.get("config"))
+        now = self.cfg.model_dump(mode="json")
+        # the iteration count may change (`dinomix train --resume --iterations N` extends a run); nothing else
+        if {k: v for k, v in stored.items() if k != "iterations"} != {k: v for k, v in now.items() if k != "iterations"}:
             raise DinomixError(f"cannot resume: {path} was written with a different training config")
+        done = int(state.get("iteration", 0))
+        if done >= self.cfg.iterations:
+            raise DinomixError(f"cannot resume: {path} has already trained {done} of {stored.get('iterations')} "
+                               f"iterations; pass --iterations N with N > {done} to extend the run")
+        if stored.get("iterations") != self.cfg.iterations:
+            self.rep.log(f"extending the run from {stored.get('iterations')} to {self.cfg.iterations} iterations "
+                         f"(at iteration {done}; the learning-rate schedule stretches to the new count)")
         self.check_world_size(state, path)
         self.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
