@@ -144,8 +144,9 @@ SEGMENT_DESCRIPTION = """Segment the abdominal organs of a CT, or of many in one
 One input (a file or a DICOM series folder) writes the output named by -o, as always.
 
 Several inputs, or a folder of scans (image files in it, or only DICOM series subfolders), make a batch:
-the model is loaded once, the next scan is read while the previous one is in the network, and -o is a
-folder that receives <scan name>.seg.nrrd, .nii.gz (.nii with --compression none) and .json per scan. A
+the model is loaded once (while the first scan is read), the next scan is read while the previous one's
+outputs are written (not earlier: it would add to the network's memory peak), and -o is a folder that
+receives <scan name>.seg.nrrd, .nii.gz (.nii with --compression none) and .json per scan. A
 bad scan gets its one-line error and the others go on. Two scans with the same name are refused (rename
 one or use two runs); the output folder may not be a scanned input folder.
 
