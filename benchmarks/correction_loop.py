@@ -249,6 +249,13 @@ def print_run(rec: dict) -> None:
           f"{t['self_check']}; unflagged harm {t['unflagged_harm']}", flush=True)
 
 
+def _worst(organ: Optional[str], delta: Optional[float]) -> str:
+    """The organ that lost most, or "none" when no organ moved."""
+    if organ is None or delta is None:
+        return "-"
+    return "none (all +0.0)" if delta == 0 else f"{organ} {delta:+.1f}"
+
+
 def summary_table(runs: list[dict]) -> str:
     lines = ["| set | fold | style | method | seed | it | wall / budget | routed | corrected gain | worst organ | "
              "TS worst | self-check | targets |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -263,8 +270,8 @@ def summary_table(runs: list[dict]) -> str:
         lines.append(
             f"| {r.get('set')} | {r['fold']} | {r['style']} | {r['method']} | {r['seed']} | {r.get('iterations')} | "
             f"{t.get('wall_ratio')} | {', '.join((r.get('routing') or {}).get('routed') or []) or '-'} | "
-            f"{P.signed(t['corrected_gain'])} | {t['worst_organ']} {t['worst_delta']:+.1f} | "
-            f"{(ts.get('worst_organ') or '-')} {P.signed(ts.get('worst_delta'))} | {t['self_check']} | "
+            f"{P.signed(t['corrected_gain'])} | {_worst(t['worst_organ'], t['worst_delta'])} | "
+            f"{_worst(ts.get('worst_organ'), ts.get('worst_delta'))} | {t['self_check']} | "
             f"{'all met' if all(ok) else 'MISSED'} |")
     return "\n".join(lines)
 
