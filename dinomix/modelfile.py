@@ -154,7 +154,8 @@ def _parse_meta(path: Path, raw: str) -> ModelMeta:
     except json.JSONDecodeError:
         raise ModelFileError(f"{path.name}: model metadata is not valid JSON (file damaged?)") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ModelFileError(f"{path.name} is not a DINOMix model file (format {data.get('format')!r})")
+        found = data.get("format") if isinstance(data, dict) else f"JSON {type(data).__name__} metadata"
+        raise ModelFileError(f"{path.name} is not a DINOMix model file (format {found!r})")
     version = data.get("format_version")
     if not isinstance(version, int):
         raise ModelFileError(f"{path.name}: model metadata has no valid format_version")
