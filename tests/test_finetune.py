@@ -219,6 +219,8 @@ def test_finetune_never_overwrites_and_explains_bad_input(finetuned, registry_en
     assert res.returncode != 0 and "no organ 'brain'" in res.stderr
     res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, env=registry_env)
     assert res.returncode != 0 and "--minutes" in res.stderr  # a budget is required
-    models = sorted(p.name for p in Path(registry_env["DINOMIX_MODELS_DIR"]).iterdir())
+    folder = Path(registry_env["DINOMIX_MODELS_DIR"])
+    models = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
     assert models == [f"{PARENT}.ft1.safetensors"]
+    assert (folder / ".dinomix-digests.json").is_file()  # the registered version's digest, kept outside the file
 
