@@ -78,6 +78,7 @@ class Job:
         self.reporter.emit("cancelled", message=f"{self.command} cancelled by signal {signum} {note}".strip())
         sys.stderr.write(f"dinomix: {self.command} cancelled\n")
         sys.stderr.flush()
+        self.writer.sweep()  # a writer that got its temporary path before the abort may have made it again
         os._exit(CANCEL_EXIT)
 
     def run(self, work: Callable[[Reporter, Callable[[], None]], Any]) -> int:

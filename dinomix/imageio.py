@@ -22,6 +22,7 @@ import stat
 import struct
 import tempfile
 import threading
+import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
@@ -427,6 +428,7 @@ class AtomicWriter:
         self._temps: set[Path] = set()
         self._staged: list[tuple[Path, Path]] = []
         self._aborted = False
+        self._removed: set[Path] = set()  # temporary files abort() removed (`sweep`)
         self.committed = False
 
     def _new_temp(self, target: Path) -> Path:
@@ -586,9 +588,27 @@ class AtomicWriter:
             self._aborted = True
             for t in list(self._temps):
                 t.unlink(missing_ok=True)
+            self._removed.update(self._temps)
             self._temps.clear()
             self._staged.clear()
             return True
+
+    def sweep(self, seconds: float = 0.3, step: float = 0.02) -> None:
+        """After `abort()`, before the process exits: remove the aborted temporary files again for a moment.
+
+        Why: a writer that had its temporary path before the abort (slicerio builds the whole file in memory
+        first) opens it afterwards and so creates it anew; seen once in CI as a hidden `.part` file left beside
+        the previous outputs after a SIGTERM in the write stage. Such a writer fails at its next check and
+        removes its file itself, or is stopped here."""
+        deadline = time.monotonic() + seconds
+        while True:
+            with self._lock:
+                left = [t for t in self._removed if t.exists()]
+                for t in left:
+                    t.unlink(missing_ok=True)
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(step)
 
     def hold(self) -> threading.Lock:
         """The writers' lock: hold it while exiting the process so no rename can slip in."""
