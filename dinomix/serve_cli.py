@@ -26,7 +26,9 @@ disk) loads it; the last two models stay loaded. Cancel (the command, or SIGINT)
 of a second: the request's temporary files are removed at once and its outputs are never committed; the
 computation stops at its next check (a window of the sliding window) while the server goes on answering.
 SIGTERM cancels everything and exits (130). The server exits when stdin closes: it never outlives the
-program that holds the pipe.
+program that holds the pipe. It also exits when the process given by --parent-pid ends (or, on POSIX, when its
+own parent process ends and it is orphaned): a pipe's writing end can outlive a crashed client when a
+grandchild inherited it, and the Slicer module names Slicer's pid so the engine never outlives Slicer.
 """
 
 from __future__ import annotations
@@ -221,6 +223,8 @@ class Server:
         signal.signal(signal.SIGTERM, self._on_sigterm)
         self.root.emit("start", command="serve", version=__version__, pid=os.getpid())
         threading.Thread(target=self._work, daemon=True, name="dinomix-serve").start()
+        watch = ParentWatch(getattr(self.args, "parent_pid", None))
+        threading.Thread(target=watch.run, args=(self._parent_gone,), daemon=True, name="dinomix-parent").start()
         for raw in sys.stdin:
             line = raw.strip()
             if line:
@@ -251,6 +255,12 @@ class Server:
             self._abort_all()
             self.root.emit("shutdown", reason="shutdown request")
             os._exit(0)
+
+    def _parent_gone(self, why: str) -> None:
+        """The client's process has ended without closing our stdin: end as if it had."""
+        self._abort_all()
+        self.root.emit("shutdown", reason=why)
+        os._exit(0)
 
     def submit(self, fields: dict) -> None:
         rid = fields["id"]
@@ -365,6 +375,67 @@ class Server:
                 self.finish(req, "error", message=msg, kind=kind)
 
 
+class ParentWatch:
+    """Tells when the client process has ended: the process `pid` (checked with its start time, so a reused
+    pid does not count as alive), or on POSIX this process's parent (the parent pid changes when orphaned).
+    Polls twice a second in a daemon thread of the server; costs nothing measurable."""
+
+    INTERVAL_S = 0.5
+
+    def __init__(self, pid: Optional[int]) -> None:
+        self.pid = pid
+        self.ppid = os.getppid() if os.name == "posix" else None
+        self.created = _create_time(pid) if pid else None
+
+    def gone(self) -> Optional[str]:
+        """Why the client is gone, or None while it lives."""
+        if self.pid:
+            if not _pid_alive(self.pid) or (self.created is not None and _create_time(self.pid) != self.created):
+                return f"parent process {self.pid} ended"
+        if self.ppid is not None and os.getppid() != self.ppid:
+            return f"parent process {self.ppid} ended (orphaned)"
+        return None
+
+    def run(self, on_gone) -> None:
+        while True:
+            why = self.gone()
+            if why:
+                on_gone(why)
+                return
+            time.sleep(self.INTERVAL_S)
+
+
+def _create_time(pid: int) -> Optional[float]:
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:  # no psutil, or the process is gone (then _pid_alive says so)
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        import psutil
+
+        if not psutil.pid_exists(pid):
+            return False
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except ImportError:
+        pass
+    except Exception:  # vanished between the two calls
+        return False
+    if os.name != "posix":
+        return True  # (os.kill(pid, 0) would send a signal on Windows); without psutil: assume alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _id_of(line: str) -> Any:
     try:
         rid = json.loads(line).get("id")
@@ -384,6 +455,8 @@ def register(sub) -> None:
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
     s.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
                    help="refuse inputs whose segmentation needs more memory, e.g. 8G (default: this machine's memory)")
+    s.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                   help="exit when this process ends (the client, e.g. Slicer), even if stdin stays open")
     s.add_argument("--no-preload", action="store_true",
                    help="load the default model with the first request, not at start")
     s.set_defaults(func=cmd_serve)

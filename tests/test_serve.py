@@ -205,6 +205,25 @@ def test_the_server_exits_when_stdin_closes(tmp_path):
             proc.kill()
 
 
+def test_the_server_exits_when_the_process_it_serves_ends_even_with_stdin_open(tmp_path):
+    """--parent-pid (Slicer's pid): Slicer killed while a grandchild still holds the pipe, the engine exits."""
+    client = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    proc = subprocess.Popen([sys.executable, "-m", "dinomix", "serve", "--no-preload", "--parent-pid", str(client.pid)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert json.loads(proc.stdout.readline())["event"] == "start"
+        assert proc.poll() is None
+        client.kill()
+        client.wait()
+        assert proc.wait(30) == 0  # stdin is still open: only the watch can end it
+        events = [valid_reply(json.loads(line)) for line in proc.stdout.read().splitlines() if line.strip()]
+        assert any(e["event"] == "shutdown" and "parent process" in e["reason"] for e in events), events
+    finally:
+        for p in (client, proc):
+            if p.poll() is None:
+                p.kill()
+
+
 def test_the_server_exits_when_stdin_closes_while_busy(btcv_ct, tmp_path):
     c = ServeClient(ready_timeout=REQUEST_TIMEOUT_S).start()
     try:
