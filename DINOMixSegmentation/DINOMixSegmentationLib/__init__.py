@@ -14,6 +14,8 @@ from .segmentation import (import_result, is_dinomix_segmentation, original_labe
 from .surfaces import SurfaceBuilder
 from .tasks import Cancelled, ThreadTask, mtime_token, run_steps
 from .volumeio import VolumeSnapshot, write_nrrd
+from .warm import (WarmEngine, WarmEngineError, WarmRequest, WarmSegmentationRun, current_session_engine,
+                   model_changed, session_engine, stop_session_engine)
 
 __all__ = [
     "BackgroundCommand", "Engine", "EngineNotFound", "engine_root", "preload_engine_modules", "run_engine",
@@ -24,4 +26,6 @@ __all__ = [
     "import_result", "is_dinomix_segmentation", "original_labelmap", "reference_volume", "save_segmentation",
     "segment_mask", "segmentation_organs",
     "VolumeSnapshot", "write_nrrd",
+    "WarmEngine", "WarmEngineError", "WarmRequest", "WarmSegmentationRun", "current_session_engine", "model_changed",
+    "session_engine", "stop_session_engine",
 ]

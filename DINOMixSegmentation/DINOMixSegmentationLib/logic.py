@@ -62,6 +62,18 @@ class SegmentOptions:
             args.append("--force")
         return args + list(self.extra_args)
 
+    def request_fields(self, input_path: Path, output_path: Path) -> dict:
+        """The same run as a `dinomix serve` request (see Resources/Schemas/serve-request.schema.json). The result
+        comes uncompressed, .seg.nrrd and summary only (the NIfTI too when the files are kept): no gzip round trip
+        between the engine and Slicer; files the user saves from Slicer are compressed by Slicer as usual."""
+        if self.mode not in ("fast", "full"):
+            raise ValueError(f"quality must be 'fast' or 'full', not '{self.mode}'")
+        if self.extra_args:
+            raise ValueError(f"extra engine arguments {self.extra_args} need a per-click engine (SegmentationRun)")
+        formats = ["seg_nrrd", "summary"] + (["nifti"] if self.keep_outputs_dir else [])
+        return {"input": str(input_path), "output": str(output_path), "mode": self.mode, "organs": self.organs,
+                "model": self.model, "force": self.force, "compression": "none", "formats": formats}
+
 
 @dataclass
 class Progress:
@@ -111,7 +123,7 @@ class SegmentationRun:
         self._cancel_requested = False
         self._phase_started: Optional[float] = None
         self._export: Optional[Iterator[float]] = None  # the engine's input, written a few chunks per poll
-        self._args: list[str] = []
+        self._paths: tuple[Path, Path] = (Path(), Path())  # the engine's input and output files
 
     # ------------------------------------------------------------------ control
     def start(self) -> "SegmentationRun":
@@ -125,7 +137,12 @@ class SegmentationRun:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="dinomix-segment-", dir=self.temp_root))
         input_path = self.temp_dir / f"{safe_name(snapshot.name)}.nrrd"
         output_path = self.temp_dir / "result.seg.nrrd"
-        self._args = self.options.engine_args(input_path, output_path)
+        self._paths = (input_path, output_path)
+        try:
+            self._check_options(input_path, output_path)
+        except ValueError:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            raise
         self._export = nrrd_chunks(input_path, snapshot.array, snapshot.ijk_to_ras)
         self.state = "running"
         self.progress = Progress(fraction=0.0, stage="export", message="writing the volume for the engine")
@@ -142,7 +159,15 @@ class SegmentationRun:
             self._end("failed", f"could not write the volume for the engine: {exc}")
             return
         self._export = None
-        self.command = BackgroundCommand(self.engine, self._args).start()
+        self.command = self._launch(*self._paths)
+
+    def _check_options(self, input_path: Path, output_path: Path) -> None:
+        """Bad options fail at the click, with their message (before anything is written)."""
+        self.options.engine_args(input_path, output_path)
+
+    def _launch(self, input_path: Path, output_path: Path):
+        """Start the engine on the written input: here one `dinomix segment` process for this click."""
+        return BackgroundCommand(self.engine, self.options.engine_args(input_path, output_path)).start()
 
     def cancel(self) -> None:
         """Returns at once; the run ends on a following poll() (the engine within 2 s)."""
@@ -231,8 +256,8 @@ class SegmentationRun:
                 return
             self.state = "importing"
             self._phase_started = time.monotonic()
-            self.summary.setdefault("engine_version", (self.command.events[0].get("version")
-                                                        if self.command and self.command.events else ""))
+            self.summary.setdefault("engine_version", next(
+                (e["version"] for e in (self.command.events if self.command else []) if e.get("version")), ""))
             try:
                 self.importer = ResultImport(Path(self.summary["outputs"]["seg_nrrd"]), self.summary,
                                              self.volume_node, self.segmentation_node,
