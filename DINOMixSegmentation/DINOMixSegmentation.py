@@ -32,8 +32,9 @@ try:
 except ImportError:  # Slicer < 5.2: no parameter node wrapper; the GUI state is then not saved with the scene
     parameterNodeWrapper = None
 
-from DINOMixSegmentationLib import (DEFAULT_MODEL, Engine, SegmentationRun, SegmentOptions, current_model,
-                                    list_models_command, parse_models_list, preload_engine_modules)
+from DINOMixSegmentationLib import (DEFAULT_MODEL, Engine, SegmentationRun, SegmentOptions, WarmSegmentationRun,
+                                    current_model, list_models_command, parse_models_list, preload_engine_modules)
+from DINOMixSegmentationLib import warm as warmEngine
 from DINOMixSegmentationLib import dependencies as deps
 
 POLL_INTERVAL_MS = 150
@@ -143,12 +144,20 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if self._modelsCommand is not None:
             self._modelsCommand.cancel()  # `models list` must not outlive the module widget
             self._modelsCommand = None
+        warmEngine.stop_session_engine()  # module unloaded (Slicer closing, or a developer's reload)
         self.timer.stop()
         self.removeObservers()
         self._disconnectParameterNode()
 
     def enter(self) -> None:
         self.initializeParameterNode()
+        self._warmUp()
+
+    def _warmUp(self) -> None:
+        """Start the warm engine with the selected model once the models are listed (not before: the selection
+        may still change, which would stop it again)."""
+        if self._models:
+            self.logic.warmUp(self.ui.modelComboBox.currentData or None, self.ui.deviceComboBox.currentText or "auto")
 
     def exit(self) -> None:
         self._disconnectParameterNode()
@@ -226,6 +235,8 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         wanted = (self._parameterNode.model if self._parameterNode is not None and self._parameterNode.model
                   else current_model(models or None))
         self.selectModel(wanted)
+        if self.parent.isEntered:
+            self._warmUp()
 
     def selectModel(self, name: str) -> None:
         combo = self.ui.modelComboBox
@@ -242,6 +253,7 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onModelChanged(self, index=None) -> None:
         name = self.ui.modelComboBox.currentData
+        warmEngine.model_changed(name or None)  # the engine holding the previous model is stopped
         if self._parameterNode is not None and name and self._parameterNode.model != name:
             self._parameterNode.model = name
         info = self.currentModelInfo()
@@ -375,6 +387,7 @@ class DINOMixSegmentationLogic(ScriptedLoadableModuleLogic):
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
         self.dependencyMessage = ""  # why ensureDependencies() returned False, in one line
+        self.useWarmEngine = os.environ.get("DINOMIX_WARM_ENGINE", "1") != "0"  # 0: one engine process per click
 
     def getParameterNode(self):
         if DINOMixSegmentationParameterNode is None:
@@ -397,9 +410,38 @@ class DINOMixSegmentationLogic(ScriptedLoadableModuleLogic):
         return Engine(python=self.slicerPython(), env=env or None)
 
     def segment(self, volumeNode, options: Optional[SegmentOptions] = None, segmentationNode=None) -> SegmentationRun:
-        """Start 'Segment abdomen' in the background; poll the returned run (or `run.wait()`)."""
-        return SegmentationRun(volumeNode, options or SegmentOptions(), segmentationNode,
-                               engine=self.engine()).start()
+        """Start 'Segment abdomen' in the background; poll the returned run (or `run.wait()`). The request goes to
+        the session's warm engine (started now if needed), or to a new engine process with
+        DINOMIX_WARM_ENGINE=0."""
+        options = options or SegmentOptions()
+        if not self.useWarmEngine or options.extra_args:
+            return SegmentationRun(volumeNode, options, segmentationNode, engine=self.engine()).start()
+        warm = self.warmEngine(options.model, options.device)
+        return WarmSegmentationRun(volumeNode, options, segmentationNode, engine=warm.engine, warm=warm).start()
+
+    _quitConnected = False
+
+    def warmEngine(self, model: Optional[str] = None, device: str = "auto"):
+        """The session's warm engine (`dinomix serve`) for this model and device. It is stopped when Slicer quits
+        (aboutToQuit, connected once here; the module widget's cleanup and atexit do it as well) and exits by
+        itself if Slicer dies, since it watches Slicer's pid."""
+        cls = DINOMixSegmentationLogic
+        app = getattr(slicer, "app", None)
+        if app is not None and not cls._quitConnected:
+            app.connect("aboutToQuit()", warmEngine.stop_session_engine)
+            cls._quitConnected = True
+        return warmEngine.session_engine(self.engine(), model, device)
+
+    def warmUp(self, model: Optional[str] = None, device: str = "auto") -> None:
+        """Start the warm engine in the background when the module opens, so that the first click finds the
+        model loaded; only where the packages are installed already (nothing is installed from here)."""
+        if not self.useWarmEngine or self.slicerVersionProblem():
+            return
+        try:
+            if getattr(deps, "_all_installed", False):  # known from the background check: no look-up here
+                self.warmEngine(model, device).start()
+        except Exception as exc:  # the first click will start it and report the problem
+            logging.info(f"DINOMix: the warm engine did not start in the background: {exc}")
 
     @staticmethod
     def slicerVersionProblem() -> Optional[str]:
