@@ -256,8 +256,14 @@ def _worst(organ: Optional[str], delta: Optional[float]) -> str:
     return "none (all +0.0)" if delta == 0 else f"{organ} {delta:+.1f}"
 
 
+def _learnt(routing: dict) -> str:
+    """What the new model changed: the organs its branch kept, and the calibrated organs with their offsets."""
+    parts = list(routing.get("routed") or []) + [f"{o} {b:+.2f}" for o, b in (routing.get("calibrated") or {}).items()]
+    return ", ".join(parts) or "-"
+
+
 def summary_table(runs: list[dict]) -> str:
-    lines = ["| set | fold | style | method | seed | it | wall / budget | routed | corrected gain | worst organ | "
+    lines = ["| set | fold | style | method | seed | it | wall / budget | learnt (branch; offsets) | corrected gain | worst organ | "
              "TS worst | self-check | targets |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if r.get("status") != "ok":
@@ -269,7 +275,7 @@ def summary_table(runs: list[dict]) -> str:
         ok = [t["no_harm"], t["corrected_gain_ok"] in (True, None), t.get("on_time", True), not t["unflagged_harm"]]
         lines.append(
             f"| {r.get('set')} | {r['fold']} | {r['style']} | {r['method']} | {r['seed']} | {r.get('iterations')} | "
-            f"{t.get('wall_ratio')} | {', '.join((r.get('routing') or {}).get('routed') or []) or '-'} | "
+            f"{t.get('wall_ratio')} | {_learnt(r.get('routing') or {})} | "
             f"{P.signed(t['corrected_gain'])} | {_worst(t['worst_organ'], t['worst_delta'])} | "
             f"{_worst(ts.get('worst_organ'), ts.get('worst_delta'))} | {t['self_check']} | "
             f"{'all met' if all(ok) else 'MISSED'} |")

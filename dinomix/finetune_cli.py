@@ -80,6 +80,10 @@ MIN_ITERATIONS = 5
 ROUTING = ("organs", "off")
 LOCO_SHARE = 0.35        # share of the training iterations spent on the leave-one-scan-out checks
 MAX_LOCO_SCANS = 3
+# Organ calibration (training/calibration.py) time per corrected scan, fit and leave-one-scan-out, on 2 busy cores
+# (about 20 s for two BTCV scans at 3 mm with 13 organs on a 2-core machine running two other jobs, 2026-12-06):
+# kept free at the end of the budget
+CALIBRATION_S_PER_SCAN = 12.0
 MAX_CHECK_SCANS = 4      # unlabeled scans the self-check compares parent and new model on
 ROUTED_WARMUP = 20       # routed fine-tunes warm up at least this long: Adam's first steps move every weight of
                          # the small branch by about the learning rate (2 steps without: several Dice points)
@@ -143,7 +147,7 @@ def register(sub) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     job = Job("finetune", args.events,
               {"prepare": 0.02, "route": 0.03, "cache": 0.05, "eval_before": 0.03, "calibrate": 0.02, "loco": 0.2,
-               "train": 0.55, "eval_after": 0.03, "self_check": 0.05, "register": 0.02})
+               "train": 0.53, "eval_after": 0.03, "self_check": 0.05, "organ_calibration": 0.02, "register": 0.02})
     opts = FinetuneOptions(
         model=args.model, dataset=args.dataset, priority=list(args.priority or []), minutes=args.minutes,
         iterations=args.iterations, new_name=args.new_name, holdout=args.holdout, method=args.method,
@@ -300,6 +304,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     from .organs import OrganSchema
     from .training.config import DataConfig, TrainConfig
     from .training.data import cache_cases
+    from .training import calibration
     from .training.routing import loco_deltas, predict, route_organs, self_check
 
     t0 = time.monotonic()
@@ -393,9 +398,11 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
                              cache_dir=preprocessed_dir() if cfg.data.persistent_cache else None)
     check()
     tc = time.monotonic()
-    parent_lab = []
+    parent_lab, parent_logits = [], []  # the logits: for the organ calibration (training/calibration.py)
     for i, c in enumerate(cached_lab):
-        parent_lab.append(predict(parent_net, c, roi, div, device))
+        lg, pred = calibration.predict_logits(parent_net, c, roi, div, device)
+        parent_logits.append(lg)
+        parent_lab.append(pred)
         rep.update((i + 1) / len(cached_lab))
         check()
     t_case = (time.monotonic() - tc) / max(1, len(cached_lab))  # one scan's inference, for the time plan
@@ -461,10 +468,12 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
                 f"parent's modes ({', '.join(modes)}), the others running the fine-tuned weights on their grids")
     if priority and opts.method != "pic":
         rep.log(f"--priority only acts through PIC; method {opts.method} ignores it", "warning")
-    parent_unl = []
+    parent_unl, unl_logits = [], []
     if opts.routing == "organs":
         for c in unl_cases:
-            parent_unl.append(predict(parent_net, c, roi, div, device))
+            lg, pred = calibration.predict_logits(parent_net, c, roi, div, device)
+            unl_logits.append(lg)
+            parent_unl.append(pred)
             check()
     t = lap("cache", t)
 
@@ -484,7 +493,8 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     t = lap("eval_before", t)
 
     # What remains after training: the child's predictions for the self-check, the held-out evaluation, export.
-    after_s = (len(labeled) + len(unl_cases)) * t_case * 1.3 + t_eval + 5.0
+    after_s = ((len(labeled) + len(unl_cases)) * t_case * 1.3 + t_eval + 5.0
+               + (CALIBRATION_S_PER_SCAN * len(labeled) if opts.routing == "organs" else 0.0))
     loco_ids = _loco_cases(cached_lab, routing.classes) if opts.routing == "organs" and opts.loco else []
     step_s = None
     loco_iters = 0
@@ -574,6 +584,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     t = lap("train", t)
 
     sc = None
+    offsets: dict[int, float] = {}
     if opts.routing == "organs":
         rep.begin("self_check", "checking the new model against its parent on your scans")
         child_lab = [predict(tr.net, c, roi, div, device) for c in cached_lab]
@@ -584,6 +595,11 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
                         keep_unverified=opts.keep_unverified or bool(tr.eval_cases))
         tr.net.restrict_routing([c for c in tr.net.routed.classes if c not in sc.removed])
         tr.cfg.architecture = tr.net.cfg
+        t = lap("self_check", t)
+        rep.begin("organ_calibration", "fitting one offset per corrected organ on your scans")
+        offsets = _calibrate(tr.net, sc, names, routing.classes, cached_lab, parent_logits, parent_lab,
+                             list(zip(unl_logits, parent_unl)), opts.keep_unverified or bool(tr.eval_cases), rep)
+        t = lap("organ_calibration", t)
     t = lap("self_check", t)
 
     after = None
@@ -597,15 +613,23 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
             "warning" if worse or worse is None else "info")
     t = lap("eval_after", t)
 
-    if sc is not None and after and tr.net.routed is not None and not opts.keep_unverified:
+    if sc is not None and after and (tr.net.routed is not None or offsets) and not opts.keep_unverified:
         # organs the held-out cases say are worse go back to the parent's output, and the final model is scored again
-        harmed = [c for c in tr.net.routed.classes if (per.get(names[c]) or {}).get("delta") is not None
+        harmed = [c for c in getattr(tr.net.routed, "classes", []) if (per.get(names[c]) or {}).get("delta") is not None
                   and per[names[c]]["delta"] < -1.0]
-        if harmed:
+        harmed_offsets = {c: b for c, b in offsets.items() if (per.get(names[c]) or {}).get("delta") is not None
+                          and per[names[c]]["delta"] < -1.0}
+        if harmed or harmed_offsets:
             for c in harmed:
                 sc.removed[c] = f"worse on the held-out cases ({per[names[c]]['delta']:+.1f} Dice points)"
-            tr.net.restrict_routing([c for c in tr.net.routed.classes if c not in harmed])
-            tr.cfg.architecture = tr.net.cfg
+            if harmed:
+                tr.net.restrict_routing([c for c in tr.net.routed.classes if c not in harmed])
+                tr.cfg.architecture = tr.net.cfg
+            for c, b in harmed_offsets.items():
+                sc.drop_offset(c, names, f"worse on the held-out cases ({per[names[c]]['delta']:+.1f} Dice points)")
+                offsets.pop(c)
+            calibration.apply_offsets(tr.net, {c: -b for c, b in harmed_offsets.items()})
+            harmed = harmed + list(harmed_offsets)
             after = tr.evaluate()
             rep.emit("metric", kind="eval", phase="after", model=name, **after)
             per, worse, verdict = compare(before, after)
@@ -627,7 +651,8 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     rep.begin("register", f"registering '{name}'")
     tr.provenance["finetune"].update({"before": before, "after": after, "worse_than_parent": worse,
                                       "verdict": verdict, "self_check": check_result,
-                                      "routed_organs": [names[c] for c in getattr(tr.net.cfg.routed, "classes", [])]})
+                                      "routed_organs": [names[c] for c in getattr(tr.net.cfg.routed, "classes", [])],
+                                      "calibrated_organs": {names[c]: b for c, b in offsets.items()}})
     registered = None
     for _ in range(5):
         final_path = run / f"{cfg.model_id}.safetensors"
@@ -654,10 +679,38 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
             "before": before, "after": after, "per_organ": per, "worse_than_parent": worse, "verdict": verdict,
             "self_check": check_result, "routing": {
                 "mode": opts.routing, "routed": [names[c] for c in getattr(tr.net.cfg.routed, "classes", [])],
+                "calibrated": {names[c]: b for c, b in offsets.items()},
                 "parent_dice_on_corrections": {names[c]: d for c, d in routing.parent_dice.items()},
                 "kept": {names[c]: w for c, w in routing.kept.items()}, "loco_scans": loco_ids,
                 "loco_iterations": loco_iters},
             "timings_s": timings, "run_dir": str(run)}
+
+
+def _calibrate(net, sc, names: list[str], classes: list[int], cached_lab: list, logits: list, parent_lab: list,
+               unlabeled: list, keep_unverified: bool, rep) -> dict[int, float]:
+    """Organ calibration (training/calibration.py) of the routed organs the trained branch could not keep: one
+    logit offset per organ, fitted on the corrected scans, kept where leave-one-scan-out vouches for it (or, with
+    `keep_unverified`, wherever it fits the corrections), written into the network's output biases. Returns the
+    offsets applied {class: offset} and records them in the self-check `sc`."""
+    from .training import calibration
+
+    branch = set(getattr(net.routed, "classes", None) or [])
+    todo = [c for c in classes if c not in branch]
+    if not todo:
+        return {}
+    scans = [calibration.Scan.of(case, lg, p) for case, lg, p in zip(cached_lab, logits, parent_lab)]
+    cal = calibration.calibrate(scans, todo)
+    kept, dropped = calibration.vouch(cal, scans, unlabeled, names)
+    unverified = {}
+    if keep_unverified:  # the held-out cases (or the clinician, --keep-unverified) decide instead of leave-one-out
+        unverified = {c: b for c, b in cal.offsets.items() if c not in kept and c in dropped
+                      and len(cal.loco.get(c) or []) < calibration.MIN_CAL_VOUCH}
+    applied = {**kept, **unverified}
+    calibration.apply_offsets(net, applied)
+    sc.add_calibration(names, cal, kept, unverified, {c: w for c, w in dropped.items() if c not in unverified})
+    if applied:
+        rep.log(calibration.describe(applied, cal, names))
+    return applied
 
 
 def _trainer(cfg, run: Path, rep, check, device: str, parent_id: str, quiet: bool = False):

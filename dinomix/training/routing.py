@@ -110,6 +110,57 @@ class SelfCheck:
     checks: list[Check]
     removed: dict[int, str]
     per_organ: dict[str, dict] = field(default_factory=dict)
+    learnt: list[int] = field(default_factory=list)  # routed classes the branch keeps
+    calibrated: dict[str, float] = field(default_factory=dict)  # organ -> logit offset (training/calibration.py)
+
+    def add_calibration(self, names: list[str], cal, kept: dict[int, float], unverified: dict[int, float],
+                        dropped: dict[int, str]) -> None:
+        """The organ calibration's word: offsets vouched for by leave-one-scan-out (`kept`), offsets nothing could
+        vouch for but kept on request (`unverified`: the model is then "unknown" until held-out cases speak), and
+        offsets dropped, with why. The message is rewritten to say what the new model changes."""
+        from .calibration import describe
+
+        for c, b in cal.offsets.items():
+            d = self.per_organ.setdefault(names[c], {"routed": True})
+            d.update({"offset_fitted": b, "offset_loco_deltas": cal.loco.get(c, []),
+                      "offset_fit_gain": cal.fit_gain.get(c), "calibrated": c in kept or c in unverified})
+            if c in dropped:
+                d["offset_dropped"] = dropped[c]
+        applied = {**kept, **unverified}
+        self.calibrated = {names[c]: b for c, b in applied.items()}
+        if not cal.offsets:
+            self.checks.append(Check("organ calibration", None, "no organ offset fits the corrections better than "
+                                                                  "the parent"))
+            return
+        self.checks.append(Check(
+            "organ calibration", bool(kept) if not unverified else None,
+            ("offsets vouched for by leave-one-scan-out: " + ", ".join(f"{names[c]} {b:+.2f}" for c, b in kept.items())
+             if kept else "no offset vouched for by leave-one-scan-out")
+            + ("; kept unverified: " + ", ".join(f"{names[c]} {b:+.2f}" for c, b in unverified.items())
+               if unverified else "")
+            + ("; dropped: " + "; ".join(f"{names[c]}: {w}" for c, w in dropped.items()) if dropped else "")))
+        if not applied:
+            return
+        if unverified and self.verdict == "safe":
+            self.verdict = "unknown"
+        head = describe(applied, cal, names)
+        if unverified:
+            head += (" Not vouched for by left-out corrected scans: " + ", ".join(names[c] for c in unverified)
+                     + " (check them on a new scan before relying on them).")
+        if self.learnt:
+            self.message = head + " " + self.message
+        else:
+            others = {c: w for c, w in self.removed.items() if c not in applied}
+            self.message = (head + " Every other organ gives the parent's output." +
+                            (" Not learnt: " + "; ".join(f"{names[c]}: {w}" for c, w in others.items()) + "."
+                             if others else ""))
+
+    def drop_offset(self, c: int, names: list[str], why: str) -> None:
+        """An applied offset taken back (the held-out cases showed harm)."""
+        self.calibrated.pop(names[c], None)
+        d = self.per_organ.setdefault(names[c], {"routed": True})
+        d.update({"calibrated": False, "offset_dropped": why})
+        self.message += f" Calibration of {names[c]} taken back: {why}."
 
     def add_holdout(self, down: list[str]) -> None:
         """The held-out cases' word (organs down by more than 1 Dice point, evaluated on the final model): harm
@@ -127,7 +178,7 @@ class SelfCheck:
 
     def as_dict(self) -> dict:
         return {"verdict": self.verdict, "message": self.message, "checks": [c.as_dict() for c in self.checks],
-                "removed": dict(self.removed), "per_organ": self.per_organ}
+                "removed": dict(self.removed), "per_organ": self.per_organ, "calibrated": dict(self.calibrated)}
 
 
 def neighbour_losses(parent_preds: list[torch.Tensor], child_preds: list[torch.Tensor], routed: list[int],
@@ -300,7 +351,7 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
                    "are better on other scans: check them on a new scan before relying on them.")
     if removed:
         message += " Not learnt (the parent keeps them): " + "; ".join(f"{names[c]}: {w}" for c, w in removed.items()) + "."
-    return SelfCheck(verdict, message, checks, removed, per)
+    return SelfCheck(verdict, message, checks, removed, per, learnt=[c for c in final if c not in removed])
 
 
 def loco_deltas(labeled: list[CachedCase], left_out: int, parent_pred: torch.Tensor, child_pred: torch.Tensor,

@@ -1,0 +1,132 @@
+"""Organ calibration (dinomix/training/calibration.py): one logit offset per corrected organ, fitted on the corrected
+scans so that every one of them fits better, kept only where leave-one-scan-out vouches for it, never at the cost
+of an organ nobody reviewed, and carried by the network's output biases into every inference path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dinomix.inference import _fast_runner
+from dinomix.network import RoutedConfig, StudentConfig, StudentUNet
+from dinomix.training import calibration as C
+from dinomix.training.routing import Routing, self_check
+
+NAMES = ["background", "liver", "spleen", "pancreas"]
+SHAPE = (24, 24, 24)
+
+
+def _ball(r: float, centre=(12, 12, 12)) -> torch.Tensor:
+    z, y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in SHAPE), indexing="ij")
+    return ((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2).sqrt() - r
+
+
+def _scan(true_r: float, drawn_r: float, reviewed=(3,), seed: int = 0) -> C.Scan:
+    return C.Scan(*_phantom(true_r, drawn_r, reviewed, seed))
+
+
+def _phantom(true_r: float, drawn_r: float, reviewed=(3,), seed: int = 0):
+    """(logits, label, annotated, parent argmax) of a phantom: the parent draws the pancreas (class 3) as a ball of radius `drawn_r` (its logit falls off with the
+    distance to that sphere) while the correction has radius `true_r`; a spleen (class 2) touches it."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.zeros((4, *SHAPE))
+    logits[3] = -_ball(drawn_r) * 0.5 + 0.05 * torch.randn(SHAPE, generator=g)
+    logits[2] = -_ball(3.0, (12, 12, 23)) * 0.5
+    logits[1] = -4.0
+    parent = logits.reshape(4, -1).argmax(0)
+    label = parent.clone()
+    label[label == 3] = 0
+    label[(_ball(true_r) <= 0).reshape(-1)] = 3
+    ann = np.zeros(4, bool)
+    ann[0] = True
+    ann[list(reviewed)] = True
+    return logits.reshape(4, -1), label, ann, parent
+
+
+def test_an_organ_the_parent_draws_too_large_gets_a_negative_offset_that_fits_every_scan():
+    scans = [_scan(5.0, 7.0, seed=0), _scan(5.5, 7.5, seed=1)]
+    off = C.fit_offsets(scans, [3])
+    assert off[3] <= -0.5  # half (calibration.SHRINK) of the best fit, about -1.0 here
+    for s in scans:
+        assert C.organ_dice(s, off, 3) > C.organ_dice(s, {}, 3) + 5.0
+
+
+def test_an_organ_the_parent_already_draws_right_is_left_alone():
+    scans = [_scan(6.0, 6.0, seed=0), _scan(6.0, 6.0, seed=1)]
+    assert C.fit_offsets(scans, [3]) == {}
+
+
+def test_scans_that_disagree_get_no_offset():
+    """One scan wants the organ smaller, the other larger: no offset helps both (maximin), so none is fitted."""
+    scans = [_scan(4.0, 7.0, seed=0), _scan(9.0, 6.0, seed=1)]
+    assert C.fit_offsets(scans, [3]) == {}
+
+
+def test_an_offset_may_not_take_an_organ_nobody_reviewed():
+    """The correction wants the pancreas much larger, which would swallow the spleen (not reviewed): the offset stops
+    where the spleen would lose more than MAX_NEIGHBOUR_LOSS of its volume."""
+    logits, label, ann, parent = _phantom(11.0, 6.0, seed=0)
+    off = C.fit_offsets([C.Scan(logits, label, ann, parent)], [3])
+    assert off[3] > 0  # it does grow the pancreas, up to the spleen
+    o = np.zeros(4, np.float32)
+    o[3] = off[3]
+    pred = (logits + torch.from_numpy(o)[:, None]).argmax(0)
+    spleen = parent == 2
+    assert int((spleen & (pred != 2)).sum()) <= C.MAX_NEIGHBOUR_LOSS * int(spleen.sum())
+
+
+def test_leave_one_scan_out_vouches_for_a_shared_bias_and_not_for_one_scan():
+    cal = C.calibrate([_scan(5.0, 7.0, seed=0), _scan(5.5, 7.5, seed=1)], [3])
+    kept, dropped = C.vouch(cal, [_scan(5.0, 7.0, seed=0), _scan(5.5, 7.5, seed=1)], [], NAMES)
+    assert len(cal.loco[3]) == 2 and min(cal.loco[3]) > 0
+    assert 3 in kept and not dropped
+    one = C.calibrate([_scan(5.0, 7.0)], [3])
+    kept, dropped = C.vouch(one, [_scan(5.0, 7.0)], [], NAMES)
+    assert 3 in one.offsets and not kept and "cannot vouch" in dropped[3]
+
+
+def test_an_offset_that_overreaches_on_the_unlabeled_scans_is_dropped():
+    scans = [_scan(5.0, 7.0, seed=0), _scan(5.5, 7.5, seed=1)]
+    cal = C.calibrate(scans, [3])
+    # an unlabeled scan where the organ is tiny: the offset erases most of it
+    logits, _, _, parent = _phantom(2.2, 2.2, seed=3)
+    kept, dropped = C.vouch(cal, scans, [(logits.reshape(4, *SHAPE), parent)], NAMES)
+    assert not kept and "unlabeled" in dropped[3]
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_offsets_live_in_the_output_biases_so_every_inference_path_applies_them(routed):
+    cfg = StudentConfig(out_channels=4, stem_channels=8, channels=(8, 16, 24, 32))
+    torch.manual_seed(0)
+    parent = StudentUNet(cfg).eval()
+    net = parent
+    if routed:
+        net = StudentUNet(cfg.model_copy(update={"routed": RoutedConfig(classes=[3], blocks=1)}))
+        net.init_branch_from(parent)
+        net.eval()
+    x = torch.rand((1, 1, 32, 32, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = net(x)
+        C.apply_offsets(net, {3: -1.25, 1: 0.5})
+        after = net(x)
+        fast = _fast_runner(net, torch.device("cpu"))(x)
+    shift = torch.tensor([0.0, 0.5, 0.0, -1.25]).view(1, 4, 1, 1, 1)
+    assert torch.allclose(after, before + shift, atol=1e-5)
+    assert torch.allclose(fast, after, atol=1e-3)
+
+
+def test_the_self_check_reports_the_calibrated_organs_and_stays_safe_when_vouched_for():
+    scans = [_scan(5.0, 7.0, seed=0), _scan(5.5, 7.5, seed=1)]
+    full = [_phantom(5.0, 7.0, seed=0), _phantom(5.5, 7.5, seed=1)]
+    labeled = [type("Case", (), {"annotated": f[2], "label": f[1], "id": f"s{i}"})() for i, f in enumerate(full)]
+    sc = self_check(NAMES, Routing(classes=[3]), labeled, [f[3] for f in full], [f[3] for f in full], [], [])  # the branch learnt nothing: the parent keeps pancreas
+    assert sc.verdict == "safe" and "Nothing was kept" in sc.message
+    cal = C.calibrate(scans, [3])
+    kept, dropped = C.vouch(cal, scans, [], NAMES)
+    sc.add_calibration(NAMES, cal, kept, {}, dropped)
+    assert sc.verdict == "safe" and sc.message.startswith("Calibrated from your corrections: pancreas drawn smaller")
+    assert sc.calibrated == {"pancreas": kept[3]} and sc.per_organ["pancreas"]["calibrated"] is True
+    assert next(c for c in sc.checks if c.name == "organ calibration").passed is True
+    sc.add_calibration(NAMES, cal, {}, dict(kept), {})  # the same offset kept without evidence: unknown
+    assert sc.verdict == "unknown"
