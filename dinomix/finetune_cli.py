@@ -8,7 +8,8 @@ Optional extras: --method {pic,cutmix,mean_teacher,supervised} (default pic), --
 --route-below, --route-blocks, --no-loco, --output RUN_DIR, --device, --patch-size, --lr, --threads, --seed,
 --priority-weight, --parent-distillation, --open-organs, --consistency-weight.
 
-What it does (prepare -> route -> calibrate -> leave-one-scan-out -> train -> self-check -> register):
+What it does (prepare -> route -> calibrate (time) -> leave-one-scan-out -> train -> self-check -> organ calibration
+-> register):
 
 1. Loads the model (registry name or model file): its weights, architecture, organs and preprocessing; the
    new model keeps all of them (every inference mode included).
@@ -37,6 +38,12 @@ What it does (prepare -> route -> calibrate -> leave-one-scan-out -> train -> se
    as the corrections changed it, and not take more than 1 % of an uncorrected organ; an organ that fails goes
    back to the parent's output. The verdict: "safe", "unknown" (one corrected scan and no held-out case:
    nothing shows the learnt organs are better elsewhere) or "unsafe" (worse on held-out cases).
+6b. Organ calibration (dinomix/training/calibration.py): for each routed organ the trained branch could not keep,
+   one offset added to the organ's logit (drawn larger or smaller everywhere, nothing else), fitted on the
+   corrected scans so that every one of them fits better (half the best offset), kept where leave-one-scan-out
+   over two or more corrected scans vouches for it (no left-out scan worse, +1 Dice point on average) and the
+   unlabeled scans change no more than the corrections imply; written into the network's output biases. With one
+   corrected scan nothing vouches for an offset and none is kept (unless held-out cases or --keep-unverified).
 7. Evaluates before and after on held-out cases, if any (model-grid Dice in %, sliding window on the training
    preprocessing; organs annotated and present in each case).
 8. Writes the new model into the registry as `<parent>.ft1`, `.ft2`, ... (or `--new-name`; an existing name
@@ -52,7 +59,8 @@ Events (`--events FILE|-`, JSON lines, besides start / progress / log / error / 
    {organ: {"before": %, "after": %, "delta": %}}, "before": {...}, "after": {...},
    "worse_than_parent": true|false|null, "verdict": "...", "self_check": {"verdict": "safe"|"unknown"|"unsafe",
    "message": ..., "checks": [{"name", "passed", "detail"}], "removed": {...}, "per_organ": {...}},
-   "routing": {"mode", "routed", "parent_dice_on_corrections", "kept", "loco_scans", "loco_iterations"},
+   "routing": {"mode", "routed", "calibrated": {organ: logit offset}, "parent_dice_on_corrections", "kept",
+               "loco_scans", "loco_iterations"},
    "timings_s": {stage: seconds}, ...}
 """
 

@@ -1,0 +1,168 @@
+"""Design study of the organ calibration (dinomix/training/calibration.py): how much of the fitted offset to apply
+(SHRINK) and which leave-one-scan-out evidence to ask for, on folds of labeled scans without any fine-tune.
+
+    python benchmarks/calibration_design.py --model MODEL [--set eval] [--shrinks 1 0.75 0.5]
+
+For every pair of scans of the set (the corrected scans) and both correction styles (all 13 organs reviewed, or
+the minority organs only), the corrections are the parent's prediction with the reviewed organs replaced by the
+reference (model grid, 3 mm); the offsets are fitted on the pair as `dinomix finetune` fits them, and scored on the
+other scans of the set against the reference. Rules: which offsets the vouching keeps (number of left-out scans,
+tolerance on the worst left-out scan, least mean gain). Prints, per shrink and rule, the mean gain on the reviewed
+organs where the parent is below 90 (organs without a kept offset count 0, as in the correction-loop benchmark),
+its smallest value over the folds, the worst change of a calibrated organ, and the folds with an organ down by
+more than 1; writes benchmarks/results/calibration_design.json (--out).
+
+Choose designs on the P1 eval scans with a parent trained without them (never on the test scans). The parent's
+logits are cached in the work folder, so a second run with other shrinks takes seconds per fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import p1_common as P  # noqa: E402
+
+MINORITY = ["gallbladder", "esophagus", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right",
+            "adrenal_gland_left"]
+# name: (left-out scans needed, tolerance on the worst left-out scan, least mean left-out gain)
+RULES = {"shipped (2 scans, none worse, +1 mean)": (2, 0.0, 1.0), "2 scans, none worse, +0.5 mean": (2, 0.0, 0.5),
+         "2 scans, none below -1, +0.5 mean": (2, 1.0, 0.5), "no vouching": (0, 1e9, -1e9)}
+
+
+def parent_logits(model: str, ids: list[str], btcv: Path, work: Path):
+    """(logits per scan (C, V) float16, reference labels (V,) long) on the model grid, cached in `work`."""
+    import torch
+
+    from dinomix.datasets import Case, Dataset, load_dataset
+    from dinomix.modelfile import load_model
+    from dinomix.network import fit_roi
+    from dinomix.registry import resolve
+    from dinomix.training import calibration as C
+    from dinomix.training.data import cache_cases
+
+    entry = resolve(model)
+    cache = work / f"logits-{entry.meta.weights_sha256[:12]}-{'-'.join(ids)}.pt"
+    if cache.is_file():
+        d = torch.load(cache)
+        return d["logits"], d["labels"], entry.meta
+    meta = entry.meta
+    lm = {0: "background", **{o.value: o.name for o in meta.organs.organs}}
+    ds = Dataset(name="calibration-design", cases=[
+        Case(id=i, image=str(btcv / f"btcv_img{i}_ct.nii.gz"), label=str(btcv / f"btcv_img{i}_label.nii.gz"),
+             label_map=lm, split="train") for i in ids])
+    ds = load_dataset(ds.save(work / "dataset.json"))
+    cached = cache_cases(ds, ds.cases, meta.organs, meta.preprocessing, "fast")
+    net, _ = load_model(entry.path, torch.device("cpu"))
+    roi = fit_roi(meta.preprocessing.mode("fast").roi_size, meta.architecture.divisor)
+    nc = meta.organs.num_classes
+    logits = [C.predict_logits(net, c, roi, meta.architecture.divisor, torch.device("cpu"))[0].reshape(nc, -1)
+              for c in cached]
+    labels = [c.label.reshape(-1).long().as_subclass(torch.Tensor) for c in cached]
+    torch.save({"logits": logits, "labels": labels}, cache)
+    return logits, labels, meta
+
+
+def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float], below: float = 90.0) -> list[dict]:
+    import numpy as np
+    import torch
+
+    from dinomix.training import calibration as C
+
+    nc = len(names)
+    parent = [lg.float().argmax(0) for lg in logits]
+    out = []
+    for shrink in shrinks:
+        C.SHRINK = shrink
+        for style in ("all", "minority"):
+            rev = list(range(1, nc)) if style == "all" else [names.index(o) for o in MINORITY]
+            for fit in itertools.combinations(range(len(ids)), 2):
+                scans = []
+                for i in fit:  # the Trainer's export: the parent's labels with the reviewed organs replaced
+                    lab = parent[i].clone()
+                    lab[torch.isin(lab, torch.tensor(rev))] = 0
+                    for k in rev:
+                        lab[labels[i] == k] = k
+                    ann = np.zeros(nc, bool)
+                    ann[[0, *rev]] = True
+                    scans.append(C.Scan(logits[i].float(), lab, ann, parent[i]))
+                pd = {k: statistics.mean(v) for k in rev
+                      if (v := [d for s in scans if (d := C.organ_dice(s, {}, k)) is not None])}
+                cal = C.calibrate(scans, [k for k, d in pd.items() if d < below])
+                scored = [C.Scan(logits[i].float(), labels[i], np.ones(nc, bool), parent[i])
+                          for i in range(len(ids)) if i not in fit]
+                per = {}
+                for k in range(1, nc):
+                    pairs = [(b, C.organ_dice(s, cal.offsets, k)) for s in scored
+                             if (b := C.organ_dice(s, {}, k)) is not None]
+                    if pairs:
+                        per[names[k]] = [round(statistics.mean(b for b, _ in pairs), 2),
+                                         round(statistics.mean(a - b for b, a in pairs), 2)]
+                out.append({"shrink": shrink, "below": below, "style": style, "corrected": [ids[i] for i in fit],
+                            "scored": [ids[i] for i in range(len(ids)) if i not in fit],
+                            "reviewed": [names[k] for k in rev], "offsets": {names[k]: b for k, b in cal.offsets.items()},
+                            "loco": {names[k]: v for k, v in cal.loco.items()}, "per_organ": per})
+            print(f"shrink {shrink}: done", flush=True)
+    return out
+
+
+def table(folds: list[dict]) -> tuple[str, list[dict]]:
+    rows, lines = [], ["| shrink | rule | gain (mean over folds) | smallest fold gain | worst calibrated organ | "
+                       "folds with an organ down > 1 |", "|---|---|---|---|---|---|"]
+    for shrink in sorted({f["shrink"] for f in folds}, reverse=True):
+        for rule, (n, tol, least) in RULES.items():
+            gains, worst, harmed = [], 0.0, 0
+            for f in (f for f in folds if f["shrink"] == shrink):
+                per = f["per_organ"]
+                kept = {o for o in f["offsets"] if len(f["loco"].get(o, [])) >= n and (
+                    not f["loco"].get(o) or (min(f["loco"][o]) >= -tol and statistics.mean(f["loco"][o]) >= least))}
+                g = [per[o][1] if o in kept else 0.0 for o in f["reviewed"] if o in per and per[o][0] < 90.0]
+                gains.append(statistics.mean(g) if g else 0.0)
+                w = min((per[o][1] for o in kept if o in per), default=0.0)
+                worst, harmed = min(worst, w), harmed + (w < -1.0)
+            row = {"shrink": shrink, "rule": rule, "gain": round(statistics.mean(gains), 2),
+                   "smallest_fold_gain": round(min(gains), 2), "worst": round(worst, 2), "harmed_folds": harmed,
+                   "folds": len(gains)}
+            rows.append(row)
+            lines.append(f"| {shrink:g} | {rule} | {row['gain']:+.2f} | {row['smallest_fold_gain']:+.2f} | "
+                         f"{row['worst']:+.2f} | {harmed} of {len(gains)} |")
+    return "\n".join(lines), rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="parent: registry name or model file (trained without --set)")
+    p.add_argument("--set", choices=["eval", "test"], default="eval")
+    p.add_argument("--shrinks", type=float, nargs="+", default=[1.0, 0.75, 0.5])
+    p.add_argument("--below", type=float, default=90.0,
+                   help="calibrate reviewed organs whose parent Dice on the corrections is below this (finetune's "
+                        "--route-below; 101 = every reviewed organ)")
+    p.add_argument("--data", default=os.environ.get("DINOMIX_DATA", str(P.REPO.parent / "shared" / "data")))
+    p.add_argument("--workdir", default=None)
+    p.add_argument("--out", default=str(P.RESULTS / "calibration_design.json"))
+    args = p.parse_args(argv)
+    btcv = P.p1_data(args.data)
+    if btcv is None:
+        return 1 if P.on_ci() else 0
+    ids = P.p1_split(btcv)[args.set]
+    work = P.make_workdir(args.workdir, "calibration_design")
+    logits, labels, meta = parent_logits(args.model, ids, btcv, work)
+    folds = study(logits, labels, ["background"] + meta.organs.names, ids, args.shrinks, args.below)
+    text, rows = table(folds)
+    print(f"\nparent {args.model}; scans {ids} ({args.set}); organs below {args.below:g} calibrated; model grid, "
+          f"3 mm\n\n{text}")
+    doc = {"benchmark": "calibration_design", "issue": 17, "date": P.now_iso(), **P.machine(None),
+           "parent": args.model, "set": args.set, "scans": ids, "below": args.below, "table": rows, "folds": folds}
+    P.write_json(doc, Path(args.out))
+    print(f"\nwritten {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
