@@ -109,7 +109,10 @@ class WarmEngine:
         """Start the engine if it does not run; returns at once (it loads the model in its own process)."""
         if self.alive():
             return self
+        if self.proc is not None:  # died between requests (nobody polled): what is left of its tree goes too
+            self._end_group(kill=True)
         self._forget_process()
+        self.stderr_tail.clear()  # messages of an earlier process are not this one's
         try:
             self._dir = Path(tempfile.mkdtemp(prefix="dinomix-serve-", dir=self.temp_root))
             out, err = self._dir / "events.jsonl", self._dir / "stderr.txt"
@@ -387,6 +390,9 @@ class WarmRequest:
         self.events.append(event)
         self._new.append(event)
         kind = event.get("event")
+        if kind == "queued" and event.get("ahead"):
+            self._new.append({"event": "progress", "id": self.id, "stage": "start", "fraction": 0.0, "eta_s": None,
+                              "elapsed_s": 0.0, "message": "waiting for the engine to finish the previous request"})
         if kind == "result":
             self._finish("finished")
         elif kind == "error":
