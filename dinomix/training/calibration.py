@@ -51,7 +51,7 @@ ROUNDS = 2
 def predict_logits(net: torch.nn.Module, case: CachedCase, roi: Sequence[int], divisor: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (C, X, Y, Z) float16 on the CPU, argmax label map uint8) of one cached case on the model grid, the
-    argmax taken before the cast, so it is exactly `routing.predict`'s."""
+    argmax taken before the cast (`routing.predict` is its second half)."""
     from ..inference import _fast_runner
 
     net.eval()

@@ -23,7 +23,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from .data import CachedCase
 
@@ -45,14 +44,11 @@ MIN_LOCO_VOUCH = 3
 @torch.no_grad()
 def predict(net: torch.nn.Module, case: CachedCase, roi: Sequence[int], divisor: int,
             device: torch.device) -> torch.Tensor:
-    """Argmax label map (uint8, model grid) of one cached case, sliding window like the trainer's evaluation."""
-    from ..inference import _fast_runner
+    """Argmax label map (uint8, model grid) of one cached case, sliding window like the trainer's evaluation (the
+    engine's CPU kernel where it applies, routed networks included; see `calibration.predict_logits`)."""
+    from .calibration import predict_logits
 
-    net.eval()
-    run = _fast_runner(net, device) or net  # the engine's CPU kernel where it applies (routed networks included)
-    roi_case = tuple(min(r, -(-n // divisor) * divisor) for r, n in zip(roi, case.image.shape[1:]))
-    logits = sliding_window_inference(case.image[None].to(device), roi_case, 1, run, overlap=0.25, mode="gaussian")
-    return logits[0].argmax(0).to(torch.uint8).cpu()
+    return predict_logits(net, case, roi, divisor, device)[1]
 
 
 def dice(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
