@@ -33,6 +33,10 @@ What it does (prepare -> route -> calibrate (time) -> leave-one-scan-out -> trai
    while training, so that the whole command, checks and registration included, ends within the budget.
 5. With two or more corrected scans, leave-one-scan-out: the same fine-tune without one of them (LOCO_SHARE of
    the iterations in all), scored against its parent on the left-out scan.
+   No branch is trained where nothing could keep it: with fewer than three corrected scans to leave out (routing
+   MIN_LOCO_VOUCH), no held-out case and no --keep-unverified, the self-check would send every learnt organ back
+   to the parent, so the fine-tune skips training (the log says so) and ends after the organ calibration, well
+   within the budget.
 6. Self-check (no held-out case needed): on the clinician's own scans, each routed organ must fit the
    corrections at least as well as the parent, hold on left-out scans, change the unlabeled scans about as much
    as the corrections changed it, and not take more than 1 % of an uncorrected organ; an organ that fails goes
@@ -313,7 +317,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     from .training.config import DataConfig, TrainConfig
     from .training.data import cache_cases
     from .training import calibration
-    from .training.routing import loco_deltas, predict, route_organs, self_check
+    from .training.routing import MIN_LOCO_VOUCH, loco_deltas, predict, route_organs, self_check, untrained_check
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -504,9 +508,19 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     after_s = ((len(labeled) + len(unl_cases)) * t_case * 1.3 + t_eval + 5.0
                + (CALIBRATION_S_PER_SCAN * len(labeled) if opts.routing == "organs" else 0.0))
     loco_ids = _loco_cases(cached_lab, routing.classes) if opts.routing == "organs" and opts.loco else []
+    # A branch is trained only where something could keep it: without MIN_LOCO_VOUCH corrected scans to leave out,
+    # held-out cases or --keep-unverified, the self-check would send every trained organ back to the parent, so the
+    # clinician's minutes are not spent on it (the organ calibration, seconds, still runs).
+    train_branch = not (opts.routing == "organs" and not tr.eval_cases and not opts.keep_unverified
+                        and len(loco_ids) < MIN_LOCO_VOUCH)
+    if not train_branch:
+        loco_ids = []
+        rep.log(f"{len(labeled)} corrected scan(s) and no held-out case: nothing could check a trained branch, so "
+                f"none is trained (correct {MIN_LOCO_VOUCH} or more scans, hold one out, or pass --keep-unverified); "
+                "only the organ calibration runs, and the fine-tune ends early", "warning")
     step_s = None
     loco_iters = 0
-    if opts.minutes is not None:
+    if opts.minutes is not None and train_branch:
         rep.begin("calibrate", "timing a few iterations")
         start_state = copy.deepcopy(tr.state(0, 0.0, {"mean_dice": -1.0, "iteration": -1}))
         times = []
@@ -537,7 +551,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
                  spent_s=round(time.monotonic() - t0, 1), loco_iterations=loco_iters, loco_scans=len(loco_ids))
         rep.log(f"budget {opts.minutes:g} min: {n} iterations at {step_s:.2f} s each"
                 + (f", and {loco_iters} for each of {len(loco_ids)} leave-one-scan-out checks" if loco_ids else ""))
-    else:
+    elif train_branch:
         loco_iters = max(MIN_ITERATIONS, int(cfg.iterations * LOCO_SHARE / max(1, len(loco_ids)))) if loco_ids else 0
     t = lap("calibrate", t)
 
@@ -587,7 +601,8 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
                                   "parent_distillation": cfg.semi.parent_distillation.model_dump(),
                                   "routing": opts.routing, "minutes": opts.minutes, "holdout": sorted(hold),
                                   "partially_labeled": partial}}
-    res = tr.run()
+    res = tr.run() if train_branch else {"time_s": 0.0, "iterations": 0}
+    iterations = cfg.iterations if train_branch else 0
     check()
     t = lap("train", t)
 
@@ -595,13 +610,19 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     offsets: dict[int, float] = {}
     if opts.routing == "organs":
         rep.begin("self_check", "checking the new model against its parent on your scans")
-        child_lab = [predict(tr.net, c, roi, div, device) for c in cached_lab]
-        check()
-        child_unl = [predict(tr.net, c, roi, div, device) for c in unl_cases]
-        # held-out cases can vouch for what the corrected scans cannot: then keep it until they have spoken
-        sc = self_check(names, routing, cached_lab, parent_lab, child_lab, parent_unl, child_unl, loco,
-                        keep_unverified=opts.keep_unverified or bool(tr.eval_cases))
-        tr.net.restrict_routing([c for c in tr.net.routed.classes if c not in sc.removed])
+        if train_branch:
+            child_lab = [predict(tr.net, c, roi, div, device) for c in cached_lab]
+            check()
+            child_unl = [predict(tr.net, c, roi, div, device) for c in unl_cases]
+            # held-out cases can vouch for what the corrected scans cannot: then keep it until they have spoken
+            sc = self_check(names, routing, cached_lab, parent_lab, child_lab, parent_unl, child_unl, loco,
+                            keep_unverified=opts.keep_unverified or bool(tr.eval_cases))
+            tr.net.restrict_routing([c for c in tr.net.routed.classes if c not in sc.removed])
+        else:
+            sc = untrained_check(names, routing, len(labeled))
+            # the untrained branch starts as the parent's output path: keep only the parent's own routed organs
+            carried = set(parent_routed.classes) if parent_routed else set()
+            tr.net.restrict_routing([c for c in tr.net.routed.classes if c in carried])
         tr.cfg.architecture = tr.net.cfg
         t = lap("self_check", t)
         rep.begin("organ_calibration", "fitting one offset per corrected organ on your scans")
@@ -664,7 +685,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     registered = None
     for _ in range(5):
         final_path = run / f"{cfg.model_id}.safetensors"
-        tr.export(final_path, cfg.iterations, res["time_s"], after)
+        tr.export(final_path, iterations, res["time_s"], after)
         try:
             registered = registry.import_model(final_path)
             break
@@ -677,7 +698,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     name = registered.name
     lap("register", t)
     return {"model": name, "parent": meta.model_id, "path": str(registered.path), "method": opts.method,
-            "priority": priority, "iterations": cfg.iterations, "time_s": round(time.monotonic() - t0, 1),
+            "priority": priority, "iterations": iterations, "time_s": round(time.monotonic() - t0, 1),
             "train_time_s": res["time_s"], "step_s": round(step_s, 3) if step_s else None,
             "budget": {"minutes": opts.minutes, "iterations": opts.iterations},
             "train_cases": {"labeled": [c.id for c in labeled], "partially_labeled": partial,

@@ -33,7 +33,8 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def routed(tmp_path_factory, data_dir, dinomix):
+def correction(tmp_path_factory, data_dir):
+    """(dataset manifest, engine environment): one corrected scan and one unlabeled scan."""
     tmp = tmp_path_factory.mktemp("routed")
     env = {"DINOMIX_MODELS_DIR": str(tmp / "models"), "XDG_CACHE_HOME": str(tmp / "cache")}
     btcv = data_dir / "btcv"
@@ -54,7 +55,12 @@ def routed(tmp_path_factory, data_dir, dinomix):
                   label_map=dict(BTCV_NAMES), annotated=REVIEWED, split="train"),
              Case(id=f"btcv_img{UNLABELED_SCAN}", image=str(btcv / f"btcv_img{UNLABELED_SCAN}_ct.nii.gz"),
                   split="train")]
-    manifest = Dataset(name="one-correction", cases=cases).save(tmp / "dataset.json")
+    return Dataset(name="one-correction", cases=cases).save(tmp / "dataset.json"), env
+
+
+@pytest.fixture(scope="module")
+def routed(correction, dinomix):
+    manifest, env = correction
     res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, "--iterations", "12", "--events", "-",
                   "--patch-size", "32", "--threads", "2", "--priority", *REVIEWED, "--keep-unverified", env=env,
                   timeout=1500)
@@ -98,3 +104,22 @@ def test_organs_nobody_corrected_stay_as_they_were_on_another_scan(routed, data_
         p, c, g = parent == value, child == value, gt == value
         assert _dice(p, c) >= 99.0, f"{name}: the fine-tune changed an organ nobody corrected"
         assert abs(_dice(c, g) - _dice(p, g)) <= 1.0, f"{name}: Dice against the reference moved by more than 1"
+
+
+def test_with_one_corrected_scan_no_branch_is_trained_and_the_budget_is_not_spent(correction, dinomix):
+    """Nothing could keep a branch learnt from one scan (no left-out scan, no held-out case): the fine-tune trains
+    none, says why, keeps the parent's output for every organ not calibrated, and ends long before its budget."""
+    manifest, env = correction
+    res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, "--minutes", "5", "--events", "-",
+                  "--threads", "2", "--priority", *REVIEWED, env=env, timeout=900)
+    assert res.returncode == 0, res.describe()
+    events = res.events()
+    result = [e for e in events if e["event"] == "result"][-1]
+    assert result["iterations"] == 0 and result["routing"]["routed"] == []
+    assert not any(e["event"] == "metric" and e.get("kind") == "train" for e in events)
+    sc = result["self_check"]
+    branch = next(c for c in sc["checks"] if c["name"] == "trained branch")
+    assert branch["passed"] is None and "not trained" in branch["detail"]
+    assert sc["verdict"] == "safe" and "3 or more scans" in sc["message"]
+    assert not any(e["event"] == "metric" and e.get("kind") == "plan" for e in events)  # no step timed, none planned
+    assert result["timings_s"]["train"] == 0.0 and result["timings_s"].get("loco", 0.0) == 0.0

@@ -177,6 +177,22 @@ class SelfCheck:
                 "removed": dict(self.removed), "per_organ": self.per_organ, "calibrated": dict(self.calibrated)}
 
 
+def untrained_check(names: list[str], routing: Routing, n_scans: int) -> SelfCheck:
+    """The self-check of a fine-tune that trained no branch because nothing could have kept it: fewer than
+    MIN_LOCO_VOUCH corrected scans to leave out and no held-out case (and no --keep-unverified). Every routed organ
+    keeps the parent's output; the organ calibration may still add what two corrected scans can vouch for."""
+    why = (f"not trained: {n_scans} corrected scan(s) cannot vouch for a trained organ on other scans (it takes "
+           f"{MIN_LOCO_VOUCH}, or a held-out case)")
+    removed = {c: why for c in routing.classes}
+    per = {names[c]: {"routed": True, "removed": why} for c in routing.classes}
+    checks = [Check("trained branch", None, f"not trained: with {n_scans} corrected scan(s) and no held-out case "
+                                            "nothing could vouch for it, so the budget was not spent on it")]
+    message = (f"Nothing was trained: what a fine-tune learns from {n_scans} corrected scan(s) cannot be checked on "
+               f"other scans, so the new model gives the parent's output for every organ. Correct {MIN_LOCO_VOUCH} or "
+               "more scans (or hold one out for evaluation) to let the fine-tune train, check and keep what it learns.")
+    return SelfCheck("safe", message, checks, removed, per)
+
+
 def neighbour_losses(parent_preds: list[torch.Tensor], child_preds: list[torch.Tensor], routed: list[int],
                      num_classes: int) -> dict[int, dict[int, float]]:
     """For each non-routed organ k, the share of its parent voxels (summed over the scans) that the child gives
