@@ -295,6 +295,10 @@ def _check_slice_positions(reader: sitk.ImageSeriesReader, n: int, folder: Path)
             f"the others {step:.2f} mm; a volume built from it would be distorted. Re-export the complete series")
 
 
+_INTEGER_PIXELS = {sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32, sitk.sitkInt32,
+                   sitk.sitkUInt64, sitk.sitkInt64}
+
+
 def validate_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
     """A 3D scalar image with finite, non-constant values, as float32."""
     dim = image.GetDimension()
@@ -314,11 +318,18 @@ def validate_volume(image: sitk.Image, name: str = "input") -> sitk.Image:
         raise InputImageError(f"{name} is too small ({size} voxels); at least 8 voxels per axis are needed")
     if any(s <= 0 or not np.isfinite(s) for s in image.GetSpacing()):
         raise InputImageError(f"{name} has an invalid spacing {image.GetSpacing()}")
-    image = sitk.Cast(image, sitk.sitkFloat32)
-    arr = sitk.GetArrayViewFromImage(image)
-    if not np.isfinite(arr).all():
-        raise InputImageError(f"{name} contains non-finite values (NaN or infinity)")
-    lo, hi = float(arr.min()), float(arr.max())
+    if image.GetPixelID() in _INTEGER_PIXELS:
+        # Integer voxels are finite: the range comes from the stored (e.g. int16) voxels, half the bytes
+        # of the float copy and no NaN pass.
+        arr = sitk.GetArrayViewFromImage(image)
+        lo, hi = float(arr.min()), float(arr.max())
+        image = sitk.Cast(image, sitk.sitkFloat32)
+    else:
+        image = sitk.Cast(image, sitk.sitkFloat32)
+        arr = sitk.GetArrayViewFromImage(image)
+        if not np.isfinite(arr).all():
+            raise InputImageError(f"{name} contains non-finite values (NaN or infinity)")
+        lo, hi = float(arr.min()), float(arr.max())
     if lo == hi:
         raise InputImageError(f"{name} is empty or constant (every voxel is {lo:g})")
     return image

@@ -31,9 +31,16 @@ def ijk_to_lps(image: sitk.Image) -> np.ndarray:
 
 
 def segmentation_dict(labels: sitk.Image, organs: list[Organ]) -> dict[str, Any]:
-    """slicerio segmentation: one layer, label value = organ value, names, colours, terminology, extents."""
-    vox = sitk.GetArrayFromImage(labels).transpose(2, 1, 0)  # i, j, k
-    boxes = ndimage.find_objects(vox)
+    """slicerio segmentation: one layer, label value = organ value, names, colours, terminology, extents.
+
+    The voxels are the (i, j, k) view of the image's own (k, j, i) buffer: Fortran-ordered, which is the
+    order NRRD stores, so writing them is one sequential copy and no transposed copy is ever made (that and
+    a transposed extent search cost about 2 s on a 512 x 512 x 240 CT)."""
+    zyx = sitk.GetArrayViewFromImage(labels)
+    if zyx.dtype != np.uint8:
+        zyx = zyx.astype(np.uint8)
+    vox = zyx.transpose(2, 1, 0)  # i, j, k; Fortran-contiguous, no copy
+    boxes = ndimage.find_objects(zyx)  # in memory order (k, j, i): several times faster than on the view
     segments = []
     for o in organs:
         seg = {
@@ -46,15 +53,28 @@ def segmentation_dict(labels: sitk.Image, organs: list[Organ]) -> dict[str, Any]
         }
         box = boxes[o.value - 1] if o.value <= len(boxes) else None
         # Slicer's empty extent for an absent organ (without one, slicerio writes the full image extent).
-        seg["extent"] = [v for s in box for v in (s.start, s.stop - 1)] if box is not None else [0, -1, 0, -1, 0, -1]
+        seg["extent"] = ([v for s in reversed(box) for v in (s.start, s.stop - 1)] if box is not None
+                         else [0, -1, 0, -1, 0, -1])
         segments.append(seg)
     return {
-        "voxels": np.ascontiguousarray(vox.astype(np.uint8)),
+        "voxels": vox,
         "ijkToLPS": ijk_to_lps(labels),
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",
     }
+
+
+def same_voxels(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal shape and values, compared in memory order where both share one (a strided comparison of a
+    C- against a Fortran-ordered volume is several times slower)."""
+    if a.shape != b.shape:
+        return False
+    if a.flags.f_contiguous and b.flags.f_contiguous:
+        a, b = a.T, b.T
+    if a.flags.c_contiguous and b.flags.c_contiguous:
+        return bool(np.equal(a.reshape(-1), b.reshape(-1)).all())
+    return bool(np.array_equal(a, b))
 
 
 OUTPUT_SUFFIXES = (".seg.nrrd", ".nii.gz", ".nii")
@@ -77,7 +97,7 @@ def write_seg_nrrd(labels: sitk.Image, organs: list[Organ], path: str | os.PathL
             back = slicerio.read_segmentation(str(tmp))
         except Exception as exc:  # noqa: BLE001 -- pynrrd/slicerio raise various types for a damaged file
             raise OutputError(f"the written {Path(path).name} does not read back ({str(exc)[:120]})") from None
-        if back["voxels"].shape != seg["voxels"].shape or not np.array_equal(back["voxels"], seg["voxels"]):
+        if not same_voxels(back["voxels"], seg["voxels"]):
             raise OutputError(f"the written {Path(path).name} does not read back as written")
 
     with _open_for(writer, staged)(path, verify) as tmp:
