@@ -1,4 +1,5 @@
-"""BackgroundCommand ends the whole process tree on Cancel, and the engine can never block on a full pipe.
+"""BackgroundCommand ends the whole process tree on Cancel, and the engine can never block on a full pipe, with
+no Python thread: everything happens in `poll()`, called here as the widgets' timer calls it.
 
 In Slicer, `PythonSlicer` is a launcher that starts the real Python (`python-real`) as its child and waits for
 it. These tests put a launcher of the same shape in the engine's place: a Python parent that starts a child
@@ -104,6 +105,7 @@ def test_cancel_ends_the_launcher_and_python_real_within_two_seconds(launcher, m
     t = time.monotonic()
     cmd.cancel()
     while (alive(launcher_pid) or alive(real_pid)) and time.monotonic() - t < 5:
+        cmd.poll()  # the widget's timer (no thread does this work)
         time.sleep(0.01)
     took = time.monotonic() - t
     assert not alive(real_pid), "python-real still running after Cancel"
@@ -141,6 +143,41 @@ def test_a_chatty_engine_writes_to_files_never_to_pipes(launcher):
     assert len(cmd.stderr_tail) == cmd.stderr_tail.maxlen and cmd.stderr_tail[-1].startswith("err 7999 ")
     events = [e for e in early + cmd.poll() if not e["event"].startswith("_")]
     assert len(events) == len(cmd.events) - 1  # every event but `started` reached the poller, none twice
+
+
+def test_no_python_thread_and_every_poll_is_short(launcher):
+    """Under Slicer's GIL a Python thread barely runs: the command must start none, and a poll must stay short
+    even with megabytes of output waiting (it reads a bounded share per call)."""
+    import threading
+
+    before = set(threading.enumerate())
+    cmd = BackgroundCommand(launcher, ["chatty"]).start()
+    worst, n, t0 = 0.0, 0, time.monotonic()
+    while not cmd.finished:
+        assert set(threading.enumerate()) <= before, "BackgroundCommand started a thread"
+        t = time.thread_time()  # CPU time: the machine's load does not count
+        cmd.poll()
+        worst = max(worst, time.thread_time() - t)
+        n += 1
+        assert time.monotonic() - t0 < 120
+        time.sleep(0.01)
+    assert cmd.state == "finished", (cmd.error, list(cmd.stderr_tail)[-3:])
+    assert len(cmd.stdout_lines) == 8000 and sum(e.get("event") == "metric" for e in cmd.events) == 2000
+    assert worst < 0.05, f"a poll took {1000 * worst:.0f} ms of CPU"
+    assert not Path(cmd._io_dir).exists(), "the output files were not removed"
+
+
+def test_a_cancelled_command_dropped_unpolled_leaves_no_files(launcher):
+    cmd = BackgroundCommand(launcher, ["stops-on-term"]).start()
+    started(cmd)
+    io_dir = Path(cmd._io_dir)
+    assert io_dir.is_dir()
+    cmd.cancel()
+    del cmd
+    import gc
+
+    gc.collect()
+    assert not io_dir.exists()
 
 
 def test_a_partial_last_line_is_delivered_at_the_end(tmp_path):

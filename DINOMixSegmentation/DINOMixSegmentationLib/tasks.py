@@ -332,8 +332,8 @@ class EngineTask:
 
 
 def process_exited(proc) -> bool:
-    """Whether a child process has exited (a zombie not yet reaped by its reader thread counts as exited); False
-    where this cannot be told without waiting (then the reader thread's end is awaited)."""
+    """Whether a child process has exited (a zombie not yet reaped by `BackgroundCommand.poll()` counts as
+    exited); False where this cannot be told without waiting (then the command's `_finished` event is awaited)."""
     if proc is None:
         return False
     if proc.returncode is not None:
