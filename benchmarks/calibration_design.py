@@ -36,7 +36,7 @@ RULES = {"shipped (2 scans, none worse, +1 mean)": (2, 0.0, 1.0), "2 scans, none
          "2 scans, none below -1, +0.5 mean": (2, 1.0, 0.5), "no vouching": (0, 1e9, -1e9)}
 
 
-def parent_logits(model: str, ids: list[str], btcv: Path, work: Path):
+def parent_logits(model: str, ids: list[str], btcv: Path, work: Path, mode: str = "fast"):
     """(logits per scan (C, V) float16, reference labels (V,) long) on the model grid, cached in `work`."""
     import torch
 
@@ -48,7 +48,7 @@ def parent_logits(model: str, ids: list[str], btcv: Path, work: Path):
     from dinomix.training.data import cache_cases
 
     entry = resolve(model)
-    cache = work / f"logits-{entry.meta.weights_sha256[:12]}-{'-'.join(ids)}.pt"
+    cache = work / f"logits-{entry.meta.weights_sha256[:12]}-{'-'.join(ids)}{'' if mode == 'fast' else '-' + mode}.pt"
     if cache.is_file():
         d = torch.load(cache)
         return d["logits"], d["labels"], entry.meta
@@ -58,9 +58,9 @@ def parent_logits(model: str, ids: list[str], btcv: Path, work: Path):
         Case(id=i, image=str(btcv / f"btcv_img{i}_ct.nii.gz"), label=str(btcv / f"btcv_img{i}_label.nii.gz"),
              label_map=lm, split="train") for i in ids])
     ds = load_dataset(ds.save(work / "dataset.json"))
-    cached = cache_cases(ds, ds.cases, meta.organs, meta.preprocessing, "fast")
+    cached = cache_cases(ds, ds.cases, meta.organs, meta.preprocessing, mode)
     net, _ = load_model(entry.path, torch.device("cpu"))
-    roi = fit_roi(meta.preprocessing.mode("fast").roi_size, meta.architecture.divisor)
+    roi = fit_roi(meta.preprocessing.mode(mode).roi_size, meta.architecture.divisor)
     nc = meta.organs.num_classes
     logits = [C.predict_logits(net, c, roi, meta.architecture.divisor, torch.device("cpu"))[0].reshape(nc, -1)
               for c in cached]
@@ -69,7 +69,10 @@ def parent_logits(model: str, ids: list[str], btcv: Path, work: Path):
     return logits, labels, meta
 
 
-def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float], below: float = 90.0) -> list[dict]:
+def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float], below: float = 90.0,
+          scored_on=None) -> list[dict]:
+    """`scored_on`: (logits, labels) of the same scans on another mode's grid to score the offsets on (they are
+    fitted on `logits`, the fast grid, as `dinomix finetune` fits them; one set of weights serves every mode)."""
     import numpy as np
     import torch
 
@@ -77,6 +80,8 @@ def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float]
 
     nc = len(names)
     parent = [lg.float().argmax(0) for lg in logits]
+    s_logits, s_labels = scored_on if scored_on is not None else (logits, labels)
+    s_parent = [lg.float().argmax(0) for lg in s_logits] if scored_on is not None else parent
     out = []
     for shrink in shrinks:
         C.SHRINK = shrink
@@ -95,7 +100,7 @@ def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float]
                 pd = {k: statistics.mean(v) for k in rev
                       if (v := [d for s in scans if (d := C.organ_dice(s, {}, k)) is not None])}
                 cal = C.calibrate(scans, [k for k, d in pd.items() if d < below])
-                scored = [C.Scan(logits[i].float(), labels[i], np.ones(nc, bool), parent[i])
+                scored = [C.Scan(s_logits[i].float(), s_labels[i], np.ones(nc, bool), s_parent[i])
                           for i in range(len(ids)) if i not in fit]
                 per = {}
                 for k in range(1, nc):
@@ -143,6 +148,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--below", type=float, default=90.0,
                    help="calibrate reviewed organs whose parent Dice on the corrections is below this (finetune's "
                         "--route-below; 101 = every reviewed organ)")
+    p.add_argument("--score-mode", default="fast", help="score the offsets on this mode's grid (they are always "
+                   "fitted on the fast grid, as dinomix finetune fits them)")
     p.add_argument("--data", default=os.environ.get("DINOMIX_DATA", str(P.REPO.parent / "shared" / "data")))
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=str(P.RESULTS / "calibration_design.json"))
@@ -153,12 +160,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     ids = P.p1_split(btcv)[args.set]
     work = P.make_workdir(args.workdir, "calibration_design")
     logits, labels, meta = parent_logits(args.model, ids, btcv, work)
-    folds = study(logits, labels, ["background"] + meta.organs.names, ids, args.shrinks, args.below)
+    scored_on = None
+    if args.score_mode != "fast":
+        s_logits, s_labels, _ = parent_logits(args.model, ids, btcv, work, args.score_mode)
+        scored_on = (s_logits, s_labels)
+    folds = study(logits, labels, ["background"] + meta.organs.names, ids, args.shrinks, args.below, scored_on)
     text, rows = table(folds)
-    print(f"\nparent {args.model}; scans {ids} ({args.set}); organs below {args.below:g} calibrated; model grid, "
-          f"3 mm\n\n{text}")
+    print(f"\nparent {args.model}; scans {ids} ({args.set}); organs below {args.below:g} calibrated; fitted on the "
+          f"fast grid, scored on the {args.score_mode} grid\n\n{text}")
     doc = {"benchmark": "calibration_design", "issue": 17, "date": P.now_iso(), **P.machine(None),
-           "parent": args.model, "set": args.set, "scans": ids, "below": args.below, "table": rows, "folds": folds}
+           "parent": args.model, "set": args.set, "scans": ids, "below": args.below, "score_mode": args.score_mode,
+           "table": rows, "folds": folds}
     P.write_json(doc, Path(args.out))
     print(f"\nwritten {args.out}")
     return 0
