@@ -143,13 +143,18 @@ def logits_to_input_labels(logits: torch.Tensor, labels: torch.Tensor, grid: Mod
                 win = _argmax0(up.view(C, -1)).view(os_[1], os_[2]).numpy()
                 out[mixed] = win[mixed]
             else:
-                ii, jj = np.nonzero(mixed)
+                # the four in-plane corners of each mixed voxel, gathered row by row of the flat plane
+                # (index_select: several times cheaper than indexing with two index tensors)
+                flat = np.flatnonzero(mixed)
+                ii, jj = np.divmod(flat, os_[2])
                 i, j = torch.from_numpy(ii), torch.from_numpy(jj)
-                y0, y1, wy = lo_y[i], hi_y[i], w_y[i]
-                z0, z1, wz = lo_z[j], hi_z[j], w_z[j]
-                top = torch.lerp(pl[:, y0, z0], pl[:, y1, z0], wy)
-                bot = torch.lerp(pl[:, y0, z1], pl[:, y1, z1], wy)
-                out[ii, jj] = _argmax0(torch.lerp(top, bot, wz)).numpy()
+                wy, wz = w_y[i], w_z[j]
+                r0, r1 = lo_y[i] * rs[2], hi_y[i] * rs[2]
+                z0, z1 = lo_z[j], hi_z[j]
+                pf = pl.view(C, -1)
+                top = torch.lerp(pf.index_select(1, r0 + z0), pf.index_select(1, r1 + z0), wy)
+                bot = torch.lerp(pf.index_select(1, r0 + z1), pf.index_select(1, r1 + z1), wy)
+                out.reshape(-1)[flat] = _argmax0(torch.lerp(top, bot, wz)).numpy()
         canon[x0:x1] = blk[:x1 - x0]
         threads.end()
     threads.restore()
