@@ -17,8 +17,12 @@ import qt
 import slicer
 import vtk
 from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 try:
@@ -32,10 +36,19 @@ try:
 except ImportError:  # Slicer < 5.2: no parameter node wrapper; the GUI state is then not saved with the scene
     parameterNodeWrapper = None
 
-from DINOMixSegmentationLib import (DEFAULT_MODEL, Engine, SegmentationRun, SegmentOptions, WarmSegmentationRun,
-                                    current_model, list_models_command, parse_models_list, preload_engine_modules)
-from DINOMixSegmentationLib import warm as warmEngine
+from DINOMixSegmentationLib import (
+    DEFAULT_MODEL,
+    Engine,
+    SegmentationRun,
+    SegmentOptions,
+    WarmSegmentationRun,
+    current_model,
+    list_models_command,
+    parse_models_list,
+    preload_engine_modules,
+)
 from DINOMixSegmentationLib import dependencies as deps
+from DINOMixSegmentationLib import warm as warmEngine
 
 POLL_INTERVAL_MS = 150
 

@@ -14,9 +14,12 @@ from typing import Annotated, Optional
 
 import qt
 import slicer
-import vtk
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
 from slicer.util import VTKObservationMixin
 
 try:
@@ -30,12 +33,32 @@ try:
 except ImportError:  # Slicer < 5.2
     parameterNodeWrapper = None
 
-from DINOMixSegmentationLib import (Engine, ThreadTask, current_model, list_models_command, parse_models_list,
-                                    preload_engine_modules, set_current_model)
+from DINOMixSegmentationLib import (
+    Engine,
+    ThreadTask,
+    current_model,
+    list_models_command,
+    parse_models_list,
+    preload_engine_modules,
+    set_current_model,
+)
 from DINOMixSegmentationLib import dependencies as deps
-from DINOMixTrainerLib import (USE_ANYWAY_TITLE, ChangeScan, ExportTask, FineTuneOptions, FineTuneRun, TrainingChart,
-                               TrainingSet, detect_changes, find_cases, format_dice, model_versions, results_table,
-                               roll_back, use_new_model_question)
+from DINOMixTrainerLib import (
+    USE_ANYWAY_TITLE,
+    ChangeScan,
+    ExportTask,
+    FineTuneOptions,
+    FineTuneRun,
+    TrainingChart,
+    TrainingSet,
+    detect_changes,
+    find_cases,
+    format_dice,
+    model_versions,
+    results_table,
+    roll_back,
+    use_new_model_question,
+)
 
 POLL_INTERVAL_MS = 250
 DEFAULT_TRAINING_SET = pathlib.Path.home() / "DINOMix" / "training-set"

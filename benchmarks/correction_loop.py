@@ -75,7 +75,6 @@ class Scorer:
         self.preds: dict[tuple[str, str], Any] = {}  # kept predictions (cache=True): the parent's
 
     def scores(self, model: str, scans: list[dict], cache: bool = False) -> dict[str, dict[str, Optional[float]]]:
-        import numpy as np
         import SimpleITK as sitk
 
         from dinomix.imageio import read_image
@@ -129,7 +128,7 @@ def ts_scans(data: Path, organ_values: dict[str, int]) -> list[dict]:
         if not (ip.is_file() and lp.is_file()):
             continue
 
-        def gt(lp: Path = lp) -> "np.ndarray":
+        def gt(lp: Path = lp) -> np.ndarray:
             a = sitk.GetArrayFromImage(sitk.ReadImage(str(lp)))
             m = np.zeros(a.shape, np.uint8)
             for ts, name in TS_MAP.items():

@@ -73,13 +73,14 @@ def measure(configs: dict[str, dict], rounds: int, device: str) -> dict[str, dic
             order = keys[r % len(keys):] + keys[: r % len(keys)]
             for key in order:
                 seen: list[int] = []  # patches through the student, counted by a hook on its network
-                hook = trainers[key].net.register_forward_pre_hook(lambda _m, a: seen.append(int(a[0].shape[0])))
+                hook = trainers[key].net.register_forward_pre_hook(
+                    lambda _m, a, seen=seen: seen.append(int(a[0].shape[0])))
                 out[key]["times"].append(P.timed_step(trainers[key], r))
                 hook.remove()
                 out[key]["student_patches"] = sum(seen)
             print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {out[k]['times'][-1]:.2f}" for k in keys),
                   flush=True)
-    for key, rec in out.items():
+    for rec in out.values():
         kept = rec["times"][1:] if len(rec["times"]) > 1 else rec["times"]
         rec["median_s"] = round(statistics.median(kept), 4)
         rec["mean_s"] = round(statistics.mean(kept), 4)

@@ -20,12 +20,13 @@ from typing import Any, Callable, Optional
 
 from . import __version__
 from .errors import Cancelled, DinomixError, OutputError
+from .events import Reporter
+from .imageio import DISK_FULL_ERRNOS, AtomicWriter, disk_full_error
 
 
 class MemoryLimitError(DinomixError):
     """A segmentation would need more memory than allowed (--max-memory, default: the machine's memory)."""
-from .events import Reporter
-from .imageio import DISK_FULL_ERRNOS, AtomicWriter, disk_full_error
+
 
 CANCEL_EXIT = 130
 

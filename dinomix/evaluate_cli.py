@@ -85,8 +85,7 @@ def select_cases(ds, split: str | None, case_ids: list[str] | None) -> list:
 
 def _evaluate(args: argparse.Namespace, job, rep: Reporter, check: Callable[[], None]) -> dict:
     from .datasets import import_btcv, load_dataset
-    from .evaluation import (CONVENTIONS, comparison, evaluate_models, markdown_table, to_json,
-                             write_montage)
+    from .evaluation import CONVENTIONS, comparison, evaluate_models, markdown_table, to_json, write_montage
     from .imageio import check_writable
     from .inference import Segmenter
     from .outputs import write_json

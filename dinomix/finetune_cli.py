@@ -276,7 +276,7 @@ def parent_distillation_settings(weight: Optional[float], free_organs: list[str]
     return {"weight": weight, "free_organs": list(free_organs)}
 
 
-def finetune_semi_defaults(method: str, parent: "SemiConfig", open_organs: Optional[list[str]] = None) -> dict:
+def finetune_semi_defaults(method: str, parent: SemiConfig, open_organs: Optional[list[str]] = None) -> dict:
     """Semi-supervised settings a fine-tune uses whatever its parent was trained with.
 
     * Per-class pseudo-label thresholds (`class_quantile`): the parent is a trained model that is rarely 0.9-sure
@@ -314,9 +314,9 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     from .modelfile import ModelMeta, load_model
     from .network import RoutedConfig, fit_roi
     from .organs import OrganSchema
+    from .training import calibration
     from .training.config import DataConfig, TrainConfig
     from .training.data import cache_cases
-    from .training import calibration
     from .training.routing import MIN_LOCO_VOUCH, loco_deltas, predict, route_organs, self_check, untrained_check
 
     t0 = time.monotonic()
@@ -398,7 +398,6 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     t = lap("prepare", t0)
 
     # Route: which organs the corrections changed (the parent's predictions on the corrected scans).
-    import torch
 
     from .inference import pick_device
 
@@ -654,7 +653,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
             if harmed:
                 tr.net.restrict_routing([c for c in tr.net.routed.classes if c not in harmed])
                 tr.cfg.architecture = tr.net.cfg
-            for c, b in harmed_offsets.items():
+            for c in harmed_offsets:
                 sc.drop_offset(c, names, f"worse on the held-out cases ({per[names[c]]['delta']:+.1f} Dice points)")
                 offsets.pop(c)
             calibration.apply_offsets(tr.net, {c: -b for c, b in harmed_offsets.items()})

@@ -143,7 +143,7 @@ class OrganSchema(BaseModel):
     organs: list[Organ]
 
     @model_validator(mode="after")
-    def _check(self) -> "OrganSchema":
+    def _check(self) -> OrganSchema:
         values = [o.value for o in self.organs]
         names = [o.name for o in self.organs]
         if len(set(values)) != len(values) or len(set(names)) != len(names):
@@ -153,11 +153,11 @@ class OrganSchema(BaseModel):
         return self
 
     @classmethod
-    def btcv13(cls) -> "OrganSchema":
+    def btcv13(cls) -> OrganSchema:
         return cls(organs=[o.model_copy() for o in BTCV13])
 
     @classmethod
-    def from_names(cls, names: list[str]) -> "OrganSchema":
+    def from_names(cls, names: list[str]) -> OrganSchema:
         """A schema of catalog organs in the given order, renumbered 1..N."""
         organs = []
         for i, n in enumerate(names, start=1):

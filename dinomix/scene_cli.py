@@ -521,7 +521,7 @@ def locked(folder: Path, timeout: float = 30.0) -> Iterator[None]:
             except FileNotFoundError:
                 continue
             if time.monotonic() - t0 > timeout:
-                raise TimeoutError(f"the training set is locked by another process ({lock})")
+                raise TimeoutError(f"the training set is locked by another process ({lock})") from None
             time.sleep(0.05)
     try:
         yield

@@ -184,7 +184,7 @@ class SegDINO(nn.Module):
             self.backbone.requires_grad_(False)
             self.backbone.eval()
 
-    def train(self, mode: bool = True) -> "SegDINO":
+    def train(self, mode: bool = True) -> SegDINO:
         super().train(mode)
         if self.cfg.freeze_backbone:
             self.backbone.eval()  # a frozen backbone always runs as in evaluation

@@ -10,10 +10,23 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix.methods.action import (ActionComponent, ActionConfig, anatomical_contrast_loss, assign_centres,
-                                    centre_loss, class_pool, class_prototypes, cosine_temperature, downsample_nearest,
-                                    negative_class_probs, resample_pyramid, sample_negatives, sample_subset,
-                                    uniform_centres, voxel_masks)
+from dinomix.methods.action import (
+    ActionComponent,
+    ActionConfig,
+    anatomical_contrast_loss,
+    assign_centres,
+    centre_loss,
+    class_pool,
+    class_prototypes,
+    cosine_temperature,
+    downsample_nearest,
+    negative_class_probs,
+    resample_pyramid,
+    sample_negatives,
+    sample_subset,
+    uniform_centres,
+    voxel_masks,
+)
 from dinomix.methods.components import AuxBatch
 from dinomix.network import StudentConfig, StudentUNet
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import BTCV_CASE
 
 

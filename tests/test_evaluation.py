@@ -14,8 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix.evaluation import (MISSED_ASD_VOX, aggregate, comparison, markdown_table, organ_metrics,
-                                pick_slices, to_json)
+from dinomix.evaluation import (
+    MISSED_ASD_VOX,
+    aggregate,
+    comparison,
+    markdown_table,
+    organ_metrics,
+    pick_slices,
+    to_json,
+)
 from dinomix.organs import OrganSchema
 
 REPO = Path(__file__).resolve().parents[1]

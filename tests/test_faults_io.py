@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-
 from conftest import dinomix_command
+
 from dinomix.errors import Cancelled, InputImageError, OutputError
 from dinomix.imageio import AtomicWriter, read_image, remove_leftovers
 from dinomix.outputs import write_json, write_labelmap, write_seg_nrrd

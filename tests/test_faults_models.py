@@ -23,8 +23,15 @@ from safetensors.torch import load_file, save_file
 from dinomix import modelfile
 from dinomix.builtin import make_untrained
 from dinomix.errors import ModelFileError
-from dinomix.modelfile import (BUILTIN_METADATA_SHA256, DIGEST_INDEX, file_metadata_sha256, forget_digest,
-                               load_model, record_digest, weights_sha256)
+from dinomix.modelfile import (
+    BUILTIN_METADATA_SHA256,
+    DIGEST_INDEX,
+    file_metadata_sha256,
+    forget_digest,
+    load_model,
+    record_digest,
+    weights_sha256,
+)
 
 SHIPPED = Path(modelfile.__file__).parent / "models" / "abdomen-btcv13.safetensors"
 

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from conftest import dinomix_command
 from safetensors.torch import save_file
 
-from conftest import dinomix_command
 from dinomix import registry
 from dinomix.builtin import default_meta
 from dinomix.modelfile import save_model

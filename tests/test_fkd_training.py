@@ -24,7 +24,6 @@ from dinomix.training.semi import SemiTrainer
 from dinomix.training.trainer import Trainer
 from tests.conftest import interrupt_training
 
-
 # ---------------------------------------------------------------- mixing of coarse fields
 
 def test_grid_box_takes_the_cells_whose_centres_lie_in_the_box():

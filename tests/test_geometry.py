@@ -16,8 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from dinomix.geometry import logits_to_input_labels
-from dinomix.preprocessing import (ForegroundConfig, ModeConfig, PreprocessConfig, apply_ornt, build_preprocess,
-                                   sitk_to_sample)
+from dinomix.preprocessing import (
+    ForegroundConfig,
+    ModeConfig,
+    PreprocessConfig,
+    apply_ornt,
+    build_preprocess,
+    sitk_to_sample,
+)
 
 NUM_CLASSES = 5
 

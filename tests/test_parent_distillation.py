@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix.methods.parent_distillation import (merged_log_probs, unbiased_distillation,
-                                                 voxels_without_ground_truth)
+from dinomix.methods.parent_distillation import merged_log_probs, unbiased_distillation, voxels_without_ground_truth
 from dinomix.training.config import TrainConfig
 
 # classes 0 background, 1 a corrected ("free") organ, 2 an organ nobody corrected
@@ -76,9 +75,10 @@ def test_parent_distillation_needs_a_parent():
 def test_the_frozen_parent_sees_the_student_input_and_stays_frozen(method, student_patches, tmp_path, data_dir):
     """At the first step the student is the parent, so the term is 0 exactly when the parent sees the student's
     own (augmented, mixed) input; the student then moves, the parent does not."""
+    from test_semi import _config
+
     from dinomix import registry
     from dinomix.training.trainer import Trainer
-    from test_semi import _config
 
     parent = registry.resolve("abdomen-btcv13").path
     cfg = TrainConfig.from_file(_config(tmp_path, data_dir, method, iterations=3, student_patches=student_patches,

@@ -11,10 +11,22 @@ import pytest
 import torch
 
 from dinomix.methods.components import AuxBatch
-from dinomix.methods.scdl import (SCDLComponent, SCDLConfig, bidirectional_kl, bidirectional_similarity,
-                                  class_prior, class_similarity, direction_log_probs, distribution_consistency,
-                                  ground_truth_voxels, organ_centres, proxy_contrastive_loss, semantic_anchor_loss,
-                                  token_label_share, token_targets)
+from dinomix.methods.scdl import (
+    SCDLComponent,
+    SCDLConfig,
+    bidirectional_kl,
+    bidirectional_similarity,
+    class_prior,
+    class_similarity,
+    direction_log_probs,
+    distribution_consistency,
+    ground_truth_voxels,
+    organ_centres,
+    proxy_contrastive_loss,
+    semantic_anchor_loss,
+    token_label_share,
+    token_targets,
+)
 from dinomix.network import StudentConfig, StudentUNet
 
 SMALL = dict(hidden_dim=16, embed_dim=8, samples=4, grid=2)

@@ -22,8 +22,7 @@ from dinomix.modelfile import ModelMeta, load_model, read_meta, save_model
 from dinomix.network import StudentConfig, StudentUNet, build_network
 from dinomix.organs import OrganSchema
 from dinomix.preprocessing import PreprocessConfig
-from dinomix.segdino import (BACKBONE_UNTRAINED, ScaleAwareDecoder, SegDINO, SegDINOConfig, TokenPyramid,
-                             slice_stack)
+from dinomix.segdino import BACKBONE_UNTRAINED, ScaleAwareDecoder, SegDINO, SegDINOConfig, TokenPyramid, slice_stack
 from dinomix.training.config import TrainConfig
 
 SMALL = dict(family="segdino", width=16, min_tokens=2)

@@ -12,14 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
 from dinomix.errors import Cancelled
 from dinomix.modelfile import load_model
 from dinomix.training.config import TrainConfig
 from dinomix.training.losses import partial_dice_ce
-from dinomix.training.semi import (SemiTrainer, fill_unknown, labeled_patches, masked_partial_dice_ce, open_background,
-                                   sanitize_labels, sigmoid_rampup)
+from dinomix.training.semi import (
+    SemiTrainer,
+    fill_unknown,
+    labeled_patches,
+    masked_partial_dice_ce,
+    open_background,
+    sanitize_labels,
+    sigmoid_rampup,
+)
 from dinomix.training.trainer import CHECKPOINT, Trainer
 
 ITERS = 6
@@ -158,9 +166,9 @@ def test_default_config_keeps_the_supervised_trainer(tmp_path):
 
 
 def test_bad_semi_settings_are_rejected():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         TrainConfig.model_validate({"semi": {"box_fraction": [0.6, 0.3]}})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         TrainConfig.model_validate({"semi": {"method": "fixmatch"}})
     with pytest.raises(Exception, match="above confidence"):
         TrainConfig.model_validate({"semi": {"confidence": 0.6, "pseudo_labels": {"floor": 0.7}}})

@@ -12,9 +12,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dinomix.errors import DinomixError
-from dinomix.methods.fkd import (ENV_WEIGHTS, FeatureCache, FKDHead, PrototypeBank, affinity_loss, build_vit,
-                                 find_teacher_weights, load_teacher, official_to_hf, sample_features,
-                                 teacher_feature_volume, uniqueness_weighted_cosine)
+from dinomix.methods.fkd import (
+    ENV_WEIGHTS,
+    FeatureCache,
+    FKDHead,
+    PrototypeBank,
+    affinity_loss,
+    build_vit,
+    find_teacher_weights,
+    load_teacher,
+    official_to_hf,
+    sample_features,
+    teacher_feature_volume,
+    uniqueness_weighted_cosine,
+)
 
 D, DEPTH, HID = 384, 12, 1536
 

@@ -10,15 +10,19 @@ import time
 
 import numpy as np
 import pytest
+from test_slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, scene, segmented, slicer  # noqa: F401
 
-from test_slicer_support import (BTCV_CASE, engine_labels, fresh_result, load_volume, scene, segmented,  # noqa: F401
-                                 slicer)
-
-from DINOMixSegmentationLib import (ResultImport, SegmentationRun, SegmentOptions, SurfaceBuilder, original_labelmap,
-                                    segment_mask)
+from dinomix.scene_cli import label_boxes
+from DINOMixSegmentationLib import (
+    ResultImport,
+    SegmentationRun,
+    SegmentOptions,
+    SurfaceBuilder,
+    original_labelmap,
+    segment_mask,
+)
 from DINOMixSegmentationLib.segmentation import ATTR_CREATED, get_terminology
 from DINOMixSegmentationLib.volumeio import ijk_to_ras, image_array, read_nrrd_data, read_nrrd_header, write_nrrd
-from dinomix.scene_cli import label_boxes
 from DINOMixTrainerLib import ChangeScan, ExportTask, TrainingSet, case_for, detect_changes, find_cases
 
 CLOSED = "Closed surface"

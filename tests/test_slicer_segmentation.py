@@ -8,13 +8,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_slicer_support import (  # noqa: F401
+    BTCV_CASE,
+    engine_labels,
+    fresh_result,
+    load_volume,
+    pid_alive,
+    run_segmentation,
+    scene,
+    segmented,
+    slicer,
+)
 
-from test_slicer_support import (BTCV_CASE, engine_labels, fresh_result, load_volume, pid_alive,  # noqa: F401
-                                 run_segmentation, scene, segmented, slicer)
-
-from DINOMixSegmentationLib import (BackgroundCommand, Engine, SegmentationRun, SegmentOptions, current_model,
-                                    list_models, original_labelmap, read_model_header, save_segmentation,
-                                    segment_mask, set_current_model)
+from DINOMixSegmentationLib import (
+    BackgroundCommand,
+    Engine,
+    SegmentationRun,
+    SegmentOptions,
+    current_model,
+    list_models,
+    original_labelmap,
+    read_model_header,
+    save_segmentation,
+    segment_mask,
+    set_current_model,
+)
 from DINOMixSegmentationLib.segmentation import ATTR_MODEL, ORIGINAL_ROLE, oriented_image_grid
 from DINOMixSegmentationLib.volumeio import RAS_TO_LPS, ijk_to_ras, image_array, same_lattice, write_nrrd
 
@@ -302,7 +320,6 @@ def test_background_command_reports_stdout_and_exit_code():
 
 def test_the_modules_find_the_engine_and_its_registry_folder():
     from dinomix import registry
-
     from DINOMixSegmentationLib import engine_root
     from DINOMixSegmentationLib.models import registry_dir
 

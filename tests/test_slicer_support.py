@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from slicer_harness import SEGMENTATION_TICK_S, MainLoop
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,16 +10,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from test_slicer_support import (BTCV_CASE, engine_labels, fresh_result, load_volume, scene, segmented,  # noqa: F401
-                                 slicer)
+from test_slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, scene, segmented, slicer  # noqa: F401
 
 from DINOMixSegmentationLib import Engine, current_model, list_models, segment_mask
 from DINOMixSegmentationLib.volumeio import ijk_to_ras, image_array
-from DINOMixTrainerLib import (FineTuneOptions, FineTuneRun, SelfCheck, TrainingChart, TrainingSet, TrainingSetError,
-                               case_for, detect_changes, find_cases, finetune_available, model_versions, parse_metric,
-                               parse_result, parse_self_check, results_table, roll_back, use_model,
-                               use_new_model_question)
+from DINOMixTrainerLib import (
+    FineTuneOptions,
+    FineTuneRun,
+    SelfCheck,
+    TrainingChart,
+    TrainingSet,
+    TrainingSetError,
+    case_for,
+    detect_changes,
+    find_cases,
+    finetune_available,
+    model_versions,
+    parse_metric,
+    parse_result,
+    parse_self_check,
+    results_table,
+    roll_back,
+    use_model,
+    use_new_model_question,
+)
 
 
 def _organs_by_size(seg, volume, summary):
@@ -143,6 +157,7 @@ def _sha(path: Path) -> str:
 
 def test_export_writes_the_right_files_and_never_overwrites(scene, segmented, tmp_path):
     import SimpleITK as sitk
+
     from dinomix.datasets import load_dataset, map_label
     from dinomix.organs import OrganSchema
 

@@ -32,9 +32,23 @@ from typing import Callable, Iterator, Optional
 
 import numpy as np
 
-from .segmentation import (ATTR_CREATED, ATTR_ENGINE, ATTR_MODE, ATTR_MODEL, ATTR_MODEL_SHA, ATTR_MODEL_TRAINED,
-                           ATTR_ORGANS, ATTR_ORIGINAL_OF, ORIGINAL_ROLE, Grid, import_result, keep_original,
-                           organs_from_summary, original_labelmap, set_terminology)
+from .segmentation import (
+    ATTR_CREATED,
+    ATTR_ENGINE,
+    ATTR_MODE,
+    ATTR_MODEL,
+    ATTR_MODEL_SHA,
+    ATTR_MODEL_TRAINED,
+    ATTR_ORGANS,
+    ATTR_ORIGINAL_OF,
+    ORIGINAL_ROLE,
+    Grid,
+    import_result,
+    keep_original,
+    organs_from_summary,
+    original_labelmap,
+    set_terminology,
+)
 from .tasks import BUDGET_S, ENDED, advance
 from .volumeio import NrrdUnsupported, array_to_vtk_matrix, read_nrrd_chunks, read_nrrd_header, same_lattice
 
@@ -100,7 +114,7 @@ class ResultImport:
             return self._message
         return {"done": "loaded", "cancelled": "cancelled", "failed": self.error or "failed"}.get(self.state, "")
 
-    def start(self) -> "ResultImport":
+    def start(self) -> ResultImport:
         if self.state != "new":
             raise RuntimeError("an import can be started once")
         if self.volume_node is None or self.volume_node.GetImageData() is None:
@@ -157,9 +171,8 @@ class ResultImport:
         self._fraction, self._message = fraction, message
 
     def _read(self) -> Iterator[None]:
-        import vtk
-
         import slicer
+        import vtk
 
         if self.before_read is not None:
             self._report(0.0, "keeping the engine's files")

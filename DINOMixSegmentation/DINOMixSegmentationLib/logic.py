@@ -126,7 +126,7 @@ class SegmentationRun:
         self._paths: tuple[Path, Path] = (Path(), Path())  # the engine's input and output files
 
     # ------------------------------------------------------------------ control
-    def start(self) -> "SegmentationRun":
+    def start(self) -> SegmentationRun:
         if self.state != "new":
             raise RuntimeError("a run can be started once")
         if self.volume_node is None or self.volume_node.GetImageData() is None:

@@ -21,8 +21,14 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .volumeio import (array_to_vtk_matrix, ijk_to_ras, image_array, image_data_from_array, same_lattice,
-                       vtk_matrix_to_array)
+from .volumeio import (
+    array_to_vtk_matrix,
+    ijk_to_ras,
+    image_array,
+    image_data_from_array,
+    same_lattice,
+    vtk_matrix_to_array,
+)
 
 ATTR_PREFIX = "DINOMix."
 ATTR_MODEL = "DINOMix.Model"
@@ -108,7 +114,7 @@ class Grid:
         self.size = tuple(int(s) for s in size_ijk)
 
     @classmethod
-    def of_volume(cls, volume_node) -> "Grid":
+    def of_volume(cls, volume_node) -> Grid:
         return cls(ijk_to_ras(volume_node), volume_node.GetImageData().GetDimensions())
 
     @property

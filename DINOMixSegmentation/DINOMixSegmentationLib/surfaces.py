@@ -105,10 +105,9 @@ class SurfaceBuilder:
         return mtime_token(self._layers) + (self.node.GetSegmentation().GetNumberOfSegments(),)
 
     # ------------------------------------------------------------------ main thread
-    def start(self) -> "SurfaceBuilder":
-        import vtk
-
+    def start(self) -> SurfaceBuilder:
         import slicer
+        import vtk
 
         from .engine import Engine
 

@@ -90,7 +90,7 @@ class VolumeSnapshot:
     ijk_to_ras: np.ndarray  # 4 x 4
 
     @classmethod
-    def of(cls, volume_node, copy: bool = True) -> "VolumeSnapshot":
+    def of(cls, volume_node, copy: bool = True) -> VolumeSnapshot:
         """With copy=False the array is a view of the node's voxels (no time, no memory): it keeps the VTK
         array alive even if the node is removed, but shows later in-place edits of the voxels. Hand a view to a
         worker thread that copies or writes it, never to the GUI thread's own long work."""

@@ -21,10 +21,21 @@ from typing import Optional
 import numpy as np
 
 from DINOMixSegmentationLib.engine import import_engine
-from DINOMixSegmentationLib.segmentation import (ATTR_MODEL, Grid, _export_mask, _same_transform,
-                                                 get_terminology, is_dinomix_segmentation, layers_in_grid, oriented_image_grid,
-                                                 original_labelmap, parse_terminology, reference_volume,
-                                                 segmentation_organs, terminology_from_schema)
+from DINOMixSegmentationLib.segmentation import (
+    ATTR_MODEL,
+    Grid,
+    _export_mask,
+    _same_transform,
+    get_terminology,
+    is_dinomix_segmentation,
+    layers_in_grid,
+    oriented_image_grid,
+    original_labelmap,
+    parse_terminology,
+    reference_volume,
+    segmentation_organs,
+    terminology_from_schema,
+)
 from DINOMixSegmentationLib.tasks import ENDED, EngineTask, mtime_token
 from DINOMixSegmentationLib.volumeio import image_array, same_lattice
 
@@ -376,7 +387,7 @@ class ChangeScan:
                    f"({self.index + 1}/{len(self.cases)})"
         return {"done": f"{len(self.cases)} cases compared", "cancelled": "cancelled"}.get(self.state, self.error or "")
 
-    def start(self) -> "ChangeScan":
+    def start(self) -> ChangeScan:
         if self.state != "new":
             raise RuntimeError("a scan can be started once")
         self.state = "running"

@@ -70,7 +70,7 @@ class ExportJob:
     """Everything an export needs, taken from the scene on the main thread; `write()` is file I/O only
     (it may run in a worker thread)."""
 
-    training_set: "TrainingSet"
+    training_set: TrainingSet
     base_id: str
     image: VolumeSnapshot
     labels: np.ndarray
@@ -130,7 +130,7 @@ class TrainingSet:
         return reviewed
 
     def _job(self, case: Case, reviewed: list[str], case_id: Optional[str], split: str, image: VolumeSnapshot,
-             labels: np.ndarray) -> "ExportJob":
+             labels: np.ndarray) -> ExportJob:
         label_map = {0: "background", **{int(o["value"]): o["name"] for o in case.organs}}
         changes = {c.name: c.as_dict() for c in case.changes}
         provenance = {
@@ -330,7 +330,7 @@ class ExportTask:
                 "done": f"added {self.result.case_id}" if self.result else "",
                 "cancelled": "cancelled", "failed": self.error or "failed"}.get(self.state, "")
 
-    def start(self) -> "ExportTask":
+    def start(self) -> ExportTask:
         from DINOMixSegmentationLib.engine import Engine
 
         if self.state != "new":

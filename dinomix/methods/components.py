@@ -10,6 +10,7 @@ schedule; switching one on is a config entry (`semi.components`), recorded in th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 import torch.nn as nn
 

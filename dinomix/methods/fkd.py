@@ -171,7 +171,7 @@ class DinoV3ViT(nn.Module):
         self.blocks = nn.ModuleList([Block(embed_dim, num_heads, ffn_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(embed_dim, eps=1e-5)
 
-    def init_random(self, seed: int = 0) -> "DinoV3ViT":
+    def init_random(self, seed: int = 0) -> DinoV3ViT:
         """Random weights for tests: normal(0, 0.02) clipped at 2 sigma for weights and tokens, small random
         biases, LayerNorm gains near 1, LayerScale 0.1 (the official init is 1e-5, which would make the blocks
         nearly invisible in a test of the loading code)."""

@@ -50,17 +50,17 @@ class Patches:
     def __len__(self) -> int:
         return int(self.image.shape[0])
 
-    def clone(self) -> "Patches":
+    def clone(self) -> Patches:
         return Patches(self.image.clone(), self.target.clone(), self.ann.clone(), self.weight.clone(),
                        {k: v.clone() for k, v in self.extra.items()})
 
-    def select(self, idx: Sequence[int]) -> "Patches":
+    def select(self, idx: Sequence[int]) -> Patches:
         i = list(idx)
         return Patches(self.image[i], self.target[i], self.ann[i], self.weight[i],
                        {k: v[i] for k, v in self.extra.items()})
 
     @staticmethod
-    def cat(parts: Sequence["Patches"]) -> "Patches":
+    def cat(parts: Sequence[Patches]) -> Patches:
         keys = set(parts[0].extra)
         if any(set(p.extra) != keys for p in parts):
             raise ValueError("cannot concatenate patches with different extra fields")

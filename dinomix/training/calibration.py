@@ -98,7 +98,7 @@ class Scan:
         return np.diag(self.fixed_conf.sum(0))
 
     @staticmethod
-    def of(case: CachedCase, logits: torch.Tensor, parent_pred: torch.Tensor) -> "Scan":
+    def of(case: CachedCase, logits: torch.Tensor, parent_pred: torch.Tensor) -> Scan:
         """`parent_pred`: the parent's argmax (taken on float32 logits; `logits` may be stored as float16)."""
         return Scan(logits.reshape(logits.shape[0], -1).float(), case.label.reshape(-1).long(),
                     np.asarray(case.annotated, bool), parent_pred.reshape(-1).long())
@@ -219,7 +219,7 @@ def calibrate(scans: list[Scan], classes: Sequence[int]) -> Calibration:
     """Offsets fitted on all scans, with their fit gain, and leave-one-scan-out gains where two or more scans
     annotate the organ (offsets fitted on the others, scored on the one left out against the parent)."""
     cal = Calibration(fit_offsets(scans, classes))
-    for k, b in cal.offsets.items():
+    for k in cal.offsets:
         users = [s for s in scans if s.has(k)]
         gains = [(organ_dice(s, cal.offsets, k) or 0.0) - (organ_dice(s, {}, k) or 0.0) for s in users]
         cal.fit_gain[k] = round(float(np.mean(gains)), 2) if gains else 0.0

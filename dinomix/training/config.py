@@ -274,14 +274,14 @@ class SemiConfig(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _threshold_floor(self) -> "SemiConfig":
+    def _threshold_floor(self) -> SemiConfig:
         if self.pseudo_labels.floor > self.confidence:
             raise ValueError(f"pseudo_labels.floor ({self.pseudo_labels.floor}) is above confidence "
                              f"({self.confidence}), the highest per-class threshold")
         return self
 
     @model_validator(mode="after")
-    def _mixed_only(self) -> "SemiConfig":
+    def _mixed_only(self) -> SemiConfig:
         if self.student_patches == "mixed":
             if self.method not in ("cutmix", "pic"):
                 raise ValueError(f"student_patches 'mixed' needs method cutmix or pic (got {self.method}): without "
@@ -292,7 +292,7 @@ class SemiConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _parent_needed(self) -> "SemiConfig":
+    def _parent_needed(self) -> SemiConfig:
         if self.parent_distillation.weight > 0 and not self.init_weights:
             raise ValueError("parent_distillation needs init_weights: the parent model to distil from")
         return self
@@ -370,7 +370,7 @@ class TrainConfig(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _sizes(self) -> "TrainConfig":
+    def _sizes(self) -> TrainConfig:
         problem = architecture_problem(self.architecture) or preprocessing_problem(self.preprocessing)
         if not problem and self.modes is not None:
             problem = preprocessing_problem(self.preprocessing.model_copy(update={"modes": self.modes}))
@@ -388,7 +388,7 @@ class TrainConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _mode_defined(self) -> "TrainConfig":
+    def _mode_defined(self) -> TrainConfig:
         if self.modes is None:
             return self
         if self.mode not in self.modes:
@@ -399,7 +399,7 @@ class TrainConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _organ_options(self) -> "TrainConfig":
+    def _organ_options(self) -> TrainConfig:
         """Organ names in the semi-supervised options must be organs of the model (else a KeyError mid-run)."""
         known = {canonical_name(n) for n in self.organs}
         s = self.semi
@@ -413,7 +413,7 @@ class TrainConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _train_modes_defined(self) -> "TrainConfig":
+    def _train_modes_defined(self) -> TrainConfig:
         if not self.train_modes:
             return self
         if self.mode not in self.train_modes:
@@ -427,7 +427,7 @@ class TrainConfig(StrictModel):
         return self
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
+    def from_file(cls, path: str | Path) -> TrainConfig:
         p = Path(path)
         if not p.is_file():
             raise DinomixError(f"training config not found: {p}")
@@ -444,7 +444,7 @@ class TrainConfig(StrictModel):
         return cfg
 
     @classmethod
-    def validated(cls, data: Any, source: str = "training config") -> "TrainConfig":
+    def validated(cls, data: Any, source: str = "training config") -> TrainConfig:
         """`model_validate` with the first problem as a DinomixError (one line for the user)."""
         try:
             return cls.model_validate(data)

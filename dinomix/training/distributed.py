@@ -63,7 +63,7 @@ class DistContext:
     comm_device: torch.device = torch.device("cpu")
 
     @classmethod
-    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> "DistContext":
+    def from_env(cls, environ: Optional[Mapping[str, str]] = None) -> DistContext:
         env = os.environ if environ is None else environ
         if "WORLD_SIZE" not in env:
             return cls()

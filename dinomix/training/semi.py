@@ -58,7 +58,6 @@ from .data import CachedCase, augment, crop
 from .losses import partial_dice_ce
 from .trainer import Trainer, lr_at
 
-
 # ---------------------------------------------------------------- schedule and loss
 
 def sigmoid_rampup(it: int, length: int) -> float:

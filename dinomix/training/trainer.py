@@ -32,7 +32,7 @@ from ..modelfile import ModelMeta, save_model, weights_sha256
 from ..network import build_network, count_parameters, fit_roi
 from ..organs import OrganSchema
 from .config import TrainConfig
-from .data import BalancedSampler, CachedCase, augment, cache_cases
+from .data import BalancedSampler, augment, cache_cases
 from .distributed import DistContext, Replicated
 from .losses import partial_dice_ce
 
