@@ -167,6 +167,8 @@ class SegDINO(nn.Module):
     """DINOv3 ViT + TPA + SAD on every axial slice of a 3D patch; (B, 1, X, Y, Z) -> (B, C, X, Y, Z)."""
 
     slice_batch = 64  # slices per backbone call when no gradients are taken (inference: bounded memory)
+    mean: torch.Tensor  # registered buffers: ImageNet normalisation of the backbone's input
+    std: torch.Tensor
 
     def __init__(self, cfg: SegDINOConfig) -> None:
         super().__init__()
@@ -195,7 +197,10 @@ class SegDINO(nn.Module):
         if self.cfg.freeze_backbone or not torch.is_grad_enabled():
             return self.backbone.forward_layers(img, self.cfg.layers)  # runs under torch.no_grad
         # Fine-tuning the backbone: the same forward, without the no_grad wrapper of `forward_layers`.
-        return type(self.backbone).forward_layers.__wrapped__(self.backbone, img, self.cfg.layers)
+        # torch.no_grad() wraps with functools.wraps, which sets __wrapped__; the stubs type the decorated
+        # method as a plain callable
+        return type(self.backbone).forward_layers.__wrapped__(  # type: ignore[attr-defined]
+            self.backbone, img, self.cfg.layers)
 
     def forward_slices(self, s: torch.Tensor) -> torch.Tensor:
         """(N, 3, X, Y) slices (values in [0, 1]) -> logits (N, C, X, Y)."""

@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
-from .components import AuxBatch, AuxComponent, ramp
+from .components import AuxBatch, AuxComponent, grid3, ramp
 
 
 class ActionConfig(BaseModel):
@@ -85,7 +85,8 @@ class ActionConfig(BaseModel):
     tau_period: float = Field(default=0.2, gt=0, le=100, description="schedule period, fraction of training")
     centres: bool = Field(default=False, description="ACTION++ uniformly spread class centres")
     centre_weight: float = Field(default=0.01, ge=0, le=1000)
-    centre_samples: int = Field(default=256, ge=1, le=1_000_000, description="ground-truth voxels per class for the centre term")
+    centre_samples: int = Field(default=256, ge=1, le=1_000_000,
+                                description="ground-truth voxels per class for the centre term")
     centre_steps: int = Field(default=500, ge=0, le=1_000_000, description="optimisation steps of the centre placement")
     ramp_start: float = Field(default=0.0, ge=0, le=1)
     rampup: float = Field(default=0.0, ge=0, le=1)
@@ -96,15 +97,15 @@ class ActionConfig(BaseModel):
 
 def resample_pyramid(features: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
     """All maps resampled to `size` (trilinear up, adaptive average down) and concatenated along channels."""
-    size = tuple(int(s) for s in size)
+    grid = grid3(size)
     out = []
     for f in features:
-        if tuple(f.shape[2:]) == size:
+        if tuple(f.shape[2:]) == grid:
             out.append(f)
-        elif all(a <= b for a, b in zip(f.shape[2:], size)):
-            out.append(F.interpolate(f, size=size, mode="trilinear", align_corners=False))
+        elif all(a <= b for a, b in zip(f.shape[2:], grid)):
+            out.append(F.interpolate(f, size=grid, mode="trilinear", align_corners=False))
         else:
-            out.append(F.adaptive_avg_pool3d(f, size))
+            out.append(F.adaptive_avg_pool3d(f, grid))
     return torch.cat(out, dim=1)
 
 
@@ -275,6 +276,8 @@ class ActionComponent(AuxComponent):
             nn.Conv3d(sum(self.pyramid_channels), cfg.hidden_dim, kernel_size=1), nn.ReLU(inplace=True),
             nn.Conv3d(cfg.hidden_dim, cfg.embed_dim, kernel_size=1),
         )
+        self.centres: torch.Tensor | None
+        self.assignment: torch.Tensor | None
         if cfg.centres:
             self.register_buffer("centres", uniform_centres(num_classes, cfg.embed_dim, cfg.centre_steps, cfg.seed))
             self.register_buffer("assignment", torch.full((num_classes,), -1, dtype=torch.long))
@@ -299,7 +302,9 @@ class ActionComponent(AuxComponent):
         return F.normalize(self.head(x), dim=1)
 
     def _zero(self) -> torch.Tensor:
-        return 0.0 * sum(p.sum() for p in self.parameters())
+        total = sum(p.sum() for p in self.parameters())
+        assert isinstance(total, torch.Tensor)  # the head has parameters: a sum of tensors, not the start 0
+        return 0.0 * total
 
     def losses(self, batch: AuxBatch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
@@ -307,7 +312,7 @@ class ActionComponent(AuxComponent):
         dev = batch.features[-1].device
         with torch.autocast(device_type=dev.type, enabled=False):
             rep = self.representation(batch.features)
-            D, size = rep.shape[1], tuple(rep.shape[2:])
+            D, size = rep.shape[1], grid3(rep.shape[2:])
             flat = rep.permute(0, 2, 3, 4, 1).reshape(-1, D)
             with torch.no_grad():
                 labels = downsample_nearest(batch.target.to(dev), size)
@@ -351,20 +356,22 @@ class ActionComponent(AuxComponent):
                      g: torch.Generator, tau: float) -> torch.Tensor:
         """ACTION++ centre term on ground-truth voxels; assigns centres to classes seen for the first time."""
         C = self.num_classes
+        centres, assignment = self.centres, self.assignment
+        assert centres is not None and assignment is not None  # called only with cfg.centres (buffers registered)
         seen = torch.bincount(labels[gt], minlength=C)[:C] > 0
         with torch.no_grad():
-            new = [c for c in torch.nonzero(seen).reshape(-1).tolist() if int(self.assignment[c]) < 0]
+            new = [c for c in torch.nonzero(seen).reshape(-1).tolist() if int(assignment[c]) < 0]
             if new:
-                taken = set(int(a) for a in self.assignment.tolist() if a >= 0)
-                free = [k for k in range(self.centres.shape[0]) if k not in taken]
-                for c, k in assign_centres(protos, self.centres, new, free).items():
-                    self.assignment[c] = k
-        idx = [sample_subset(gt & (labels == c), self.cfg.centre_samples, g)
-               for c in torch.nonzero(seen).reshape(-1).tolist() if int(self.assignment[c]) >= 0]
-        idx = torch.cat(idx) if idx else torch.empty(0, dtype=torch.long, device=flat.device)
+                taken = set(int(a) for a in assignment.tolist() if a >= 0)
+                free = [k for k in range(centres.shape[0]) if k not in taken]
+                for c, k in assign_centres(protos, centres, new, free).items():
+                    assignment[c] = k
+        parts = [sample_subset(gt & (labels == c), self.cfg.centre_samples, g)
+                 for c in torch.nonzero(seen).reshape(-1).tolist() if int(assignment[c]) >= 0]
+        idx = torch.cat(parts) if parts else torch.empty(0, dtype=torch.long, device=flat.device)
         if idx.numel() == 0:
             return self._zero()
-        return centre_loss(flat[idx], labels[idx], self.centres, self.assignment, tau)
+        return centre_loss(flat[idx], labels[idx], centres, assignment, tau)
 
     def describe(self) -> dict:
         return {"name": self.name, **self.cfg.model_dump()}

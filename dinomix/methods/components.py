@@ -10,6 +10,7 @@ schedule; switching one on is a config entry (`semi.components`), recorded in th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -64,6 +65,12 @@ class AuxComponent(nn.Module):
     def describe(self) -> dict:
         """What the model file records about this component."""
         return {"name": self.name}
+
+
+def grid3(size: Sequence[int]) -> tuple[int, int, int]:
+    """The per-axis sizes of a 3D grid (e.g. a feature map's `shape[2:]`) as three plain ints."""
+    x, y, z = (int(s) for s in size)
+    return x, y, z
 
 
 def ramp(progress: float, start: float = 0.0, length: float = 0.0) -> float:

@@ -38,7 +38,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ ENV_WEIGHTS = "DINOMIX_DINOV3_WEIGHTS"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-ARCHS = {
+# DinoV3ViT keyword arguments of each known teacher
+ARCHS: dict[str, dict[str, Any]] = {
     "vits16": dict(embed_dim=384, depth=12, num_heads=6, ffn_ratio=4.0),
     "vitb16": dict(embed_dim=768, depth=12, num_heads=12, ffn_ratio=4.0),
 }
@@ -62,6 +63,8 @@ ARCHS = {
 
 class LinearKMaskedBias(nn.Linear):
     """qkv projection whose key bias is masked out (`bias_mask`: 1 for q and v, 0 for k)."""
+
+    bias_mask: torch.Tensor  # registered buffer
 
     def __init__(self, dim_in: int, dim_out: int) -> None:
         super().__init__(dim_in, dim_out, bias=True)
@@ -141,15 +144,17 @@ class PatchEmbed(nn.Module):
 
 
 class RopeEmbed(nn.Module):
+    periods: torch.Tensor  # registered buffer
+
     def __init__(self, dim: int, heads: int, base: float = 100.0) -> None:
         super().__init__()
         hd = dim // heads
         self.register_buffer("periods", base ** (2 * torch.arange(hd // 4, dtype=torch.float32) / (hd // 2)))
 
     def forward(self, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
-        dd = {"device": self.periods.device, "dtype": torch.float32}
-        ch = torch.arange(0.5, H, **dd) / H
-        cw = torch.arange(0.5, W, **dd) / W
+        dev = self.periods.device
+        ch = torch.arange(0.5, H, device=dev, dtype=torch.float32) / H
+        cw = torch.arange(0.5, W, device=dev, dtype=torch.float32) / W
         coords = torch.stack(torch.meshgrid(ch, cw, indexing="ij"), dim=-1).flatten(0, 1) * 2.0 - 1.0  # HW, 2
         angles = (2 * math.pi * coords[..., None] / self.periods).flatten(-2).tile(2)  # HW, hd
         return torch.sin(angles), torch.cos(angles)
@@ -214,7 +219,8 @@ def build_vit(arch: str = "vits16") -> DinoV3ViT:
 
 # ---------------------------------------------------------------- loading
 
-def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_prefixes(sd: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, out of its wrapping dicts and without the common key prefixes."""
     for wrap in ("teacher", "model", "state_dict"):
         if wrap in sd and isinstance(sd[wrap], dict):
             sd = sd[wrap]
@@ -449,7 +455,8 @@ def sample_features(feats: torch.Tensor, volume_shape: Sequence[int], start: Seq
         axes.append(2 * (u - first + 0.5) / (last - first + 1) - 1)   # grid_sample coordinate (align_corners=False)
     gx, gy, gz = torch.meshgrid(*axes, indexing="ij")
     grid = torch.stack([gz, gy, gx], dim=-1)[None].float()
-    src = feats[:, lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1].float()[None]  # (1, C, x, y, z) as (N, C, D, H, W)
+    # (1, C, x, y, z) as (N, C, D, H, W)
+    src = feats[:, lo[0]:hi[0] + 1, lo[1]:hi[1] + 1, lo[2]:hi[2] + 1].float()[None]
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
     vx, vy, vz = torch.meshgrid(*valid, indexing="ij")
     return out, vx & vy & vz
@@ -534,17 +541,22 @@ class FKDConfig(BaseModel):
     """FKD in the semi-supervised trainer (`semi.components.fkd`)."""
 
     enabled: bool = False
-    weights: Optional[str] = Field(default=None, description=f"DINOv3 checkpoint file or HF folder; else ${ENV_WEIGHTS}")
-    layers: list[int] = Field(default=[-1], min_length=1, description="ViT layers whose normalised patch tokens are stacked")
-    min_tokens: int = Field(default=16, ge=1, le=4096, description="slices are upsampled so the token grid is at least this")
+    weights: Optional[str] = Field(default=None,
+                                   description=f"DINOv3 checkpoint file or HF folder; else ${ENV_WEIGHTS}")
+    layers: list[int] = Field(default=[-1], min_length=1,
+                              description="ViT layers whose normalised patch tokens are stacked")
+    min_tokens: int = Field(default=16, ge=1, le=4096,
+                            description="slices are upsampled so the token grid is at least this")
     loss: Literal["cosine", "affinity"] = "cosine"
     weight: float = Field(default=1.0, ge=0, le=1000)
-    rampup: float = Field(default=0.1, ge=0, le=1, description="sigmoid ramp-up of the FKD weight, fraction of training")
+    rampup: float = Field(default=0.1, ge=0, le=1,
+                          description="sigmoid ramp-up of the FKD weight, fraction of training")
     prototype_momentum: float = Field(default=0.9, ge=0, le=1)
     affinity_voxels: int = Field(default=256, ge=2, le=1_000_000, description="affinity variant: voxels per patch")
-    level: int = Field(default=-2, le=-1, description="student decoder map distilled into: -1 the 1/2-resolution map, "
-                                                     "-2 the 1/4-resolution one (default: closer to the teacher's token "
-                                                     "grid, which is coarser in-plane, and 8x cheaper), ...")
+    level: int = Field(default=-2, le=-1,
+                       description="student decoder map distilled into: -1 the 1/2-resolution map, "
+                                   "-2 the 1/4-resolution one (default: closer to the teacher's token "
+                                   "grid, which is coarser in-plane, and 8x cheaper), ...")
     head_hidden: Optional[int] = Field(default=None, ge=1, le=4096)
     cache_dir: Optional[str] = Field(default=None, description="teacher feature cache (default: user cache dir)")
 
@@ -586,9 +598,10 @@ class TeacherFeatures:
 
 class FKDComponent(nn.Module):
     """FKD as a trainer component (see dinomix/methods/components.py): a projection head from one of the
-    student's decoder maps (`level`, default the 1/4-resolution one) to the teacher width, and the uniqueness-weighted cosine (or affinity) loss
-    against the teacher features carried with each patch (`batch.extra['fkd']`, `batch.extra['fkd_valid']`),
-    mixed by CutMix / PIC exactly as the image. Prototypes mu_c come from ground-truth voxels (EMA)."""
+    student's decoder maps (`level`, default the 1/4-resolution one) to the teacher width, and the
+    uniqueness-weighted cosine (or affinity) loss against the teacher features carried with each patch
+    (`batch.extra['fkd']`, `batch.extra['fkd_valid']`), mixed by CutMix / PIC exactly as the image.
+    Prototypes mu_c come from ground-truth voxels (EMA)."""
 
     name = "fkd"
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -86,6 +86,16 @@ class MixInfo:
     size: tuple[int, int, int]
 
 
+# per-axis box coordinates: a sequence of ints or the integer arrays the box helpers return
+Ints = Union[Sequence[int], np.ndarray]
+
+
+def _triple(v: Ints) -> tuple[int, int, int]:
+    """Three per-axis values as plain ints (patches are 3D)."""
+    x, y, z = (int(a) for a in v)
+    return x, y, z
+
+
 # ---------------------------------------------------------------- schedules and probabilities
 
 def alpha_at(t: float, alpha0: float = 1.0) -> float:
@@ -109,15 +119,14 @@ def class_probabilities(freq: np.ndarray, observed: np.ndarray, alpha: float,
 
 # ---------------------------------------------------------------- boxes
 
-def box_size(rng: np.random.Generator, patch: Sequence[int], fraction: tuple[float, float]) -> np.ndarray:
+def box_size(rng: np.random.Generator, patch: Ints, fraction: tuple[float, float]) -> np.ndarray:
     """Box size per axis, uniform in [fraction[0], fraction[1]] of the patch, at least 1 voxel."""
     lo, hi = fraction
     f = rng.uniform(lo, hi, 3)
     return np.clip(np.rint(f * np.asarray(patch)).astype(int), 1, np.asarray(patch))
 
 
-def box_around(rng: np.random.Generator, voxel: Sequence[int], size: Sequence[int],
-               patch: Sequence[int]) -> np.ndarray:
+def box_around(rng: np.random.Generator, voxel: Ints, size: Ints, patch: Ints) -> np.ndarray:
     """Start of a box of `size` that contains `voxel` and lies inside the patch, uniform over such boxes."""
     v, s, p = np.asarray(voxel), np.asarray(size), np.asarray(patch)
     lo = np.maximum(0, v - s + 1)
@@ -125,11 +134,11 @@ def box_around(rng: np.random.Generator, voxel: Sequence[int], size: Sequence[in
     return np.array([int(rng.integers(a, b + 1)) for a, b in zip(lo, hi)])
 
 
-def random_box(rng: np.random.Generator, size: Sequence[int], patch: Sequence[int]) -> np.ndarray:
+def random_box(rng: np.random.Generator, size: Ints, patch: Ints) -> np.ndarray:
     return np.array([int(rng.integers(0, p - s + 1)) for s, p in zip(size, patch)])
 
 
-def grid_box(start: Sequence[int], size: Sequence[int], patch: Sequence[int], grid: Sequence[int]) -> tuple[slice, ...]:
+def grid_box(start: Ints, size: Ints, patch: Ints, grid: Ints) -> tuple[slice, ...]:
     """The cells of a grid of `grid` cells covering the patch whose centres lie in the voxel box
     [start, start + size): cell k of n along an axis of P voxels has its centre at voxel coordinate
     (k + 0.5) P / n - 0.5, inside the box iff start <= (k + 0.5) P / n < start + size. Pasting those cells
@@ -142,7 +151,7 @@ def grid_box(start: Sequence[int], size: Sequence[int], patch: Sequence[int], gr
     return tuple(out)
 
 
-def paste(dst: Patches, i: int, src: Patches, j: int, start: Sequence[int], size: Sequence[int]) -> None:
+def paste(dst: Patches, i: int, src: Patches, j: int, start: Ints, size: Ints) -> None:
     """Copy the box [start, start + size) of source patch j into target patch i (in place), with every extra
     field on its own grid (`grid_box`)."""
     b = tuple(slice(int(a), int(a) + int(s)) for a, s in zip(start, size))
@@ -167,7 +176,7 @@ def cutmix(rng: np.random.Generator, targets: Patches, sources: Patches,
         size = box_size(rng, patch, fraction)
         start = random_box(rng, size, patch)
         paste(out, i, sources, j, start, size)
-        infos.append(MixInfo(i, j, None, False, False, tuple(map(int, start)), tuple(map(int, size))))
+        infos.append(MixInfo(i, j, None, False, False, _triple(start), _triple(size)))
     return out, infos
 
 
@@ -226,15 +235,15 @@ class PIC:
                 j = int(rng.integers(len(sources)))
                 start = random_box(rng, size, patch)
                 paste(out, i, sources, j, start, size)
-                infos.append(MixInfo(i, j, c, True, False, tuple(map(int, start)), tuple(map(int, size))))
+                infos.append(MixInfo(i, j, c, True, False, _triple(start), _triple(size)))
                 continue
+            assert c is not None  # a source patch is chosen only for a sampled organ
             vox = torch.nonzero(src.holds(j, c).reshape(-1)).reshape(-1)
             flat = int(vox[int(rng.integers(len(vox)))])
-            voxel = np.unravel_index(flat, patch)
+            voxel = [int(v) for v in np.unravel_index(flat, patch)]
             start = box_around(rng, voxel, size, patch)
             paste(out, i, src, j, start, size)
-            infos.append(MixInfo(i, -1 if fetched else j, c, False, fetched, tuple(map(int, start)),
-                                 tuple(map(int, size))))
+            infos.append(MixInfo(i, -1 if fetched else j, c, False, fetched, _triple(start), _triple(size)))
         return out, infos
 
     def state_dict(self) -> dict:

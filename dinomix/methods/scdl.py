@@ -84,7 +84,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, Field
 
-from .components import AuxBatch, AuxComponent, ramp
+from .components import AuxBatch, AuxComponent, grid3, ramp
 
 
 class SCDLConfig(BaseModel):
@@ -92,7 +92,8 @@ class SCDLConfig(BaseModel):
 
     enabled: bool = False
     feature_level: int = Field(default=-1, description="index into batch.features (coarsest first); -1: 1/2 resolution")
-    grid: int = Field(default=12, ge=1, le=256, description="tokens per axis (adaptive average pooling, capped at the map size)")
+    grid: int = Field(default=12, ge=1, le=256,
+                      description="tokens per axis (adaptive average pooling, capped at the map size)")
     hidden_dim: int = Field(default=512, ge=1, le=8192)
     embed_dim: int = Field(default=256, ge=1, le=8192)
     dropout: float = Field(default=0.2, ge=0, lt=1)
@@ -106,7 +107,8 @@ class SCDLConfig(BaseModel):
     kl_class_prior: Literal["uniform", "target"] = Field(
         default="uniform", description="joint mode: class marginal of the proxy-to-embedding side")
     kl_prior_floor: float = Field(default=1e-3, gt=0, le=1, description="floor of the target class proportions")
-    dist_weight: float = Field(default=0.1, ge=0, le=1000, description="distribution consistency term inside scdl_proxy")
+    dist_weight: float = Field(default=0.1, ge=0, le=1000,
+                               description="distribution consistency term inside scdl_proxy")
     sac_tokens: Literal["proportion", "majority"] = "proportion"
     sac_background: bool = Field(default=False, description="SAC also anchors the background proxy")
     cdba_weight: float = Field(default=0.1, ge=0, le=1000)
@@ -122,12 +124,12 @@ class SCDLConfig(BaseModel):
 
 def token_grid(size: Sequence[int], grid: int) -> tuple[int, int, int]:
     """The token grid of a map of `size`: `grid` per axis, at most the map's size."""
-    return tuple(min(int(grid), int(s)) for s in size)  # type: ignore[return-value]
+    return grid3([min(int(grid), int(s)) for s in size])
 
 
 def pool_tokens(feature_map: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """(B, F, X, Y, Z) -> (B, L, F): adaptive average pooling onto `grid`, flattened in C order."""
-    pooled = F.adaptive_avg_pool3d(feature_map, tuple(grid))
+    pooled = F.adaptive_avg_pool3d(feature_map, grid3(grid))
     return pooled.flatten(2).transpose(1, 2)
 
 
@@ -147,7 +149,7 @@ def token_label_share(target: torch.Tensor, gt: torch.Tensor, num_classes: int,
     shares = []
     for c in range(num_classes):
         m = ((target == c) & gt).float().unsqueeze(1)
-        shares.append(F.adaptive_avg_pool3d(m, tuple(grid)).flatten(1))
+        shares.append(F.adaptive_avg_pool3d(m, grid3(grid)).flatten(1))
     return torch.stack(shares, dim=-1)
 
 
@@ -282,11 +284,13 @@ class SCDLComponent(AuxComponent):
         self.proxy_mu = nn.Parameter(torch.randn(num_classes, d) / math.sqrt(d))
         rho0 = math.log(math.expm1(cfg.init_sigma))  # softplus^-1
         self.proxy_rho = nn.Parameter(torch.full((num_classes, d), rho0))
-        self.prior_proj = None
+        self.prior_proj: nn.Conv3d | None = None
         if cfg.prior:
             self.prior_proj = nn.Conv3d(d, feature_channels, kernel_size=1)
             nn.init.zeros_(self.prior_proj.weight)
-            nn.init.zeros_(self.prior_proj.bias)
+            bias = self.prior_proj.bias
+            assert bias is not None  # Conv3d has a bias unless bias=False
+            nn.init.zeros_(bias)
 
     # ------------------------------------------------------------------ pieces
     @property
@@ -306,7 +310,9 @@ class SCDLComponent(AuxComponent):
         return self.embed(pool_tokens(feature_map.float(), grid)), grid
 
     def _zero(self) -> torch.Tensor:
-        return 0.0 * sum(p.sum() for p in self.parameters())
+        total = sum(p.sum() for p in self.parameters())
+        assert isinstance(total, torch.Tensor)  # the embedding has parameters: a sum of tensors, not the start 0
+        return 0.0 * total
 
     # ------------------------------------------------------------------ losses
     def losses(self, batch: AuxBatch) -> dict[str, torch.Tensor]:
