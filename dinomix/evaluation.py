@@ -126,11 +126,12 @@ def _monai_metrics(p: np.ndarray, g: np.ndarray, spacing: Sequence[float]) -> di
         # MONAI 1.5/1.6 warns about its own deprecated internal argument on every call.
         warnings.simplefilter("ignore", FutureWarning)
         dice = compute_dice(yp[None, None].float(), yt[None, None].float(), include_background=True)
-        (edges_p, edges_g), (d_pg, d_gp), _ = get_edge_surface_distance(yp, yt, spacing=sp, symmetric=True)
+        (edges_p, edges_g), dists, _ = get_edge_surface_distance(yp, yt, spacing=sp, symmetric=True)
+        assert len(dists) == 2  # symmetric: prediction -> ground truth and ground truth -> prediction
         # P1: directed prediction -> ground truth, unit spacing (voxels), on the same surfaces.
-        d_pg_vox = get_surface_distance(edges_p, edges_g, spacing=None)
+        dist_pg_vox = get_surface_distance(edges_p, edges_g, spacing=None)
     # numpy's default (linear) percentile equals torch.quantile's, without its 16M-element input limit.
-    d_pg, d_gp, d_pg_vox = (np.asarray(torch.as_tensor(d).float()) for d in (d_pg, d_gp, d_pg_vox))
+    d_pg, d_gp, d_pg_vox = (np.asarray(torch.as_tensor(d).float()) for d in (*dists, dist_pg_vox))
     hd95 = max(float(np.percentile(d_pg, 95)), float(np.percentile(d_gp, 95)))
     asd = float(np.concatenate([d_pg, d_gp]).mean())
     return {"dice": float(dice[0, 0]), "hd95_mm": hd95, "asd_mm": asd, "asd_vox_p1": float(d_pg_vox.mean())}
@@ -310,7 +311,11 @@ class _CaseProgress(Reporter):
         self.parent.log(message, level)
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
+# an image, or a file reader that has read the image's header (the same grid getters)
+GridSource = Union[sitk.Image, sitk.ImageFileReader]
+
+
+def _same_grid(a: GridSource, b: GridSource) -> bool:
     if a.GetSize() != b.GetSize():
         return False
     sa, sb = np.array(a.GetSpacing()), np.array(b.GetSpacing())
@@ -319,13 +324,19 @@ def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
             and np.allclose(a.GetDirection(), b.GetDirection(), atol=1e-4))
 
 
-def _grid(image: sitk.Image) -> dict[str, list]:
+def _rgb01(color: tuple[int, int, int]) -> tuple[float, float, float]:
+    """An organ's 0-255 RGB colour as matplotlib's 0-1 floats."""
+    r, g, b = (v / 255.0 for v in color)
+    return r, g, b
+
+
+def _grid(image: GridSource) -> dict[str, list]:
     return {"size": list(image.GetSize()), "spacing": [round(s, 6) for s in image.GetSpacing()],
             "origin": [round(s, 4) for s in image.GetOrigin()],
             "direction": [round(s, 6) for s in image.GetDirection()]}
 
 
-def _grid_str(image: sitk.Image) -> str:
+def _grid_str(image: GridSource) -> str:
     g = _grid(image)
     return (f"size {'x'.join(map(str, g['size']))}, spacing {'x'.join(f'{v:g}' for v in g['spacing'])} mm, "
             f"origin {', '.join(f'{v:g}' for v in g['origin'])}"
@@ -374,7 +385,7 @@ def evaluate_models(models: Sequence[Any], cases: Sequence[Case], dataset: Datas
     rep = reporter or Reporter(events=None, bar=False)
     check = check_cancel or (lambda: None)
     segs = [m if isinstance(m, Segmenter) else Segmenter(m, device) for m in models]
-    labels = []
+    labels: list[str] = []
     for s in segs:
         lab = s.meta.model_id
         labels.append(lab if lab not in labels else f"{lab}#{len(labels) + 1}")
@@ -383,13 +394,14 @@ def evaluate_models(models: Sequence[Any], cases: Sequence[Case], dataset: Datas
         raise DinomixError(f"cases without a label cannot be evaluated: {', '.join(unlabeled)}")
     if not cases:
         raise DinomixError("no cases to evaluate")
-    results = [{"label": lab, "model": _model_info(s), "mode": mode, "device": str(s.device),
+    results: list[dict[str, Any]] = [{"label": lab, "model": _model_info(s), "mode": mode, "device": str(s.device),
                 "organs": [o.name for o in s.meta.organs.select(organs)], "cases": []}
                for lab, s in zip(labels, segs)]
     n_steps = len(cases) * len(segs)
     for ci, case in enumerate(cases):
         check()
         t_read = time.perf_counter()
+        assert case.label is not None  # unlabeled cases refused above
         image = read_image(dataset.path(case.image))
         label = read_label(dataset.path(case.label), case.id)
         notes = []
@@ -431,12 +443,13 @@ def evaluate_models(models: Sequence[Any], cases: Sequence[Case], dataset: Datas
             m = organ_metrics(pred, gt, spacing_zyx, {o.name: o.value for o in out.organs}, annotated=annotated,
                               progress=organ_progress)
             metric_s = time.perf_counter() - t
-            rec = {"id": case.id, "image": str(case.image), "label": str(case.label), "split": case.split,
-                   "grid": _grid(label), "label_resampled": resampled, "notes": list(notes),
-                   "mean_dice_pct": _nanmean(r["dice_pct"] for r in m.values()),
-                   "organs": m,
-                   "time_s": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in out.timings.items()},
-                              "metrics": round(metric_s, 3)}}
+            rec: dict[str, Any] = {
+                "id": case.id, "image": str(case.image), "label": str(case.label), "split": case.split,
+                "grid": _grid(label), "label_resampled": resampled, "notes": list(notes),
+                "mean_dice_pct": _nanmean(r["dice_pct"] for r in m.values()),
+                "organs": m,
+                "time_s": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in out.timings.items()},
+                           "metrics": round(metric_s, 3)}}
             res_m["cases"].append(rec)
             rep.emit("metric", kind="evaluation", model=res_m["label"], case=case.id, index=ci + 1,
                      total=len(cases), mean_dice_pct=_round(rec["mean_dice_pct"], 2))
@@ -649,6 +662,7 @@ def write_montage(path: Union[str, Path], image: sitk.Image, gt: np.ndarray, pre
     matplotlib's Agg canvas directly (no pyplot), so no global backend is changed.
     """
     try:
+        from matplotlib.artist import Artist
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
@@ -711,8 +725,8 @@ def write_montage(path: Union[str, Path], image: sitk.Image, gt: np.ndarray, pre
                 d = dices.get(label) if dices else None
                 head = f"{label}" + (f" (Dice {d:.1f}%)" if d is not None and not math.isnan(d) else "") + f"\n{head}"
             ax.set_title(head, fontsize=8)
-    handles = [Patch(facecolor=tuple(v / 255.0 for v in all_organs[n].color), edgecolor="none",
-                     label=all_organs[n].display_name) for n in all_organs if n in shown]
+    handles: list[Artist] = [Patch(facecolor=_rgb01(all_organs[n].color), edgecolor="none",
+                                   label=all_organs[n].display_name) for n in all_organs if n in shown]
     handles += [Patch(facecolor="gray", alpha=0.45, label="filled: prediction"),
                 Line2D([0], [0], color="gray", lw=1.2, label="line: ground truth")]
     fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), fontsize=7, frameon=False)

@@ -361,15 +361,18 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     train = [c for c in ds.cases if c.id not in hold]
     if not any(c.labeled and c.annotated_organs(meta.organs) for c in train):
         raise DinomixError(f"dataset '{ds.name}' has no labeled training case with organs of model "
-                           f"'{meta.model_id}' ({', '.join(meta.organs.names)}); held out: {', '.join(sorted(hold)) or 'none'}")
+                           f"'{meta.model_id}' ({', '.join(meta.organs.names)}); "
+                           f"held out: {', '.join(sorted(hold)) or 'none'}")
 
     existing = {e.name for e in registry.list_models()}
     name = opts.new_name or next_version_name(meta.model_id, existing)
     if opts.new_name:
         if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$", name):
-            raise DinomixError(f"--new-name '{name}': use letters, digits and _ . @ + - (starting with a letter or digit)")
+            raise DinomixError(f"--new-name '{name}': use letters, digits and _ . @ + - "
+                               "(starting with a letter or digit)")
         if name in existing:
-            raise DinomixError(f"a model named '{name}' already exists; choose another --new-name (nothing is overwritten)")
+            raise DinomixError(f"a model named '{name}' already exists; choose another --new-name "
+                               "(nothing is overwritten)")
 
     run = Path(opts.output) if opts.output else (
         cache_root() / "finetune"
@@ -481,8 +484,8 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
         rep.log(f"--priority only acts through PIC; method {opts.method} ignores it", "warning")
     parent_unl, unl_logits = [], []
     if opts.routing == "organs":
-        for c in unl_cases:
-            lg, pred = calibration.predict_logits(parent_net, c, roi, div, device)
+        for case in unl_cases:
+            lg, pred = calibration.predict_logits(parent_net, case, roi, div, device)
             unl_logits.append(lg)
             parent_unl.append(pred)
             check()
@@ -570,15 +573,16 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
                                          "optim": cfg.optim.model_copy(update={"warmup_iters": warmup(loco_iters)}),
                                          "data": cfg.data.model_copy(
             update={"cases": [c.id for c in tr.train_cases if c.id != cid], "eval_split": None})})
-        sub = _trainer(TrainConfig.validated(sub_cfg.model_dump(), "dinomix finetune"), run / f"loco-{j + 1}", rep, check,
-                       opts.device, meta.model_id, quiet=True)
+        sub = _trainer(TrainConfig.validated(sub_cfg.model_dump(), "dinomix finetune"), run / f"loco-{j + 1}", rep,
+                       check, opts.device, meta.model_id, quiet=True)
         if deadline is not None:
+            assert step_s is not None  # timed above: a deadline and a branch to train (loco_ids is empty without)
             fold_end = time.monotonic() + loco_iters * step_s * 1.05
             sub.replan = _replanner(sub.cfg, fold_end, 0.0, time.monotonic())
         sub.run()
         child_pred = predict(sub.net, cached_lab[k], roi, div, device)
-        for c, d in loco_deltas(cached_lab, k, parent_lab[k], child_pred, routing.classes).items():
-            loco.setdefault(c, []).append(round(d, 2))
+        for cls, d in loco_deltas(cached_lab, k, parent_lab[k], child_pred, routing.classes).items():
+            loco.setdefault(cls, []).append(round(d, 2))
         del sub
         check()
     t = lap("loco", t)
@@ -653,9 +657,9 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
             if harmed:
                 tr.net.restrict_routing([c for c in tr.net.routed.classes if c not in harmed])
                 tr.cfg.architecture = tr.net.cfg
-            for c in harmed_offsets:
-                sc.drop_offset(c, names, f"worse on the held-out cases ({per[names[c]]['delta']:+.1f} Dice points)")
-                offsets.pop(c)
+            for cls in harmed_offsets:
+                sc.drop_offset(cls, names, f"worse on the held-out cases ({per[names[cls]]['delta']:+.1f} Dice points)")
+                offsets.pop(cls)
             calibration.apply_offsets(tr.net, {c: -b for c, b in harmed_offsets.items()})
             harmed = harmed + list(harmed_offsets)
             after = tr.evaluate()

@@ -24,7 +24,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Final, Literal, Optional
 
 import torch
 from pydantic import BaseModel, Field, ValidationError
@@ -35,9 +35,9 @@ from .errors import ModelFileError
 from .network import ArchitectureConfig, build_network
 from .organs import OrganSchema
 from .preprocessing import PreprocessConfig
-from .segdino import BACKBONE_UNTRAINED
+from .segdino import BACKBONE_UNTRAINED, SegDINOConfig
 
-FORMAT = "dinomix-model"
+FORMAT: Final = "dinomix-model"
 FORMAT_VERSION = 1
 META_KEY = "dinomix"
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$"
@@ -109,7 +109,7 @@ def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
 def save_model(path: str | os.PathLike, net: torch.nn.Module, meta: ModelMeta) -> ModelMeta:
     """Write the model file atomically (temporary file, then rename)."""
     arch = getattr(net, "cfg", None)
-    if meta.architecture.family == "segdino" and getattr(arch, "family", None) == "segdino":
+    if meta.architecture.family == "segdino" and isinstance(arch, SegDINOConfig):
         # whether the backbone holds real DINOv3 weights is known to the network that was built
         meta = meta.model_copy(update={"architecture": meta.architecture.model_copy(update={
             "backbone_pretrained": arch.backbone_pretrained, "backbone_sha256": arch.backbone_sha256})})
@@ -351,7 +351,8 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
             for k in f.keys():
                 tensors[k] = f.get_tensor(k)
     except Exception as exc:
-        raise ModelFileError(f"{path.name}: cannot read weights (file truncated or corrupt): {str(exc)[:160]}") from None
+        raise ModelFileError(f"{path.name}: cannot read weights (file truncated or corrupt): "
+                             f"{str(exc)[:160]}") from None
     digest = weights_sha256(tensors)
     if digest != meta.weights_sha256:
         raise ModelFileError(f"{path.name}: weights do not match their recorded sha256 (file corrupt or modified); "

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterable, Optional, TypeVar
 
 import nibabel.orientations as nio
 import numpy as np
@@ -28,6 +28,14 @@ from pydantic import BaseModel, Field
 from scipy import ndimage
 
 from .errors import DinomixError
+
+_T = TypeVar("_T")
+
+
+def xyz(values: Iterable[_T]) -> tuple[_T, _T, _T]:
+    """Three per-axis values (x, y, z) as a 3-tuple."""
+    x, y, z = values
+    return x, y, z
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -92,8 +100,9 @@ class ModelGrid:
     def model_spacing(self) -> tuple[float, float, float]:
         """Effective spacing of the resized grid (same extent as the input, so it may differ slightly
         from the nominal mode spacing)."""
-        return tuple(o * s / r for o, s, r in zip(self.oriented_shape, self.oriented_spacing,
-                                                   self.resized_shape))
+        assert (self.oriented_shape is not None and self.oriented_spacing is not None
+                and self.resized_shape is not None)  # filled in by the chain
+        return xyz(o * s / r for o, s, r in zip(self.oriented_shape, self.oriented_spacing, self.resized_shape))
 
 
 def sitk_to_sample(image: sitk.Image, copy: bool = True) -> dict:
@@ -151,8 +160,8 @@ def set_orientation(grid: ModelGrid, axcodes: str) -> np.ndarray:
     for i in range(3):
         oriented_spacing[int(ornt[i, 0])] = float(spacing[i])
         oriented_shape[int(ornt[i, 0])] = int(grid.input_shape_xyz[i])
-    grid.oriented_spacing = tuple(oriented_spacing)
-    grid.oriented_shape = tuple(oriented_shape)
+    grid.oriented_spacing = xyz(oriented_spacing)
+    grid.oriented_shape = xyz(oriented_shape)
     return ornt
 
 
@@ -204,7 +213,8 @@ class ResampleToSpacingd(MapTransform):
     def __call__(self, data: dict) -> dict:
         d = dict(data)
         grid: ModelGrid = d["grid"]
-        shape = target_shape(grid.oriented_shape, grid.oriented_spacing, self.spacing_mm)
+        assert grid.oriented_shape is not None and grid.oriented_spacing is not None  # set by the reorientation
+        shape = xyz(target_shape(grid.oriented_shape, grid.oriented_spacing, self.spacing_mm))
         grid.resized_shape = shape
         for k in self.key_iterator(d):
             t = d[k]
@@ -235,7 +245,8 @@ class OrientResampled(MapTransform):
         d = dict(data)
         grid: ModelGrid = d["grid"]
         ornt = set_orientation(grid, self.axcodes)
-        shape = target_shape(grid.oriented_shape, grid.oriented_spacing, self.spacing_mm)
+        assert grid.oriented_shape is not None and grid.oriented_spacing is not None  # set by set_orientation
+        shape = xyz(target_shape(grid.oriented_shape, grid.oriented_spacing, self.spacing_mm))
         grid.resized_shape = shape
         for k in self.key_iterator(d):
             d[k] = orient_resample(d[k], ornt, shape)
@@ -351,7 +362,7 @@ def _binary_opening_cross(mask: np.ndarray) -> np.ndarray:
         out = m.copy()
         for axis in range(m.ndim):
             n = m.shape[axis]
-            a = [slice(None)] * m.ndim
+            a: list[slice | int] = [slice(None)] * m.ndim
             b = [slice(None)] * m.ndim
             for s0, s1 in ((slice(1, n), slice(0, n - 1)), (slice(0, n - 1), slice(1, n))):
                 a[axis], b[axis] = s0, s1
@@ -373,7 +384,7 @@ def build_preprocess(cfg: PreprocessConfig, mode: str, keys: tuple[str, ...] = (
     it = cfg.intensity
     # In window units, the HU threshold of the foreground step:
     thr = it.b_min + (cfg.foreground.threshold_hu - it.a_min) * (it.b_max - it.b_min) / (it.a_max - it.a_min)
-    margin = tuple(int(np.ceil(cfg.foreground.margin_mm / s)) for s in m.spacing_mm)
+    margin = xyz(int(np.ceil(cfg.foreground.margin_mm / s)) for s in m.spacing_mm)
     chain: list = [OrientResampled(("image",), cfg.orientation, m.spacing_mm)]
     if label_keys:
         chain += [Reorientd(label_keys, cfg.orientation), ResampleToSpacingd(label_keys, m.spacing_mm, "nearest")]
@@ -408,7 +419,7 @@ def estimate_memory(size: tuple[int, ...], bytes_per_voxel: int, spacing: Option
     """Peak bytes a segmentation needs, from sizes alone (nothing is allocated): used to refuse an input
     whose resampled grid would not fit in memory before the kernel kills the process."""
     n_in = int(np.prod(size, dtype=np.float64))
-    total = BASE_BYTES + n_in * (bytes_per_voxel + PER_INPUT_VOXEL)
+    total: float = BASE_BYTES + n_in * (bytes_per_voxel + PER_INPUT_VOXEL)
     if spacing is not None and target_spacing is not None:
         n_grid = float(np.prod(grid_shape(size, spacing, target_spacing), dtype=np.float64))
         total += n_grid * (PER_GRID_VOXEL_FIXED + PER_GRID_VOXEL_PER_CLASS * max(n_classes, 1))

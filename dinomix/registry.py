@@ -55,7 +55,8 @@ def checked_meta(path: Path) -> ModelMeta:
 
 
 def _scan_all(folder: Path) -> tuple[list[tuple[Path, ModelMeta]], list[tuple[Path, str]]]:
-    good, broken = [], []
+    good: list[tuple[Path, ModelMeta]] = []
+    broken: list[tuple[Path, str]] = []
     if not folder.is_dir():
         return good, broken
     for p in sorted(folder.glob(f"*{SUFFIX}")):

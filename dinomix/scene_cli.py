@@ -320,7 +320,7 @@ def compute_changes(organs: list[dict], segment_of: dict[str, str], refs: dict, 
     `refs[segment_id] = (array or None, offset (i, j, k) of its first voxel on the grid, label value)`;
     `original` is the original output's (k, j, i) array on the grid, or None (no original: every non-empty
     organ is pre-ticked as reviewed). Returns OrganChange fields as dicts."""
-    by_array: dict[tuple, object] = {}
+    by_array: dict[tuple, np.ndarray] = {}
     placed = {}
     for sid, (arr, offset, lv) in refs.items():
         if arr is None:
@@ -464,7 +464,8 @@ def write_nrrd_gz(path: Path, array: np.ndarray, ijk_to_ras: np.ndarray, check=N
         for k in range(0, arr.shape[0], per_slab):
             if check is not None:
                 check()
-            f.write(comp.compress(np.ascontiguousarray(arr[k:k + per_slab]).view(np.uint8).ravel()))
+            # an ndarray is a buffer; numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+            f.write(comp.compress(np.ascontiguousarray(arr[k:k + per_slab]).view(np.uint8).ravel()))  # type: ignore[arg-type]
         f.write(comp.flush())
         f.flush()
         os.fsync(f.fileno())

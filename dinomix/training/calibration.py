@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from ..network import StudentUNet
 from .data import CachedCase
 
 # Offsets searched (logit units). The parent's logits of an organ's border voxels span a few units; beyond 3 the
@@ -100,6 +101,7 @@ class Scan:
     @staticmethod
     def of(case: CachedCase, logits: torch.Tensor, parent_pred: torch.Tensor) -> Scan:
         """`parent_pred`: the parent's argmax (taken on float32 logits; `logits` may be stored as float16)."""
+        assert case.label is not None  # scans are corrected (labeled) cases
         return Scan(logits.reshape(logits.shape[0], -1).float(), case.label.reshape(-1).long(),
                     np.asarray(case.annotated, bool), parent_pred.reshape(-1).long())
 
@@ -181,14 +183,15 @@ def fit_offsets(scans: list[Scan], classes: Sequence[int]) -> dict[int, float]:
             base = [_summed_dice(sw.at(0.0)[0], s, r) for sw, s, r in zip(sweeps, users, reviewed)]
             best, best_key = 0.0, None
             for b in OFFSET_GRID:
-                gains: Optional[list[float]] = []
+                gains: list[float] = []
+                harms_neighbour = False
                 for sw, s, r, b0 in zip(sweeps, users, reviewed, base):
                     conf, moved = sw.at(b)
                     if not _neighbour_ok(s, moved, set(r)):
-                        gains = None
+                        harms_neighbour = True
                         break
                     gains.append(_summed_dice(conf, s, r) - b0)
-                if gains is None:
+                if harms_neighbour:
                     continue
                 key = (round(min(gains), 6), -abs(b))
                 if best_key is None or key > best_key:
@@ -240,13 +243,23 @@ def calibrate(scans: list[Scan], classes: Sequence[int]) -> Calibration:
 def apply_offsets(net: torch.nn.Module, offsets: dict[int, float]) -> None:
     """Adds each class's offset to the bias of the output convolution that produces its logit (the routed
     branch's for routed classes): every inference path of the network then applies it."""
-    routed = getattr(net, "routed", None)
-    rows = {int(c): i for i, c in enumerate(net.routed_index.tolist())} if routed is not None else {}
+    assert isinstance(net, StudentUNet)  # the output convolutions are the student U-Net's
+    rows: dict[int, int] = {}
+    if net.routed is not None:
+        index = net.routed_index
+        assert isinstance(index, torch.Tensor)  # a registered buffer (Module.__getattr__ is typed Tensor | Module)
+        rows = {int(c): i for i, c in enumerate(index.tolist())}
     for k, b in offsets.items():
         if k in rows:
-            net.branch_out.bias[rows[k]] += b
+            _bias(net.branch_out)[rows[k]] += b
         else:
-            net.head_out.bias[k] += b
+            _bias(net.head_out)[k] += b
+
+
+def _bias(conv: torch.nn.Conv3d) -> torch.Tensor:
+    """An output convolution's bias (the network's output convolutions all have one)."""
+    assert conv.bias is not None
+    return conv.bias
 
 
 # Leave-one-scan-out evidence an offset needs: left-out corrected scans (each scored with offsets fitted on the

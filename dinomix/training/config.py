@@ -137,9 +137,9 @@ class DataConfig(StrictModel):
                                        "ids (an empty list would silently mean all: leave the key out instead)")
     eval_cases: Optional[list[str]] = None
     persistent_cache: bool = Field(default=True, description="keep preprocessed cases on disk (dinomix.cachedirs: "
-                                   "$DINOMIX_CACHE_DIR or the user cache, folder preprocessed/; `dinomix cache`) so later runs and fine-tunes on the same "
-                                   "scans skip preprocessing; keyed by file path, size and time, labels and "
-                                   "preprocessing")
+                                   "$DINOMIX_CACHE_DIR or the user cache, folder preprocessed/; `dinomix cache`) so "
+                                   "later runs and fine-tunes on the same scans skip preprocessing; keyed by file "
+                                   "path, size and time, labels and preprocessing")
     resample_labels: bool = Field(default=False, description="a label whose grid (size, spacing, origin, "
                                   "direction) differs from its image's is resampled onto the image grid with "
                                   "nearest neighbour, as `dinomix evaluate` does; off: such a case is refused "
@@ -240,15 +240,19 @@ class SemiConfig(StrictModel):
     """Semi-supervised training (dinomix/training/semi.py). The default, `supervised`, is the plain trainer."""
 
     method: Literal["supervised", "mean_teacher", "cutmix", "pic"] = "supervised"
-    unlabeled_batch: int = Field(default=2, ge=1, le=1024, description="unlabeled patches per iteration (labeled: batch_size)")
+    unlabeled_batch: int = Field(default=2, ge=1, le=1024,
+                                 description="unlabeled patches per iteration (labeled: batch_size)")
     ema_decay: float = Field(default=0.99, ge=0, le=1, description="mean teacher: EMA decay of the student weights")
-    ema_warmup: bool = Field(default=True, description="EMA decay min(ema_decay, 1 - 1/(it+1)) early on (Tarvainen); "
-                                                       "off for fine-tuning, where the teacher starts from a trained model")
-    confidence: float = Field(default=0.9, ge=0, le=1, description="pseudo-labels count where teacher max prob >= this (with "
-                              "pseudo_labels.threshold class_quantile: the highest per-class threshold)")
+    ema_warmup: bool = Field(default=True,
+                             description="EMA decay min(ema_decay, 1 - 1/(it+1)) early on (Tarvainen); "
+                                         "off for fine-tuning, where the teacher starts from a trained model")
+    confidence: float = Field(default=0.9, ge=0, le=1,
+                              description="pseudo-labels count where teacher max prob >= this (with "
+                                          "pseudo_labels.threshold class_quantile: the highest per-class threshold)")
     consistency_weight: float = Field(default=1.0, ge=0, le=1000)
     rampup: float = Field(default=0.4, ge=0, le=1,
-                          description="sigmoid ramp-up exp(-5(1-x)^2) of the consistency weight, fraction of iterations")
+                          description="sigmoid ramp-up exp(-5(1-x)^2) of the consistency weight, "
+                                      "fraction of iterations")
     box_fraction: tuple[float, float] = Field(default=(0.25, 0.5), description="mix box size per axis, fraction of "
                                                                                "the patch (min, max)")
     directions: Literal["both", "labeled_into_unlabeled", "unlabeled_into_labeled"] = "both"
@@ -306,8 +310,8 @@ class TrainModeConfig(StrictModel):
     """One grid the network trains on when it is to serve several modes (`TrainConfig.train_modes`)."""
 
     share: float = Field(default=1.0, gt=0, le=1000, description="relative share of the iterations spent on this grid")
-    patch_size: Optional[tuple[PatchEdge, PatchEdge, PatchEdge]] = Field(default=None, description="patch in voxels on this grid "
-                                                       "(default: the config's patch_size)")
+    patch_size: Optional[tuple[PatchEdge, PatchEdge, PatchEdge]] = Field(
+        default=None, description="patch in voxels on this grid (default: the config's patch_size)")
 
 
 class TrainConfig(StrictModel):

@@ -73,6 +73,7 @@ def grid_mismatch(case_id: str, label, image) -> DinomixError:
 def check_label_grid(dataset: Dataset, case: Case, resample: bool) -> bool:
     """From the headers: True if the case's label must be resampled onto its image grid; raises if it must
     and `resample` is off. Also refuses an image that is its own label."""
+    assert case.label is not None  # called for labeled cases only
     img_path, lab_path = dataset.path(case.image), dataset.path(case.label)
     if img_path.resolve() == lab_path.resolve():
         raise DinomixError(f"case '{case.id}': the image and the label are the same file ({img_path}); the "
@@ -134,7 +135,7 @@ class LoadCased(MapTransform):
         sample = sitk_to_sample(image)
         annotated = np.zeros(self.schema.num_classes, bool)
         annotated[0] = True
-        if case.labeled:
+        if case.label is not None:  # case.labeled
             lab_img = read_label(self.dataset.path(case.label), case.id)  # refuses fractional values
             lab_img = label_on_image_grid(lab_img, image, case.id, self.resample_labels)
             arr = map_label(sitk.GetArrayViewFromImage(lab_img), case, self.schema)
@@ -201,6 +202,7 @@ def cache_cases(dataset: Dataset, cases: list[Case], schema: OrganSchema, pp: Pr
         # flattened: PersistentDataset caches up to the first Randomizable, and a nested Compose is one
         chain = Compose([LoadCased(dataset, schema, resample_labels), build_preprocess(pp, mode, keys),
                          SelectItemsd(KEEP_KEYS, allow_missing_keys=True)]).flatten()
+        ds: CacheDataset | PersistentDataset
         if cache_dir is None:
             ds = CacheDataset([{"case": c} for c in group], transform=chain, num_workers=num_workers,
                               progress=False, copy_cache=False)
@@ -291,11 +293,13 @@ class BalancedSampler:
         if self.probs.sum() > 0 and rng.random() < self.organ_prob:
             v = int(rng.choice(len(self.probs), p=self.probs))
             case = self.cases[int(rng.choice(self.holders[v]))]
+            assert case.label is not None  # self.cases holds the labeled cases only
             flat = int(case.indices[v][rng.integers(len(case.indices[v]))])
             centre = np.array(np.unravel_index(flat, case.label.shape))
             centre = centre + (rng.uniform(-self.jitter, self.jitter, 3) * np.array(self.patch)).astype(int)
         else:
             case = self.cases[int(rng.integers(len(self.cases)))]
+            assert case.label is not None  # self.cases holds the labeled cases only
             centre = np.array([rng.integers(0, n) for n in case.label.shape])
         start = centre - np.array(self.patch) // 2
         img = crop(case.image, start, self.patch, 0.0)

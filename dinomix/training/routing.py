@@ -51,6 +51,12 @@ def predict(net: torch.nn.Module, case: CachedCase, roi: Sequence[int], divisor:
     return predict_logits(net, case, roi, divisor, device)[1]
 
 
+def _label(case: CachedCase) -> torch.Tensor:
+    """The label of a corrected (labeled) case: the routing decisions are made on labeled cases only."""
+    assert case.label is not None
+    return case.label
+
+
 def dice(a: torch.Tensor, b: torch.Tensor) -> Optional[float]:
     """Dice in % of two boolean masks; None when both are empty."""
     s = int(a.sum()) + int(b.sum())
@@ -74,7 +80,7 @@ def route_organs(labeled: list[CachedCase], parent_preds: list[torch.Tensor], nu
         for c in range(1, num_classes):
             if not case.annotated[c]:
                 continue
-            d = dice(case.label == c, pred == c)
+            d = dice(_label(case) == c, pred == c)
             if d is not None:
                 scores.setdefault(c, []).append(d)
     r = Routing(classes=[])
@@ -247,9 +253,9 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
     fit_bad = []
     for c in routed:
         pb = [d for case, p in zip(labeled, parent_lab) if case.annotated[c]
-              and (d := dice(case.label == c, p == c)) is not None]
+              and (d := dice(_label(case) == c, p == c)) is not None]
         pa = [d for case, p in zip(labeled, child_lab) if case.annotated[c]
-              and (d := dice(case.label == c, p == c)) is not None]
+              and (d := dice(_label(case) == c, p == c)) is not None]
         before, after = (round(float(np.mean(v)), 2) if v else None for v in (pb, pa))
         per[names[c]] = {"routed": True, "corrections_before": before, "corrections_after": after}
         if before is not None and after is not None and after < before:
@@ -293,7 +299,7 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
         for c in routed:
             if c in removed:
                 continue
-            wanted = change_on(parent_lab, [case.label for case in labeled], c)
+            wanted = change_on(parent_lab, [_label(case) for case in labeled], c)
             got = change_on(parent_unl, child_unl, c)
             if names[c] in per:
                 per[names[c]].update({"change_corrected": None if wanted is None else round(wanted, 4),
@@ -347,8 +353,8 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
             per.setdefault(names[c], {"routed": True})["removed"] = removed[c]
         verdict = "safe"
         message = (f"Nothing was kept: what was learnt from {n} corrected scan(s) cannot be checked on other scans, "
-                   f"so the new model gives the parent's output for every organ. Correct {MIN_LOCO_VOUCH} or more scans "
-                   "(or hold one out for evaluation) to let the fine-tune check and keep what it learns.")
+                   f"so the new model gives the parent's output for every organ. Correct {MIN_LOCO_VOUCH} or more "
+                   "scans (or hold one out for evaluation) to let the fine-tune check and keep what it learns.")
     elif loco:
         verdict = "unknown"
         message = (f"Learnt {', '.join(names[c] for c in final)} and kept the parent's output for every other "
@@ -362,7 +368,8 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
                    "organ, but with one corrected scan and no held-out case nothing shows that the learnt organs "
                    "are better on other scans: check them on a new scan before relying on them.")
     if removed:
-        message += " Not learnt (the parent keeps them): " + "; ".join(f"{names[c]}: {w}" for c, w in removed.items()) + "."
+        message += (" Not learnt (the parent keeps them): "
+                    + "; ".join(f"{names[c]}: {w}" for c, w in removed.items()) + ".")
     return SelfCheck(verdict, message, checks, removed, per, learnt=[c for c in final if c not in removed])
 
 
@@ -374,7 +381,7 @@ def loco_deltas(labeled: list[CachedCase], left_out: int, parent_pred: torch.Ten
     for c in classes:
         if not case.annotated[c]:
             continue
-        b, a = dice(case.label == c, parent_pred == c), dice(case.label == c, child_pred == c)
+        b, a = dice(_label(case) == c, parent_pred == c), dice(_label(case) == c, child_pred == c)
         if b is not None and a is not None:
             out[c] = a - b
     return out

@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import numpy as np
 import torch
@@ -47,13 +47,14 @@ import torch.nn.functional as F
 
 from ..errors import DinomixError
 from ..methods.action import ActionComponent
-from ..methods.components import AuxBatch
+from ..methods.components import AuxBatch, AuxComponent
 from ..methods.fkd import ENV_WEIGHTS, FKDComponent, TeacherFeatures, find_teacher_weights
 from ..methods.parent_distillation import unbiased_distillation, voxels_without_ground_truth
 from ..methods.pic import PIC, Patches, cutmix
 from ..methods.scdl import SCDLComponent
 from ..methods.thresholds import ClassThresholds
 from ..modelfile import ModelMeta, load_model
+from ..network import StudentConfig, StudentUNet
 from .data import CachedCase, augment, crop
 from .losses import partial_dice_ce
 from .trainer import Trainer, lr_at
@@ -236,7 +237,7 @@ class SemiTrainer(Trainer):
                     raise DinomixError(f"PIC priority of '{name}' must be >= 0, got {mult}")
                 priority[self.schema.by_name(name).value] = mult
             self.pic = PIC(self.schema.num_classes, self.sampler.freq, priority, s.pic.alpha0,
-                           s.pic.freq_momentum, tuple(s.box_fraction))
+                           s.pic.freq_momentum, self._box_fraction())
         self.rep.log(f"method {s.method}: {len(self.labeled_ids)} labeled and {len(unl)} unlabeled training cases"
                      + ("" if s.method == "supervised" else
                         f"; {cfg.batch_size} labeled + {s.unlabeled_batch} unlabeled patches per iteration, "
@@ -244,6 +245,15 @@ class SemiTrainer(Trainer):
                         + ("; the student sees only the mixed patches" if s.student_patches == "mixed" else "")))
         self._setup_components()
         self._ready = True
+
+    def _box_fraction(self) -> tuple[float, float]:
+        """semi.box_fraction as a tuple (min, max)."""
+        lo, hi = self.cfg.semi.box_fraction
+        return lo, hi
+
+    def _aux_components(self) -> list[AuxComponent]:
+        """The trainer components: `self.components` holds only AuxComponent modules (`_setup_components`)."""
+        return [cast(AuxComponent, c) for c in self.components]
 
     def _class_mask(self, names: list[str]) -> torch.Tensor:
         """Bool (C,) mask of the named organs (a clear error for a name the model does not know)."""
@@ -273,6 +283,7 @@ class SemiTrainer(Trainer):
     def _parent_loss(self, x: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """semi.parent_distillation, weighted, on the student's input x (already augmented) and its logits."""
         pd = self.cfg.semi.parent_distillation
+        assert self.parent is not None and self.parent_merged is not None  # both set by _setup_parent
         with torch.no_grad():
             parent_logits = self._forward(self.parent, x)
         return pd.weight * unbiased_distillation(logits, parent_logits, self.parent_merged, mask.to(logits.device),
@@ -294,7 +305,10 @@ class SemiTrainer(Trainer):
         comp, C = self.cfg.semi.components, self.schema.num_classes
         if not comp.fkd.enabled:
             self.rep.log("FKD off: not configured (semi.components.fkd.enabled is false)")
-        if comp.any_enabled and getattr(self.cfg.architecture, "family", "student_unet") != "student_unet":
+        if not comp.any_enabled:
+            return
+        arch = self.cfg.architecture
+        if not isinstance(arch, StudentConfig):  # the family "student_unet"
             raise DinomixError("trainer components (semi.components) need the student U-Net architecture")
         if comp.fkd.enabled:
             weights = find_teacher_weights(comp.fkd.weights)
@@ -305,9 +319,14 @@ class SemiTrainer(Trainer):
             else:
                 tf = TeacherFeatures(comp.fkd, weights, self.pp.model_dump(mode="json"))
                 self.rep.begin("fkd-features", f"DINOv3 teacher features of {len(self.train_cases)} cases")
-                tf.prepare(self.train_cases, lambda i, n: (self.check(), self.rep.update(i / n, f"teacher {i}/{n}")))
+
+                def progress(i: int, n: int) -> None:
+                    self.check()
+                    self.rep.update(i / n, f"teacher {i}/{n}")
+
+                tf.prepare(self.train_cases, progress)
                 self.teacher_features = tf
-                pyramid = list(reversed(self.cfg.architecture.channels))
+                pyramid = list(reversed(arch.channels))
                 if -comp.fkd.level > len(pyramid):
                     raise DinomixError(f"semi.components.fkd.level {comp.fkd.level}: the student has {len(pyramid)} "
                                        "decoder maps")
@@ -319,12 +338,12 @@ class SemiTrainer(Trainer):
                              f"{weights}; {tf.cache.computed} of {len(self.train_cases)} feature volumes computed, "
                              "the rest from the cache")
         if comp.scdl.enabled:
-            self.components.append(SCDLComponent(comp.scdl, C, self.cfg.architecture.channels[0]))
+            self.components.append(SCDLComponent(comp.scdl, C, arch.channels[0]))
         if comp.action.enabled:
-            self.components.append(ActionComponent(comp.action, C, list(reversed(self.cfg.architecture.channels))))
+            self.components.append(ActionComponent(comp.action, C, list(reversed(arch.channels))))
         if len(self.components):
             n_aux = sum(p.numel() for p in self.components.parameters())
-            self.rep.log("trainer components: " + ", ".join(c.name for c in self.components)
+            self.rep.log("trainer components: " + ", ".join(c.name for c in self._aux_components())
                          + f" ({n_aux:,} training-only parameters, not in the model file)")
             self.components.to(self.device)
             self.opt.add_param_group({"params": list(self.components.parameters())})
@@ -350,6 +369,9 @@ class SemiTrainer(Trainer):
         """A routed fine-tune (network.RoutedConfig): the parent's network frozen, its output path copied into the
         branch that alone learns, so the new model starts as exactly the parent."""
         arch = self.cfg.architecture
+        # a routed architecture is a student U-Net's (`_load_init`), built by network.build_network
+        assert isinstance(arch, StudentConfig) and arch.routed is not None
+        assert isinstance(self.net, StudentUNet) and isinstance(net, StudentUNet)
         plain = arch.model_copy(update={"routed": None})
         if meta.architecture.model_copy(update={"routed": None}) != plain:
             raise DinomixError(f"init_weights {p.name}: its architecture differs from the config's")
@@ -374,7 +396,7 @@ class SemiTrainer(Trainer):
             st["thresholds"] = self.thresholds.state_dict()
         if len(self.components):
             st["components"] = {"modules": self.components.state_dict(),
-                                "extra": [c.extra_state() for c in self.components]}
+                                "extra": [c.extra_state() for c in self._aux_components()]}
         return st
 
     def load_checkpoint(self) -> dict:
@@ -395,7 +417,7 @@ class SemiTrainer(Trainer):
             if "components" not in st:
                 raise DinomixError("cannot resume: the checkpoint holds no trainer-component state")
             self.components.load_state_dict(st["components"]["modules"])
-            for c, extra in zip(self.components, st["components"]["extra"]):
+            for c, extra in zip(self._aux_components(), st["components"]["extra"]):
                 c.load_extra_state(extra)
 
     def replicated_modules(self) -> list[torch.nn.Module]:
@@ -419,6 +441,7 @@ class SemiTrainer(Trainer):
         if not holders:
             return None
         case = smp.cases[int(rng.choice(holders))]
+        assert case.label is not None  # the sampler keeps only labeled cases
         flat = int(case.indices[c][rng.integers(len(case.indices[c]))])
         centre = np.array(np.unravel_index(flat, case.label.shape))
         centre = centre + (rng.uniform(-smp.jitter, smp.jitter, 3) * np.array(smp.patch)).astype(int)
@@ -472,7 +495,7 @@ class SemiTrainer(Trainer):
                          progress=it / max(1, self.cfg.iterations - 1),
                          extra={k: v for k, v in rows.extra.items() if k != "confidence"})
         terms: dict[str, torch.Tensor] = {}
-        for comp in self.components:
+        for comp in self._aux_components():
             terms.update(comp.losses(batch))
         return terms
 
@@ -502,17 +525,19 @@ class SemiTrainer(Trainer):
                 self._info["loss_sup"] = round(float(sup.detach()), 5)
             return float(loss.detach())
 
+        teacher, thresholds = self.teacher, self.thresholds
+        assert teacher is not None and thresholds is not None  # set up for every method but supervised
         img_u = self.unlabeled.batch(rng, s.unlabeled_batch)
         nl = img_l.shape[0]
         partial = ~ann_l.bool().all(dim=1)
         fill = s.fill_partial and bool(partial.any())
         with torch.no_grad():
             t_in = torch.cat([img_l, img_u]) if fill else img_u
-            prob = torch.softmax(self._forward(self.teacher, t_in), dim=1).cpu()
+            prob = torch.softmax(self._forward(teacher, t_in), dim=1).cpu()
         conf, pseudo = prob.max(dim=1)
-        if self.thresholds.mode != "fixed":
-            self.thresholds.observe(*self.dist.gather_cat(conf, pseudo))  # all processes' teacher outputs
-        sure = self.thresholds.mask(conf, pseudo)
+        if thresholds.mode != "fixed":
+            thresholds.observe(*self.dist.gather_cat(conf, pseudo))  # all processes' teacher outputs
+        sure = thresholds.mask(conf, pseudo)
         off = nl if fill else 0
         unl = Patches(img_u, pseudo[off:], torch.ones((img_u.shape[0], self.schema.num_classes) + img_u.shape[2:],
                                                       dtype=torch.bool), sure[off:].float(),
@@ -537,12 +562,12 @@ class SemiTrainer(Trainer):
             parts = []
             if l2u:
                 m, inf = (self.pic.mix(rng, t, unl, lab, self._fetch_labeled if s.pic.fetch_labeled_source else None)
-                          if self.pic is not None else cutmix(rng, unl, lab, tuple(s.box_fraction)))
+                          if self.pic is not None else cutmix(rng, unl, lab, self._box_fraction()))
                 parts.append(m)
                 infos += inf
             if u2l:
                 m, inf = (self.pic.mix(rng, t, lab, unl) if self.pic is not None
-                          else cutmix(rng, lab, unl, tuple(s.box_fraction)))
+                          else cutmix(rng, lab, unl, self._box_fraction()))
                 parts.append(m)
                 infos += inf
             mixed = Patches.cat(parts)
@@ -574,7 +599,7 @@ class SemiTrainer(Trainer):
         self._info = {"loss_sup": round(float(sup.detach()), 5), "loss_cons": round(float(cons.detach()), 5),
                       "cons_weight": round(w, 5), "confident": round(float(unl.weight.mean()), 4)}
         if s.pseudo_labels.threshold != "fixed":
-            self._info["thresholds"] = [round(float(t), 4) for t in self.thresholds.tau]
+            self._info["thresholds"] = [round(float(t), 4) for t in thresholds.tau]
         self._info.update({k: round(float(v.detach()), 5) for k, v in terms.items()})
         if infos:
             self._info["mix_organs"] = [-1 if i.organ is None else i.organ for i in infos]
@@ -611,6 +636,7 @@ class SemiTrainer(Trainer):
     @torch.no_grad()
     def _update_teacher(self, it: int) -> None:
         s = self.cfg.semi
+        assert self.teacher is not None  # set up for every method but supervised
         d = min(s.ema_decay, 1.0 - 1.0 / (it + 1)) if s.ema_warmup else s.ema_decay
         for tp, sp in zip(self.teacher.parameters(), self.net.parameters()):
             tp.mul_(d).add_(sp.detach(), alpha=1.0 - d)
@@ -629,7 +655,7 @@ class SemiTrainer(Trainer):
         training = dict(meta.training)
         training["trainer"] = "supervised" if s.method == "supervised" else f"semi-supervised ({s.method})"
         semi = {"method": s.method, "labeled_cases": self.labeled_ids, "unlabeled_cases": self.unlabeled_ids,
-                "fkd": self.fkd_status, "components": [c.describe() for c in self.components]}
+                "fkd": self.fkd_status, "components": [c.describe() for c in self._aux_components()]}
         if self.init_meta is not None:
             semi["init"] = {"model_id": self.init_meta.model_id, "weights_sha256": self.init_meta.weights_sha256,
                             "trained": self.init_meta.trained}
@@ -641,7 +667,7 @@ class SemiTrainer(Trainer):
                                  "probabilities_end": [round(float(p), 6) for p in self.pic.probabilities(1.0)]}
         training["semi"] = semi
         training.update(self.provenance)
-        update = {"training": training}
+        update: dict[str, Any] = {"training": training}
         if self.parent_id is not None:
             update["parent"] = self.parent_id
         if self.init_meta is not None:

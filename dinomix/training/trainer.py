@@ -17,7 +17,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -137,6 +137,7 @@ class Trainer:
         self.net = build_network(cfg.architecture).to(self.device)
         self.train_net: torch.nn.Module = self.net  # what training forward passes call (DDP under torchrun)
         o = cfg.optim
+        self.opt: torch.optim.Optimizer
         if o.name == "sgd":
             self.opt = torch.optim.SGD(self.net.parameters(), lr=o.lr, momentum=o.momentum, nesterov=True,
                                        weight_decay=o.weight_decay)
@@ -161,7 +162,7 @@ class Trainer:
             return []
         out = []
         for name, tm in cfg.train_modes.items():
-            patch = tuple(tm.patch_size or cfg.patch_size)
+            patch = tm.patch_size or cfg.patch_size
             if name == cfg.mode and patch == tuple(cfg.patch_size):
                 out.append((name, tm.share, self.sampler))
                 continue
@@ -262,7 +263,8 @@ class Trainer:
         stored = self.config_for_compare(state.get("config"))
         now = self.cfg.model_dump(mode="json")
         # the iteration count may change (`dinomix train --resume --iterations N` extends a run); nothing else
-        if {k: v for k, v in stored.items() if k != "iterations"} != {k: v for k, v in now.items() if k != "iterations"}:
+        fixed = {k: v for k, v in now.items() if k != "iterations"}
+        if {k: v for k, v in stored.items() if k != "iterations"} != fixed:
             raise DinomixError(f"cannot resume: {path} was written with a different training config")
         done = int(state.get("iteration", 0))
         if done >= self.cfg.iterations:
@@ -337,6 +339,7 @@ class Trainer:
         scores: list[tuple[int, str, float]] = []
         for i in range(self.dist.rank, len(self.eval_cases), self.dist.world_size):
             case = self.eval_cases[i]
+            assert case.label is not None  # eval cases are labeled (setup)
             self.check()
             d = self.cfg.architecture.divisor
             # no bigger than the volume (rounded up to the divisor): a small case is one window, not a padded one
@@ -395,7 +398,7 @@ class Trainer:
             losses.append(loss)
             done = it + 1
             elapsed = time.monotonic() - t_start
-            record = {"iteration": done, "loss": round(loss, 5), "lr": lr_at(cfg, it)}
+            record: dict[str, Any] = {"iteration": done, "loss": round(loss, 5), "lr": lr_at(cfg, it)}
             record.update(self.iteration_info(done, elapsed))
             if cfg.eval_every and self.eval_cases and (done % cfg.eval_every == 0 or done == cfg.iterations):
                 ev = self.evaluate()
