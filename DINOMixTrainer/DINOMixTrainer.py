@@ -125,10 +125,11 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         import ctk
 
         self.ui.trainingSetPathLineEdit.filters = ctk.ctkPathLineEdit.Dirs
-        for table, headers in ((self.ui.casesTableWidget, [_("Segmentation"), _("Volume"), _("Model"), _("Changed")]),
-                               (self.ui.organsTableWidget, [_("Organ"), _("Changed voxels"), _("Changed"), _("Reviewed")]),
-                               (self.ui.resultsTableWidget, [_("Organ"), _("Dice before"), _("Dice after"), _("Change")]),
-                               (self.ui.versionsTableWidget, [_("Version"), _("Parent"), _("Created"), _("Mean Dice"), _("Status")])):
+        for table, headers in (
+                (self.ui.casesTableWidget, [_("Segmentation"), _("Volume"), _("Model"), _("Changed")]),
+                (self.ui.organsTableWidget, [_("Organ"), _("Changed voxels"), _("Changed"), _("Reviewed")]),
+                (self.ui.resultsTableWidget, [_("Organ"), _("Dice before"), _("Dice after"), _("Change")]),
+                (self.ui.versionsTableWidget, [_("Version"), _("Parent"), _("Created"), _("Mean Dice"), _("Status")])):
             table.setColumnCount(len(headers))
             table.setHorizontalHeaderLabels(headers)
             table.horizontalHeader().setStretchLastSection(True)
@@ -309,7 +310,8 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for r, ch in enumerate(changes):
             table.setItem(r, 0, qt.QTableWidgetItem(ch.display_name))
             table.setItem(r, 1, qt.QTableWidgetItem("-" if ch.changed_voxels is None else str(ch.changed_voxels)))
-            table.setItem(r, 2, qt.QTableWidgetItem("-" if ch.changed is None else (_("yes") if ch.changed else _("no"))))
+            changed = "-" if ch.changed is None else (_("yes") if ch.changed else _("no"))
+            table.setItem(r, 2, qt.QTableWidgetItem(changed))
             tick = qt.QTableWidgetItem()
             tick.setFlags(qt.Qt.ItemIsUserCheckable | qt.Qt.ItemIsEnabled)
             tick.setCheckState(qt.Qt.Checked if ch.reviewed else qt.Qt.Unchecked)
@@ -440,7 +442,8 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if self._modelsCommand.finished:
                 cmd, self._modelsCommand = self._modelsCommand, None
                 try:
-                    self._modelsListed(parse_models_list("\n".join(cmd.stdout_lines)) if cmd.state == "finished" else [])
+                    self._modelsListed(parse_models_list("\n".join(cmd.stdout_lines))
+                                       if cmd.state == "finished" else [])
                 except Exception as exc:
                     self.log(f"cannot list models: {exc}")
         scan = self._scan

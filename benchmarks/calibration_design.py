@@ -111,7 +111,8 @@ def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float]
                                          round(statistics.mean(a - b for b, a in pairs), 2)]
                 out.append({"shrink": shrink, "below": below, "style": style, "corrected": [ids[i] for i in fit],
                             "scored": [ids[i] for i in range(len(ids)) if i not in fit],
-                            "reviewed": [names[k] for k in rev], "offsets": {names[k]: b for k, b in cal.offsets.items()},
+                            "reviewed": [names[k] for k in rev],
+                            "offsets": {names[k]: b for k, b in cal.offsets.items()},
                             "loco": {names[k]: v for k, v in cal.loco.items()}, "per_organ": per})
             print(f"shrink {shrink}: done", flush=True)
     return out

@@ -61,7 +61,8 @@ BUDGET_TOLERANCE = 0.10
 TS_MAP = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5: "liver", 6: "stomach",
           7: "pancreas", 8: "adrenal_gland_right", 9: "adrenal_gland_left", 15: "esophagus", 52: "aorta",
           63: "inferior_vena_cava", 64: "portal_vein_and_splenic_vein"}
-TS_CASES = [("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz"), ("example_ct_sm.nii.gz", "example_seg.nii.gz")]
+TS_CASES = [("example_ct.nii.gz", "example_seg_fast_force_split.nii.gz"),
+            ("example_ct_sm.nii.gz", "example_seg.nii.gz")]
 
 
 # ---------------------------------------------------------------- scoring
@@ -262,8 +263,9 @@ def _learnt(routing: dict) -> str:
 
 
 def summary_table(runs: list[dict]) -> str:
-    lines = ["| set | fold | style | method | seed | it | wall / budget | learnt (branch; offsets) | corrected gain | worst organ | "
-             "TS worst | self-check | targets |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | fold | style | method | seed | it | wall / budget | learnt (branch; offsets) | corrected gain "
+             "| worst organ | TS worst | self-check | targets |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if r.get("status") != "ok":
             lines.append(f"| {r.get('set')} | {r['fold']} | {r['style']} | {r['method']} | {r['seed']} | failed: "
@@ -372,8 +374,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                            **P.machine(None), "parent": args.model, "targets": {
                                "no_harm": f"no organ on the evaluated scans down by more than {DROP_LIMIT} Dice point",
                                "corrected_gain": f">= +{GAIN_TARGET} on reviewed organs where the parent is below "
-                                                 f"{GAIN_BELOW}", "budget": f"wall time within "
-                                                                           f"{100 * BUDGET_TOLERANCE:.0f}% of the budget",
+                                                 f"{GAIN_BELOW}",
+                               "budget": f"wall time within {100 * BUDGET_TOLERANCE:.0f}% of the budget",
                                "self_check": "flags every run that breaks no_harm"},
                            "runs": runs}
                     P.write_json(doc, out_path)

@@ -69,7 +69,8 @@ def main() -> int:
             "data": {"dataset": str(ds), "train_splits": ["train"], "eval_split": None},
             "iterations": 1000, "eval_every": 0, "patch_size": [args.patch] * 3, "batch_size": 2,
             "semi": {"method": "pic", "unlabeled_batch": 2,
-                     "components": {"fkd": {"enabled": fkd, "weights": weights, "cache_dir": args.cache_dir or str(work / "cache")}}}})
+                     "components": {"fkd": {"enabled": fkd, "weights": weights,
+                                            "cache_dir": args.cache_dir or str(work / "cache")}}}})
 
     plain, fkd = Trainer(config(False), work / "plain"), Trainer(config(True), work / "fkd")
     plain.setup()

@@ -178,8 +178,8 @@ def print_tables(doc: dict) -> None:
     print(f"machine: {doc['machine'].get('cpu_model')}, {doc['machine'].get('cores_available')} cores, torch "
           f"{doc['machine'].get('torch')}, device {doc['settings']['device']}; budget {b['minutes']:g} min of "
           f"training per method ({b['chosen_by']})" + ("; QUICK smoke mode" if doc["quick"] else "") + "\n")
-    head = ["method", "iters", "train min", "s/it", "params (M)", "infer s/CT", "avg Dice", "avg ASD", "minority Dice", "minority ASD"] \
-        + P.ABBREV + ["status"]
+    head = ["method", "iters", "train min", "s/it", "params (M)", "infer s/CT", "avg Dice", "avg ASD", "minority Dice",
+            "minority ASD"] + P.ABBREV + ["status"]
     print("Dice % per organ (ASD in voxels, P1 conventions)\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
@@ -232,7 +232,8 @@ def extend_from(args: argparse.Namespace) -> dict:
     st, n = prev["settings"], prev["budget"]["iterations"]
     if args.iterations is not None and args.iterations != n:
         raise SystemExit(f"--extend: {path} has {n} iterations per method, not {args.iterations}")
-    if args.seed != st["seed"] or (args.patch_size or (32 if args.quick else 48)) != st["patch_size"] or args.quick != prev["quick"]:
+    if (args.seed != st["seed"] or (args.patch_size or (32 if args.quick else 48)) != st["patch_size"]
+            or args.quick != prev["quick"]):
         raise SystemExit(f"--extend: {path} was made with seed {st['seed']}, patch {st['patch_size']}, quick "
                          f"{prev['quick']}; run with the same settings")
     args.iterations, args.minutes = n, prev["budget"]["minutes"]

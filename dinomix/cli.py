@@ -405,7 +405,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                 print(f"{meta.model_id}  ({meta.status})\n  file: {e.path}\n  title: {meta.title}\n"
                       f"  created: {meta.created}\n  parent: {meta.parent or '-'}\n"
                       f"  organs: {', '.join(meta.organs.names)}\n"
-                      f"  modes: " + ", ".join(f"{k} {v.spacing_mm[0]:g} mm" for k, v in meta.preprocessing.modes.items())
+                      f"  modes: "
+                      + ", ".join(f"{k} {v.spacing_mm[0]:g} mm" for k, v in meta.preprocessing.modes.items())
                       + f"\n  architecture: {meta.architecture.model_dump()}\n  weights sha256: {meta.weights_sha256}\n"
                       f"  metrics: {json.dumps(meta.metrics)[:600]}")
         elif args.models_cmd == "import":
@@ -479,8 +480,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands() -> list[Callable[[Any], None]]:
     """Commands defined in other modules (training, evaluation), registered if importable."""
     regs = []
-    for modname in ("dinomix.train_cli", "dinomix.evaluate_cli", "dinomix.finetune_cli", "dinomix.cache_cli", "dinomix.scene_cli",
-                    "dinomix.serve_cli"):
+    for modname in ("dinomix.train_cli", "dinomix.evaluate_cli", "dinomix.finetune_cli", "dinomix.cache_cli",
+                    "dinomix.scene_cli", "dinomix.serve_cli"):
         try:
             mod = __import__(modname, fromlist=["register"])
             regs.append(mod.register)

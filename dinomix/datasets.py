@@ -65,7 +65,8 @@ class Dataset(BaseModel):
         cases = [c for c in self.cases if c.split == name]
         if not cases:
             have = sorted({c.split for c in self.cases if c.split})
-            raise DinomixError(f"dataset '{self.name}' has no cases in split '{name}' (splits: {', '.join(have) or 'none'})")
+            raise DinomixError(f"dataset '{self.name}' has no cases in split '{name}' "
+                               f"(splits: {', '.join(have) or 'none'})")
         return cases
 
     def get(self, case_id: str) -> Case:
@@ -123,7 +124,8 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
         ds = Dataset.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        raise DinomixError(f"dataset manifest {p} is invalid at {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise DinomixError(f"dataset manifest {p} is invalid at {'.'.join(map(str, err['loc']))}: "
+                           f"{err['msg']}") from None
     ds.root = str(p.parent)
     for c in ds.cases:
         for n in c.label_map.values():

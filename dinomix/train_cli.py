@@ -22,8 +22,8 @@ def register(sub) -> None:
     t.add_argument("config", help="training config JSON (TrainConfig)")
     t.add_argument("-o", "--output", required=True, help="run folder: checkpoints, model files, events")
     t.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
-    t.add_argument("--iterations", type=int, default=None, help="override the config's iteration count; with --resume, extend the run "
-                                                              "to N iterations")
+    t.add_argument("--iterations", type=int, default=None,
+                   help="override the config's iteration count; with --resume, extend the run to N iterations")
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
     t.add_argument("--events", default=None, metavar="FILE|-", help="JSON-lines progress events")
     t.add_argument("--register", action="store_true", help="import the final model into the registry")

@@ -27,8 +27,9 @@ def _scan(true_r: float, drawn_r: float, reviewed=(3,), seed: int = 0) -> C.Scan
 
 
 def _phantom(true_r: float, drawn_r: float, reviewed=(3,), seed: int = 0):
-    """(logits, label, annotated, parent argmax) of a phantom: the parent draws the pancreas (class 3) as a ball of radius `drawn_r` (its logit falls off with the
-    distance to that sphere) while the correction has radius `true_r`; a spleen (class 2) touches it."""
+    """(logits, label, annotated, parent argmax) of a phantom: the parent draws the pancreas (class 3) as a ball of
+    radius `drawn_r` (its logit falls off with the distance to that sphere) while the correction has radius
+    `true_r`; a spleen (class 2) touches it."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.zeros((4, *SHAPE))
     logits[3] = -_ball(drawn_r) * 0.5 + 0.05 * torch.randn(SHAPE, generator=g)
@@ -120,7 +121,8 @@ def test_the_self_check_reports_the_calibrated_organs_and_stays_safe_when_vouche
     scans = [_scan(5.0, 7.0, seed=0), _scan(5.5, 7.5, seed=1)]
     full = [_phantom(5.0, 7.0, seed=0), _phantom(5.5, 7.5, seed=1)]
     labeled = [type("Case", (), {"annotated": f[2], "label": f[1], "id": f"s{i}"})() for i, f in enumerate(full)]
-    sc = self_check(NAMES, Routing(classes=[3]), labeled, [f[3] for f in full], [f[3] for f in full], [], [])  # the branch learnt nothing: the parent keeps pancreas
+    # the branch learnt nothing: the parent keeps pancreas
+    sc = self_check(NAMES, Routing(classes=[3]), labeled, [f[3] for f in full], [f[3] for f in full], [], [])
     assert sc.verdict == "safe" and "Nothing was kept" in sc.message
     cal = C.calibrate(scans, [3])
     kept, dropped = C.vouch(cal, scans, [], NAMES)

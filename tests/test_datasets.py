@@ -20,7 +20,8 @@ def test_btcv_import_has_the_p1_split(data_dir):
     ds = import_btcv(data_dir / "btcv")
     assert [len([c for c in ds.cases if c.split == s]) for s in ("train", "eval", "test")] == [20, 4, 6]
     assert all(c.labeled for c in ds.cases)
-    assert {c.id for c in ds.split("test")} == {f"btcv_img{i}" for i in ("0008", "0027", "0029", "0033", "0037", "0039")}
+    test_ids = ("0008", "0027", "0029", "0033", "0037", "0039")
+    assert {c.id for c in ds.split("test")} == {f"btcv_img{i}" for i in test_ids}
 
 
 def test_btcv_20_percent_keeps_only_four_labeled_training_cases(data_dir):

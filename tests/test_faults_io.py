@@ -261,7 +261,8 @@ def test_a_truncated_nifti_is_refused_not_zero_filled(tmp_path, suffix, keep):
     whole = write_ct(tmp_path / f"whole{suffix}")
     cut = tmp_path / f"cut{suffix}"
     data = whole.read_bytes()
-    cut.write_bytes(data[: int(len(data) * keep)] if suffix == ".nii.gz" else data[: 352 + int((len(data) - 352) * keep)])
+    cut.write_bytes(data[: int(len(data) * keep)] if suffix == ".nii.gz"
+                    else data[: 352 + int((len(data) - 352) * keep)])
     with pytest.raises(InputImageError, match="truncated or damaged"):
         read_image(cut)
 

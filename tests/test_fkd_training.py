@@ -47,7 +47,8 @@ def test_cutmix_pastes_extra_fields_on_their_own_grid():
     def patches(v: float) -> Patches:
         return Patches(torch.full((B, 1, P, P, P), v), torch.full((B, P, P, P), int(v), dtype=torch.long),
                        torch.ones((B, 3, P, P, P), dtype=torch.bool), torch.ones((B, P, P, P)),
-                       {"fkd": torch.full((B, 5, P // 2, P // 2, P // 2), v), "confidence": torch.full((B, 1, P, P, P), v)})
+                       {"fkd": torch.full((B, 5, P // 2, P // 2, P // 2), v),
+                        "confidence": torch.full((B, 1, P, P, P), v)})
 
     tgt, src = patches(1.0), patches(2.0)
     mixed, infos = cutmix(np.random.default_rng(3), tgt, src, (0.25, 0.75))

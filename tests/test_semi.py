@@ -178,10 +178,11 @@ def test_bad_semi_settings_are_rejected():
 
 def _dataset(tmp: Path, data_dir: Path, unlabeled: tuple[str, ...] = ("0002", "0003")) -> Path:
     d = data_dir / "btcv"
-    cases = [Case(id="btcv_img0009", image=str(d / "btcv_img0009_ct.nii.gz"), label=str(d / "btcv_img0009_label.nii.gz"),
-                  label_map=dict(BTCV_NAMES), split="train"),
-             Case(id="btcv_img0021", image=str(d / "btcv_img0021_ct.nii.gz"), label=str(d / "btcv_img0021_label.nii.gz"),
-                  label_map=dict(BTCV_NAMES), annotated=PARTIAL, split="train")]
+    cases = [Case(id="btcv_img0009", image=str(d / "btcv_img0009_ct.nii.gz"),
+                  label=str(d / "btcv_img0009_label.nii.gz"), label_map=dict(BTCV_NAMES), split="train"),
+             Case(id="btcv_img0021", image=str(d / "btcv_img0021_ct.nii.gz"),
+                  label=str(d / "btcv_img0021_label.nii.gz"), label_map=dict(BTCV_NAMES), annotated=PARTIAL,
+                  split="train")]
     cases += [Case(id=f"btcv_img{u}", image=str(d / f"btcv_img{u}_ct.nii.gz"), split="train") for u in unlabeled]
     return Dataset(name="semi-test", cases=cases).save(tmp / "dataset.json")
 
@@ -256,7 +257,8 @@ def test_semi_resume_after_interruption_gives_identical_weights(pic_run, tmp_pat
     st = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
     assert st["iteration"] == 3 and "teacher" in st and "pic" in st
     # the teacher is an EMA of the student, not a copy of it
-    assert any(not torch.equal(st["teacher"][k], st["model"][k]) for k in st["model"] if st["model"][k].is_floating_point())
+    assert any(not torch.equal(st["teacher"][k], st["model"][k])
+               for k in st["model"] if st["model"][k].is_floating_point())
     resumed = Trainer(TrainConfig.from_file(cfg_path), out)
     res = resumed.run(resume=True)
     _, a = load_model(ref / "model_last.safetensors")
@@ -320,7 +322,8 @@ def test_class_quantile_thresholds_and_the_mixed_only_student_batch_in_a_real_ru
     assert min(tr.history[-1]["thresholds"]) < 0.9 and tr.history[-1]["confident"] > 0.0
     _, meta = load_model(res["model"])
     final = meta.training["semi"]["pseudo_label_thresholds_final"]
-    assert final["mode"] == "class_quantile" and final["tau"]["background"] == pytest.approx(tr.history[-1]["thresholds"][0], abs=1e-4)
+    assert final["mode"] == "class_quantile"
+    assert final["tau"]["background"] == pytest.approx(tr.history[-1]["thresholds"][0], abs=1e-4)
 
     resumed = _interrupt_and_resume(cfg, tmp_path / "resumed", after=2)
     _, again = load_model(resumed["model"])

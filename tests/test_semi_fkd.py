@@ -39,8 +39,9 @@ def _expected_official_vits16() -> dict[str, tuple[int, ...]]:
     for i in range(DEPTH):
         b = f"blocks.{i}."
         keys.update({b + "norm1.weight": (D,), b + "norm1.bias": (D,), b + "attn.qkv.weight": (3 * D, D),
-                     b + "attn.qkv.bias": (3 * D,), b + "attn.qkv.bias_mask": (3 * D,), b + "attn.proj.weight": (D, D),
-                     b + "attn.proj.bias": (D,), b + "ls1.gamma": (D,), b + "norm2.weight": (D,), b + "norm2.bias": (D,),
+                     b + "attn.qkv.bias": (3 * D,), b + "attn.qkv.bias_mask": (3 * D,),
+                     b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,), b + "ls1.gamma": (D,),
+                     b + "norm2.weight": (D,), b + "norm2.bias": (D,),
                      b + "mlp.fc1.weight": (HID, D), b + "mlp.fc1.bias": (HID,), b + "mlp.fc2.weight": (D, HID),
                      b + "mlp.fc2.bias": (D,), b + "ls2.gamma": (D,)})
     return keys

@@ -96,7 +96,8 @@ def test_segmentation_geometry_is_the_volume_geometry(segmented):
         shift = same_lattice(vol_m, matrix)
         assert shift is not None and np.array_equal(shift, [0, 0, 0]), f"{sid}: labelmap off the volume's lattice"
         dims = volume.GetImageData().GetDimensions()
-        assert all(0 <= extent[2 * a] and extent[2 * a + 1] < dims[a] for a in range(3) if extent[2 * a] <= extent[2 * a + 1])
+        assert all(0 <= extent[2 * a] and extent[2 * a + 1] < dims[a]
+                   for a in range(3) if extent[2 * a] <= extent[2 * a + 1])
     # the engine wrote its NIfTI on the very grid of the exported volume
     import SimpleITK as sitk
 

@@ -305,7 +305,8 @@ def test_the_self_check_is_parsed_from_the_result_event():
     check = _result(SAFE)["self_check"]
     assert isinstance(check, SelfCheck) and check.reported and check.safe
     assert check.headline().startswith("Self-check passed") and SAFE["message"] in check.headline()
-    assert check.check_lines() == ["[passed] corrected organs: liver +4.1", "[passed] other organs unchanged: max change 0.8"]
+    assert check.check_lines() == ["[passed] corrected organs: liver +4.1",
+                                   "[passed] other organs unchanged: max change 0.8"]
     bad = _result(UNSAFE)["self_check"]
     assert bad.verdict == "unsafe" and not bad.safe
     assert bad.check_lines() == ["[FAILED] organ volumes: pancreas -30 %", "[not run] loss"]

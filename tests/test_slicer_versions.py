@@ -56,7 +56,8 @@ def test_an_unknown_slicer_version_does_not_block():
 
 
 def _python39() -> str | None:
-    for exe in [shutil.which("python3.9"), *sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.9*/bin/python3.9"))]:
+    pyenv = sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.9*/bin/python3.9"))
+    for exe in [shutil.which("python3.9"), *pyenv]:
         if exe:
             try:
                 out = subprocess.run([exe, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,

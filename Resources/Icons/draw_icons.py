@@ -52,7 +52,8 @@ def badge(d: ImageDraw.ImageDraw, kind: str) -> None:
     if kind == "segment":  # a brush stroke
         d.line([cx - 9 * S, cy + 9 * S, cx + 9 * S, cy - 9 * S], fill=(221, 130, 101, 255), width=6 * S)
     else:  # a rising curve: learning
-        pts = [(cx - 11 * S, cy + 8 * S), (cx - 4 * S, cy + 2 * S), (cx + 2 * S, cy - 1 * S), (cx + 11 * S, cy - 10 * S)]
+        pts = [(cx - 11 * S, cy + 8 * S), (cx - 4 * S, cy + 2 * S), (cx + 2 * S, cy - 1 * S),
+               (cx + 11 * S, cy - 10 * S)]
         d.line(pts, fill=(0, 112, 165, 255), width=5 * S, joint="curve")
 
 
