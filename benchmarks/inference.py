@@ -224,6 +224,7 @@ def run_child(cmd: list[str]) -> dict:
     import psutil
 
     load_before = os.getloadavg()
+    parent_peak = _peak_rss_of(os.getpid()) or 0
     t0, t0_unix = time.perf_counter(), time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tree_peak = [0]
@@ -257,9 +258,15 @@ def run_child(cmd: list[str]) -> dict:
     for r in readers:
         r.join()
     poller.join()
+    # Linux keeps a process's pre-exec high-water mark across exec: a child forked from this (large, after the
+    # network comparison) process reports at least this process's peak. Then the polled peak is the child's.
+    waited = int(ru.ru_maxrss) * 1024  # Linux: KiB
+    inherited = parent_peak and waited <= parent_peak and tree_peak[0] < waited
     return {"returncode": proc.returncode, "wall_s": round(wall, 2), "t0_unix": t0_unix,
             "cpu_user_s": round(ru.ru_utime, 2), "cpu_sys_s": round(ru.ru_stime, 2),
-            "peak_rss_bytes": int(ru.ru_maxrss) * 1024,          # Linux: KiB
+            "peak_rss_bytes": int(tree_peak[0]) if inherited else waited,
+            "peak_rss_source": "polled (wait4's figure is the parent's, inherited)" if inherited else "wait4",
+            "peak_rss_wait4_bytes": waited, "parent_peak_rss_bytes": parent_peak,
             "peak_rss_tree_polled_bytes": int(tree_peak[0]),
             "loadavg_before": [round(v, 2) for v in load_before],
             "loadavg_after": [round(v, 2) for v in os.getloadavg()],
@@ -746,6 +753,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 res["segment"].append(rec)
                 print(f"  {rec['wall_s']:.1f} s, peak RSS {rec['peak_rss_bytes'] / 1e9:.2f} GB, "
                       f"stages {rec.get('timings_s')}, load {rec['loadavg_before'][0]:.1f}", flush=True)
+    if not args.no_warm:  # before the network comparison, which makes this process large
+        res["warm"] = warm_section(data, Path(args.cache), args.modes, args.model, args.batch_scans)
     if not args.no_nnunet and not args.no_clinical:
         print(f"network comparison on {inputs[0][0].name}: {args.windows} timed window(s) per network and mode ...",
               flush=True)
@@ -753,8 +762,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             res["networks"] = compare_networks(inputs[0][0], args.modes, args.windows,
                                                model_for_mode(args.model, "full", Path(tmp))
                                                if "full" in args.modes else args.model)
-    if not args.no_warm:
-        res["warm"] = warm_section(data, Path(args.cache), args.modes, args.model, args.batch_scans)
     res["load_end"] = load_snapshot()
     res["targets"] = evaluate_targets(res)
     out = Path(args.out)
