@@ -18,7 +18,10 @@ OSMesa). What it does:
 3. puts the three views side by side with a legend of the segments (names and colours read back from the
    segmentation node) and writes a PNG (256 colours, kept under 300 KB).
 
-The PNG is a rendering of a few slices, not the data; the CT itself is never committed.
+A rendering of a CT is a derivative of it: a PNG made from the project's shared data (BTCV, TotalSegmentator
+examples, CHAOS) must not be committed (their licences do not allow redistribution); Resources/Screenshots/ is
+git-ignored for that reason. For the extension index, render a CT whose licence allows it (Slicer's CTA abdomen
+sample) and add the PNG with `git add -f`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import vtk  # noqa: E402
 from vtk.util.numpy_support import vtk_to_numpy  # noqa: E402
 
 DEFAULT_CT = ROOT.parent / "shared" / "data" / "btcv" / "btcv_img0031_ct.nii.gz"
-DEFAULT_OUT = ROOT / "Resources" / "Screenshots" / "DINOMixSegmentation-slicer.png"
+DEFAULT_OUT = ROOT / "Resources" / "Screenshots" / "DINOMixSegmentation-slicer.png"  # git-ignored
 MAX_BYTES = 300_000
 VIEW_PX = 420  # each view is VIEW_PX x VIEW_PX
 SLICE_MANAGERS = ("vtkMRMLSegmentationsDisplayableManager2D",)
