@@ -1,0 +1,49 @@
+"""The CPU kernel (`inference.FastStudent`) is what segments on a CPU, and it computes the network's function:
+same logits as `StudentUNet.forward` on inputs of odd, non-cubic shapes, for the shipped model and a routed
+fine-tune, and the shipped model never silently falls back to the slower module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinomix.inference import FastStudent, Segmenter, _fast_runner
+from dinomix.network import RoutedConfig, StudentConfig, StudentUNet
+
+SHAPES = [(1, 1, 16, 32, 48), (1, 1, 48, 16, 32), (2, 1, 32, 32, 16)]
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max())))
+
+
+def _net(routed: bool = False) -> StudentUNet:
+    torch.manual_seed(0)
+    net = StudentUNet(StudentConfig(out_channels=5))
+    if routed:
+        parent = net
+        net = StudentUNet(StudentConfig(out_channels=5, routed=RoutedConfig(classes=[2, 4], blocks=1)))
+        net.init_branch_from(parent)
+        with torch.no_grad():  # a trained branch: not the parent's copy any more
+            for p in net.branch_parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    return net.eval()
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[2:])) + f"-b{s[0]}")
+@pytest.mark.parametrize("routed", [False, True], ids=["plain", "routed"])
+def test_the_kernel_gives_the_networks_logits_on_odd_shapes(shape, routed):
+    net = _net(routed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert _close(FastStudent(net)(x), net(x))
+
+
+def test_the_shipped_model_segments_with_the_kernel():
+    seg = Segmenter("abdomen-btcv13", "cpu")
+    assert isinstance(seg.fast, FastStudent), "the CPU kernel refused the shipped model: segmentation would be slower"
+
+
+def test_the_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("DINOMIX_NO_FASTPATH", "1")
+    assert _fast_runner(_net(), torch.device("cpu")) is None
