@@ -1,10 +1,12 @@
 """Progress for people (a tqdm bar with time left) and for programs (JSON-lines events).
 
-Event lines (one JSON object per line, flushed at once) that the Slicer modules read:
-  {"event": "start", "command": ..., "time": ...}
+Event lines (one JSON object per line, flushed at once) that the Slicer modules read. Their contract is one
+JSON schema, `Resources/Schemas/events.schema.json` (the summary of a segmentation: summary.schema.json); the
+kinds are `EventKind`, and tests validate real runs against the schema:
+  {"event": "start", "command": ..., "version": ..., "pid": ..., "time": ...}
   {"event": "progress", "stage": ..., "fraction": 0..1, "eta_s": ..., "elapsed_s": ..., "message": ...}
   {"event": "log", "level": "info"|"warning", "message": ...}
-  {"event": "metric", ...}                   (training: loss, eval Dice)
+  {"event": "metric", "kind": "train"|"eval"|"plan"|"evaluation", ...}
   {"event": "result", ...}                   (final result)
   {"event": "error", "message": ..., "kind": ...}
   {"event": "cancelled", "message": ...}
@@ -16,9 +18,14 @@ import json
 import sys
 import threading
 import time
-from typing import IO, Any, Optional
+from typing import IO, Any, Literal, Optional, get_args
 
 from tqdm import tqdm
+
+# Every event an engine command or `dinomix serve` writes (Resources/Schemas/events.schema.json lists the same).
+EventKind = Literal["start", "progress", "log", "metric", "surface", "result", "error", "cancelled",
+                    "ready", "queued", "pong", "shutdown"]
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 
 class Reporter:
@@ -38,7 +45,7 @@ class Reporter:
         self.bar = tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
                         file=sys.stderr, leave=False) if bar else None
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: EventKind, **fields: Any) -> None:
         if self.events is None:
             return
         rec = {"event": event, "time": round(time.time(), 3), **fields}

@@ -21,8 +21,12 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from jsonschema import Draft202012Validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = REPO_ROOT / "Resources" / "Schemas"
+# the engine's event contract, checked on every event a test reads (CliResult.events)
+EVENT_CONTRACT = Draft202012Validator(json.loads((SCHEMAS / "events.schema.json").read_text()))
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
 
 # The BTCV case most tests segment: small (257 x 257 x 94 at 3 mm slices) and two sliding windows in fast mode.
@@ -93,8 +97,14 @@ class CliResult:
         return self.stdout + self.stderr
 
     def events(self) -> list[dict]:
-        """The JSON-lines events on stdout (with `--events -`)."""
-        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+        """The JSON-lines events on stdout (with `--events -`), each checked against the engine's event contract
+        (Resources/Schemas/events.schema.json): every test that reads events also tests the contract."""
+        events = [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+        for event in events:
+            problems = sorted(EVENT_CONTRACT.iter_errors(event), key=lambda e: list(e.path))
+            assert not problems, (f"event breaks events.schema.json: {problems[0].message}\n{event}\n"
+                                  f"{self.describe()}")
+        return events
 
     def describe(self) -> str:
         return (f"dinomix {' '.join(self.args)} -> exit {self.returncode} in {self.seconds:.1f} s\n"

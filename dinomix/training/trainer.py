@@ -398,7 +398,8 @@ class Trainer:
             losses.append(loss)
             done = it + 1
             elapsed = time.monotonic() - t_start
-            record: dict[str, Any] = {"iteration": done, "loss": round(loss, 5), "lr": lr_at(cfg, it)}
+            record: dict[str, Any] = {"kind": "train", "iteration": done, "iterations": cfg.iterations,
+                                      "loss": round(loss, 5), "lr": lr_at(cfg, it)}
             record.update(self.iteration_info(done, elapsed))
             if cfg.eval_every and self.eval_cases and (done % cfg.eval_every == 0 or done == cfg.iterations):
                 ev = self.evaluate()
