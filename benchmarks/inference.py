@@ -44,7 +44,6 @@ import json
 import math
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -347,7 +346,6 @@ def timed_sliding_window(name: str, fn, x, plan, n_timed: int, out_channels: int
 
 
 def compare_networks(clinical: Path, modes: list[str], n_timed: int, model: Optional[str]) -> list[dict]:
-    import torch
     import torch.nn.functional as F
 
     from dinomix.imageio import read_image
@@ -368,7 +366,7 @@ def compare_networks(clinical: Path, modes: list[str], n_timed: int, model: Opti
         div = 2 ** 5  # nnU-Net's 6 stages need multiples of 32; pad a window inside its predictor if needed
         pad = [(-r) % div for r in plan.roi]
 
-        def run_nnunet(patch):
+        def run_nnunet(patch, pad=pad, plan=plan):
             if any(pad):
                 p = F.pad(patch, (0, pad[2], 0, pad[1], 0, pad[0]))
                 return nnunet(p)[..., :plan.roi[0], :plan.roi[1], :plan.roi[2]]
@@ -572,7 +570,8 @@ def warm_table(res: dict, modes: list[str]) -> list[dict]:
                      "handoff_s": req.get("handoff", {}).get("wall_s"), "batch_first_s": batch.get("first_scan_s"),
                      "batch_next_s": per, "warm_vs_cold": round(warm / c, 3) if warm and c else None,
                      "batch_vs_cold": round(per / c, 3) if per and c else None,
-                     "rss_cold_bytes": cold.get("peak_rss_bytes"), "rss_serve_bytes": res["serve"].get("peak_rss_bytes"),
+                     "rss_cold_bytes": cold.get("peak_rss_bytes"),
+                     "rss_serve_bytes": res["serve"].get("peak_rss_bytes"),
                      "rss_batch_bytes": batch.get("peak_rss_bytes"), "load_cold": cold["loadavg_before"][0]})
     return rows
 
@@ -615,8 +614,8 @@ def print_warm(res: dict) -> None:
               f"{gb(r['rss_serve_bytes']):>9s} {gb(r['rss_batch_bytes']):>9s} {r['load_cold']:4.1f}")
     print("  cold = `dinomix segment` end to end (process start, imports, model load); warm1/warm = first and second "
           "request of that mode\n  to `dinomix serve` (client round trip, gzip outputs); handoff = a warm request "
-          "with --compression none and\n  .seg.nrrd + summary only, its input the CT as an uncompressed NRRD (as the Slicer module "
-          "exports it); batch1 = first scan of a batch (from the "
+          "with --compression none and\n  .seg.nrrd + summary only, its input the CT as an uncompressed NRRD "
+          "(as the Slicer module exports it); batch1 = first scan of a batch (from the "
           "process's start), batchN = each later scan;\n  RSS in GB (serve: the server's high-water mark over "
           "all its requests); load = 1-min load average before the cold run")
     for t in res["targets"]:
@@ -654,7 +653,8 @@ def print_tables(res: dict) -> None:
           "from OUT.json;\n  io = the rest of run_time_s: model load, image read and checks, writing "
           ".seg.nrrd/.nii.gz/.json; load = 1-min load average before the run")
     if res.get("networks"):
-        print("\nnetwork cost on the clinical-size CT, same preprocessed volume, same MONAI sliding window, same process")
+        print("\nnetwork cost on the clinical-size CT, same preprocessed volume, same MONAI sliding window, "
+              "same process")
         print(f"{'mode':4s} {'volume':>13s} {'roi':>13s} {'ovl':>4s} {'bs':>2s} {'win':>3s} {'timed':>5s} "
               f"{'ours s/win':>10s} {'nnU s/win':>9s} {'ours tot':>8s} {'nnU tot':>8s} {'speedup':>7s} {'raw':>6s}")
         for n in res["networks"]:
@@ -701,8 +701,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=os.environ.get("DINOMIX_DATA", str(DEFAULT_DATA)))
-    p.add_argument("--cache", default=os.environ.get("DINOMIX_BENCH_CACHE",
-                                                     str(Path(platformdirs.user_cache_dir("dinomix", appauthor=False)) / "bench")),
+    cache = Path(platformdirs.user_cache_dir("dinomix", appauthor=False)) / "bench"
+    p.add_argument("--cache", default=os.environ.get("DINOMIX_BENCH_CACHE", str(cache)),
                    help="folder for the clinical-size CT (outside the repository)")
     p.add_argument("--modes", nargs="+", default=["fast", "full"], choices=["fast", "full"])
     p.add_argument("--cases", default="test", help="'test' (the 6 BTCV test cases), 'none', or comma-separated ids")
@@ -726,7 +726,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not (data / "btcv").is_dir():
         print(f"benchmark skipped: no BTCV data in {data} (set --data or DINOMIX_DATA)")
         return 0 if os.environ.get("CI", "").lower() not in ("1", "true", "yes") else 1
-    res: dict[str, Any] = {"benchmark": "inference", "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    res: dict[str, Any] = {"benchmark": "inference",
+                           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
                            "machine": machine_info(), "load_start": load_snapshot(), "targets_def": TARGETS}
     inputs: list[tuple[Path, bool]] = []

@@ -146,14 +146,29 @@ def cancel_row(loop, job, started, done, interval: float, pid_of=None) -> dict:
 
 def run_mode(name: str, path: Path, mode: str, tmp: Path, finetune: bool) -> dict:
     import numpy as np
-
     import slicer
     from slicer_harness import SEGMENTATION_TICK_S, TRAINER_TICK_S, MainLoop
 
-    from DINOMixSegmentationLib import (Engine, SegmentationRun, SegmentOptions, SurfaceBuilder, list_models_command,
-                                        parse_models_list, segment_mask)
-    from DINOMixTrainerLib import (ChangeScan, ExportTask, FineTuneOptions, FineTuneRun, TrainingChart, TrainingSet,
-                                   case_for, detect_changes, find_cases)
+    from DINOMixSegmentationLib import (
+        Engine,
+        SegmentationRun,
+        SegmentOptions,
+        SurfaceBuilder,
+        list_models_command,
+        parse_models_list,
+        segment_mask,
+    )
+    from DINOMixTrainerLib import (
+        ChangeScan,
+        ExportTask,
+        FineTuneOptions,
+        FineTuneRun,
+        TrainingChart,
+        TrainingSet,
+        case_for,
+        detect_changes,
+        find_cases,
+    )
 
     out: dict[str, Any] = {"mode": mode, "flows": {}, "cancel": {}}
     scene, keep_alive = make_scene()
@@ -249,9 +264,10 @@ def run_mode(name: str, path: Path, mode: str, tmp: Path, finetune: bool) -> dic
                                               lambda: builder.task.command.proc.pid)
     scan2 = ChangeScan([case_for(seg)])
     tr_loop.call(scan2.start, "cancel refresh: click")
-    out["cancel"]["refresh"] = cancel_row(tr_loop, scan2, lambda: scan2.task is not None and scan2.task.command is not None
-                                          and scan2.task.command.proc is not None, lambda: scan2.ended, TRAINER_TICK_S,
-                                          lambda: scan2.task.command.proc.pid)
+    out["cancel"]["refresh"] = cancel_row(
+        tr_loop, scan2, lambda: scan2.task is not None and scan2.task.command is not None
+        and scan2.task.command.proc is not None, lambda: scan2.ended, TRAINER_TICK_S,
+        lambda: scan2.task.command.proc.pid)
     case2 = case_for(seg)
     detect_changes(case2)
     ts2 = TrainingSet(tmp / f"{name}-{mode}-cancelled-set")
@@ -335,7 +351,6 @@ def warm_table(rec: dict, modes: list[str]) -> list[dict]:
         cold = rec["per_click"][mode]["wall_s"]
         first = next((r["wall_s"] for r in rec["warm"] if r["mode"] == mode and r["kind"].startswith("first")), None)
         warm = [r["wall_s"] for r in rec["warm"] if r["mode"] == mode and r["kind"] == "warm click"]
-        best = min(warm) if warm else None
         mean = round(sum(warm) / len(warm), 2) if warm else None
         rows.append({"mode": mode, "per_click_engine_s": cold, "warm_first_click_s": first, "warm_clicks_s": warm,
                      "warm_mean_s": mean, "warm_over_per_click": round(mean / cold, 3) if mean and cold else None,

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Optional
 
 from .errors import Cancelled, DinomixError
-from .events import Reporter
+from .events import EventKind, Reporter
 from .imageio import IMAGE_SUFFIXES, AtomicWriter
 
 BATCH_SOME_FAILED = 4
@@ -58,7 +58,7 @@ class TaggedReporter(Reporter):
         if self.on_stage is not None:
             self.on_stage(stage)
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: EventKind, **fields: Any) -> None:
         if self.events is None or (self._gate is not None and not self._gate()):
             return
         rec = {"event": event, **self.tags, "time": round(time.time(), 3), **fields}
@@ -207,7 +207,7 @@ class ReadAhead:
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, daemon=True, name="dinomix-read-ahead")
 
-    def start(self) -> "ReadAhead":
+    def start(self) -> ReadAhead:
         self._thread.start()
         return self
 
@@ -335,6 +335,7 @@ def _one_scan(args: argparse.Namespace, job, item: ReadScan, seg, limit: int, lo
             raise item.error
         check()
         add_model_stages(srep)
+        assert item.paths is not None and item.wanted is not None, "a scan without an error has its outputs"
         writer = job.new_writer()
         _, summary = segment_image(item.args, seg, item.image, item.notes, item.paths, item.wanted, writer,
                                    srep, check, limit, item.t0)

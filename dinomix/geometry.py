@@ -78,6 +78,7 @@ def logits_to_input_labels(logits: torch.Tensor, labels: torch.Tensor, grid: Mod
     argmax, which must be consistent with the logits (see `postprocess.make_consistent`).
     The result is the (x, y, z) view of a C-ordered (z, y, x) array, ready for SimpleITK without a copy.
     """
+    assert grid.resized_shape is not None and grid.oriented_shape is not None, "a grid from preprocessing"
     rs = tuple(grid.resized_shape)
     box = tuple(grid.box or tuple((0, n) for n in rs))
     os_ = tuple(grid.oriented_shape)
@@ -112,7 +113,7 @@ def logits_to_input_labels(logits: torch.Tensor, labels: torch.Tensor, grid: Mod
     # to `final` a block of planes at a time.
     nblk = 8
     blk = np.empty((nblk, os_[1], os_[2]), dtype=np.uint8)
-    last = (None, None)
+    last: tuple[Optional[int], Optional[np.ndarray]] = (None, None)  # (x, its cells plane): reused by the next x
     threads = ThreadChooser()
     for x0 in range(0, os_[0], nblk):
         if check_cancel:
@@ -124,6 +125,7 @@ def logits_to_input_labels(logits: torch.Tensor, labels: torch.Tensor, grid: Mod
             if last[0] != xc:
                 last = (xc, np.take(np.take(cells[xc], ylo, axis=0), zlo, axis=1))
             plane = last[1]
+            assert plane is not None
             mixed = plane == MIXED
             n_mixed = int(np.count_nonzero(mixed))
             if n_mixed == 0:
@@ -184,7 +186,7 @@ class ThreadChooser:
         if k < len(self.options):
             self.current = self.options[k]          # probe each setting in turn
         else:
-            self.current = min(self.seconds, key=self.seconds.get)
+            self.current = min(self.seconds, key=lambda n: self.seconds[n])
         torch.set_num_threads(self.current)
         self._t = time.perf_counter()
 

@@ -544,7 +544,7 @@ class AtomicWriter:
                 if isinstance(exc, (OSError, RuntimeError)):
                     raise output_error(current, exc) from None
                 raise
-            for target, backup in done:
+            for _target, backup in done:
                 if backup is not None:
                     backup.unlink(missing_ok=True)
             for folder in {t.parent for t, _ in done}:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 # OpenMP threads that wait by spinning steal the cores from each other and from everything else when
 # the machine is busy (measured 4x slower sliding-window inference on 2 shared cores); set before the
@@ -30,6 +31,8 @@ from .postprocess import fill_holes, keep_largest_component, make_consistent, re
 from .preprocessing import build_preprocess, sitk_to_sample
 from .registry import Entry, resolve
 
+log = logging.getLogger("dinomix")
+CPU = torch.device("cpu")
 STAGES = {"preprocess": 0.1, "infer": 0.65, "postprocess": 0.05, "resample": 0.15, "write": 0.05}
 
 
@@ -108,7 +111,7 @@ def count_windows(shape: tuple[int, ...], roi: tuple[int, ...], overlap: float) 
 class WindowPlan:
     """The sliding-window settings used for one preprocessed volume."""
 
-    roi: tuple[int, int, int]
+    roi: tuple[int, ...]
     overlap: float
     batch: int
     windows: int
@@ -147,7 +150,7 @@ def window_plan(shape: tuple[int, ...], mode, divisor: int, overlap: Optional[fl
 
 
 def sliding_window(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, plan: WindowPlan,
-                   device: torch.device = torch.device("cpu")) -> torch.Tensor:
+                   device: torch.device = CPU) -> torch.Tensor:
     """MONAI sliding-window inference of a (1, D, H, W) volume with the engine's settings; (C, D, H, W) out.
 
     A single window (the volume fits the ROI) is run directly: the volume zero-padded to the ROI as MONAI
@@ -173,7 +176,8 @@ def _single_window(predict: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     y = predict(xp)
     del xp
     # A contiguous copy of the crop (the runner's result may live in a work buffer, channels-last).
-    return y[0][(slice(None), *crop)].float().contiguous()
+    index = (slice(None), *crop)
+    return y[0][index].float().contiguous()
 
 
 # ---------------------------------------------------------------- fast CPU execution of the student network
@@ -191,7 +195,7 @@ def _empty_cl(n: int, c: int, spatial) -> torch.Tensor:
     return torch.empty((n, *spatial, c)).permute(0, 4, 1, 2, 3)
 
 
-def _norm_act_(x: torch.Tensor, norm: torch.nn.Module, slope: Optional[float]) -> torch.Tensor:
+def _norm_act_(x: torch.Tensor, norm: Any, slope: Optional[float]) -> torch.Tensor:
     """Instance norm (biased variance, affine) then leaky ReLU, in place on a channels-last tensor.
 
     Two-pass statistics (sum for the mean, then squared deviations in blocks) are as accurate as
@@ -228,9 +232,13 @@ class FastStudent:
     to the module.
     """
 
+    # MONAI's blocks expose their layers through nn.Module.__getattr__ (typed `Tensor | Module`): the kernel reads
+    # the network's structure dynamically, so the blocks are typed Any here.
+
     def __init__(self, net: StudentUNet) -> None:
         self.net = net
-        self.slope = float(net.stem.adn.A.negative_slope)
+        blocks: Any = net
+        self.slope = float(blocks.stem.adn.A.negative_slope)
         self._w_cl = {}
         for m in net.modules():
             if isinstance(m, torch.nn.Conv3d) and m.kernel_size != (1, 1, 1):
@@ -246,9 +254,10 @@ class FastStudent:
         if type(net) is not StudentUNet:
             return False
         try:
-            cfg = net.cfg
+            blocks: Any = net
+            cfg = blocks.cfg
             return bool(cfg.in_channels == 1 and cfg.norm == "instance" and not cfg.dropout
-                        and net.stem.conv.kernel_size == (3, 3, 3))
+                        and blocks.stem.conv.kernel_size == (3, 3, 3))
         except AttributeError:
             return False
 
@@ -369,7 +378,8 @@ class FastStudent:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, C, D, H, W) in channels-last memory. With `reuse` set, the result lives in a work
         buffer that the next call overwrites (the sliding window consumes each result at once)."""
-        net, slope = self.net, self.slope
+        net: Any = self.net
+        slope = self.slope
         stem = _norm_act_(self._stem(x, net.stem.conv), net.stem.adn.N, slope)
         h = stem
         skips = []
@@ -390,6 +400,7 @@ class FastStudent:
         routed_logits = None
         if routed is not None:  # per-organ routing: the branch's logits of the routed classes (network.RoutedConfig)
             b = branch_in
+            assert b is not None  # set at the block where the branch leaves the decoder
             for j, up in enumerate(net.branch_ups):
                 b = self._up_block(b, up, skips[-2 - (first_branch + j)])
             routed_logits = self._head(b, stem, net.branch_fuse, net.branch_out, None, "b").clone()
@@ -401,14 +412,14 @@ class FastStudent:
             out.index_copy_(1, net.routed_index, routed_logits)
         return out
 
-    def _up_block(self, h: torch.Tensor, up: torch.nn.Module, skip: torch.Tensor) -> torch.Tensor:
+    def _up_block(self, h: torch.Tensor, up: Any, skip: torch.Tensor) -> torch.Tensor:
         """One MONAI UnetUpBlock: transposed conv, concatenation with the skip, two conv + norm + act."""
         o = self._transp2_cat(h, up.transp_conv.conv, skip)
         cb = up.conv_block
         o = _norm_act_(self._conv(o, cb.conv1.conv), cb.norm1, self.slope)
         return _norm_act_(self._conv(o, cb.conv2.conv), cb.norm2, self.slope)
 
-    def _head(self, h: torch.Tensor, stem: torch.Tensor, fuse_block: torch.nn.Module, out_conv: torch.nn.Conv3d,
+    def _head(self, h: torch.Tensor, stem: torch.Tensor, fuse_block: Any, out_conv: torch.nn.Conv3d,
               into: Optional[torch.Tensor], tag: str) -> torch.Tensor:
         """out_conv(fuse_block(cat(up(h), stem))), with the fuse projection moved before the upsampling."""
         fuse = fuse_block.conv
@@ -429,7 +440,7 @@ class FastStudent:
         u = _norm_act_(u, fuse_block.adn.N, self.slope)
         return self._linear(u, out_conv.weight, out_conv.bias, "out" + tag, into=into)
 
-    def _head_in_stem(self, h: torch.Tensor, stem: torch.Tensor, fuse_block: torch.nn.Module,
+    def _head_in_stem(self, h: torch.Tensor, stem: torch.Tensor, fuse_block: Any,
                       out_conv: torch.nn.Conv3d, w: torch.Tensor, cf: int, slab: int = 16) -> torch.Tensor:
         """The last head, computed in the stem's own storage (the stem is read for the last time here): no
         second full-resolution buffer (0.3 GB less at a 160 x 160 x 224 window, and fewer pages to touch).
@@ -470,7 +481,8 @@ class FastStudent:
 
 def _fast_runner(net: torch.nn.Module, device: torch.device) -> Optional[FastStudent]:
     """A FastStudent for this network if it runs on the CPU and reproduces `net(x)` on a test input."""
-    if device.type != "cpu" or os.environ.get("DINOMIX_NO_FASTPATH") or not FastStudent.supports(net):
+    if (device.type != "cpu" or os.environ.get("DINOMIX_NO_FASTPATH") or not isinstance(net, StudentUNet)
+            or not FastStudent.supports(net)):
         return None
     try:
         fast = FastStudent(net)
@@ -481,9 +493,13 @@ def _fast_runner(net: torch.nn.Module, device: torch.device) -> Optional[FastStu
             ref = net(x)
             got = fast(x)
         if got.shape != ref.shape or not torch.allclose(got, ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max())):
+            log.warning("the CPU kernel does not reproduce this network's logits: segmenting with the slower "
+                        "torch module")
             return None
         return fast
-    except Exception:  # any layer this runner does not know: use the module itself
+    except Exception as e:  # any layer this runner does not know: use the module itself, and say so
+        log.warning(f"the CPU kernel cannot run this network ({type(e).__name__}: {e}): segmenting with the slower "
+                    "torch module")
         return None
 
 

@@ -65,7 +65,20 @@ class StudentConfig(BaseModel):
         return 2 ** len(self.channels)
 
 
+def _bias(conv: nn.Conv3d) -> torch.Tensor:
+    """The bias of a convolution built with one (every 1x1x1 output layer here)."""
+    assert conv.bias is not None
+    return conv.bias
+
+
 class StudentUNet(nn.Module):
+    # the routing branch (fine-tunes only; see _build_branch): typed here because nn.Module.__getattr__ is not
+    branch_ups: nn.ModuleList
+    branch_fuse: nn.Module
+    branch_out: nn.Conv3d
+    routed_index: torch.Tensor
+    routed: Optional[RoutedConfig]
+
     def __init__(self, cfg: StudentConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -122,7 +135,7 @@ class StudentUNet(nn.Module):
             p.requires_grad_(id(p) in keep)
 
     @torch.no_grad()
-    def init_branch_from(self, parent: "StudentUNet") -> None:
+    def init_branch_from(self, parent: StudentUNet) -> None:
         """Load `parent` (plain or routed) into this routed network: its weights everywhere, and the branch
         started from the parent's own output path, so that the new network computes exactly the parent's logits
         until it learns. A routed parent's branch carries over for the classes it already routed."""
@@ -132,23 +145,25 @@ class StudentUNet(nn.Module):
         if missing:
             raise ValueError(f"parent network lacks {missing[:3]}")
         self.load_state_dict({**own, **trunk})
+        assert self.routed is not None, "init_branch_from needs a routed network"
         n, k = len(self.ups), self.routed.blocks
         src_ups, src_fuse = parent.ups[n - k:], parent.head_fuse
+        assert isinstance(src_fuse, nn.Module)
         prev: dict[int, int] = {}
-        if getattr(parent, "routed", None) is not None:
+        if parent.routed is not None:
             if parent.routed.blocks != k:
                 raise ValueError(f"parent routes through {parent.routed.blocks} blocks, this network {k}")
-            src_ups, src_fuse = parent.branch_ups, parent.branch_fuse
+            src_ups, src_fuse = parent.branch_ups, parent.branch_fuse  # type: ignore[assignment]  # same module kind
             prev = {int(c): i for i, c in enumerate(parent.routed_index.tolist())}
         self.branch_ups.load_state_dict(src_ups.state_dict())
         self.branch_fuse.load_state_dict(src_fuse.state_dict())
         for row, c in enumerate(self.routed_index.tolist()):
             if c in prev:
-                w, b = parent.branch_out.weight[prev[c]], parent.branch_out.bias[prev[c]]
+                w, b = parent.branch_out.weight[prev[c]], _bias(parent.branch_out)[prev[c]]
             else:
-                w, b = parent.head_out.weight[c], parent.head_out.bias[c]
+                w, b = parent.head_out.weight[c], _bias(parent.head_out)[c]
             self.branch_out.weight[row].copy_(w)
-            self.branch_out.bias[row].copy_(b)
+            _bias(self.branch_out)[row].copy_(b)
 
     @torch.no_grad()
     def restrict_routing(self, keep: Sequence[int]) -> None:
@@ -161,9 +176,10 @@ class StudentUNet(nn.Module):
             self.routed = None
             self.cfg = self.cfg.model_copy(update={"routed": None})
             return
+        assert self.routed is not None
         out = nn.Conv3d(self.branch_out.in_channels, len(rows), kernel_size=1).to(self.branch_out.weight.device)
         out.weight.copy_(self.branch_out.weight[rows])
-        out.bias.copy_(self.branch_out.bias[rows])
+        _bias(out).copy_(_bias(self.branch_out)[rows])
         self.branch_out = out
         self.routed_index = self.routed_index[rows]
         self.routed = self.routed.model_copy(update={"classes": [int(c) for c in self.routed_index.tolist()]})
@@ -171,6 +187,7 @@ class StudentUNet(nn.Module):
 
     def _route(self, logits: torch.Tensor, stem: torch.Tensor, skips: list[torch.Tensor],
                levels: list[torch.Tensor]) -> torch.Tensor:
+        assert self.routed is not None
         n, k = len(self.ups), self.routed.blocks
         h = levels[n - k]
         for j, up in enumerate(self.branch_ups):

@@ -357,6 +357,7 @@ class Server:
             limit = args.max_memory or _machine_memory()
             image, notes = read_input(args, rep, limit)
             req.check()
+            assert self.models is not None, "the model cache is made before the first request is read"
             seg, load_s = self.models.get(args.model)
             if load_s:
                 rep.log(f"loaded model '{seg.meta.model_id}' in {load_s:.1f} s")

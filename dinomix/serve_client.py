@@ -92,7 +92,7 @@ class ServeClient:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, wait: bool = True) -> "ServeClient":
+    def start(self, wait: bool = True) -> ServeClient:
         """Start the server (if it is not running) and, with `wait`, wait until it is ready."""
         with self._lock:
             if self.alive():
@@ -176,7 +176,8 @@ class ServeClient:
             except (BrokenPipeError, OSError, ValueError):
                 if attempt:
                     raise ServeError(f"cannot reach the engine: {self._last_error()}") from None
-                proc.wait(10)
+                if proc is not None:
+                    proc.wait(10)
 
     # -- requests
     def submit(self, input: str | os.PathLike, output: str | os.PathLike, *, id: Any = None,
@@ -237,7 +238,7 @@ class ServeClient:
             proc.kill()
             return proc.wait(timeout)
 
-    def __enter__(self) -> "ServeClient":
+    def __enter__(self) -> ServeClient:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-
 from conftest import Segmented, segment_case
 
 
@@ -97,7 +96,8 @@ def segmented_copy(original, tmp_path_factory):
 
 def assert_geometry(image: sitk.Image, reference: sitk.Image, what: str, atol: float) -> None:
     assert image.GetSize() == reference.GetSize(), f"{what}: size"
-    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), rtol=0, atol=atol, err_msg=f"{what}: spacing")
+    np.testing.assert_allclose(image.GetSpacing(), reference.GetSpacing(), rtol=0, atol=atol,
+                               err_msg=f"{what}: spacing")
     np.testing.assert_allclose(image.GetOrigin(), reference.GetOrigin(), rtol=0, atol=atol * 100,
                                err_msg=f"{what}: origin")
     np.testing.assert_allclose(image.GetDirection(), reference.GetDirection(), rtol=0, atol=atol,

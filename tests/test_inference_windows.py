@@ -14,9 +14,9 @@ from monai.inferers import sliding_window_inference
 from dinomix.errors import InputImageError
 from dinomix.imageio import AtomicWriter, validate_volume
 from dinomix.inference import WHOLE_VOLUME_VOXELS, WindowPlan, sliding_window, window_plan
-from dinomix.preprocessing import ModeConfig
 from dinomix.organs import OrganSchema
 from dinomix.outputs import same_voxels, write_seg_nrrd
+from dinomix.preprocessing import ModeConfig
 
 ORGANS = OrganSchema.btcv13().organs
 

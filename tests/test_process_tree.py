@@ -8,21 +8,26 @@ Python and waits, the child printing JSON-lines events like the engine. Real pro
 
 from __future__ import annotations
 
-from typing import Optional
-
 import json
 import os
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DINOMixSegmentation"))
 
-from DINOMixSegmentationLib.engine import (KILL_AFTER_S, BackgroundCommand, Engine, group_alive,  # noqa: E402
-                                           popen_options, tree_kill_command)
+from DINOMixSegmentationLib.engine import (  # noqa: E402
+    KILL_AFTER_S,
+    BackgroundCommand,
+    Engine,
+    group_alive,
+    popen_options,
+    tree_kill_command,
+)
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX process groups (Windows uses taskkill /T /F)")
 
@@ -194,7 +199,8 @@ def test_a_partial_last_line_is_delivered_at_the_end(tmp_path):
 def test_process_options_and_the_windows_tree_kill():
     assert popen_options() == {"start_new_session": True}
     assert tree_kill_command(1234) == ["taskkill", "/T", "/F", "/PID", "1234"]
-    src = (Path(__file__).resolve().parents[1] / "DINOMixSegmentation" / "DINOMixSegmentationLib" / "engine.py").read_text()
+    lib = Path(__file__).resolve().parents[1] / "DINOMixSegmentation" / "DINOMixSegmentationLib"
+    src = (lib / "engine.py").read_text()
     # Windows: hide PythonSlicer's console as slicer.util.launchConsoleProcess does, and never use pipes
     for needle in ("subprocess.STARTUPINFO()", "STARTF_USESHOWWINDOW", "wShowWindow = 0", "CREATE_NO_WINDOW",
                    "CREATE_NEW_PROCESS_GROUP"):

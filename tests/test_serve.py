@@ -18,10 +18,10 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-
 from conftest import REPO_ROOT
-from dinomix.serve_client import Pending, ServeClient
 from test_batch_segment import make_small_ct
+
+from dinomix.serve_client import Pending, ServeClient
 
 SCHEMAS = REPO_ROOT / "Resources" / "Schemas"
 REQUEST = jsonschema.Draft202012Validator(json.loads((SCHEMAS / "serve-request.schema.json").read_text()))
@@ -88,7 +88,8 @@ def test_requests_the_client_sends_match_the_schema(small_ct, tmp_path):
     props = REQUEST.schema["oneOf"][0]["properties"]
     assert set(props) == set(REQUEST_FIELDS)  # the server and the schema know the same fields
     for bad in ({"command": "segment", "id": 1, "input": "x", "output": "y", "mode": "slow"},
-                {"command": "segment", "id": 1, "input": "x", "output": "y", "organ": ["liver"]}, {"command": "cancel"}):
+                {"command": "segment", "id": 1, "input": "x", "output": "y", "organ": ["liver"]},
+                {"command": "cancel"}):
         with pytest.raises(RequestError):
             parse_request(json.dumps(bad))
 

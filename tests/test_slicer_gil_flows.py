@@ -10,10 +10,18 @@ import time
 
 import numpy as np
 import pytest
-
 from slicer_harness import MAX_CALL_CPU_S, MODES, SEGMENTATION_TICK_S, TRAINER_TICK_S, MainLoop
-from test_slicer_support import (BTCV_CASE, engine_labels, fresh_result, load_volume, pid_alive,  # noqa: F401
-                                 run_segmentation, scene, segmented, slicer)
+from test_slicer_support import (  # noqa: F401
+    BTCV_CASE,
+    engine_labels,
+    fresh_result,
+    load_volume,
+    pid_alive,
+    run_segmentation,
+    scene,
+    segmented,
+    slicer,
+)
 
 from DINOMixSegmentationLib import ResultImport, SegmentationRun, SegmentOptions, SurfaceBuilder, segment_mask
 from DINOMixSegmentationLib.volumeio import image_array
@@ -186,7 +194,8 @@ def test_add_to_training_set(scene, segmented, tmp_path, mode):
     assert task.state == "done", task.error
     assert (task.result.case_id, task.result.annotated) == (reference.case_id, reference.annotated)
     for a, b in ((reference.image, task.result.image), (reference.label, task.result.label)):
-        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(a))), sitk.GetArrayFromImage(sitk.ReadImage(str(b))))
+        assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(a))),
+                              sitk.GetArrayFromImage(sitk.ReadImage(str(b))))
     assert [c["id"] for c in ts.cases()] == [reference.case_id]
     assert not task.task.dir.exists() and _no_partial_files(ts.folder) == []
     _bounded(loop)

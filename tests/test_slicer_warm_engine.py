@@ -21,13 +21,20 @@ import time
 from pathlib import Path
 
 import pytest
-
 from slicer_harness import MAX_CALL_CPU_S, SEGMENTATION_TICK_S, MainLoop
 from test_batch_segment import make_small_ct
 from test_slicer_support import BTCV_CASE, load_volume, pid_alive, scene, slicer  # noqa: F401
 
-from DINOMixSegmentationLib import (Engine, SegmentOptions, WarmEngine, WarmSegmentationRun, current_session_engine,
-                                    model_changed, session_engine, stop_session_engine)
+from DINOMixSegmentationLib import (
+    Engine,
+    SegmentOptions,
+    WarmEngine,
+    WarmSegmentationRun,
+    current_session_engine,
+    model_changed,
+    session_engine,
+    stop_session_engine,
+)
 from DINOMixSegmentationLib.engine import group_alive
 from DINOMixSegmentationLib.volumeio import read_nrrd_header
 
@@ -56,7 +63,8 @@ def launcher(tmp_path_factory) -> Engine:
 
 @pytest.fixture(scope="module")
 def small_ct(data_dir, tmp_path_factory) -> Path:
-    return make_small_ct(data_dir / "btcv" / f"{BTCV_CASE}_ct.nii.gz", tmp_path_factory.mktemp("small") / "small.nii.gz")
+    return make_small_ct(data_dir / "btcv" / f"{BTCV_CASE}_ct.nii.gz",
+                         tmp_path_factory.mktemp("small") / "small.nii.gz")
 
 
 @pytest.fixture
@@ -263,4 +271,5 @@ def test_the_warm_flow_progresses_only_through_the_timer_ticks_with_the_gil_held
     warm_run = segmented(loop, volume, warm)
     assert warm_run.summary["warm"] is True and cold.command.warm_at_submit is False
     idle = sum(b - a for a, b in loop.idles)
-    assert idle > 0.5 * sum(c.wall_s for c in loop.calls), "the main loop was not idle (holding the GIL) most of the time"
+    assert idle > 0.5 * sum(c.wall_s for c in loop.calls), \
+        "the main loop was not idle (holding the GIL) most of the time"

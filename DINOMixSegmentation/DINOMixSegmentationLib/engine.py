@@ -284,7 +284,7 @@ class BackgroundCommand:
     def command_line(self) -> list[str]:
         return self.engine.command(*self.args)
 
-    def start(self) -> "BackgroundCommand":
+    def start(self) -> BackgroundCommand:
         """Start the process and return at once (a failure to start fails the command: see `error`)."""
         if self.state != "new":
             raise RuntimeError("a command can be started once")

@@ -17,7 +17,7 @@ import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from .engine import Engine, run_engine
 
@@ -107,7 +107,7 @@ class ModelInfo:
     def organ_names(self) -> list[str]:
         return [o["name"] for o in self.organs]
 
-    def load_header(self) -> "ModelInfo":
+    def load_header(self) -> ModelInfo:
         if self.path:
             try:
                 meta = read_model_header(self.path)

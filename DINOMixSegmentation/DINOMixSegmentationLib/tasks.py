@@ -66,7 +66,7 @@ class ThreadTask:
     Light work only (file-system listings, small files): inside Slicer a Python thread runs only while the main
     thread runs Python (see the module docstring)."""
 
-    def __init__(self, fn: Callable[["ThreadTask"], Any], name: str = "dinomix-task") -> None:
+    def __init__(self, fn: Callable[[ThreadTask], Any], name: str = "dinomix-task") -> None:
         self.fn = fn
         self.name = name
         self.state = "new"  # new, running, done, failed, cancelled
@@ -80,7 +80,7 @@ class ThreadTask:
         self._done = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
-    def start(self) -> "ThreadTask":
+    def start(self) -> ThreadTask:
         if self.state != "new":
             raise RuntimeError("a task can be started once")
         self.state = "running"
@@ -217,7 +217,7 @@ class EngineTask:
                 self.fraction = 0.3 * min(1.0, done / total)
                 yield
 
-    def start(self, job: dict, before_engine: Optional[Callable[[], bool]] = None) -> "EngineTask":
+    def start(self, job: dict, before_engine: Optional[Callable[[], bool]] = None) -> EngineTask:
         if self.state not in ("new", "writing"):
             raise RuntimeError("the task has started already")
         self._job = job

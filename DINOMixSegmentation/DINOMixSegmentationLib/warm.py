@@ -44,8 +44,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
-from .engine import (STDERR_TAIL_LINES, Engine, EngineNotFound, _FileLines, group_alive, popen_options,
-                     signal_tree)
+from .engine import STDERR_TAIL_LINES, Engine, EngineNotFound, _FileLines, group_alive, popen_options, signal_tree
 from .logic import SegmentationRun
 
 FINAL_EVENTS = ("result", "error", "cancelled")
@@ -81,7 +80,7 @@ class WarmEngine:
         self._dir: Optional[Path] = None
         self._stdout: Optional[_FileLines] = None
         self._stderr: Optional[_FileLines] = None
-        self._requests: dict[Any, "WarmRequest"] = {}
+        self._requests: dict[Any, WarmRequest] = {}
         self._ids = itertools.count(1)
         self._retired: list[tuple[subprocess.Popen, float, Optional[Path]]] = []  # stopped, not yet gone
 
@@ -105,7 +104,7 @@ class WarmEngine:
         return self.engine.command(*args)
 
     # ------------------------------------------------------------------ process
-    def start(self) -> "WarmEngine":
+    def start(self) -> WarmEngine:
         """Start the engine if it does not run; returns at once (it loads the model in its own process)."""
         if self.alive():
             return self
@@ -222,7 +221,7 @@ class WarmEngine:
             self._end_group(kill=True)
 
     # ------------------------------------------------------------------ requests
-    def submit(self, request: "WarmRequest") -> None:
+    def submit(self, request: WarmRequest) -> None:
         """Send a segment request (the engine is started first if it does not run)."""
         self.start()
         request.id = request.id or f"slicer-{os.getpid()}-{next(self._ids)}"
@@ -233,7 +232,7 @@ class WarmEngine:
             self._requests.pop(request.id, None)
             raise
 
-    def cancel(self, request: "WarmRequest") -> None:
+    def cancel(self, request: WarmRequest) -> None:
         if self._requests.get(request.id) is request and self.alive():
             try:
                 self.send({"command": "cancel", "id": request.id})
@@ -339,7 +338,7 @@ class WarmRequest:
     def finished(self) -> bool:
         return self.state in ("finished", "cancelled", "failed")
 
-    def start(self) -> "WarmRequest":
+    def start(self) -> WarmRequest:
         self.warm_at_submit = self.warm.alive()
         self.started_at = time.monotonic()
         self.state = "running"

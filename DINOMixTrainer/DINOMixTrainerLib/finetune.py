@@ -301,7 +301,7 @@ class FineTuneRun:
         self.planned_iterations: Optional[int] = None
         self.time_left_s: Optional[float] = None
 
-    def start(self) -> "FineTuneRun":
+    def start(self) -> FineTuneRun:
         if self.state != "new":
             raise RuntimeError("a run can be started once")
         self.command = BackgroundCommand(self.engine, self.options.engine_args()).start()
