@@ -49,7 +49,7 @@ def main() -> int:
     from dinomix.datasets import BTCV_NAMES, Case, Dataset
     from dinomix.methods.fkd import ENV_WEIGHTS, build_vit
     from dinomix.training.config import TrainConfig
-    from dinomix.training.trainer import Trainer
+    from dinomix.training.factory import get_trainer
 
     work = Path(tempfile.mkdtemp(prefix="dinomix-fkd-bench-"))
     weights = args.weights or os.environ.get(ENV_WEIGHTS)
@@ -72,7 +72,7 @@ def main() -> int:
                      "components": {"fkd": {"enabled": fkd, "weights": weights,
                                             "cache_dir": args.cache_dir or str(work / "cache")}}}})
 
-    plain, fkd = Trainer(config(False), work / "plain"), Trainer(config(True), work / "fkd")
+    plain, fkd = get_trainer(config(False), work / "plain"), get_trainer(config(True), work / "fkd")
     plain.setup()
     t0 = time.perf_counter()
     fkd.setup()

@@ -341,7 +341,7 @@ def calibrate(configs: dict[str, dict], steps: int, device: str, progress=print)
     """
     import torch
 
-    from dinomix.training.trainer import Trainer
+    from dinomix.training.factory import get_trainer
 
     out: dict[str, dict] = {}
     with shared_preprocessing(), tempfile.TemporaryDirectory(prefix="dinomix-calib-") as tmp:
@@ -349,7 +349,7 @@ def calibrate(configs: dict[str, dict], steps: int, device: str, progress=print)
             try:
                 tc = validate(cfg)
                 t0 = time.monotonic()
-                tr = Trainer(tc, Path(tmp) / key, _Quiet(), None, device)
+                tr = get_trainer(tc, Path(tmp) / key, _Quiet(), None, device)
                 tr.setup()
                 setup_s = time.monotonic() - t0
                 times = [timed_step(tr, it) for it in range(steps)]

@@ -57,14 +57,14 @@ def method_rows() -> list[tuple[str, str, Optional[dict], Optional[str]]]:
 
 
 def measure(configs: dict[str, dict], rounds: int, device: str) -> dict[str, dict]:
-    from dinomix.training.trainer import Trainer
+    from dinomix.training.factory import get_trainer
 
     out: dict[str, dict] = {}
     trainers: dict[str, Any] = {}
     with P.shared_preprocessing(), tempfile.TemporaryDirectory(prefix="dinomix-steptime-") as tmp:
         for key, cfg in configs.items():
             tc = P.validate(cfg)
-            tr = Trainer(tc, Path(tmp) / key, P._Quiet(), None, device)
+            tr = get_trainer(tc, Path(tmp) / key, P._Quiet(), None, device)
             tr.setup()
             trainers[key] = tr
             out[key] = {"times": []}

@@ -68,7 +68,7 @@ def prepare(args: argparse.Namespace, rep) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .training.distributed import DistContext, SilentReporter
-    from .training.trainer import Trainer
+    from .training.factory import get_trainer
 
     ctx = DistContext.from_env()  # torchrun's environment (a 1-process context without it)
     main = ctx.is_main  # under torchrun only rank 0 reports
@@ -89,7 +89,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     def work(rep, check) -> dict:
         cfg = prepare(args, rep)
-        tr = Trainer(cfg, Path(args.output), rep, check, args.device)
+        tr = get_trainer(cfg, Path(args.output), rep, check, args.device)
         holder["trainer"] = tr
         try:
             result = tr.run(resume=args.resume)

@@ -166,6 +166,7 @@ def interrupt_training(cfg, out: Path, after: int) -> dict:
     import torch
 
     from dinomix.errors import Cancelled
+    from dinomix.training.factory import get_trainer
     from dinomix.training.trainer import CHECKPOINT, Trainer
 
     holder: dict = {}
@@ -175,7 +176,7 @@ def interrupt_training(cfg, out: Path, after: int) -> dict:
         if tr is not None and len(tr.history) >= after:
             raise Cancelled("stop")
 
-    holder["tr"] = tr = Trainer(cfg, out, check_cancel=stop)
+    holder["tr"] = tr = get_trainer(cfg, out, check_cancel=stop)
     with pytest.raises(Cancelled):
         tr.run()
     tr.write_checkpoint()

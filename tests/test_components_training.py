@@ -13,7 +13,7 @@ import torch
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
 from dinomix.modelfile import load_model
 from dinomix.training.config import TrainConfig
-from dinomix.training.trainer import Trainer
+from dinomix.training.factory import get_trainer
 from tests.conftest import interrupt_training
 
 
@@ -42,7 +42,7 @@ BOTH = {"scdl": {"enabled": True, "rampup": 0.0}, "action": {"enabled": True, "r
 def run(tmp_path_factory, data_dir):
     tmp = tmp_path_factory.mktemp("components")
     cfg = _config(tmp, data_dir, BOTH)
-    tr = Trainer(cfg, tmp / "run")
+    tr = get_trainer(cfg, tmp / "run")
     return tmp, cfg, tr, tr.run()
 
 
@@ -66,7 +66,7 @@ def test_the_model_file_records_the_components_and_holds_the_student_only(run):
 
 def test_component_parameters_are_trained(run, tmp_path, data_dir):
     _, cfg, tr, _ = run
-    fresh = Trainer(cfg, tmp_path / "fresh")
+    fresh = get_trainer(cfg, tmp_path / "fresh")
     fresh.setup()
     before = {k: v.clone() for k, v in fresh.components.state_dict().items()}
     after = tr.components.state_dict()
@@ -78,12 +78,12 @@ def test_components_resume_with_identical_weights(run):
     tmp, cfg, _, ref = run
     out = tmp / "resumed"
     assert "components" in interrupt_training(cfg, out, after=2)
-    res = Trainer(cfg, out).run(resume=True)
+    res = get_trainer(cfg, out).run(resume=True)
     assert load_model(ref["model"])[1].weights_sha256 == load_model(res["model"])[1].weights_sha256
 
 
 def test_components_work_with_the_supervised_method(tmp_path, data_dir):
-    tr = Trainer(_config(tmp_path, data_dir, BOTH, method="supervised", iterations=1), tmp_path / "run")
+    tr = get_trainer(_config(tmp_path, data_dir, BOTH, method="supervised", iterations=1), tmp_path / "run")
     tr.run()
     assert any(k.startswith("scdl") for k in tr.history[0]) and "loss_sup" in tr.history[0]
 

@@ -20,8 +20,8 @@ from dinomix.methods.pic import Patches, cutmix, grid_box
 from dinomix.modelfile import load_model
 from dinomix.network import StudentConfig, build_network
 from dinomix.training.config import TrainConfig
+from dinomix.training.factory import get_trainer
 from dinomix.training.semi import SemiTrainer
-from dinomix.training.trainer import Trainer
 from tests.conftest import interrupt_training
 
 # ---------------------------------------------------------------- mixing of coarse fields
@@ -93,7 +93,7 @@ def test_fkd_without_teacher_weights_is_off_and_says_so_once(tmp_path, data_dir,
     monkeypatch.delenv(ENV_WEIGHTS, raising=False)
     cfg = _config(tmp_path, data_dir, {}, iterations=2)
     with open(tmp_path / "events.jsonl", "w") as ev:
-        tr = Trainer(cfg, tmp_path / "run", reporter=Reporter(bar=False, events=ev))
+        tr = get_trainer(cfg, tmp_path / "run", reporter=Reporter(bar=False, events=ev))
         res = tr.run()
     logs = [e["message"] for e in _events(tmp_path / "events.jsonl") if e["event"] == "log"]
     off = [m for m in logs if "FKD is off" in m]
@@ -116,7 +116,7 @@ def teacher_file(tmp_path_factory) -> Path:
 def fkd_run(tmp_path_factory, data_dir, teacher_file):
     tmp = tmp_path_factory.mktemp("fkd")
     cfg = _config(tmp, data_dir, {"weights": str(teacher_file), "cache_dir": str(tmp / "cache"), "min_tokens": 4})
-    tr = Trainer(cfg, tmp / "run")
+    tr = get_trainer(cfg, tmp / "run")
     res = tr.run()
     return tmp, cfg, tr, res
 
@@ -137,7 +137,7 @@ def test_fkd_distils_from_the_teacher_and_keeps_the_model_file_plain(fkd_run):
 
 def test_fkd_teacher_features_come_from_the_cache_the_second_time(fkd_run):
     tmp, cfg, _, _ = fkd_run
-    tr = Trainer(cfg.model_copy(update={"iterations": 1}), tmp / "again")
+    tr = get_trainer(cfg.model_copy(update={"iterations": 1}), tmp / "again")
     tr.setup()
     assert tr.teacher_features.cache.computed == 0
     assert tr.fkd_status["features_computed"] == 0
@@ -148,7 +148,7 @@ def test_fkd_run_resumes_with_identical_weights(fkd_run):
     out = tmp / "resumed"
     st = interrupt_training(cfg, out, after=2)
     assert "components" in st and st["iteration"] == 2
-    res = Trainer(cfg, out).run(resume=True)
+    res = get_trainer(cfg, out).run(resume=True)
     _, a = load_model(ref["model"])
     _, b = load_model(res["model"])
     assert a.weights_sha256 == b.weights_sha256

@@ -80,13 +80,13 @@ def test_the_frozen_parent_sees_the_student_input_and_stays_frozen(method, stude
     from test_semi import _config
 
     from dinomix import registry
-    from dinomix.training.trainer import Trainer
+    from dinomix.training.factory import get_trainer
 
     parent = registry.resolve("abdomen-btcv13").path
     cfg = TrainConfig.from_file(_config(tmp_path, data_dir, method, iterations=3, student_patches=student_patches,
                                         init_weights=str(parent), ema_warmup=False,
                                         parent_distillation={"weight": 1.0, "free_organs": ["liver"]}))
-    tr = Trainer(cfg, tmp_path / "run")
+    tr = get_trainer(cfg, tmp_path / "run")
     tr.setup()
     frozen = {k: v.clone() for k, v in tr.parent.state_dict().items()}
     tr.run()

@@ -211,7 +211,7 @@ def test_student_model_files_and_configs_without_family_still_load(tmp_path):
 # ---------------------------------------------------------------- a short real run, then `dinomix segment`
 
 def test_short_training_run_then_dinomix_segment(tmp_path, data_dir, dinomix):
-    from dinomix.training.trainer import Trainer
+    from dinomix.training.factory import get_trainer
 
     cfg = TrainConfig.model_validate({
         "model_id": "segdino-test", "title": "SegDINO test",
@@ -222,7 +222,7 @@ def test_short_training_run_then_dinomix_segment(tmp_path, data_dir, dinomix):
         "patch_size": [32, 32, 8], "optim": {"lr": 0.003, "warmup_iters": 1},
         "architecture": {**SMALL, "context_slices": 1},
     })
-    result = Trainer(cfg, tmp_path / "run", device="cpu").run()
+    result = get_trainer(cfg, tmp_path / "run", device="cpu").run()
     net, meta = load_model(result["model"])
     assert isinstance(net, SegDINO) and meta.trained and meta.training["iterations"] == 3
     assert meta.architecture.context_slices == 1 and meta.backbone_untrained

@@ -18,6 +18,7 @@ from dinomix.datasets import BTCV_NAMES, Case, Dataset
 from dinomix.errors import Cancelled
 from dinomix.modelfile import load_model
 from dinomix.training.config import TrainConfig
+from dinomix.training.factory import get_trainer
 from dinomix.training.losses import partial_dice_ce
 from dinomix.training.semi import (
     SemiTrainer,
@@ -151,7 +152,7 @@ def test_sigmoid_rampup():
 def test_default_config_keeps_the_supervised_trainer(tmp_path):
     cfg = TrainConfig()
     assert cfg.semi.method == "supervised"
-    tr = Trainer(cfg, tmp_path)
+    tr = get_trainer(cfg, tmp_path)
     assert type(tr) is Trainer
     # a checkpoint written before `semi` (or a newer option) existed reads as the same config ...
     stored = cfg.model_dump(mode="json")
@@ -160,7 +161,7 @@ def test_default_config_keeps_the_supervised_trainer(tmp_path):
     # ... and a semi-supervised run never resumes a checkpoint without its `semi` section
     for method in ("mean_teacher", "cutmix", "pic"):
         c = TrainConfig.model_validate({"semi": {"method": method}})
-        t = Trainer(c, tmp_path)
+        t = get_trainer(c, tmp_path)
         assert type(t) is SemiTrainer
         assert t.config_for_compare(stored) != c.model_dump(mode="json")
 
@@ -248,7 +249,7 @@ def test_semi_resume_after_interruption_gives_identical_weights(pic_run, tmp_pat
         if tr is not None and len(tr.history) >= 3:
             raise Cancelled("stop")
 
-    tr = Trainer(cfg, out, check_cancel=stop_after_3)
+    tr = get_trainer(cfg, out, check_cancel=stop_after_3)
     holder["tr"] = tr
     assert isinstance(tr, SemiTrainer)
     with pytest.raises(Cancelled):
@@ -259,7 +260,7 @@ def test_semi_resume_after_interruption_gives_identical_weights(pic_run, tmp_pat
     # the teacher is an EMA of the student, not a copy of it
     assert any(not torch.equal(st["teacher"][k], st["model"][k])
                for k in st["model"] if st["model"][k].is_floating_point())
-    resumed = Trainer(TrainConfig.from_file(cfg_path), out)
+    resumed = get_trainer(TrainConfig.from_file(cfg_path), out)
     res = resumed.run(resume=True)
     _, a = load_model(ref / "model_last.safetensors")
     _, b = load_model(res["model"])
@@ -270,7 +271,7 @@ def test_semi_resume_after_interruption_gives_identical_weights(pic_run, tmp_pat
 def test_every_method_runs_on_partial_and_unlabeled_cases(method, tmp_path, data_dir):
     cfg = TrainConfig.from_file(_config(tmp_path, data_dir, method, iterations=2))
     cfg.data.cases = ["btcv_img0021", "btcv_img0002"]  # the partially labeled case and one unlabeled
-    tr = Trainer(cfg, tmp_path / "run")
+    tr = get_trainer(cfg, tmp_path / "run")
     res = tr.run()
     _, meta = load_model(res["model"])
     recs = tr.history
@@ -294,20 +295,20 @@ def _interrupt_and_resume(cfg: TrainConfig, out: Path, after: int) -> dict:
         if tr is not None and len(tr.history) >= after:
             raise Cancelled("stop")
 
-    tr = Trainer(cfg, out, check_cancel=stop)
+    tr = get_trainer(cfg, out, check_cancel=stop)
     holder["tr"] = tr
     with pytest.raises(Cancelled):
         tr.run()
     tr.write_checkpoint()
     st = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
     assert "thresholds" in st
-    return Trainer(cfg.model_copy(deep=True), out).run(resume=True)
+    return get_trainer(cfg.model_copy(deep=True), out).run(resume=True)
 
 
 def test_class_quantile_thresholds_and_the_mixed_only_student_batch_in_a_real_run(tmp_path, data_dir):
     cfg = TrainConfig.from_file(_config(tmp_path, data_dir, "pic", iterations=4, confidence=0.9,
                                         student_patches="mixed", pseudo_labels={"threshold": "class_quantile"}))
-    tr = Trainer(cfg, tmp_path / "run")
+    tr = get_trainer(cfg, tmp_path / "run")
     tr.setup()
     sizes: list[int] = []
     tr.net.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
@@ -332,7 +333,7 @@ def test_class_quantile_thresholds_and_the_mixed_only_student_batch_in_a_real_ru
 
 def test_mixed_only_losses_split_ground_truth_and_pseudo_labelled_voxels(tmp_path, data_dir):
     cfg = TrainConfig.from_file(_config(tmp_path, data_dir, "pic", iterations=1, student_patches="mixed"))
-    tr = Trainer(cfg, tmp_path / "run")
+    tr = get_trainer(cfg, tmp_path / "run")
     tr.setup()
     img, lab, ann = tr.sampler.batch(np.random.default_rng(0), 2)
     p = labeled_patches(img, sanitize_labels(lab, ann), ann)

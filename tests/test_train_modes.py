@@ -10,6 +10,7 @@ import torch
 from dinomix.errors import DinomixError
 from dinomix.modelfile import load_model
 from dinomix.training.config import TrainConfig
+from dinomix.training.factory import get_trainer
 from dinomix.training.trainer import Trainer
 
 MODES = {"fast": {"spacing_mm": [6.0, 6.0, 6.0], "roi_size": [64, 64, 64]},
@@ -55,7 +56,7 @@ def test_several_grids_are_refused_with_unlabeled_patches(data_dir):
 
 def test_each_iteration_trains_on_one_grid_and_the_model_serves_both(data_dir, tmp_path):
     cfg = TrainConfig.model_validate(_cfg(data_dir))
-    trainer = Trainer(cfg, tmp_path / "run")
+    trainer = get_trainer(cfg, tmp_path / "run")
     sizes: list[tuple[int, ...]] = []
     setup = trainer.setup
 
@@ -88,7 +89,7 @@ def test_one_grid_run_draws_as_before(data_dir, tmp_path):
     single = dict(plain, train_modes={"fast": {"share": 1}})
     weights = []
     for i, c in enumerate((plain, single)):
-        t = Trainer(TrainConfig.model_validate(c), tmp_path / f"run{i}")
+        t = get_trainer(TrainConfig.model_validate(c), tmp_path / f"run{i}")
         t.run()
         assert t.grid_samplers == []
         weights.append(t.net.state_dict())
@@ -97,13 +98,13 @@ def test_one_grid_run_draws_as_before(data_dir, tmp_path):
 
 def test_resume_replays_the_grids(data_dir, tmp_path):
     cfg = _cfg(data_dir, iterations=6, checkpoint_every=3)
-    whole = Trainer(TrainConfig.model_validate(cfg), tmp_path / "whole")
+    whole = get_trainer(TrainConfig.model_validate(cfg), tmp_path / "whole")
     whole.run()
-    first = Trainer(TrainConfig.model_validate(cfg), tmp_path / "split")
+    first = get_trainer(TrainConfig.model_validate(cfg), tmp_path / "split")
     first.check = lambda: _stop_at(first, 3)  # as a kill right after the checkpoint of iteration 3
     with pytest.raises(DinomixError, match="stopped"):
         first.run()
-    again = Trainer(TrainConfig.model_validate(cfg), tmp_path / "split")
+    again = get_trainer(TrainConfig.model_validate(cfg), tmp_path / "split")
     again.run(resume=True)
     a, b = whole.net.state_dict(), again.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

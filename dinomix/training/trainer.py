@@ -74,14 +74,8 @@ def hardware() -> dict:
 
 
 class Trainer:
-    def __new__(cls, cfg: TrainConfig, *args, **kwargs):  # noqa: ARG003
-        # Semi-supervised configs (cfg.semi, dinomix/training/semi.py) get the SemiTrainer, so `dinomix train`
-        # runs every method from its config; the default config gets this supervised trainer, unchanged.
-        if cls is Trainer and cfg.semi.uses_semi_trainer:
-            from .semi import SemiTrainer
-
-            cls = SemiTrainer
-        return super().__new__(cls)
+    """The supervised trainer (build trainers with `factory.get_trainer`, which picks SemiTrainer for
+    semi-supervised configs)."""
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, reporter: Optional[Reporter] = None,
                  check_cancel: Optional[Callable[[], None]] = None, device: str = "auto") -> None:
