@@ -49,7 +49,7 @@ THREED_MANAGERS = ("vtkMRMLCameraDisplayableManager", "vtkMRMLViewDisplayableMan
 
 
 def make_scene():
-    """A scene with the logics Slicer's application sets on it (as tests/test_slicer_support.py)."""
+    """A scene with the logics Slicer's application sets on it (as tests/modules/slicer_support.py)."""
     scene = slicer.vtkMRMLScene()
     app_logic = slicer.vtkSlicerApplicationLogic()
     app_logic.SetMRMLScene(scene)

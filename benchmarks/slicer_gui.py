@@ -7,8 +7,8 @@ main thread, side by side with the plain sleeping loop.
     python benchmarks/slicer_gui.py --warm-only          # click to organs in the scene: warm engine vs per click
 
 Inside the Slicer application the main thread holds Python's GIL while idle in the Qt event loop, so a Python
-thread there advances only during the modules' timer ticks (tests/slicer_harness.py). Each flow is run under
-two loops (tests/slicer_harness.py's MainLoop):
+thread there advances only during the modules' timer ticks (tests/modules/slicer_harness.py). Each flow is run under
+two loops (tests/modules/slicer_harness.py's MainLoop):
 
 * "slicer": between timer ticks the loop sleeps in libc's usleep through ctypes.PyDLL, which keeps the GIL, as
   Slicer's main thread does;
@@ -61,7 +61,7 @@ from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "DINOMixSegmentation"), str(REPO / "DINOMixTrainer"), str(REPO / "benchmarks"),
-                str(REPO / "tests")]
+                str(REPO / "tests" / "modules"), str(REPO / "tests")]
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "slicer_gui.json"
 BTCV_CASE = "btcv_img0031"
@@ -127,7 +127,7 @@ def flow_row(loop, n0: int, wall: float, **extra) -> dict:
 
 def cancel_row(loop, job, started, done, interval: float, pid_of=None) -> dict:
     """Cancel once `started()`, then tick until `done()`: seconds from the click to the end."""
-    from test_slicer_support import pid_alive
+    from slicer_support import pid_alive
 
     tick = job.step if hasattr(job, "step") else job.poll
     loop.run(tick, lambda: done() or started(), timeout=1800, label="before cancel", interval=interval)

@@ -114,7 +114,7 @@ def _monai_metrics(p: np.ndarray, g: np.ndarray, spacing: Sequence[float]) -> di
     each direction, then the larger; ASD: mean of both directions' distances concatenated), so that the
     surfaces and the nearest-surface searches are computed once for the three metrics instead of once per
     metric function: on an untrained model's ragged output that is about 3x faster (measured 142 s -> 46 s
-    for one BTCV case). tests/test_evaluation.py checks the values against the MONAI metric functions.
+    for one BTCV case). tests/engine/test_evaluation.py checks the values against the MONAI metric functions.
     """
     from monai.metrics import compute_dice
     from monai.metrics.utils import get_edge_surface_distance, get_surface_distance

@@ -21,26 +21,15 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from jsonschema import Draft202012Validator
+from support import (
+    BTCV_CASE,
+    DEFAULT_DATA,
+    Segmented,  # noqa: F401  (annotations)
+    on_ci,
+    run_dinomix,
+    segment_case,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SCHEMAS = REPO_ROOT / "Resources" / "Schemas"
-# the engine's event contract, checked on every event a test reads (CliResult.events)
-EVENT_CONTRACT = Draft202012Validator(json.loads((SCHEMAS / "events.schema.json").read_text()))
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
-
-# The BTCV case most tests segment: small (257 x 257 x 94 at 3 mm slices) and two sliding windows in fast mode.
-BTCV_CASE = "btcv_img0031"
-
-# One `dinomix segment` of a BTCV case takes about 10 s on 2 idle cores; generous limits absorb a busy machine.
-SEGMENT_TIMEOUT_S = 600
-
-
-def on_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
-
-
-# ---------------------------------------------------------------- isolation
 
 @pytest.fixture(scope="session", autouse=True)
 def isolated_dinomix_dirs(tmp_path_factory: pytest.TempPathFactory):
@@ -64,6 +53,16 @@ def isolated_dinomix_dirs(tmp_path_factory: pytest.TempPathFactory):
 
 # ---------------------------------------------------------------- data
 
+# fixtures that read the shared data: a test that uses one (directly or through another fixture) is marked needs_data
+DATA_FIXTURES = {"data_dir", "btcv_ct", "segmented_case", "segmented"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if DATA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.needs_data)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     env = os.environ.get("DINOMIX_DATA")
@@ -84,46 +83,6 @@ def btcv_ct(data_dir: Path) -> Path:
 
 # ---------------------------------------------------------------- the real command line
 
-@dataclass
-class CliResult:
-    args: list[str]
-    returncode: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    @property
-    def output(self) -> str:
-        return self.stdout + self.stderr
-
-    def events(self) -> list[dict]:
-        """The JSON-lines events on stdout (with `--events -`), each checked against the engine's event contract
-        (Resources/Schemas/events.schema.json): every test that reads events also tests the contract."""
-        events = [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
-        for event in events:
-            problems = sorted(EVENT_CONTRACT.iter_errors(event), key=lambda e: list(e.path))
-            assert not problems, (f"event breaks events.schema.json: {problems[0].message}\n{event}\n"
-                                  f"{self.describe()}")
-        return events
-
-    def describe(self) -> str:
-        return (f"dinomix {' '.join(self.args)} -> exit {self.returncode} in {self.seconds:.1f} s\n"
-                f"--- stdout ---\n{self.stdout[-3000:]}\n--- stderr ---\n{self.stderr[-3000:]}")
-
-
-def dinomix_command() -> list[str]:
-    return [sys.executable, "-m", "dinomix"]
-
-
-def run_dinomix(*args: str | os.PathLike, env: Optional[dict[str, str]] = None,
-                timeout: float = SEGMENT_TIMEOUT_S, cwd: Optional[Path] = None) -> CliResult:
-    str_args = [str(a) for a in args]
-    t0 = time.monotonic()
-    proc = subprocess.run(dinomix_command() + str_args, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd)
-    return CliResult(str_args, proc.returncode, proc.stdout, proc.stderr, time.monotonic() - t0)
-
-
 @pytest.fixture(scope="session")
 def dinomix():
     """Run the real `dinomix` command line: dinomix("segment", path, "-o", out) -> CliResult."""
@@ -131,26 +90,6 @@ def dinomix():
 
 
 # ---------------------------------------------------------------- one shared segmentation
-
-@dataclass
-class Segmented:
-    input: Path
-    seg_nrrd: Path
-    nifti: Path
-    summary: Path
-    folder: Path
-    cli: CliResult
-    extra: dict = field(default_factory=dict)
-
-
-def segment_case(input_path: Path, out_folder: Path, *extra_args: str, name: str = "case") -> Segmented:
-    """Segment `input_path` with the real CLI into out_folder/name.{seg.nrrd,nii.gz,json}; assert success."""
-    out_folder.mkdir(parents=True, exist_ok=True)
-    res = run_dinomix("segment", input_path, "-o", out_folder / f"{name}.seg.nrrd", *extra_args)
-    assert res.returncode == 0, res.describe()
-    return Segmented(input_path, out_folder / f"{name}.seg.nrrd", out_folder / f"{name}.nii.gz",
-                     out_folder / f"{name}.json", out_folder, res)
-
 
 @pytest.fixture(scope="session")
 def segmented_case(btcv_ct: Path, tmp_path_factory: pytest.TempPathFactory) -> Segmented:
@@ -160,24 +99,3 @@ def segmented_case(btcv_ct: Path, tmp_path_factory: pytest.TempPathFactory) -> S
 
 # ---------------------------------------------------------------- training
 
-def interrupt_training(cfg, out: Path, after: int) -> dict:
-    """Run a real Trainer that is cancelled after `after` iterations and then writes its checkpoint, as the
-    signal handler of `dinomix train` does; returns the checkpoint's state (for exact-resume tests)."""
-    import torch
-
-    from dinomix.errors import Cancelled
-    from dinomix.training.factory import get_trainer
-    from dinomix.training.trainer import CHECKPOINT, Trainer
-
-    holder: dict = {}
-
-    def stop() -> None:
-        tr = holder.get("tr")
-        if tr is not None and len(tr.history) >= after:
-            raise Cancelled("stop")
-
-    holder["tr"] = tr = get_trainer(cfg, out, check_cancel=stop)
-    with pytest.raises(Cancelled):
-        tr.run()
-    tr.write_checkpoint()
-    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from support import interrupt_training
 
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
 from dinomix.modelfile import load_model
 from dinomix.training.config import TrainConfig
 from dinomix.training.factory import get_trainer
-from tests.conftest import interrupt_training
 
 
 def _config(tmp: Path, data_dir: Path, components: dict, method: str = "pic", iterations: int = 3) -> TrainConfig:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-from conftest import Segmented, segment_case
+from support import Segmented, segment_case
 
 
 def physical_copy_flipped(image: sitk.Image, axis: int) -> sitk.Image:

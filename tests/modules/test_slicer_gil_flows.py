@@ -11,17 +11,7 @@ import time
 import numpy as np
 import pytest
 from slicer_harness import MAX_CALL_CPU_S, MODES, SEGMENTATION_TICK_S, TRAINER_TICK_S, MainLoop
-from test_slicer_support import (  # noqa: F401
-    BTCV_CASE,
-    engine_labels,
-    fresh_result,
-    load_volume,
-    pid_alive,
-    run_segmentation,
-    scene,
-    segmented,
-    slicer,
-)
+from slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, pid_alive, run_segmentation, slicer
 
 from DINOMixSegmentationLib import ResultImport, SegmentationRun, SegmentOptions, SurfaceBuilder, segment_mask
 from DINOMixSegmentationLib.volumeio import image_array

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from support import interrupt_training
 
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
 from dinomix.events import Reporter
@@ -22,7 +23,6 @@ from dinomix.network import StudentConfig, build_network
 from dinomix.training.config import TrainConfig
 from dinomix.training.factory import get_trainer
 from dinomix.training.semi import SemiTrainer
-from tests.conftest import interrupt_training
 
 # ---------------------------------------------------------------- mixing of coarse fields
 

@@ -25,7 +25,7 @@ from dinomix.evaluation import (
 )
 from dinomix.organs import OrganSchema
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BTCV13 = OrganSchema.btcv13()
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures and helpers for the Slicer-module tests (tests/test_slicer_*.py); holds no tests itself.
+"""Shared fixtures and helpers for the Slicer-module tests (tests/modules/test_*.py; tests/modules/conftest.py
+exposes its fixtures); holds no tests itself.
 
 slicer-core gives the real MRML scene, nodes, segmentation and storage classes and the module logics
 (vtkSlicerSegmentationsModuleLogic, vtkSlicerVolumesLogic, ...) as a Python wheel, but no application: there
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 from slicer_harness import SEGMENTATION_TICK_S, MainLoop
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 for _module_dir in (REPO / "DINOMixSegmentation", REPO / "DINOMixTrainer"):
     if str(_module_dir) not in sys.path:
         sys.path.insert(0, str(_module_dir))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import dinomix_command
+from support import dinomix_command
 
 from dinomix.errors import Cancelled, InputImageError, OutputError
 from dinomix.imageio import AtomicWriter, read_image, remove_leftovers

@@ -171,7 +171,7 @@ def test_register_under_an_installed_name_is_refused_before_training(dataset):
 def test_the_shipped_models_stored_config_and_the_recipes_still_validate():
     from dinomix import registry
 
-    root = Path(__file__).resolve().parents[1] / "dinomix" / "recipes"
+    root = Path(__file__).resolve().parents[2] / "dinomix" / "recipes"
     stored = registry.resolve(None).meta.training.get("config")
     if stored is not None:  # the placeholder (no trained model shipped) has none
         assert TrainConfig.model_validate(stored).model_dump(mode="json")["iterations"] == stored["iterations"]

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from conftest import dinomix_command
 from safetensors.torch import save_file
+from support import dinomix_command
 
 from dinomix import registry
 from dinomix.builtin import default_meta

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULES = ["DINOMixSegmentation", "DINOMixTrainer"]
 SCHEMA = REPO.parent / "shared" / "reference" / "slicer-extension-catalog-entry-schema-v1.0.2.json"
 HOME = "https://github.com/dinomix/SlicerDINOMix"

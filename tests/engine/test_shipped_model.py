@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from dinomix import registry
 from dinomix.training.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CARD_DIR = ROOT / "Resources" / "Models" / "abdomen-btcv13"
 RECIPE = ROOT / "dinomix" / "recipes" / "abdomen-btcv13.json"
 STAGE1_RECIPE = ROOT / "dinomix" / "recipes" / "abdomen-btcv13-stage1.json"

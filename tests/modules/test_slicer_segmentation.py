@@ -8,17 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_slicer_support import (  # noqa: F401
-    BTCV_CASE,
-    engine_labels,
-    fresh_result,
-    load_volume,
-    pid_alive,
-    run_segmentation,
-    scene,
-    segmented,
-    slicer,
-)
+from slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, pid_alive, run_segmentation, slicer
 
 from DINOMixSegmentationLib import (
     BackgroundCommand,
@@ -325,7 +315,7 @@ def test_the_modules_find_the_engine_and_its_registry_folder():
     from DINOMixSegmentationLib.models import registry_dir
 
     assert (engine_root() / "dinomix" / "__init__.py").is_file()
-    assert engine_root() == Path(__file__).resolve().parents[1]
+    assert engine_root() == Path(__file__).resolve().parents[2]
     assert registry_dir() == registry.registry_dir()
 
 

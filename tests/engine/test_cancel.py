@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import dinomix_command
+from support import dinomix_command
 
 CANCEL_EXIT = 130
 REACH_INFER_TIMEOUT_S = 300

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, scene, segmented, slicer  # noqa: F401
+from slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, slicer
 
 from DINOMixSegmentationLib import Engine, current_model, list_models, segment_mask
 from DINOMixSegmentationLib.volumeio import ijk_to_ras, image_array
@@ -422,7 +422,7 @@ def test_finetune_cancel_stops_within_two_seconds(finetune_ready, scene, segment
         assert time.monotonic() - t < 2.0, "fine-tune still running 2 s after cancel"
         time.sleep(0.02)
     assert run.state == "cancelled"
-    from test_slicer_support import pid_alive
+    from slicer_support import pid_alive
 
     assert not pid_alive(pid)
     assert len(list_models()) == n_before  # no new version from a cancelled run

@@ -18,7 +18,7 @@ from typing import Optional
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "DINOMixSegmentation"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DINOMixSegmentation"))
 
 from DINOMixSegmentationLib.engine import (  # noqa: E402
     KILL_AFTER_S,
@@ -199,7 +199,7 @@ def test_a_partial_last_line_is_delivered_at_the_end(tmp_path):
 def test_process_options_and_the_windows_tree_kill():
     assert popen_options() == {"start_new_session": True}
     assert tree_kill_command(1234) == ["taskkill", "/T", "/F", "/PID", "1234"]
-    lib = Path(__file__).resolve().parents[1] / "DINOMixSegmentation" / "DINOMixSegmentationLib"
+    lib = Path(__file__).resolve().parents[2] / "DINOMixSegmentation" / "DINOMixSegmentationLib"
     src = (lib / "engine.py").read_text()
     # Windows: hide PythonSlicer's console as slicer.util.launchConsoleProcess does, and never use pipes
     for needle in ("subprocess.STARTUPINFO()", "STARTF_USESHOWWINDOW", "wShowWindow = 0", "CREATE_NO_WINDOW",

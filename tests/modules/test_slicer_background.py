@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 import pytest
-from test_slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, scene, segmented, slicer  # noqa: F401
+from slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, slicer
 
 from dinomix.scene_cli import label_boxes
 from DINOMixSegmentationLib import (

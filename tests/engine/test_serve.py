@@ -18,8 +18,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from conftest import REPO_ROOT
-from test_batch_segment import make_small_ct
+from support import REPO_ROOT, make_small_ct
 
 from dinomix.serve_client import Pending, ServeClient
 

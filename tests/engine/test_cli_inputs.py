@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import CliResult, segment_case
+from support import CliResult, segment_case
 
 
 def small_ct(size=(32, 32, 24), value=None) -> sitk.Image:

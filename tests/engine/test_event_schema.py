@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SCHEMAS
 from jsonschema import Draft202012Validator
+from support import SCHEMAS
 
 from dinomix.events import EVENT_KINDS
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 from slicer_harness import MAX_CALL_CPU_S, SEGMENTATION_TICK_S, MainLoop
-from test_batch_segment import make_small_ct
-from test_slicer_support import BTCV_CASE, load_volume, pid_alive, scene, slicer  # noqa: F401
+from slicer_support import BTCV_CASE, load_volume, pid_alive, slicer
+from support import make_small_ct
 
 from DINOMixSegmentationLib import (
     Engine,

@@ -13,15 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from conftest import BTCV_CASE
-
-
-def make_small_ct(source: Path, dest: Path) -> Path:
-    """A crop of a real CT around the upper abdomen: 140 x 140 x 50 voxels, one window in fast mode."""
-    img = sitk.ReadImage(str(source))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    sitk.WriteImage(img[60:200, 60:200, 20:70], str(dest), True)
-    return dest
+from support import BTCV_CASE, make_small_ct
 
 
 @pytest.fixture(scope="module")
