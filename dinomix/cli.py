@@ -416,15 +416,29 @@ def cmd_models(args: argparse.Namespace) -> int:
             p = registry.remove_model(args.name)
             print(f"removed {p}")
         return 0
-    except DinomixError as exc:
-        sys.stderr.write(f"dinomix: error: {exc}\n")
-        return exc.exit_code
-    except OSError as exc:  # e.g. removing a model from a read-only folder
-        sys.stderr.write(f"dinomix: error: {exc.strerror or exc}: {exc.filename or ''}\n")
-        return 2
+    except (DinomixError, OSError) as exc:  # OSError: e.g. removing a model from a read-only folder
+        return report_error(exc)
 
 
 # ---------------------------------------------------------------- parser
+
+DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """The --device option every command that runs a network has."""
+    parser.add_argument("--device", default="auto", choices=DEVICES,
+                        help="auto: a CUDA GPU if there is one, else Apple's MPS, else the CPU")
+
+
+def report_error(exc: BaseException) -> int:
+    """The one-line `dinomix: error: ...` of a user error on stderr; returns the exit status (2 unless the error
+    carries its own)."""
+    if isinstance(exc, OSError) and not isinstance(exc, DinomixError):
+        sys.stderr.write(f"dinomix: error: {exc.strerror or exc}: {exc.filename or ''}\n")
+        return 2
+    sys.stderr.write(f"dinomix: error: {exc}\n")
+    return int(getattr(exc, "exit_code", 2))
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dinomix", description="Abdominal organ segmentation for CT.")
@@ -441,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--mode", choices=["fast", "full"], default="fast",
                    help="quality mode; its grid comes from the model file (built-in: fast 3 mm, full 2 mm)")
     s.add_argument("--model", default=None, help="registry name or model file (default: abdomen-btcv13)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
+    add_device_option(s)
     s.add_argument("--organs", nargs="+", default=None, help="only these organs (names from the model)")
     s.add_argument("--formats", nargs="+", choices=["seg_nrrd", "nifti", "summary"], default=None)
     s.add_argument("--overlap", type=overlap_value, default=None,
@@ -472,23 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     mr.add_argument("name")
     m.set_defaults(func=cmd_models)
 
-    for register in _extra_commands():
+    # the other commands' modules import this one (Job, the device option): imported here, once it is loaded
+    from . import cache_cli, evaluate_cli, finetune_cli, scene_cli, serve_cli, train_cli
+
+    for register in (train_cli.register, train_cli.register_dataset, evaluate_cli.register, finetune_cli.register,
+                     cache_cli.register, scene_cli.register, serve_cli.register):
         register(sub)
     return p
-
-
-def _extra_commands() -> list[Callable[[Any], None]]:
-    """Commands defined in other modules (training, evaluation), registered if importable."""
-    regs = []
-    for modname in ("dinomix.train_cli", "dinomix.evaluate_cli", "dinomix.finetune_cli", "dinomix.cache_cli",
-                    "dinomix.scene_cli", "dinomix.serve_cli"):
-        try:
-            mod = __import__(modname, fromlist=["register"])
-            regs.append(mod.register)
-        except ModuleNotFoundError as exc:
-            if exc.name != modname:
-                raise
-    return regs
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -496,8 +500,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except DinomixError as exc:  # raised before a command's own reporting starts (e.g. its events file)
-        sys.stderr.write(f"dinomix: error: {exc}\n")
-        return exc.exit_code
+        return report_error(exc)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ MD_NAME = "evaluation.md"
 
 
 def register(subparsers: Any) -> None:
+    from .cli import add_device_option
+
     e = subparsers.add_parser(
         "evaluate", help="score one or two models against labeled cases (Dice, HD95, ASD)",
         description="Segment labeled cases and compare with their labels: per case and organ Dice, HD95 and ASD "
@@ -45,7 +47,7 @@ def register(subparsers: Any) -> None:
     e.add_argument("--cases", nargs="+", default=None, metavar="ID", help="only these case ids")
     e.add_argument("--mode", choices=["fast", "full"], default="fast",
                    help="quality mode; its grid comes from the model file (built-in: fast 3 mm, full 2 mm)")
-    e.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
+    add_device_option(e)
     e.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="folder for evaluation.json / .md")
     e.add_argument("--report", action="store_true", help="also write montage_<case>.png for the first cases")
     e.add_argument("--report-cases", type=int, default=2, metavar="N", help="cases with a montage (default 2)")

@@ -80,7 +80,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .cli import Job
+from .cli import Job, add_device_option
 
 if TYPE_CHECKING:
     from .training.config import SemiConfig
@@ -133,7 +133,7 @@ def register(sub) -> None:
                    help="keep organs learnt from fewer than 3 corrected scans (and no held-out case), which the "
                         "self-check cannot vouch for; the new model is then marked 'unknown' (default: such organs "
                         "keep the parent's output)")
-    f.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
+    add_device_option(f)
     f.add_argument("--patch-size", type=int, default=None, help="cubic patch edge (default: the parent's, else 48)")
     f.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the parent's, else 2e-3)")
     f.add_argument("--threads", type=int, default=None)

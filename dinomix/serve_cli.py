@@ -450,10 +450,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
+    from .cli import add_device_option
+
     s = sub.add_parser("serve", help="a warm engine: segment requests (JSON lines) on stdin, events on stdout",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--model", default=None, help="default model of requests that name none (registry name or file)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
+    add_device_option(s)
     s.add_argument("--max-memory", type=_size, default=None, metavar="SIZE",
                    help="refuse inputs whose segmentation needs more memory, e.g. 8G (default: this machine's memory)")
     s.add_argument("--parent-pid", type=int, default=None, metavar="PID",

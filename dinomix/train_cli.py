@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli import Job
+from .cli import Job, add_device_option, report_error
 
 if TYPE_CHECKING:
     from .training.config import TrainConfig
@@ -24,14 +24,13 @@ def register(sub) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     t.add_argument("--iterations", type=int, default=None,
                    help="override the config's iteration count; with --resume, extend the run to N iterations")
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "gpu", "mps"])
+    add_device_option(t)
     t.add_argument("--events", default=None, metavar="FILE|-", help="JSON-lines progress events")
     t.add_argument("--register", action="store_true", help="import the final model into the registry")
     t.add_argument("--resample-labels", action="store_true",
                    help="resample a label whose grid differs from its image's onto the image grid (nearest "
                         "neighbour, as `dinomix evaluate` does) instead of refusing the case")
     t.set_defaults(func=cmd_train)
-    register_dataset(sub)
 
 
 def prepare(args: argparse.Namespace, rep) -> TrainConfig:
@@ -134,7 +133,6 @@ def register_dataset(sub) -> None:
 
 def cmd_dataset(args: argparse.Namespace) -> int:
     import json
-    import sys
 
     from .datasets import import_btcv, import_folder, import_nnunet
     from .errors import DinomixError
@@ -165,5 +163,4 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         print(f"wrote {out}: {len(ds.cases)} cases ({n_lab} labeled, {len(ds.cases) - n_lab} unlabeled)")
         return 0
     except DinomixError as exc:
-        sys.stderr.write(f"dinomix: error: {exc}\n")
-        return exc.exit_code
+        return report_error(exc)
