@@ -127,3 +127,14 @@ def interrupt_training(cfg, out: Path, after: int) -> dict:
         tr.run()
     tr.write_checkpoint()
     return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+
+
+def assert_refused(res: subprocess.CompletedProcess, *phrases: str) -> None:
+    """Exit 2, one line 'dinomix: error: ...' naming the problem, no traceback."""
+    out = res.stdout + res.stderr
+    assert res.returncode == 2, out
+    assert "Traceback" not in out and "internal error" not in out, out
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dinomix: error: "), out
+    for phrase in phrases:
+        assert phrase in lines[0], f"{phrase!r} not in: {lines[0]}"

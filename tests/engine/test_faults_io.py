@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from support import dinomix_command
+from support import assert_refused, dinomix_command
 
 from dinomix.errors import Cancelled, InputImageError, OutputError
 from dinomix.imageio import AtomicWriter, read_image, remove_leftovers
@@ -55,17 +55,6 @@ def label_image(size=(40, 40, 40)) -> sitk.Image:
     img = sitk.GetImageFromArray(arr)
     img.SetSpacing((3.0, 3.0, 3.0))
     return img
-
-
-def assert_refused(res: subprocess.CompletedProcess, *phrases: str) -> None:
-    """Exit 2, one line 'dinomix: error: ...' naming the problem, no traceback."""
-    out = res.stdout + res.stderr
-    assert res.returncode == 2, out
-    assert "Traceback" not in out and "internal error" not in out, out
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dinomix: error: "), out
-    for phrase in phrases:
-        assert phrase in lines[0], f"{phrase!r} not in: {lines[0]}"
 
 
 def run(*args, timeout: float = 300, **kw) -> subprocess.CompletedProcess:

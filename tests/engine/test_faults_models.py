@@ -36,16 +36,6 @@ from dinomix.modelfile import (
 SHIPPED = Path(modelfile.__file__).parent / "models" / "abdomen-btcv13.safetensors"
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "abdomen.safetensors"
-    make_untrained(path)
-    return path
-
-
-@pytest.fixture
-def model_file(saved_model, tmp_path) -> Path:
-    return Path(shutil.copyfile(saved_model, tmp_path / "model.safetensors"))
 
 
 @pytest.fixture

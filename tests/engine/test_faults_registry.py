@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from safetensors.torch import save_file
-from support import dinomix_command
+from support import assert_refused, dinomix_command
 
 from dinomix import registry
 from dinomix.builtin import default_meta
@@ -26,16 +26,6 @@ from dinomix.network import build_network
 
 def run(*args, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(dinomix_command() + [str(a) for a in args], capture_output=True, text=True, timeout=timeout)
-
-
-def assert_refused(res: subprocess.CompletedProcess, *phrases: str) -> None:
-    out = res.stdout + res.stderr
-    assert res.returncode == 2, out
-    assert "Traceback" not in out and "internal error" not in out, out
-    lines = [line for line in res.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("dinomix: error: "), out
-    for phrase in phrases:
-        assert phrase in lines[0], f"{phrase!r} not in: {lines[0]}"
 
 
 @pytest.fixture

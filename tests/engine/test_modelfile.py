@@ -21,19 +21,6 @@ from dinomix.errors import ModelFileError
 from dinomix.modelfile import FORMAT_VERSION, load_model, read_meta
 
 
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("model") / "abdomen.safetensors"
-    make_untrained(path)
-    return path
-
-
-@pytest.fixture
-def model_file(saved_model, tmp_path) -> Path:
-    """A fresh copy of a valid model file, for the test to damage."""
-    return Path(shutil.copyfile(saved_model, tmp_path / "model.safetensors"))
-
-
 def weights_offset(path: Path) -> int:
     """Where the tensor bytes begin: after the 8-byte header length and the JSON header."""
     (header_len,) = struct.unpack("<Q", path.read_bytes()[:8])
