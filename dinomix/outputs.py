@@ -20,14 +20,7 @@ from scipy import ndimage
 from .errors import OutputError
 from .imageio import AtomicWriter, _check_nifti, check_writable, same_file
 from .organs import Organ
-
-
-def ijk_to_lps(image: sitk.Image) -> np.ndarray:
-    d = np.array(image.GetDirection()).reshape(3, 3)
-    m = np.eye(4)
-    m[:3, :3] = d @ np.diag(image.GetSpacing())
-    m[:3, 3] = image.GetOrigin()
-    return m
+from .preprocessing import affine_lps
 
 
 def segmentation_dict(labels: sitk.Image, organs: list[Organ]) -> dict[str, Any]:
@@ -58,7 +51,7 @@ def segmentation_dict(labels: sitk.Image, organs: list[Organ]) -> dict[str, Any]
         segments.append(seg)
     return {
         "voxels": vox,
-        "ijkToLPS": ijk_to_lps(labels),
+        "ijkToLPS": affine_lps(labels),
         "segments": segments,
         "containedRepresentationNames": ["Binary labelmap"],
         "masterRepresentation": "Binary labelmap",

@@ -123,13 +123,18 @@ def sitk_to_sample(image: sitk.Image, copy: bool = True) -> dict:
     return {"image": xyz, "grid": ModelGrid(tuple(image.GetSize()), affine_ras(image))}
 
 
-def affine_ras(image: sitk.Image) -> np.ndarray:
-    """4x4 voxel-index (x,y,z) to RAS-world affine of a SimpleITK image."""
+def affine_lps(image: sitk.Image) -> np.ndarray:
+    """4x4 voxel-index (x,y,z) to LPS-world affine of a SimpleITK image (ITK's own world, as NRRD stores it)."""
     d = np.array(image.GetDirection()).reshape(3, 3)
     a = np.eye(4)
     a[:3, :3] = d @ np.diag(image.GetSpacing())
     a[:3, 3] = image.GetOrigin()
-    return LPS_TO_RAS @ a
+    return a
+
+
+def affine_ras(image: sitk.Image) -> np.ndarray:
+    """4x4 voxel-index (x,y,z) to RAS-world affine of a SimpleITK image."""
+    return LPS_TO_RAS @ affine_lps(image)
 
 
 class Reorientd(MapTransform):
