@@ -406,6 +406,9 @@ def test_finetune_cancel_stops_within_two_seconds(finetune_ready, scene, segment
     detect_changes(case)
     ts = TrainingSet(tmp_path / "ts")
     ts.export_case(case)
+    # a held-out case, so that the fine-tune trains (with one corrected scan and none, it would train nothing
+    # it could not check, and end at once)
+    ts.export_case(case, split="holdout")
     n_before = len(list_models())
     run = FineTuneRun(FineTuneOptions(model="abdomen-btcv13", dataset=str(ts.folder), iterations=500)).start()
     t0 = time.monotonic()
