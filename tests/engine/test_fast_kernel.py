@@ -1,13 +1,15 @@
 """The CPU kernel (`inference.FastStudent`) is what segments on a CPU, and it computes the network's function:
 same logits as `StudentUNet.forward` on inputs of odd, non-cubic shapes, for the shipped model and a routed
-fine-tune, and the shipped model never silently falls back to the slower module."""
+fine-tune, and the shipped model never silently falls back to the slower module. Its bfloat16 variant (the
+default on a CPU with native bfloat16) stays within bfloat16 rounding of those logits and picks the same label
+almost everywhere."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dinomix.inference import FastStudent, Segmenter, _fast_runner
+from dinomix.inference import FastStudent, Segmenter, _fast_runner, bf16_supported
 from dinomix.network import RoutedConfig, StudentConfig, StudentUNet
 
 SHAPES = [(1, 1, 16, 32, 48), (1, 1, 48, 16, 32), (2, 1, 32, 32, 16)]
@@ -47,3 +49,26 @@ def test_the_shipped_model_segments_with_the_kernel():
 def test_the_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("DINOMIX_NO_FASTPATH", "1")
     assert _fast_runner(_net(), torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[2:])) + f"-b{s[0]}")
+@pytest.mark.parametrize("routed", [False, True], ids=["plain", "routed"])
+def test_the_bfloat16_kernel_stays_close_to_the_networks_logits(shape, routed):
+    net = _net(routed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = net(x), FastStudent(net, bf16=True)(x)
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert float((got - ref).abs().max()) <= 3e-2 * float(ref.abs().max())
+    assert float((got.argmax(1) == ref.argmax(1)).float().mean()) >= 0.99
+
+
+@pytest.mark.skipif(not bf16_supported(), reason="this CPU has no native bfloat16 (AVX512-BF16 or AMX)")
+def test_the_shipped_model_uses_bfloat16_where_the_cpu_has_it():
+    assert Segmenter("abdomen-btcv13", "cpu").fast.dtype == torch.bfloat16
+
+
+def test_float32_can_be_forced(monkeypatch):
+    monkeypatch.setenv("DINOMIX_FLOAT32", "1")
+    seg = Segmenter("abdomen-btcv13", "cpu")
+    assert isinstance(seg.fast, FastStudent) and seg.fast.dtype == torch.float32
