@@ -42,7 +42,7 @@ def parent_logits(model: str, ids: list[str], btcv: Path, work: Path, mode: str 
 
     from dinomix.datasets import Case, Dataset, load_dataset
     from dinomix.modelfile import load_model
-    from dinomix.network import fit_roi
+    from dinomix.nets.unet import fit_roi
     from dinomix.registry import resolve
     from dinomix.training import calibration as C
     from dinomix.training.data import cache_cases

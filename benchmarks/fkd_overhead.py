@@ -47,7 +47,7 @@ def main() -> int:
     from safetensors.torch import save_file
 
     from dinomix.datasets import BTCV_NAMES, Case, Dataset
-    from dinomix.methods.fkd import ENV_WEIGHTS, build_vit
+    from dinomix.nets.dinov3 import ENV_WEIGHTS, build_vit
     from dinomix.training.config import TrainConfig
     from dinomix.training.factory import get_trainer
 

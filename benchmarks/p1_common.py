@@ -98,7 +98,7 @@ P1_SETUP = {
                            "to 3 mm isotropic (trilinear; labels nearest neighbour), cropped to the body's bounding "
                            "box + 20 mm, and trained on cubic patches of PATCH^3 voxels at 3 mm (P1: volumes resized "
                            "to 80x160x160 and 64x128x128 patches), for the 2-core CPU budget",
-    "network": "the engine's compact 3D student U-Net (dinomix/network.py) instead of P1's 3D V-Net (32 filters)",
+    "network": "the engine's compact 3D student U-Net (dinomix/nets/unet.py) instead of P1's 3D V-Net (32 filters)",
     "optimiser": "AdamW, lr 2e-3, linear warm-up then cosine, as the project's recipe (P1: SGD)",
     "batch": "2 labeled + 2 unlabeled patches per iteration, as P1",
     "budget": "the same number of iterations and the same seed for every method, the count chosen so that the "

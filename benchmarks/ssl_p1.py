@@ -11,7 +11,7 @@ run folder, so smoke results never land in benchmarks/results).
 
 Rows (`ROWS`, a table of name -> config overrides on one base config, so rows are added without new code):
 supervised-only, mean teacher, + CutMix, + PIC, and + FKD, which runs only when DINOv3 teacher weights are
-configured (`dinomix.methods.fkd.find_teacher_weights()`, i.e. $DINOMIX_DINOV3_WEIGHTS) and the training config
+configured (`dinomix.nets.dinov3.find_teacher_weights()`, i.e. $DINOMIX_DINOV3_WEIGHTS) and the training config
 has FKD; otherwise its row says why ("no teacher weights available"). Issue 6 rows: + PIC + SCDL, + PIC +
 ACTION (trainer components) and SegDINO (+ PIC), which, like FKD, needs DINOv3 weights and is marked so
 without them.
@@ -86,7 +86,7 @@ def _components() -> set[str]:
 
 def fkd_unavailable() -> Optional[str]:
     try:
-        from dinomix.methods.fkd import find_teacher_weights
+        from dinomix.nets.dinov3 import find_teacher_weights
 
         weights = find_teacher_weights()
     except Exception as exc:  # a configured path that does not exist, or no FKD module
@@ -108,7 +108,7 @@ def segdino_unavailable() -> Optional[str]:
 def fkd_overrides() -> dict:
     """+ FKD on top of PIC: `semi.components.fkd` with the teacher weights found (the config is validated before
     the run; a mismatch is reported in the row)."""
-    from dinomix.methods.fkd import find_teacher_weights
+    from dinomix.nets.dinov3 import find_teacher_weights
 
     return {"semi": {"method": "pic",
                      "components": {"fkd": {"enabled": True, "weights": str(find_teacher_weights())}}}}
@@ -147,7 +147,7 @@ def add_costs(methods: list[dict], work: Path) -> None:
     import re
 
     from dinomix.modelfile import load_model
-    from dinomix.network import count_parameters
+    from dinomix.nets.unet import count_parameters
 
     for m in methods:
         run = work / m["key"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .modelfile import ModelMeta, save_model
-from .network import StudentConfig, build_network
+from .nets.unet import StudentConfig, build_network
 from .organs import OrganSchema
 from .preprocessing import PreprocessConfig
 

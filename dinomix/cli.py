@@ -275,7 +275,7 @@ def segment_image(args: argparse.Namespace, seg, image, notes: list[str], paths:
     if not seg.meta.trained:
         rep.log(f"model '{seg.meta.model_id}' is UNTRAINED (random weights): its output is not anatomy", "warning")
     if seg.meta.backbone_untrained:
-        from .segdino import BACKBONE_UNTRAINED
+        from .nets.segdino import BACKBONE_UNTRAINED
 
         rep.log(f"model '{seg.meta.model_id}': {BACKBONE_UNTRAINED}; it was trained without DINOv3 weights, "
                 "so expect poor segmentations", "warning")

@@ -312,7 +312,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     from .datasets import Dataset, load_dataset
     from .errors import DinomixError
     from .modelfile import ModelMeta, load_model
-    from .network import RoutedConfig, fit_roi
+    from .nets.unet import RoutedConfig, fit_roi
     from .organs import OrganSchema
     from .training import calibration
     from .training.config import DataConfig, TrainConfig

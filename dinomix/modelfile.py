@@ -32,10 +32,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelFileError
-from .network import ArchitectureConfig, build_network
+from .nets.segdino import BACKBONE_UNTRAINED, SegDINOConfig
+from .nets.unet import ArchitectureConfig, build_network
 from .organs import OrganSchema
 from .preprocessing import PreprocessConfig
-from .segdino import BACKBONE_UNTRAINED, SegDINOConfig
 
 FORMAT: Final = "dinomix-model"
 FORMAT_VERSION = 1

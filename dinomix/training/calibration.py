@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
-from ..network import StudentUNet
+from ..nets.unet import StudentUNet
 from .data import CachedCase
 
 # Offsets searched (logit units). The parent's logits of an organ's border voxels span a few units; beyond 3 the
@@ -53,10 +53,10 @@ def predict_logits(net: torch.nn.Module, case: CachedCase, roi: Sequence[int], d
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits (C, X, Y, Z) float16 on the CPU, argmax label map uint8) of one cached case on the model grid, the
     argmax taken before the cast (`routing.predict` is its second half)."""
-    from ..inference import _fast_runner
+    from ..nets.cpu_kernel import cpu_runner
 
     net.eval()
-    run = _fast_runner(net, device) or net
+    run = cpu_runner(net, device) or net
     roi_case = tuple(min(r, -(-n // divisor) * divisor) for r, n in zip(roi, case.image.shape[1:]))
     logits = sliding_window_inference(case.image[None].to(device), roi_case, 1, run, overlap=0.25, mode="gaussian")
     return logits[0].to(torch.float16).cpu(), logits[0].argmax(0).to(torch.uint8).cpu()

@@ -23,7 +23,7 @@ from ..methods.action import ActionConfig
 from ..methods.fkd import FKDConfig
 from ..methods.scdl import SCDLConfig
 from ..modelfile import MODEL_ID_PATTERN, architecture_problem, preprocessing_problem
-from ..network import ArchitectureConfig, StudentConfig
+from ..nets.unet import ArchitectureConfig, StudentConfig
 from ..organs import BTCV13, CATALOG, canonical_name
 from ..preprocessing import ModeConfig, PreprocessConfig
 

@@ -48,13 +48,14 @@ import torch.nn.functional as F
 from ..errors import DinomixError
 from ..methods.action import ActionComponent
 from ..methods.components import AuxBatch, AuxComponent
-from ..methods.fkd import ENV_WEIGHTS, FKDComponent, TeacherFeatures, find_teacher_weights
+from ..methods.fkd import FKDComponent, TeacherFeatures
 from ..methods.parent_distillation import unbiased_distillation, voxels_without_ground_truth
 from ..methods.pic import PIC, Patches, cutmix
 from ..methods.scdl import SCDLComponent
 from ..methods.thresholds import ClassThresholds
 from ..modelfile import ModelMeta, load_model
-from ..network import StudentConfig, StudentUNet
+from ..nets.dinov3 import ENV_WEIGHTS, find_teacher_weights
+from ..nets.unet import StudentConfig, StudentUNet
 from .data import CachedCase, augment, crop
 from .losses import partial_dice_ce
 from .trainer import Trainer, lr_at

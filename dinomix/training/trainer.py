@@ -29,7 +29,7 @@ from ..errors import DinomixError
 from ..events import Reporter
 from ..inference import available_cores, pick_device
 from ..modelfile import ModelMeta, save_model, weights_sha256
-from ..network import build_network, count_parameters, fit_roi
+from ..nets.unet import build_network, count_parameters, fit_roi
 from ..organs import OrganSchema
 from .config import TrainConfig
 from .data import BalancedSampler, augment, cache_cases

@@ -1,4 +1,4 @@
-"""The CPU kernel (`inference.FastStudent`) is what segments on a CPU, and it computes the network's function:
+"""The CPU kernel (`nets.cpu_kernel.FastStudent`) is what segments on a CPU, and it computes the network's function:
 same logits as `StudentUNet.forward` on inputs of odd, non-cubic shapes, for the shipped model and a routed
 fine-tune, and the shipped model never silently falls back to the slower module. Its bfloat16 variant (the
 default on a CPU with native bfloat16) stays within bfloat16 rounding of those logits and picks the same label
@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dinomix.inference import FastStudent, Segmenter, _fast_runner, bf16_supported
-from dinomix.network import RoutedConfig, StudentConfig, StudentUNet
+from dinomix.inference import Segmenter
+from dinomix.nets.cpu_kernel import FastStudent, bf16_supported, cpu_runner
+from dinomix.nets.unet import RoutedConfig, StudentConfig, StudentUNet
 
 SHAPES = [(1, 1, 16, 32, 48), (1, 1, 48, 16, 32), (2, 1, 32, 32, 16)]
 
@@ -48,7 +49,7 @@ def test_the_shipped_model_segments_with_the_kernel():
 
 def test_the_kernel_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("DINOMIX_NO_FASTPATH", "1")
-    assert _fast_runner(_net(), torch.device("cpu")) is None
+    assert cpu_runner(_net(), torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s[2:])) + f"-b{s[0]}")

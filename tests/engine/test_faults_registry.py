@@ -21,7 +21,7 @@ from support import assert_refused, dinomix_command
 from dinomix import registry
 from dinomix.builtin import default_meta
 from dinomix.modelfile import save_model
-from dinomix.network import build_network
+from dinomix.nets.unet import build_network
 
 
 def run(*args, timeout: float = 300) -> subprocess.CompletedProcess:

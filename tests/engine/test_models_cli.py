@@ -14,7 +14,7 @@ import pytest
 from dinomix import registry
 from dinomix.builtin import default_meta, make_untrained
 from dinomix.modelfile import save_model
-from dinomix.network import build_network
+from dinomix.nets.unet import build_network
 
 TEST_MODEL = "test-organs-untrained"
 

@@ -28,7 +28,7 @@ from dinomix.methods.action import (
     voxel_masks,
 )
 from dinomix.methods.components import AuxBatch
-from dinomix.network import StudentConfig, StudentUNet
+from dinomix.nets.unet import StudentConfig, StudentUNet
 
 SMALL = dict(hidden_dim=8, embed_dim=4, num_queries=8, num_negatives=6, centre_steps=50, centre_samples=8)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix.inference import _fast_runner
-from dinomix.network import RoutedConfig, StudentConfig, StudentUNet
+from dinomix.nets.cpu_kernel import cpu_runner
+from dinomix.nets.unet import RoutedConfig, StudentConfig, StudentUNet
 from dinomix.training import calibration as C
 from dinomix.training.routing import Routing, self_check
 
@@ -111,7 +111,7 @@ def test_offsets_live_in_the_output_biases_so_every_inference_path_applies_them(
         before = net(x)
         C.apply_offsets(net, {3: -1.25, 1: 0.5})
         after = net(x)
-        fast = _fast_runner(net, torch.device("cpu"))(x)
+        fast = cpu_runner(net, torch.device("cpu"))(x)
     shift = torch.tensor([0.0, 0.5, 0.0, -1.25]).view(1, 4, 1, 1, 1)
     assert torch.allclose(after, before + shift, atol=1e-5)
     assert torch.allclose(fast, after, atol=1e-3)

@@ -16,10 +16,10 @@ from support import interrupt_training
 
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
 from dinomix.events import Reporter
-from dinomix.methods.fkd import ENV_WEIGHTS, build_vit
 from dinomix.methods.pic import Patches, cutmix, grid_box
 from dinomix.modelfile import load_model
-from dinomix.network import StudentConfig, build_network
+from dinomix.nets.dinov3 import ENV_WEIGHTS, build_vit
+from dinomix.nets.unet import StudentConfig, build_network
 from dinomix.training.config import TrainConfig
 from dinomix.training.factory import get_trainer
 from dinomix.training.semi import SemiTrainer

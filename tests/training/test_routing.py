@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix.inference import _fast_runner
 from dinomix.modelfile import ModelMeta, load_model, save_model
-from dinomix.network import RoutedConfig, StudentConfig, StudentUNet
+from dinomix.nets.cpu_kernel import cpu_runner
+from dinomix.nets.unet import RoutedConfig, StudentConfig, StudentUNet
 from dinomix.training.data import CachedCase
 from dinomix.training.routing import Routing, neighbour_losses, route_organs, self_check
 
@@ -75,7 +75,7 @@ def test_only_the_branch_learns_once_the_trunk_is_frozen():
 def test_the_cpu_kernel_computes_the_routed_network():
     net = _routed(_parent(), [1, 3], blocks=2)
     _nudge(net)
-    fast = _fast_runner(net, torch.device("cpu"))
+    fast = cpu_runner(net, torch.device("cpu"))
     assert fast is not None  # the kernel checks itself against the module and would refuse on a mismatch
     with torch.no_grad():
         ref = net(X)

@@ -27,7 +27,7 @@ from dinomix.methods.scdl import (
     token_label_share,
     token_targets,
 )
-from dinomix.network import StudentConfig, StudentUNet
+from dinomix.nets.unet import StudentConfig, StudentUNet
 
 SMALL = dict(hidden_dim=16, embed_dim=8, samples=4, grid=2)
 

@@ -17,12 +17,19 @@ import torch
 from safetensors.torch import save_file
 
 from dinomix.errors import DinomixError
-from dinomix.methods.fkd import ENV_WEIGHTS, build_vit
 from dinomix.modelfile import ModelMeta, load_model, read_meta, save_model
-from dinomix.network import StudentConfig, StudentUNet, build_network
+from dinomix.nets.dinov3 import ENV_WEIGHTS, build_vit
+from dinomix.nets.segdino import (
+    BACKBONE_UNTRAINED,
+    ScaleAwareDecoder,
+    SegDINO,
+    SegDINOConfig,
+    TokenPyramid,
+    slice_stack,
+)
+from dinomix.nets.unet import StudentConfig, StudentUNet, build_network
 from dinomix.organs import OrganSchema
 from dinomix.preprocessing import PreprocessConfig
-from dinomix.segdino import BACKBONE_UNTRAINED, ScaleAwareDecoder, SegDINO, SegDINOConfig, TokenPyramid, slice_stack
 from dinomix.training.config import TrainConfig
 
 SMALL = dict(family="segdino", width=16, min_tokens=2)

@@ -13,18 +13,20 @@ from safetensors.torch import load_file, save_file
 
 from dinomix.errors import DinomixError
 from dinomix.methods.fkd import (
-    ENV_WEIGHTS,
     FeatureCache,
     FKDHead,
     PrototypeBank,
     affinity_loss,
+    sample_features,
+    uniqueness_weighted_cosine,
+)
+from dinomix.nets.dinov3 import (
+    ENV_WEIGHTS,
     build_vit,
     find_teacher_weights,
     load_teacher,
     official_to_hf,
-    sample_features,
     teacher_feature_volume,
-    uniqueness_weighted_cosine,
 )
 
 D, DEPTH, HID = 384, 12, 1536

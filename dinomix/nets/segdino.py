@@ -8,7 +8,7 @@ pyramid and a light scale-aware decoder. Its config is stored in the model file 
 * ViT input: 3 channels, the slice repeated (2D, `context_slices=0`) or [slice - 1, slice, slice + 1] (2.5D,
   `context_slices=1`; at the first and last slice of the patch the slice itself stands in for the missing
   neighbour), shown in radiological orientation and ImageNet-normalised exactly as the FKD teacher sees a
-  slice (`methods/fkd.teacher_feature_volume`), upsampled (bilinear, one factor for both axes) so that the
+  slice (`nets/dinov3.teacher_feature_volume`), upsampled (bilinear, one factor for both axes) so that the
   shorter side has at least `min_tokens` patches.
 * TPA, token pyramid aggregation: the normalised patch tokens of the blocks `layers` (default 2, 5, 8, 11),
   each projected by a 1x1 convolution to `width` channels, resampled (bilinear) x8, x4, x2, x1 (the earliest
@@ -17,7 +17,7 @@ pyramid and a light scale-aware decoder. Its config is stored in the model file 
   3x3(x)))) whose per-channel scale s starts at 0 (each block starts as the identity), then top-down fusion
   (upsample the coarser map, add) down to the finest level and a 1x1 convolution to one channel per organ;
   the logits are resized (bilinear) to the slice.
-* The backbone (`backbone.*`, the official DINOv3 key layout of `methods/fkd.DinoV3ViT`) is frozen by default:
+* The backbone (`backbone.*`, the official DINOv3 key layout of `nets/dinov3.DinoV3ViT`) is frozen by default:
   no gradients, and it stays in eval mode when the module is put in train mode; `freeze_backbone=False`
   fine-tunes it too. Its weights are part of the network's state, so a model file is self-contained.
 * `build_segdino` (what `network.build_network` calls to train one) loads DINOv3 weights like the FKD teacher
@@ -43,12 +43,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, Field, field_validator
 
-from .errors import DinomixError
-from .methods import fkd
+from ..errors import DinomixError
+from . import dinov3
 
 BACKBONE_UNTRAINED = "backbone untrained (random DINOv3 weights)"
 
-log = logging.getLogger("dinomix.segdino")
+log = logging.getLogger("dinomix.nets.segdino")
 
 
 class SegDINOConfig(BaseModel):
@@ -102,9 +102,9 @@ def slice_stack(x: torch.Tensor, context_slices: int = 0) -> torch.Tensor:
 
 def vit_input_size(X: int, Y: int, patch: int, min_tokens: int) -> tuple[int, int]:
     """(rows, columns) of the ViT input for an X x Y slice shown in radiological orientation (Y rows, X columns),
-    as `fkd.teacher_feature_volume` sizes it."""
+    as `dinov3.teacher_feature_volume` sizes it."""
     scale = max(1.0, patch * min_tokens / min(X, Y))
-    return fkd.slice_size(Y, patch, min_tokens, scale), fkd.slice_size(X, patch, min_tokens, scale)
+    return dinov3.slice_size(Y, patch, min_tokens, scale), dinov3.slice_size(X, patch, min_tokens, scale)
 
 
 # ---------------------------------------------------------------- TPA and SAD
@@ -173,15 +173,15 @@ class SegDINO(nn.Module):
     def __init__(self, cfg: SegDINOConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = fkd.build_vit(cfg.backbone)
+        self.backbone = dinov3.build_vit(cfg.backbone)
         if max(cfg.layers) >= self.backbone.depth:
             raise DinomixError(f"SegDINO layers {list(cfg.layers)} exceed the {self.backbone.depth} blocks of "
                                f"{cfg.backbone}")
         n = len(cfg.layers)
         self.tpa = TokenPyramid(self.backbone.embed_dim, cfg.width, n)
         self.sad = ScaleAwareDecoder(cfg.width, n, cfg.out_channels)
-        self.register_buffer("mean", torch.tensor(fkd.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(fkd.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(dinov3.IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(dinov3.IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if cfg.freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
@@ -237,14 +237,14 @@ def build_segdino(cfg: SegDINOConfig, load_backbone: bool = True,
     if not load_backbone:
         return net
     say = report or (lambda msg, level: log.warning(msg) if level == "warning" else log.info(msg))
-    path = fkd.find_teacher_weights(cfg.backbone_weights)
+    path = dinov3.find_teacher_weights(cfg.backbone_weights)
     if path is None:
         cfg.backbone_pretrained, cfg.backbone_sha256 = False, None
-        say(f"SegDINO: no DINOv3 weights (set backbone_weights in the architecture or ${fkd.ENV_WEIGHTS}); the "
+        say(f"SegDINO: no DINOv3 weights (set backbone_weights in the architecture or ${dinov3.ENV_WEIGHTS}); the "
             f"{cfg.backbone} backbone keeps random weights, the model will be marked '{BACKBONE_UNTRAINED}'",
             "warning")
         return net
-    vit, sha = fkd.load_teacher(path)
+    vit, sha = dinov3.load_teacher(path)
     shape = ("embed_dim", "depth", "num_heads", "patch_size", "n_storage_tokens")
     if any(getattr(vit, a) != getattr(net.backbone, a) for a in shape):
         raise DinomixError(f"DINOv3 weights {path} are a ViT with "
