@@ -8,7 +8,7 @@
   (`calibrate`), one common iteration count for all (`plan_iterations`).
 * Training as a real `dinomix train CONFIG -o RUN --events FILE` subprocess (`run_train`), so a crash is
   reported in its row and the next method still runs.
-* Evaluation with the machinery of `dinomix evaluate` (`dinomix.evaluation.evaluate_models`: the engine's
+* Evaluation with the machinery of `dinomix evaluate` (`dinomix.evaluation.runner.evaluate_models`: the engine's
   segmentation of each test case, mapped back to the case's native grid, scored with the P1 conventions).
 
 Nothing derived from the data is written into the repository: run folders live in --workdir (default: the
@@ -466,7 +466,9 @@ def evaluate(models: list[str], ds, cases, device: str, out_json: Optional[Path]
              progress=print) -> list[dict]:
     """Score models on the cases (`test_set`) with `dinomix evaluate`'s machinery; returns each model's summary
     (`summarize`). Writes the full per-case records (as `dinomix evaluate` would) to out_json when given."""
-    from dinomix.evaluation import CONVENTIONS, evaluate_models, to_json
+    from dinomix.evaluation.metrics import CONVENTIONS
+    from dinomix.evaluation.report import to_json
+    from dinomix.evaluation.runner import evaluate_models
 
     t0 = time.monotonic()
     res = evaluate_models(models, cases, ds, mode="fast", device=device)

@@ -35,7 +35,7 @@ Protocol as run here (recorded in the JSON under "protocol"):
   differed by up to about 10% on 2 cores). The JSON lists any method that still ran over (`over_budget`).
 * Training: each method is a separate `dinomix train CONFIG -o RUN --events FILE` subprocess, one after
   another, so a crash is reported in its row and the other methods still run.
-* Evaluation: `dinomix evaluate`'s machinery (dinomix.evaluation.evaluate_models): the engine's fast-mode
+* Evaluation: `dinomix evaluate`'s machinery (dinomix.evaluation.runner.evaluate_models): the engine's fast-mode
   segmentation of each test case (with its per-organ clean-up), mapped back onto the native label grid; P1
   conventions: Dice in %, ASD in voxels (directed prediction -> ground truth, 128 when an organ is missed), mean
   over cases then over the 13 organs, and the mean over the minority organs (Ga, Es, PSV, Pa, RAG, LAG).

@@ -5,7 +5,7 @@
 
 Writes OUTDIR/evaluation.json (every case and organ, aggregates, conventions) and OUTDIR/evaluation.md
 (tables); with --report also OUTDIR/montage_<case>.png for the first cases. Metric definitions and edge
-cases: dinomix/evaluation.py.
+cases: dinomix/evaluation/ (metrics, runner, report).
 """
 
 from __future__ import annotations
@@ -87,7 +87,9 @@ def select_cases(ds, split: str | None, case_ids: list[str] | None) -> list:
 
 def _evaluate(args: argparse.Namespace, job, rep: Reporter, check: Callable[[], None]) -> dict:
     from .datasets import import_btcv, load_dataset
-    from .evaluation import CONVENTIONS, comparison, evaluate_models, markdown_table, to_json, write_montage
+    from .evaluation.metrics import CONVENTIONS
+    from .evaluation.report import comparison, markdown_table, to_json, write_montage
+    from .evaluation.runner import evaluate_models
     from .imageio import check_writable
     from .inference import Segmenter
     from .outputs import write_json

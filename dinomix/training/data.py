@@ -28,7 +28,7 @@ from monai.transforms import Compose, MapTransform, SelectItemsd
 
 from ..datasets import Case, Dataset, map_label
 from ..errors import DinomixError, InputImageError
-from ..evaluation import _grid_str, _same_grid, read_label
+from ..evaluation.runner import grid_str, read_label, same_grid
 from ..imageio import read_image
 from ..organs import OrganSchema
 from ..preprocessing import PreprocessConfig, build_preprocess, sitk_to_sample
@@ -64,7 +64,7 @@ def _header(path: Path) -> Optional[sitk.ImageFileReader]:
 
 def grid_mismatch(case_id: str, label, image) -> DinomixError:
     return DinomixError(
-        f"case '{case_id}': label grid ({_grid_str(label)}) differs from image grid ({_grid_str(image)}); trained "
+        f"case '{case_id}': label grid ({grid_str(label)}) differs from image grid ({grid_str(image)}); trained "
         "as it is, the organs would be learnt in the wrong place (`dinomix evaluate` resamples it). Fix the label "
         "file, or pass --resample-labels (data.resample_labels) to resample it onto the image grid with nearest "
         "neighbour")
@@ -79,7 +79,7 @@ def check_label_grid(dataset: Dataset, case: Case, resample: bool) -> bool:
         raise DinomixError(f"case '{case.id}': the image and the label are the same file ({img_path}); the "
                            "image must be the CT")
     image, label = _header(img_path), _header(lab_path)
-    if image is None or label is None or _same_grid(image, label):
+    if image is None or label is None or same_grid(image, label):
         return False
     if not resample:
         raise grid_mismatch(case.id, label, image)
@@ -109,7 +109,7 @@ def refuse_label_map_as_ct(image: sitk.Image, case_id: str, name: str) -> None:
 
 def label_on_image_grid(label: sitk.Image, image: sitk.Image, case_id: str, resample: bool) -> sitk.Image:
     """The label on the image's voxel grid: as it is, resampled (nearest neighbour, as evaluate does), or refused."""
-    if _same_grid(image, label):
+    if same_grid(image, label):
         return label
     if not resample:
         raise grid_mismatch(case_id, label, image)

@@ -21,15 +21,15 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from ..cachedirs import preprocessed_dir
 from ..datasets import Dataset, import_btcv, load_dataset
 from ..errors import DinomixError
+from ..evaluation.metrics import dice
 from ..events import Reporter
-from ..inference import available_cores, pick_device
+from ..inference import available_cores, pick_device, sliding_window, window_plan
 from ..modelfile import ModelMeta, save_model, weights_sha256
-from ..nets.unet import build_network, count_parameters, fit_roi
+from ..nets.unet import build_network, count_parameters
 from ..organs import OrganSchema
 from .config import TrainConfig
 from .data import BalancedSampler, augment, cache_cases
@@ -327,33 +327,33 @@ class Trainer:
         `dinomix evaluate`). N processes split the cases and gather the scores in case order."""
         self.net.eval()
         per_organ: dict[str, list[float]] = {o.name: [] for o in self.schema.organs}
-        # the model's own inference window (as `dinomix segment`), not the training patch: a few windows per
-        # case instead of dozens, and Dice closer to what the model file will give
-        roi = fit_roi(self.pp.mode(self.cfg.mode).roi_size, self.cfg.architecture.divisor)
+        # the model's own inference windows (`inference.window_plan`, as `dinomix segment` plans them), not the
+        # training patch: a few windows per case instead of dozens, and Dice closer to what the model file gives
+        mode = self.pp.mode(self.cfg.mode)
         scores: list[tuple[int, str, float]] = []
+
+        def predict(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", enabled=self.use_amp):
+                return self.net(x.to(self.device)).float()
+
         for i in range(self.dist.rank, len(self.eval_cases), self.dist.world_size):
             case = self.eval_cases[i]
             assert case.label is not None  # eval cases are labeled (setup)
             self.check()
-            d = self.cfg.architecture.divisor
-            # no bigger than the volume (rounded up to the divisor): a small case is one window, not a padded one
-            roi_case = tuple(min(r, -(-n // d) * d) for r, n in zip(roi, case.image.shape[1:]))
-            with torch.autocast("cuda", enabled=self.use_amp):
-                logits = sliding_window_inference(case.image[None].to(self.device), roi_case, 1, self.net,
-                                                  overlap=0.25, mode="gaussian")
-            pred = logits[0].argmax(0).cpu()
+            plan = window_plan(tuple(case.image.shape[1:]), mode, self.cfg.architecture.divisor, sw_batch_size=1)
+            pred = sliding_window(predict, case.image, plan, self.device).argmax(0).cpu().numpy()
+            label = case.label.numpy()
             for o in self.schema.organs:
                 if not case.annotated[o.value]:
                     continue
-                g = case.label == o.value
-                if not bool(g.any()):
+                g = label == o.value
+                if not g.any():
                     continue
-                p = pred == o.value
-                scores.append((i, o.name, 200.0 * float((g & p).sum()) / float(g.sum() + p.sum())))
+                scores.append((i, o.name, 100.0 * dice(pred == o.value, g)))
         if self.dist.enabled:
             scores = sorted((s for part in self.dist.all_gather_object(scores) for s in part), key=lambda s: s[0])
-        for _, name, dice in scores:
-            per_organ[name].append(dice)
+        for _, name, value in scores:
+            per_organ[name].append(value)
         organs = {k: round(float(np.mean(v)), 2) for k, v in per_organ.items() if v}
         mean = round(float(np.mean(list(organs.values()))), 2) if organs else float("nan")
         return {"mean_dice": mean, "dice": organs}

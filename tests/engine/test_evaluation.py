@@ -14,15 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix.evaluation import (
-    MISSED_ASD_VOX,
-    aggregate,
-    comparison,
-    markdown_table,
-    organ_metrics,
-    pick_slices,
-    to_json,
-)
+from dinomix.evaluation.metrics import MISSED_ASD_VOX, aggregate, organ_metrics
+from dinomix.evaluation.report import comparison, markdown_table, pick_slices, to_json
 from dinomix.organs import OrganSchema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -264,7 +257,8 @@ def _synthetic_dataset(tmp_path):
 
 
 def test_evaluate_models_synthetic_resampled_partial_two_models(tmp_path, monkeypatch):
-    from dinomix.evaluation import evaluate_models, write_montage
+    from dinomix.evaluation.report import write_montage
+    from dinomix.evaluation.runner import evaluate_models
 
     monkeypatch.setenv("DINOMIX_MODELS_DIR", str(tmp_path / "models"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -1,0 +1,2 @@
+"""Evaluation: per-organ metrics (`metrics`), running models on labelled cases (`runner`), tables and montages
+(`report`)."""
