@@ -37,12 +37,13 @@ except ImportError:  # Slicer < 5.2: no parameter node wrapper; the GUI state is
     parameterNodeWrapper = None
 
 from DINOMixSegmentationLib import (
-    DEFAULT_MODEL,
     Engine,
     SegmentationRun,
     SegmentOptions,
     WarmSegmentationRun,
     current_model,
+    default_model,
+    engine_problem,
     list_models_command,
     parse_models_list,
     preload_engine_modules,
@@ -141,9 +142,9 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.progressBar.setVisible(False)
 
         self.initializeParameterNode()
-        versionProblem = self.logic.slicerVersionProblem()
-        if versionProblem:  # say so in one line, before anything is started or installed
-            self.ui.statusLabel.text = versionProblem
+        problem = self.logic.slicerVersionProblem() or self.logic.engineProblem()
+        if problem:  # an old Slicer or no engine: say so in one line, before anything is started or installed
+            self.ui.statusLabel.text = problem
             self.ui.applyButton.enabled = self.ui.installDependenciesButton.enabled = False
             return
         preload_engine_modules()  # organ names and terminology for the import, in the background
@@ -210,7 +211,8 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def updateButtons(self, caller=None, event=None) -> None:
         running = self._run is not None and not self._run.ended
         volume = self.ui.inputVolumeSelector.currentNode()
-        self.ui.applyButton.enabled = running or (volume is not None and not self.logic.slicerVersionProblem())
+        self.ui.applyButton.enabled = running or (volume is not None and not self.logic.slicerVersionProblem()
+                                                  and not self.logic.engineProblem())
         self.ui.applyButton.text = _("Cancel") if running else _("Segment abdomen")
         self.ui.applyButton.toolTip = (_("Stop: the engine within 2 s; loading the result or building the 3D "
                                          "surfaces at once") if running else
@@ -239,7 +241,8 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         wasBlocked = combo.blockSignals(True)
         combo.clear()
         if not models:
-            combo.addItem(f"{DEFAULT_MODEL} (default)", DEFAULT_MODEL)
+            default = default_model()
+            combo.addItem(f"{default} (default)", default)
             combo.toolTip = (_("Models could not be listed yet ({error}); the Python packages are installed at "
                                "the first run.").format(error=error) if error else "")
         for m in models:
@@ -448,7 +451,7 @@ class DINOMixSegmentationLogic(ScriptedLoadableModuleLogic):
     def warmUp(self, model: Optional[str] = None, device: str = "auto") -> None:
         """Start the warm engine in the background when the module opens, so that the first click finds the
         model loaded; only where the packages are installed already (nothing is installed from here)."""
-        if not self.useWarmEngine or self.slicerVersionProblem():
+        if not self.useWarmEngine or self.slicerVersionProblem() or self.engineProblem():
             return
         try:
             if getattr(deps, "_all_installed", False):  # known from the background check: no look-up here
@@ -463,6 +466,11 @@ class DINOMixSegmentationLogic(ScriptedLoadableModuleLogic):
         if app is None:
             return None
         return deps.slicer_version_problem(getattr(app, "majorVersion", None), getattr(app, "minorVersion", None))
+
+    @staticmethod
+    def engineProblem() -> Optional[str]:
+        """One line saying that the engine (the `dinomix` package shipped with the extension) is missing, or None."""
+        return engine_problem()
 
     def ensureDependencies(self, askConfirmation: bool = True) -> bool:
         """Install what the engine needs, at first use, with the user's consent; False if it is not all there
@@ -479,6 +487,11 @@ class DINOMixSegmentationLogic(ScriptedLoadableModuleLogic):
         if versionProblem:
             self.dependencyMessage = versionProblem
             slicer.util.errorDisplay(versionProblem, windowTitle=_("DINOMix"))
+            return False
+        engineProblem = self.engineProblem()
+        if engineProblem:  # installing packages would not help
+            self.dependencyMessage = engineProblem
+            slicer.util.errorDisplay(engineProblem, windowTitle=_("DINOMix"))
             return False
         if deps.torch_installed() and not deps.missing_requirements():
             return True
@@ -544,7 +557,8 @@ class DINOMixSegmentationLogic(ScriptedLoadableModuleLogic):
 
 
 def _dependencyStatus() -> str:
-    return DINOMixSegmentationLogic.slicerVersionProblem() or deps.status_text()
+    return (DINOMixSegmentationLogic.slicerVersionProblem() or DINOMixSegmentationLogic.engineProblem()
+            or deps.status_text())
 
 
 
@@ -579,7 +593,7 @@ class DINOMixSegmentationTest(ScriptedLoadableModuleTest):
     def _dependenciesReady(self) -> bool:
         cls = DINOMixSegmentationTest
         if cls._ready is None:
-            problem = DINOMixSegmentationLogic.slicerVersionProblem()
+            problem = DINOMixSegmentationLogic.slicerVersionProblem() or DINOMixSegmentationLogic.engineProblem()
             if problem:
                 logging.info(problem)
                 cls._ready = False

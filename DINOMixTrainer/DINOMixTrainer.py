@@ -154,10 +154,10 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.rollBackButton.connect("clicked(bool)", self.onRollBack)
 
         self.initializeParameterNode()
-        versionProblem = self.logic.slicerVersionProblem()
-        if versionProblem:  # say so in one line, before anything is started or installed
-            self.ui.fineTuneStatusLabel.text = versionProblem
-            self.ui.casesStatusLabel.text = versionProblem
+        problem = self.logic.slicerVersionProblem() or self.logic.engineProblem()
+        if problem:  # an old Slicer or no engine: say so in one line, before anything is started or installed
+            self.ui.fineTuneStatusLabel.text = problem
+            self.ui.casesStatusLabel.text = problem
             for button in (self.ui.fineTuneButton, self.ui.refreshCasesButton, self.ui.addToTrainingSetButton,
                            self.ui.addUnlabeledFolderButton):
                 button.enabled = False
@@ -182,7 +182,7 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def enter(self) -> None:
         self.initializeParameterNode()
-        if self.logic.slicerVersionProblem():
+        if self.logic.slicerVersionProblem() or self.logic.engineProblem():
             return
         if self._scan is None or self._scan.ended:
             self.refreshCases()
@@ -570,6 +570,12 @@ class DINOMixTrainerLogic(ScriptedLoadableModuleLogic):
         from DINOMixSegmentation import DINOMixSegmentationLogic
 
         return DINOMixSegmentationLogic.slicerVersionProblem()
+
+    @staticmethod
+    def engineProblem() -> Optional[str]:
+        from DINOMixSegmentation import DINOMixSegmentationLogic
+
+        return DINOMixSegmentationLogic.engineProblem()
 
     def ensureDependencies(self, askConfirmation: bool = True) -> bool:
         """As DINOMixSegmentationLogic.ensureDependencies; `dependencyMessage` says why when it returns False."""

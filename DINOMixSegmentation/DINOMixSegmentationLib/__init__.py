@@ -1,20 +1,33 @@
 """Scene logic of the DINOMixSegmentation module, free of Qt: usable in Slicer and with slicer-core.
 
 Imports only the standard library, numpy, vtk and (lazily) MRML classes from `slicer`; the engine runs in
-a background process. Nothing here installs packages.
+a background process. Nothing here installs packages. The names of the engine's `dinomix.modelheader` (standard
+library only: DEFAULT_MODEL, read_model_header, ...) are offered here too, imported on first use, so the package
+imports without the engine (`engine_problem()` then says so in one line).
 """
 
-from .engine import BackgroundCommand, Engine, EngineNotFound, engine_root, preload_engine_modules, run_engine
+from typing import Any
+
+from .engine import (
+    BackgroundCommand,
+    Engine,
+    EngineNotFound,
+    engine_problem,
+    engine_root,
+    preload_engine_modules,
+    run_engine,
+)
 from .importer import ResultImport
 from .logic import Progress, SegmentationRun, SegmentOptions, format_seconds
 from .models import (
-    DEFAULT_MODEL,
+    FROM_MODEL_HEADER,
     ModelInfo,
     current_model,
+    default_model,
     list_models,
     list_models_command,
+    model_header,
     parse_models_list,
-    read_model_header,
     set_current_model,
 )
 from .segmentation import (
@@ -40,12 +53,21 @@ from .warm import (
     stop_session_engine,
 )
 
+
+def __getattr__(name: str) -> Any:
+    """The engine's dinomix.modelheader names (DEFAULT_MODEL, read_model_header, ...), imported on first use."""
+    if name in FROM_MODEL_HEADER:
+        return getattr(model_header(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "BackgroundCommand", "Engine", "EngineNotFound", "engine_root", "preload_engine_modules", "run_engine",
+    "BackgroundCommand", "Engine", "EngineNotFound", "engine_problem", "engine_root", "preload_engine_modules",
+    "run_engine",
     "ResultImport", "SurfaceBuilder", "Cancelled", "ThreadTask", "mtime_token", "run_steps",
     "Progress", "SegmentationRun", "SegmentOptions", "format_seconds",
-    "DEFAULT_MODEL", "ModelInfo", "current_model", "list_models", "list_models_command", "parse_models_list",
-    "read_model_header", "set_current_model",
+    "ModelInfo", "current_model", "default_model", "list_models", "list_models_command", "model_header",
+    "parse_models_list", "set_current_model", *FROM_MODEL_HEADER,
     "import_result", "is_dinomix_segmentation", "original_labelmap", "reference_volume", "save_segmentation",
     "segment_mask", "segmentation_organs",
     "VolumeSnapshot", "write_nrrd",

@@ -82,6 +82,27 @@ def import_engine(module: str = "dinomix"):
     return importlib.import_module(module)
 
 
+def engine_module(module: str):
+    """Import a light engine module (standard library only, e.g. `dinomix.modelheader`) in this process.
+    EngineNotFound, with one line for the user, when the engine is missing or cannot be imported."""
+    try:
+        return import_engine(module)
+    except EngineNotFound:
+        raise
+    except Exception as exc:  # ImportError, or a damaged engine (SyntaxError, ...): the user's remedy is the same
+        raise EngineNotFound(f"the DINOMix engine (Python package 'dinomix') cannot be imported "
+                             f"({type(exc).__name__}: {exc}); reinstall the extension") from None
+
+
+def engine_problem() -> Optional[str]:
+    """One line saying that the engine is missing (the modules show it and start nothing), or None."""
+    try:
+        engine_module("dinomix.modelheader")
+    except EngineNotFound as exc:
+        return str(exc)
+    return None
+
+
 _preloading: dict[str, threading.Thread] = {}
 
 

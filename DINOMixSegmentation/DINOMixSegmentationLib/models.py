@@ -1,8 +1,11 @@
 """Models as the Slicer modules see them: the registry listing, a model's metadata, the current model.
 
 The listing comes from `dinomix models list --json` (a background process: importing the engine would
-import PyTorch into Slicer's process). A model file's metadata is the JSON inside its safetensors header,
-read here with the standard library only (8-byte length, then the JSON header; `__metadata__.dinomix`).
+import PyTorch into Slicer's process). A model file's metadata is the JSON inside its safetensors header, read
+with the engine's `dinomix.modelheader` (standard library only, so importing it here imports no PyTorch); its
+names (`DEFAULT_MODEL`, `META_KEY`, `SUFFIX`, `ModelHeaderError`, `read_model_header`, `read_raw_metadata`) are
+available from this module, imported on first use: the modules still open when the engine is missing, and say
+so in one line (`engine.engine_problem`).
 
 The *current* model (the one "Segment abdomen" and "Fine-tune" start from, changed by "Use the new model"
 and by roll back) is a small JSON file in the registry folder, shared by both modules and by every Slicer
@@ -13,49 +16,37 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from .engine import Engine, run_engine
+from .engine import Engine, EngineNotFound, engine_module, run_engine
 
-DEFAULT_MODEL = "abdomen-btcv13"
 CURRENT_FILE = "slicer-current-model.json"
-META_KEY = "dinomix"
+
+# Names of the engine's dinomix.modelheader, offered by this module (and the package) on first use
+FROM_MODEL_HEADER = ("DEFAULT_MODEL", "META_KEY", "SUFFIX", "ModelHeaderError", "NoDINOMixMetadata",
+                     "read_model_header", "read_raw_metadata")
 
 
-class ModelHeaderError(ValueError):
-    pass
+def model_header():
+    """The engine's `dinomix.modelheader` module (EngineNotFound, one line, when the engine is missing)."""
+    return engine_module("dinomix.modelheader")
 
 
-def read_model_header(path: str | os.PathLike) -> dict:
-    """The DINOMix metadata of a model file (dict), without loading weights or importing the engine."""
-    p = Path(path)
+def __getattr__(name: str) -> Any:
+    if name in FROM_MODEL_HEADER:
+        return getattr(model_header(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def default_model() -> str:
+    """The engine's default model, or "" when the engine is missing (nothing can run then anyway)."""
     try:
-        with open(p, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) != 8:
-                raise ModelHeaderError(f"{p.name}: not a safetensors file (too short)")
-            (n,) = struct.unpack("<Q", raw_len)
-            if n <= 0 or n > 100 * 1024 * 1024:
-                raise ModelHeaderError(f"{p.name}: not a safetensors file (header size {n})")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except OSError as exc:
-        raise ModelHeaderError(f"cannot read model file {p}: {exc}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelHeaderError(f"{p.name}: damaged safetensors header") from None
-    meta = (header.get("__metadata__") or {}).get(META_KEY)
-    if meta is None:
-        raise ModelHeaderError(f"{p.name}: not a DINOMix model file")
-    try:
-        data = json.loads(meta)
-    except json.JSONDecodeError:
-        raise ModelHeaderError(f"{p.name}: damaged DINOMix metadata") from None
-    if not isinstance(data, dict):
-        raise ModelHeaderError(f"{p.name}: damaged DINOMix metadata")
-    return data
+        return model_header().DEFAULT_MODEL
+    except EngineNotFound:
+        return ""
 
 
 DICE_UNIT = 100.0  # the engine's trainers record Dice in percent
@@ -110,8 +101,12 @@ class ModelInfo:
     def load_header(self) -> ModelInfo:
         if self.path:
             try:
-                meta = read_model_header(self.path)
-            except ModelHeaderError:
+                header = model_header()
+            except EngineNotFound:
+                return self
+            try:
+                meta = header.read_model_header(self.path)
+            except header.ModelHeaderError:
                 return self
             self.created = str(meta.get("created", ""))
             self.title = str(meta.get("title", ""))
@@ -204,9 +199,11 @@ def current_model(available: Optional[list[ModelInfo]] = None) -> str:
         name = None
     if available is not None:
         names = [m.name for m in available]
+        default = default_model()
         if name not in names:
-            name = DEFAULT_MODEL if DEFAULT_MODEL in names or not names else names[0]
-    return name or DEFAULT_MODEL
+            name = default if default in names or not names else names[0]
+        return name or default
+    return name or default_model()
 
 
 def set_current_model(name: str, available: Optional[list[ModelInfo]] = None) -> Path:

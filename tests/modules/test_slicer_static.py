@@ -335,6 +335,23 @@ def test_an_older_slicer_is_named_in_one_line_before_anything_starts_or_installs
 
 
 @pytest.mark.parametrize("module", MODULES)
+def test_a_missing_engine_is_named_in_one_line_before_anything_starts_or_installs(module):
+    """Without the `dinomix` package (a broken install) the module opens and shows engine_problem()'s one line
+    (tests/modules/test_model_header.py checks that line and that the Lib imports without the engine)."""
+    setup = _function(module, f"{module}Widget", "setup")
+    calls = _calls(setup)
+    first = calls.index("engineProblem")
+    for later in ("preload_engine_modules", "check_in_background", "refreshModels"):
+        assert calls.index(later) > first, later
+    assert "problem = self.logic.slicerVersionProblem() or self.logic.engineProblem()" in ast.unparse(setup)
+    install = _calls(_function("DINOMixSegmentation", "DINOMixSegmentationLogic", "ensureDependencies"))
+    assert install.index("engineProblem") < min(install.index(n) for n in ("installTorch", "pip_ensure",
+                                                                           "pip_install"))
+    source = (REPO / module / f"{module}.py").read_text()
+    assert "DEFAULT_MODEL" not in source  # imported at module load it would need the engine: default_model()
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_cleanup_cancels_every_background_command(module):
     src = ast.unparse(_function(module, f"{module}Widget", "cleanup"))
     assert "self._run.cancel()" in src
