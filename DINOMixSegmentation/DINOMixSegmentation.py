@@ -39,7 +39,7 @@ except ImportError:  # Slicer < 5.2: no parameter node wrapper; the GUI state is
 from DINOMixSegmentationLib import (
     Engine,
     SegmentationRun,
-    SegmentOptions,
+    SegmentRequest,
     WarmSegmentationRun,
     current_model,
     default_model,
@@ -327,14 +327,14 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.statusLabel.text = _("Not started: {why}").format(why=self.logic.dependencyMessage)
             return
         p = self._parameterNode
-        options = SegmentOptions(model=self.ui.modelComboBox.currentData or None,
+        request = SegmentRequest(model=self.ui.modelComboBox.currentData or None,
                                  mode=self.ui.qualityComboBox.currentText or "fast",
                                  device=self.ui.deviceComboBox.currentText or "auto",
                                  organs=self.selectedOrgans(), force=self.ui.forceCheckBox.checked,
                                  show_3d=self.ui.show3DCheckBox.checked)
         volume = self.ui.inputVolumeSelector.currentNode()
         try:
-            self._run = self.logic.segment(volume, options, self.ui.outputSegmentationSelector.currentNode())
+            self._run = self.logic.segment(volume, request, self.ui.outputSegmentationSelector.currentNode())
         except Exception as exc:
             slicer.util.errorDisplay(str(exc))
             return
@@ -425,15 +425,15 @@ class DINOMixSegmentationLogic(ScriptedLoadableModuleLogic):
             env = None
         return Engine(python=self.slicerPython(), env=env or None)
 
-    def segment(self, volumeNode, options: Optional[SegmentOptions] = None, segmentationNode=None) -> SegmentationRun:
+    def segment(self, volumeNode, request: Optional[SegmentRequest] = None, segmentationNode=None) -> SegmentationRun:
         """Start 'Segment abdomen' in the background; poll the returned run (or `run.wait()`). The request goes to
         the session's warm engine (started now if needed), or to a new engine process with
         DINOMIX_WARM_ENGINE=0."""
-        options = options or SegmentOptions()
-        if not self.useWarmEngine or options.extra_args:
-            return SegmentationRun(volumeNode, options, segmentationNode, engine=self.engine()).start()
-        warm = self.warmEngine(options.model, options.device)
-        return WarmSegmentationRun(volumeNode, options, segmentationNode, engine=warm.engine, warm=warm).start()
+        request = request or SegmentRequest()
+        if not self.useWarmEngine or request.extra_args:
+            return SegmentationRun(volumeNode, request, segmentationNode, engine=self.engine()).start()
+        warm = self.warmEngine(request.model, request.device)
+        return WarmSegmentationRun(volumeNode, request, segmentationNode, engine=warm.engine, warm=warm).start()
 
     _quitConnected = False
 
@@ -618,7 +618,7 @@ class DINOMixSegmentationTest(ScriptedLoadableModuleTest):
 
         volume = self._sampleCT()
         logic = DINOMixSegmentationLogic()
-        run = logic.segment(volume, SegmentOptions(mode="fast"))
+        run = logic.segment(volume, SegmentRequest(mode="fast"))
         self.assertEqual(run.wait(timeout=1800), "done", run.error)
         seg = run.segmentation_node
         organs = run.summary["organs"]
@@ -645,7 +645,7 @@ class DINOMixSegmentationTest(ScriptedLoadableModuleTest):
         import time
 
         volume = self._sampleCT()
-        run = DINOMixSegmentationLogic().segment(volume, SegmentOptions(mode="fast"))
+        run = DINOMixSegmentationLogic().segment(volume, SegmentRequest(mode="fast"))
         t0 = time.monotonic()
         while not run.ended and run.progress.stage in ("", "read") and time.monotonic() - t0 < 300:
             run.poll()
@@ -663,7 +663,7 @@ class DINOMixSegmentationTest(ScriptedLoadableModuleTest):
         import SampleData
 
         mr = SampleData.SampleDataLogic().downloadSample("MRHead")
-        run = DINOMixSegmentationLogic().segment(mr, SegmentOptions())
+        run = DINOMixSegmentationLogic().segment(mr, SegmentRequest())
         self.assertEqual(run.wait(timeout=600), "failed")
         self.assertIn("does not look like a CT", run.error)
         self.assertNotIn("Traceback", run.error)

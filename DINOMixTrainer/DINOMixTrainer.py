@@ -614,7 +614,7 @@ class DINOMixTrainerTest(ScriptedLoadableModuleTest):
         import tempfile
 
         from DINOMixSegmentation import DINOMixSegmentationLogic, DINOMixSegmentationTest
-        from DINOMixSegmentationLib import SegmentOptions, list_models
+        from DINOMixSegmentationLib import SegmentRequest, list_models
         from DINOMixTrainerLib import case_for, finetune_available, use_model
 
         if not DINOMixSegmentationTest()._dependenciesReady():
@@ -623,7 +623,7 @@ class DINOMixTrainerTest(ScriptedLoadableModuleTest):
 
         volume = SampleData.SampleDataLogic().downloadSample("CTAAbdomenPanoramix")
         segLogic = DINOMixSegmentationLogic()
-        run = segLogic.segment(volume, SegmentOptions(mode="fast"))
+        run = segLogic.segment(volume, SegmentRequest(mode="fast"))
         self.assertEqual(run.wait(timeout=1800), "done", run.error)
         seg = run.segmentation_node
 

@@ -69,7 +69,7 @@ def make_scene():
 
 def segment(scene, ct: Path, model: str | None, mode: str):
     """'Segment abdomen' through the module's logic: the engine, the import, the 3D surfaces."""
-    from DINOMixSegmentationLib import SegmentationRun, SegmentOptions
+    from DINOMixSegmentationLib import SegmentationRun, SegmentRequest
 
     volume = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", ct.name.split(".")[0])
     storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
@@ -81,7 +81,7 @@ def segment(scene, ct: Path, model: str | None, mode: str):
     display.SetAndObserveColorNodeID("vtkMRMLColorTableNodeGrey")
     display.AutoWindowLevelOff()
     display.SetWindowLevel(400, 40)
-    run = SegmentationRun(volume, SegmentOptions(model=model, mode=mode, show_3d=True)).start()
+    run = SegmentationRun(volume, SegmentRequest(model=model, mode=mode, show_3d=True)).start()
     state = run.wait(timeout=3600, interval=0.15)
     if state != "done":
         raise SystemExit(f"segmentation {state}: {run.error}\n" + "\n".join(run.log[-10:]))

@@ -18,7 +18,7 @@ from .engine import (
     run_engine,
 )
 from .importer import ResultImport
-from .logic import Progress, SegmentationRun, SegmentOptions, format_seconds
+from .logic import Progress, SegmentationRun, SegmentRequest, format_seconds
 from .models import (
     FROM_MODEL_HEADER,
     ModelInfo,
@@ -65,7 +65,7 @@ __all__ = [
     "BackgroundCommand", "Engine", "EngineNotFound", "engine_problem", "engine_root", "preload_engine_modules",
     "run_engine",
     "ResultImport", "SurfaceBuilder", "Cancelled", "ThreadTask", "mtime_token", "run_steps",
-    "Progress", "SegmentationRun", "SegmentOptions", "format_seconds",
+    "Progress", "SegmentationRun", "SegmentRequest", "format_seconds",
     "ModelInfo", "current_model", "default_model", "list_models", "list_models_command", "model_header",
     "parse_models_list", "set_current_model", *FROM_MODEL_HEADER,
     "import_result", "is_dinomix_segmentation", "original_labelmap", "reference_volume", "save_segmentation",

@@ -1,7 +1,7 @@
 """'Segment abdomen' as scene logic: export the volume, run `dinomix segment --events -` in the background,
 follow its events without blocking, import the result, build its 3D surfaces, cancel.
 
-    run = SegmentationRun(volumeNode, SegmentOptions(mode="fast", show_3d=True))
+    run = SegmentationRun(volumeNode, SegmentRequest(mode="fast", show_3d=True))
     run.start()
     # from a QTimer on the GUI thread, every 100-200 ms:
     for event in run.poll(): ...        # progress / log / result / error / cancelled
@@ -38,7 +38,11 @@ STATES_ENDED = ("done", "failed", "cancelled")
 
 
 @dataclass
-class SegmentOptions:
+class SegmentRequest:
+    """What the user asked for in the module (model, quality, device, organs, 3D, ...): the engine's command line
+    (`engine_args`) or the same run as a `dinomix serve` request (`request_fields`). Not the engine's
+    `dinomix.inference.SegmentOptions`, which says how the network runs."""
+
     model: Optional[str] = None  # registry name or model file; None: the engine's default
     mode: str = "fast"  # fast | full
     device: str = "auto"  # auto | cpu | gpu
@@ -98,11 +102,11 @@ def format_seconds(s: float) -> str:
 class SegmentationRun:
     """One 'Segment abdomen' run (see module docstring)."""
 
-    def __init__(self, volume_node, options: Optional[SegmentOptions] = None, segmentation_node=None,
+    def __init__(self, volume_node, request: Optional[SegmentRequest] = None, segmentation_node=None,
                  engine: Optional[Engine] = None, temp_root: Optional[str] = None,
                  on_event: Optional[Callable[[dict], None]] = None) -> None:
         self.volume_node = volume_node
-        self.options = options or SegmentOptions()
+        self.request = request or SegmentRequest()
         self.segmentation_node = segmentation_node
         self.engine = engine or Engine()
         self.temp_root = temp_root
@@ -139,7 +143,7 @@ class SegmentationRun:
         output_path = self.temp_dir / "result.seg.nrrd"
         self._paths = (input_path, output_path)
         try:
-            self._check_options(input_path, output_path)
+            self._check_request(input_path, output_path)
         except ValueError:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
             raise
@@ -161,13 +165,13 @@ class SegmentationRun:
         self._export = None
         self.command = self._launch(*self._paths)
 
-    def _check_options(self, input_path: Path, output_path: Path) -> None:
-        """Bad options fail at the click, with their message (before anything is written)."""
-        self.options.engine_args(input_path, output_path)
+    def _check_request(self, input_path: Path, output_path: Path) -> None:
+        """A bad request fails at the click, with their message (before anything is written)."""
+        self.request.engine_args(input_path, output_path)
 
     def _launch(self, input_path: Path, output_path: Path):
         """Start the engine on the written input: here one `dinomix segment` process for this click."""
-        return BackgroundCommand(self.engine, self.options.engine_args(input_path, output_path)).start()
+        return BackgroundCommand(self.engine, self.request.engine_args(input_path, output_path)).start()
 
     def cancel(self) -> None:
         """Returns at once; the run ends on a following poll() (the engine within 2 s)."""
@@ -272,9 +276,9 @@ class SegmentationRun:
 
     def _keep_outputs(self) -> Iterator[None]:
         """Copy the engine's files to keep_outputs_dir (debugging, tests), 8 MB per unit of the import's steps."""
-        if not self.options.keep_outputs_dir:
+        if not self.request.keep_outputs_dir:
             return
-        keep = Path(self.options.keep_outputs_dir)
+        keep = Path(self.request.keep_outputs_dir)
         keep.mkdir(parents=True, exist_ok=True)
         for p in sorted(self.temp_dir.iterdir()):
             if not p.is_file():
@@ -307,7 +311,7 @@ class SegmentationRun:
             self.segmentation_node = job.segmentation_node
             self._log(f"imported {len(self.summary.get('organs', []))} organs into "
                       f"'{self.segmentation_node.GetName()}'" + (" (Slicer's reader)" if job.fallback else ""))
-            if not self.options.show_3d:
+            if not self.request.show_3d:
                 self._end("done")
                 return
             self._phase_started = time.monotonic()

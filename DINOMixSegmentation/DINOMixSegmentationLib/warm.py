@@ -440,17 +440,17 @@ class WarmSegmentationRun(SegmentationRun):
     """'Segment abdomen' through the session's warm engine; the same states, events, import and 3D surfaces
     as `SegmentationRun` (only the engine call differs)."""
 
-    def __init__(self, volume_node, options=None, segmentation_node=None, engine: Optional[Engine] = None,
+    def __init__(self, volume_node, request=None, segmentation_node=None, engine: Optional[Engine] = None,
                  temp_root: Optional[str] = None, on_event=None, warm: Optional[WarmEngine] = None) -> None:
-        super().__init__(volume_node, options, segmentation_node, engine=engine, temp_root=temp_root,
+        super().__init__(volume_node, request, segmentation_node, engine=engine, temp_root=temp_root,
                          on_event=on_event)
-        self.warm = warm or session_engine(self.engine, self.options.model, self.options.device)
+        self.warm = warm or session_engine(self.engine, self.request.model, self.request.device)
 
-    def _check_options(self, input_path: Path, output_path: Path) -> None:
-        self.options.request_fields(input_path, output_path)
+    def _check_request(self, input_path: Path, output_path: Path) -> None:
+        self.request.request_fields(input_path, output_path)
 
     def _launch(self, input_path: Path, output_path: Path) -> WarmRequest:
-        return WarmRequest(self.warm, self.options.request_fields(input_path, output_path)).start()
+        return WarmRequest(self.warm, self.request.request_fields(input_path, output_path)).start()
 
 
 # ---------------------------------------------------------------- one per session

@@ -119,11 +119,11 @@ class SegmentedCase:
     loop: MainLoop | None = None
 
 
-def run_segmentation(scene, volume, keep_dir: Path, mode: str = "sleep", **options) -> SegmentedCase:
+def run_segmentation(scene, volume, keep_dir: Path, mode: str = "sleep", **request) -> SegmentedCase:
     """'Segment abdomen' as the widget runs it: the click, then run.poll() from the QTimer until it ends."""
-    from DINOMixSegmentationLib import SegmentationRun, SegmentOptions
+    from DINOMixSegmentationLib import SegmentationRun, SegmentRequest
 
-    run = SegmentationRun(volume, SegmentOptions(keep_outputs_dir=str(keep_dir), **options))
+    run = SegmentationRun(volume, SegmentRequest(keep_outputs_dir=str(keep_dir), **request))
     loop = MainLoop(mode, SEGMENTATION_TICK_S)
     case = SegmentedCase(scene, volume, run, keep_dir, loop=loop)
     t0 = time.monotonic()

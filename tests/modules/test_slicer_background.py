@@ -16,7 +16,7 @@ from dinomix.scene_cli import label_boxes
 from DINOMixSegmentationLib import (
     ResultImport,
     SegmentationRun,
-    SegmentOptions,
+    SegmentRequest,
     SurfaceBuilder,
     original_labelmap,
     segment_mask,
@@ -243,7 +243,7 @@ def test_segment_abdomen_with_3d_cancelled_while_surfaces_are_built(scene, data_
     """The real run: the engine, the chunked import, the background surfaces; Cancel in the 3D phase keeps the
     organs and drops the surfaces; every poll returns (never waits for the import or for a surface)."""
     volume = load_volume(scene, data_dir / "btcv" / f"{BTCV_CASE}_ct.nii.gz", BTCV_CASE)
-    run = SegmentationRun(volume, SegmentOptions(show_3d=True, keep_outputs_dir=str(tmp_path / "keep"))).start()
+    run = SegmentationRun(volume, SegmentRequest(show_3d=True, keep_outputs_dir=str(tmp_path / "keep"))).start()
     stages = []
     t0 = time.monotonic()
     while not run.ended:
@@ -268,7 +268,7 @@ def test_cancel_while_the_result_is_read_adds_nothing(scene, data_dir):
     the run ends cancelled and the scene has no new node."""
     volume = load_volume(scene, data_dir / "btcv" / f"{BTCV_CASE}_ct.nii.gz", BTCV_CASE)
     n_nodes = scene.GetNumberOfNodes()
-    run = SegmentationRun(volume, SegmentOptions(show_3d=True)).start()
+    run = SegmentationRun(volume, SegmentRequest(show_3d=True)).start()
     t0 = time.monotonic()
     while run.state == "running":
         run.poll()

@@ -13,7 +13,7 @@ import pytest
 from slicer_harness import MAX_CALL_CPU_S, MODES, SEGMENTATION_TICK_S, TRAINER_TICK_S, MainLoop
 from slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, pid_alive, run_segmentation, slicer
 
-from DINOMixSegmentationLib import ResultImport, SegmentationRun, SegmentOptions, SurfaceBuilder, segment_mask
+from DINOMixSegmentationLib import ResultImport, SegmentationRun, SegmentRequest, SurfaceBuilder, segment_mask
 from DINOMixSegmentationLib.volumeio import image_array
 from DINOMixTrainerLib import ChangeScan, ExportTask, TrainingSet, case_for, detect_changes, find_cases
 
@@ -97,7 +97,7 @@ def test_segment_with_3d_puts_organs_and_surfaces_in_the_scene(scene, data_dir, 
 def test_cancel_while_the_engine_segments(scene, data_dir, tmp_path, mode):
     volume = load_volume(scene, data_dir / "btcv" / f"{BTCV_CASE}_ct.nii.gz", BTCV_CASE)
     n_nodes = scene.GetNumberOfNodes()
-    run = SegmentationRun(volume, SegmentOptions(show_3d=True, keep_outputs_dir=str(tmp_path / "keep")))
+    run = SegmentationRun(volume, SegmentRequest(show_3d=True, keep_outputs_dir=str(tmp_path / "keep")))
     loop = MainLoop(mode, SEGMENTATION_TICK_S)
     loop.call(run.start, "click")
     loop.run(run.poll, lambda: run.ended or run.progress.stage not in ("", "export", "read"), timeout=600)

@@ -14,7 +14,7 @@ from DINOMixSegmentationLib import (
     BackgroundCommand,
     Engine,
     SegmentationRun,
-    SegmentOptions,
+    SegmentRequest,
     current_model,
     list_models,
     original_labelmap,
@@ -174,7 +174,7 @@ def test_existing_output_segmentation_is_replaced(scene, segmented):
 def test_cancel_mid_run_stops_within_two_seconds_and_leaves_nothing(scene, data_dir, tmp_path):
     volume = load_volume(scene, data_dir / "btcv" / f"{BTCV_CASE}_ct.nii.gz", BTCV_CASE)
     n_seg = scene.GetNumberOfNodesByClass("vtkMRMLSegmentationNode")
-    run = SegmentationRun(volume, SegmentOptions(keep_outputs_dir=str(tmp_path / "keep"))).start()
+    run = SegmentationRun(volume, SegmentRequest(keep_outputs_dir=str(tmp_path / "keep"))).start()
     t0 = time.monotonic()
     while run.progress.stage in ("", "export", "read") and not run.ended:  # wait until the model is working
         run.poll()
@@ -202,7 +202,7 @@ def test_cancel_mid_run_stops_within_two_seconds_and_leaves_nothing(scene, data_
 
 def test_an_mr_volume_is_refused_with_the_engine_message(scene, data_dir):
     volume = load_volume(scene, data_dir / "chaos_t2spir" / "chaos_t2spir_01_image.nii.gz", "chaos_mr")
-    run = SegmentationRun(volume, SegmentOptions()).start()
+    run = SegmentationRun(volume, SegmentRequest()).start()
     assert run.wait(timeout=600) == "failed"
     assert "does not look like a CT in Hounsfield units" in run.error
     assert "--force" in run.error
@@ -214,7 +214,7 @@ def test_an_mr_volume_is_refused_with_the_engine_message(scene, data_dir):
 
 def test_an_unknown_model_is_reported_by_name(scene, data_dir):
     volume = load_volume(scene, data_dir / "totalseg" / "example_ct_sm.nii.gz", "ct_sm")
-    run = SegmentationRun(volume, SegmentOptions(model="no-such-model")).start()
+    run = SegmentationRun(volume, SegmentRequest(model="no-such-model")).start()
     assert run.wait(timeout=600) == "failed"
     assert "no model named 'no-such-model'" in run.error
     assert "Traceback" not in run.error
@@ -222,7 +222,7 @@ def test_an_unknown_model_is_reported_by_name(scene, data_dir):
 
 def test_an_engine_that_cannot_start_is_an_error_not_an_exception(scene, data_dir, tmp_path):
     volume = load_volume(scene, data_dir / "totalseg" / "example_ct_sm.nii.gz", "ct_sm")
-    run = SegmentationRun(volume, SegmentOptions(), engine=Engine(python=str(tmp_path / "no-python"))).start()
+    run = SegmentationRun(volume, SegmentRequest(), engine=Engine(python=str(tmp_path / "no-python"))).start()
     assert run.wait(timeout=60) == "failed"
     assert "could not start the DINOMix engine" in run.error
 
@@ -320,13 +320,18 @@ def test_the_modules_find_the_engine_and_its_registry_folder():
 
 
 def test_gui_choices_become_engine_arguments(tmp_path):
-    opts = SegmentOptions(model="abdomen-btcv13", mode="full", device="GPU", organs=["liver", "spleen"], force=True)
+    opts = SegmentRequest(model="abdomen-btcv13", mode="full", device="GPU", organs=["liver", "spleen"], force=True)
     args = opts.engine_args(tmp_path / "in.nrrd", tmp_path / "out.seg.nrrd")
     assert args[:4] == ["segment", str(tmp_path / "in.nrrd"), "-o", str(tmp_path / "out.seg.nrrd")]
     assert args[args.index("--mode") + 1] == "full" and args[args.index("--device") + 1] == "cuda"
     assert args[args.index("--organs") + 1:args.index("--organs") + 3] == ["liver", "spleen"]
     assert "--force" in args and args[args.index("--events") + 1] == "-"
-    assert SegmentOptions(device="CPU").engine_args(Path("a"), Path("b"))[7] == "cpu"
-    assert "--organs" not in SegmentOptions().engine_args(Path("a"), Path("b"))
+    assert SegmentRequest(device="CPU").engine_args(Path("a"), Path("b"))[7] == "cpu"
+    assert "--organs" not in SegmentRequest().engine_args(Path("a"), Path("b"))
     with pytest.raises(ValueError):
-        SegmentOptions(mode="slow").engine_args(Path("a"), Path("b"))
+        SegmentRequest(mode="slow").engine_args(Path("a"), Path("b"))
+    # what the user asked for is a SegmentRequest; SegmentOptions is the engine's alone (how the network runs)
+    import DINOMixSegmentationLib
+    from DINOMixSegmentationLib import logic
+
+    assert not hasattr(DINOMixSegmentationLib, "SegmentOptions") and not hasattr(logic, "SegmentOptions")

@@ -27,7 +27,7 @@ from support import make_small_ct
 
 from DINOMixSegmentationLib import (
     Engine,
-    SegmentOptions,
+    SegmentRequest,
     WarmEngine,
     WarmSegmentationRun,
     current_session_engine,
@@ -95,8 +95,8 @@ def click(loop: MainLoop, run: WarmSegmentationRun) -> float:
     return wall
 
 
-def segmented(loop: MainLoop, volume, warm: WarmEngine, **options) -> WarmSegmentationRun:
-    run = WarmSegmentationRun(volume, SegmentOptions(**options), warm=warm)
+def segmented(loop: MainLoop, volume, warm: WarmEngine, **request) -> WarmSegmentationRun:
+    run = WarmSegmentationRun(volume, SegmentRequest(**request), warm=warm)
     click(loop, run)
     assert run.state == "done", (run.state, run.error, run.log[-8:])
     return run
@@ -135,10 +135,10 @@ def test_first_click_starts_the_engine_and_the_organs_land_as_named_segments(sce
 def test_a_second_click_reuses_the_same_engine_process_and_is_faster(scene, small_ct, warm):
     volume = load_volume(scene, small_ct, "small")
     loop = MainLoop("slicer", SEGMENTATION_TICK_S)
-    first = WarmSegmentationRun(volume, SegmentOptions(), warm=warm)
+    first = WarmSegmentationRun(volume, SegmentRequest(), warm=warm)
     first_s = click(loop, first)
     pid, engine_pid = warm.pid, warm.engine_pid
-    second = WarmSegmentationRun(volume, SegmentOptions(), warm=warm)
+    second = WarmSegmentationRun(volume, SegmentRequest(), warm=warm)
     second_s = click(loop, second)
     assert (first.state, second.state) == ("done", "done"), (first.error, second.error)
     assert (warm.pid, warm.engine_pid, warm.starts) == (pid, engine_pid, 1)
@@ -167,7 +167,7 @@ def test_an_engine_killed_during_a_run_is_replaced_and_the_run_still_succeeds(sc
     warm.start()
     loop.run(warm.poll, lambda: warm.ready, timeout=RUN_TIMEOUT_S)
     starts = warm.starts
-    run = WarmSegmentationRun(volume, SegmentOptions(), warm=warm)
+    run = WarmSegmentationRun(volume, SegmentRequest(), warm=warm)
     loop.call(run.start, "click")
     loop.run(run.poll, lambda: run.ended or run.command is not None and bool(run.command.events), timeout=120)
     os.killpg(warm.pid, signal.SIGKILL)  # the whole engine tree, mid-request
@@ -182,7 +182,7 @@ def test_cancel_ends_the_run_within_2_s_and_the_next_click_works(scene, data_dir
     volume = load_volume(scene, data_dir / "btcv" / f"{BTCV_CASE}_ct.nii.gz", BTCV_CASE)
     n_nodes = scene.GetNumberOfNodes()
     loop = MainLoop("slicer", SEGMENTATION_TICK_S)
-    run = WarmSegmentationRun(volume, SegmentOptions(mode="full"), warm=warm)
+    run = WarmSegmentationRun(volume, SegmentRequest(mode="full"), warm=warm)
     loop.call(run.start, "click")
     loop.run(run.poll, lambda: run.ended or run.progress.stage == "infer", timeout=RUN_TIMEOUT_S)
     assert not run.ended, (run.state, run.error)
