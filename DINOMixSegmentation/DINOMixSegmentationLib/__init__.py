@@ -40,7 +40,7 @@ from .segmentation import (
     segmentation_organs,
 )
 from .surfaces import SurfaceBuilder
-from .tasks import Cancelled, ThreadTask, mtime_token, run_steps
+from .tasks import TaskCancelled, ThreadTask, mtime_token, run_steps
 from .volumeio import VolumeSnapshot, write_nrrd
 from .warm import (
     WarmEngine,
@@ -64,7 +64,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "BackgroundCommand", "Engine", "EngineNotFound", "engine_problem", "engine_root", "preload_engine_modules",
     "run_engine",
-    "ResultImport", "SurfaceBuilder", "Cancelled", "ThreadTask", "mtime_token", "run_steps",
+    "ResultImport", "SurfaceBuilder", "TaskCancelled", "ThreadTask", "mtime_token", "run_steps",
     "Progress", "SegmentationRun", "SegmentRequest", "format_seconds",
     "ModelInfo", "current_model", "default_model", "list_models", "list_models_command", "model_header",
     "parse_models_list", "set_current_model", *FROM_MODEL_HEADER,

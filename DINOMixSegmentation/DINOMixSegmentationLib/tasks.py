@@ -47,8 +47,9 @@ BUDGET_S = 0.04  # main-thread time one step may spend on chunks of work (each c
 CHUNK_BYTES = 8 << 20  # bytes per chunk of a file written or read on the main thread
 
 
-class Cancelled(Exception):
-    """Raised by `ThreadTask.check()` after `cancel()`."""
+class TaskCancelled(Exception):
+    """Raised by `ThreadTask.check()` after `cancel()` (not the engine's `dinomix.errors.Cancelled`: an engine
+    run ended by a signal or Cancel, exit 130)."""
 
 
 def advance(work: Iterator, budget_s: float = BUDGET_S) -> bool:
@@ -93,7 +94,7 @@ class ThreadTask:
         try:
             self.result = self.fn(self)
             state = "done"
-        except Cancelled:
+        except TaskCancelled:
             state = "cancelled"
         except Exception as exc:  # reported to the GUI thread, never raised there
             self.error = str(exc) or type(exc).__name__
@@ -105,7 +106,7 @@ class ThreadTask:
 
     def check(self) -> None:
         if self._cancel.is_set():
-            raise Cancelled()
+            raise TaskCancelled()
 
     def report(self, fraction: float, message: Optional[str] = None) -> None:
         self.fraction = max(0.0, min(1.0, float(fraction)))
