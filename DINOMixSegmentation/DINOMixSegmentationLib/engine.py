@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import codecs
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -41,6 +40,8 @@ import weakref
 from collections import deque
 from pathlib import Path
 from typing import Any, Optional
+
+from .events import CANCELLED, ERROR, FINISHED, parse_event
 
 CANCEL_EXIT = 130
 KILL_AFTER_S = 1.5  # a cancelled engine that is still alive then is killed (the whole tree)
@@ -269,7 +270,7 @@ class BackgroundCommand:
     Each `poll()`, called from the widget's QTimer on Slicer's main thread, reads what the engine has written
     since the previous call (at most READ_BUDGET_S of reading and parsing), checks the process with
     `Popen.poll()` (a non-blocking waitpid), ends the process tree of a cancelled command once its grace period
-    is over, and returns the new events; the last one is `{"event": "_finished", "state": ..., "returncode":
+    is over, and returns the new events; the last one is `{"event": FINISHED, "state": ..., "returncode":
     ..., "message": ...}`. `wait()` loops on the same steps with short sleeps (tests, scripts, `run_engine`).
     Whatever the caller's threads do, a command advances exactly when it is polled: the end of a process or a
     cancel is seen at the next tick.
@@ -415,7 +416,7 @@ class BackgroundCommand:
 
     def _conclude(self) -> None:
         if self._cancel_requested or self.returncode == CANCEL_EXIT or any(
-                e.get("event") == "cancelled" for e in self.events[-3:]):
+                e.get("event") == CANCELLED for e in self.events[-3:]):
             self._finish("cancelled")
         elif self.returncode == 0 and not self.error:
             self._finish("finished")
@@ -439,20 +440,15 @@ class BackgroundCommand:
                 source.close()
         if self._cleanup is not None:
             self._cleanup()  # the tree is gone: its files can go
-        self._pending.append({"event": "_finished", "state": state, "returncode": self.returncode,
+        self._pending.append({"event": FINISHED, "state": state, "returncode": self.returncode,
                               "message": self.error})
 
     def _stdout_line(self, line: str) -> None:
-        event = None
-        if line.lstrip().startswith("{"):
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                event = None
-        if isinstance(event, dict) and "event" in event:
+        event = parse_event(line) if line.lstrip().startswith("{") else None
+        if event is not None:
             if self.engine_pid is None and isinstance(event.get("pid"), int):
                 self.engine_pid = event["pid"]
-            if event["event"] == "error" and not self.error:
+            if event["event"] == ERROR and not self.error:
                 self.error = str(event.get("message") or "engine error")
             self._emit(event)
         else:

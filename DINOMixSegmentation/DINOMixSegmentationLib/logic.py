@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from .engine import BackgroundCommand, Engine
+from .events import CANCELLED, ERROR, FINISHED, LOG, PROGRESS, RESULT, START, is_own
 from .importer import ResultImport
 from .surfaces import SurfaceBuilder
 from .tasks import advance
@@ -86,6 +87,13 @@ class Progress:
     message: str = ""
     eta_s: Optional[float] = None
     elapsed_s: float = 0.0
+
+    @classmethod
+    def from_event(cls, ev: dict) -> Progress:
+        """A `progress` event -> Progress (missing or null fields: their defaults)."""
+        return cls(fraction=float(ev.get("fraction") or 0.0), stage=str(ev.get("stage") or ""),
+                   message=str(ev.get("message") or ""), eta_s=ev.get("eta_s"),
+                   elapsed_s=float(ev.get("elapsed_s") or 0.0))
 
     def text(self) -> str:
         eta = ""
@@ -208,7 +216,7 @@ class SegmentationRun:
         events = self.command.poll()
         for ev in events:
             self._handle(ev)
-        return [e for e in events if not e.get("event", "").startswith("_")]
+        return [e for e in events if not is_own(e)]
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.1) -> str:
         """Poll until the run ends (tests, scripts, Slicer self-tests). Returns the final state."""
@@ -231,24 +239,23 @@ class SegmentationRun:
 
     def _handle(self, ev: dict) -> None:
         kind = ev.get("event")
-        if kind == "progress":
-            self.progress = Progress(fraction=float(ev.get("fraction") or 0.0), stage=str(ev.get("stage") or ""),
-                                     message=str(ev.get("message") or ""), eta_s=ev.get("eta_s"),
-                                     elapsed_s=float(ev.get("elapsed_s") or 0.0))
-        elif kind == "log":
+        if kind == PROGRESS:
+            self.progress = Progress.from_event(ev)
+        elif kind == LOG:
             level = ev.get("level", "info")
             self._log(("" if level == "info" else f"{level}: ") + str(ev.get("message", "")))
-        elif kind == "start":
+        elif kind == START:
             self._log(f"engine {ev.get('version', '')} started (pid {ev.get('pid', '?')})")
-        elif kind == "result":
+        elif kind == RESULT:
             self.summary = {k: v for k, v in ev.items() if k not in ("event", "time")}
-        elif kind == "error":
+        elif kind == ERROR:
             self._log(f"error: {ev.get('message', '')}")
-        elif kind == "cancelled":
+        elif kind == CANCELLED:
             self._log("engine stopped (cancelled)")
-        elif kind == "_finished":
+        elif kind == FINISHED:
             self._finished(ev.get("state", "failed"))
-        if self.on_event is not None and not str(kind).startswith("_"):
+        # any other kind (a newer engine's) is ignored
+        if self.on_event is not None and not is_own(ev):
             self.on_event(ev)
 
     def _finished(self, state: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from .events import SURFACE
 from .tasks import ENDED, EngineTask, mtime_token
 from .volumeio import image_array, vtk_matrix_to_array
 
@@ -186,7 +187,7 @@ class SurfaceBuilder:
             self.task.step()
             for ev in self.task.new_events(self._seen):
                 self._seen += 1
-                if ev.get("event") == "surface":
+                if ev.get("event") == SURFACE:
                     self._ready.append(ev)
             if self._ready:
                 self._attach(self._ready.pop(0))

@@ -42,6 +42,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
+from .events import CANCELLED, ERROR, FINISHED, PROGRESS, RESULT, parse_event
+
 ENDED = ("done", "failed", "cancelled")
 BUDGET_S = 0.04  # main-thread time one step may spend on chunks of work (each chunk takes a few ms)
 CHUNK_BYTES = 8 << 20  # bytes per chunk of a file written or read on the main thread
@@ -259,7 +261,7 @@ class EngineTask:
             self.state = "cancelled"
         if not self.ended:
             for ev in self.command.poll():  # the process ended without its last event (killed, crashed)
-                if ev.get("event") == "_finished" and not self.ended:
+                if ev.get("event") == FINISHED and not self.ended:
                     for late in self._read_events():
                         self._handle(late)
                     if not self.ended:
@@ -288,15 +290,7 @@ class EngineTask:
             return []
         end = data.rfind(b"\n") + 1
         self._events_pos += end
-        out = []
-        for line in data[:end].splitlines():
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(ev, dict) and "event" in ev:
-                out.append(ev)
-        return out
+        return [ev for ev in map(parse_event, data[:end].splitlines()) if ev is not None]
 
     def _finished(self, state: Optional[str]) -> None:
         if state == "finished" and self.result is not None:
@@ -310,15 +304,15 @@ class EngineTask:
     def _handle(self, ev: dict) -> None:
         kind = ev.get("event")
         self.events.append(ev)
-        if kind == "progress":
+        if kind == PROGRESS:
             self.fraction = 0.3 + 0.7 * float(ev.get("fraction") or 0.0)
             self.message = str(ev.get("message") or self.message)
-        elif kind == "result":  # the engine's last word: its files are complete (it exits right after)
+        elif kind == RESULT:  # the engine's last word: its files are complete (it exits right after)
             self.result = {k: v for k, v in ev.items() if k not in ("event", "time")}
             self.state, self.fraction = "done", 1.0
-        elif kind == "error":
+        elif kind == ERROR:
             self.state, self.error = "failed", str(ev.get("message") or "the engine failed")
-        elif kind == "cancelled":
+        elif kind == CANCELLED:
             self._stopping = True  # the engine is exiting (os._exit right after this event)
 
     def new_events(self, since: int) -> list[dict]:

@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .engine import STDERR_TAIL_LINES, Engine, EngineNotFound, _FileLines, group_alive, popen_options, signal_tree
+from .events import CANCELLED, ENDING, ERROR, FINISHED, LOG, PROGRESS, QUEUED, READY, RESULT, START, parse_event
 from .logic import SegmentationRun
 
-FINAL_EVENTS = ("result", "error", "cancelled")
 CANCEL_KILL_AFTER_S = 1.0  # no "cancelled" from the engine by then: its process tree is ended
 STOP_WAIT_S = 1.0  # a stopped engine that has not exited by then is killed
 RESTARTS_PER_REQUEST = 1  # a request whose engine died is sent once more to a new engine
@@ -168,26 +168,24 @@ class WarmEngine:
         if self._stdout is None:
             return
         for line in self._stdout.read(final):
-            try:
-                event = json.loads(line)
-            except ValueError:
+            event = parse_event(line)
+            if event is None:
                 self.stderr_tail.append(line)  # a stray print
                 continue
-            if isinstance(event, dict) and "event" in event:
-                self._dispatch(event)
+            self._dispatch(event)
 
     def _dispatch(self, event: dict) -> None:
         rid = event.get("id")
         request = self._requests.get(rid) if rid is not None else None
         if request is not None:
             request.deliver(event)
-            if event.get("event") in FINAL_EVENTS:
+            if event.get("event") in ENDING:
                 self._requests.pop(rid, None)
             return
         kind = event.get("event")
-        if kind == "start" and event.get("command") == "serve":
+        if kind == START and event.get("command") == "serve":
             self.engine_pid, self.version = event.get("pid"), str(event.get("version", ""))
-        elif kind == "ready":
+        elif kind == READY:
             self.ready, self.load_s = True, event.get("load_s")
         self.untagged.append(event)
 
@@ -356,7 +354,7 @@ class WarmRequest:
         self.warm.cancel(self)
 
     def poll(self) -> list[dict]:
-        """New events since the last call, then {"event": "_finished", ...} once the request has ended."""
+        """New events since the last call, then {"event": FINISHED, ...} once the request has ended."""
         if not self.finished:
             self.warm.poll()
             self._show_starting()
@@ -371,7 +369,7 @@ class WarmRequest:
         if self._starting_shown or self.warm.ready or self.events:
             return
         self._starting_shown = True
-        self._new.append({"event": "progress", "id": self.id, "stage": "start", "fraction": 0.0, "eta_s": None,
+        self._new.append({"event": PROGRESS, "id": self.id, "stage": "start", "fraction": 0.0, "eta_s": None,
                           "elapsed_s": 0.0, "message": "starting the engine and loading the model"})
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.05) -> bool:
@@ -389,14 +387,14 @@ class WarmRequest:
         self.events.append(event)
         self._new.append(event)
         kind = event.get("event")
-        if kind == "queued" and event.get("ahead"):
-            self._new.append({"event": "progress", "id": self.id, "stage": "start", "fraction": 0.0, "eta_s": None,
+        if kind == QUEUED and event.get("ahead"):
+            self._new.append({"event": PROGRESS, "id": self.id, "stage": "start", "fraction": 0.0, "eta_s": None,
                               "elapsed_s": 0.0, "message": "waiting for the engine to finish the previous request"})
-        if kind == "result":
+        if kind == RESULT:
             self._finish("finished")
-        elif kind == "error":
+        elif kind == ERROR:
             self._finish("failed", str(event.get("message") or "engine error"))
-        elif kind == "cancelled":
+        elif kind == CANCELLED:
             self._finish("cancelled")
 
     def engine_exited(self, message: str) -> None:
@@ -408,7 +406,7 @@ class WarmRequest:
             return
         if self.restarts < RESTARTS_PER_REQUEST:
             self.restarts += 1
-            log = {"event": "log", "id": self.id, "level": "warning",
+            log = {"event": LOG, "id": self.id, "level": "warning",
                    "message": f"{message}; starting a new engine and sending the request again"}
             self.events.append(log)
             self._new.append(log)
@@ -431,7 +429,7 @@ class WarmRequest:
         if error and not self.error:
             self.error = error
         self.ended_at = time.monotonic()
-        self._new.append({"event": "_finished", "state": state, "returncode": None, "message": self.error})
+        self._new.append({"event": FINISHED, "state": state, "returncode": None, "message": self.error})
 
 
 # ---------------------------------------------------------------- the run

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from DINOMixSegmentationLib.engine import BackgroundCommand, Engine, run_engine
+from DINOMixSegmentationLib.events import ERROR, FINISHED, LOG, METRIC, PROGRESS, RESULT, is_own
 from DINOMixSegmentationLib.logic import Progress
 
 STATES_ENDED = ("done", "failed", "cancelled")
@@ -323,7 +324,7 @@ class FineTuneRun:
         events = self.command.poll()
         for ev in events:
             kind = ev.get("event")
-            if kind == "metric":
+            if kind == METRIC:
                 m = parse_metric(ev)
                 if m["kind"] == "eval" and m["iteration"] is None:  # before: iteration 0; after: the last one
                     m["iteration"] = 0 if m["phase"] == "before" else self.last_iteration
@@ -336,19 +337,17 @@ class FineTuneRun:
                 self.metrics.append(m)
                 if self.chart is not None and m["kind"] in ("train", "eval"):
                     self.chart.add(m["iteration"], m["loss"] if m["kind"] == "train" else None, m["dice"])
-            elif kind == "progress":
-                self.progress = Progress(fraction=float(ev.get("fraction") or 0.0), stage=str(ev.get("stage") or ""),
-                                         message=str(ev.get("message") or ""), eta_s=ev.get("eta_s"),
-                                         elapsed_s=float(ev.get("elapsed_s") or 0.0))
+            elif kind == PROGRESS:
+                self.progress = Progress.from_event(ev)
                 if self.progress.stage == "train" and self.time_left_s is not None:
                     self.progress.eta_s = self.time_left_s  # the budget's clock is more exact than an average
-            elif kind == "log":
+            elif kind == LOG:
                 self.log.append(str(ev.get("message", "")))
-            elif kind == "result":
+            elif kind == RESULT:
                 self.result = parse_result(ev)
-            elif kind == "error":
+            elif kind == ERROR:
                 self.log.append(f"error: {ev.get('message', '')}")
-            elif kind == "_finished":
+            elif kind == FINISHED:
                 st = ev.get("state")
                 if st == "finished":
                     self.state = "done"
@@ -357,9 +356,10 @@ class FineTuneRun:
                 else:
                     self.state = "failed"
                     self.error = self.command.error or "fine-tuning failed"
-            if self.on_event is not None and not str(kind).startswith("_"):
+            # any other kind (a newer engine's) is ignored
+            if self.on_event is not None and not is_own(ev):
                 self.on_event(ev)
-        return [e for e in events if not str(e.get("event", "")).startswith("_")]
+        return [e for e in events if not is_own(e)]
 
     def wait(self, timeout: Optional[float] = None, interval: float = 0.2) -> str:
         end = None if timeout is None else time.monotonic() + timeout
