@@ -1,4 +1,4 @@
-"""A client of `dinomix serve` (see serve_cli.py for the protocol) that restarts a dead server by itself.
+"""A client of `dinomix serve` (see dinomix/cli/serve.py for the protocol) that restarts a dead server by itself.
 
     client = ServeClient(model=None)
     client.start()                                  # waits for the server's "ready"

@@ -82,7 +82,7 @@ def test_requests_the_client_sends_match_the_schema(small_ct, tmp_path):
                 "input": "x", "output": "y", "mode": "slow"}, {"command": "segment", "id": 1, "input": "x",
                 "output": "y", "organ": ["liver"]}):
         assert not REQUEST.is_valid(bad), bad
-    from dinomix.serve_cli import REQUEST_FIELDS, RequestError, parse_request
+    from dinomix.cli.serve import REQUEST_FIELDS, RequestError, parse_request
 
     props = REQUEST.schema["oneOf"][0]["properties"]
     assert set(props) == set(REQUEST_FIELDS)  # the server and the schema know the same fields

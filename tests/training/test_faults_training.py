@@ -22,7 +22,7 @@ from dinomix.events import Reporter
 from dinomix.modelfile import read_meta
 from dinomix.organs import OrganSchema
 from dinomix.preprocessing import PreprocessConfig
-from dinomix.train_cli import prepare
+from dinomix.cli.train import prepare
 from dinomix.training.config import TrainConfig
 from dinomix.training.data import cache_cases
 

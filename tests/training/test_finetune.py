@@ -10,7 +10,7 @@ import pytest
 
 from dinomix import registry
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
-from dinomix.finetune_cli import compare, next_version_name, plan_iterations
+from dinomix.cli.finetune import compare, next_version_name, plan_iterations
 from dinomix.modelfile import load_model
 
 PARENT = "abdomen-btcv13"  # the built-in (shipped, trained) model
@@ -20,7 +20,7 @@ CORRECTED = ["liver", "pancreas", "spleen"]
 # ---------------------------------------------------------------- units
 
 def test_corrected_organs_are_those_annotated_in_partially_labeled_cases():
-    from dinomix.finetune_cli import corrected_organs
+    from dinomix.cli.finetune import corrected_organs
     from dinomix.organs import OrganSchema
 
     schema = OrganSchema.from_names([n for v, n in BTCV_NAMES.items() if v])
@@ -34,7 +34,7 @@ def test_corrected_organs_are_those_annotated_in_partially_labeled_cases():
 
 def test_parent_distillation_is_off_unless_asked_for():
     from dinomix.errors import DinomixError
-    from dinomix.finetune_cli import parent_distillation_settings
+    from dinomix.cli.finetune import parent_distillation_settings
 
     assert parent_distillation_settings(None, ["liver"]) == {"weight": 0.0, "free_organs": ["liver"]}
     assert parent_distillation_settings(1.0, ["liver"]) == {"weight": 1.0, "free_organs": ["liver"]}
@@ -46,7 +46,7 @@ def _finetune_parse(argv: list[str]):
     """`dinomix finetune`'s own argument parser, as the command line builds it."""
     import argparse
 
-    from dinomix.finetune_cli import register
+    from dinomix.cli.finetune import register
 
     sub = argparse.ArgumentParser().add_subparsers()
     register(sub)
@@ -54,7 +54,7 @@ def _finetune_parse(argv: list[str]):
 
 
 def test_the_corrected_organs_are_open_only_when_asked_for():
-    from dinomix.finetune_cli import finetune_semi_defaults
+    from dinomix.cli.finetune import finetune_semi_defaults
     from dinomix.training.config import SemiConfig
 
     parent = SemiConfig(method="pic")
@@ -75,7 +75,7 @@ def test_the_consistency_weight_is_the_parents_unless_given():
 def test_a_negative_consistency_weight_is_refused_by_name():
     from dinomix.errors import DinomixError
     from dinomix.events import Reporter
-    from dinomix.finetune_cli import FinetuneOptions, finetune
+    from dinomix.cli.finetune import FinetuneOptions, finetune
 
     opts = FinetuneOptions(model=PARENT, dataset="unused", iterations=1, consistency_weight=-0.5)
     with pytest.raises(DinomixError, match="--consistency-weight must be 0 or more"):

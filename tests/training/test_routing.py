@@ -234,7 +234,7 @@ def test_a_routed_organ_that_overreaches_on_unlabeled_scans_is_unrouted():
 # ---------------------------------------------------------------- the time budget
 
 def test_the_iteration_count_follows_the_measured_pace(monkeypatch):
-    import dinomix.finetune_cli as F
+    import dinomix.cli.finetune as F
 
     class Cfg:
         iterations = 100

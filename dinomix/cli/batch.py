@@ -5,7 +5,7 @@ Starting Python, importing PyTorch/MONAI/SimpleITK and loading the model cost ab
 while scan k's outputs are written (and the first scan while the model loads), and holds at most that
 one scan ahead; not earlier, so the read-ahead image never adds to the network's memory peak. A bad
 scan gets its one-line error and the batch goes on; the exit status and the final result event say
-which scans failed (see SEGMENT_DESCRIPTION in cli.py for the events and exit codes).
+which scans failed (see SEGMENT_DESCRIPTION in segment.py for the events and exit codes).
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Optional
 
-from .errors import Cancelled, DinomixError
-from .events import EventKind, Reporter
-from .imageio import IMAGE_SUFFIXES, AtomicWriter
+from ..errors import Cancelled, DinomixError
+from ..events import EventKind, Reporter
+from ..imageio import IMAGE_SUFFIXES, AtomicWriter
 
 BATCH_SOME_FAILED = 4
 BATCH_ALL_FAILED = 5
@@ -235,7 +235,7 @@ class ReadAhead:
 
 def make_batch_job(events: Optional[str]):
     """A `cli.Job` whose writer is renewed per scan and whose cancel keeps the scans already written."""
-    from .cli import CANCEL_EXIT, Job
+    from .job import CANCEL_EXIT, Job
 
     class BatchJob(Job):
         def __init__(self) -> None:
@@ -272,14 +272,15 @@ def make_batch_job(events: Optional[str]):
 
 def run_batch(args: argparse.Namespace, job, rep: Reporter, check: Callable[[], None]) -> dict:
     """Segment every scan; the summary's "exit_code" is the command's exit status (cmd_segment uses it)."""
-    from .cli import _machine_memory, add_model_stages, describe_error, prepare_outputs, read_input
+    from .job import describe_error
+    from .pipeline import add_model_stages, machine_memory, prepare_outputs, read_input
 
     scans, out = plan_scans(list(args.input), args.output)
     job.scans = scans
     rep.close()  # no progress bar for the batch as a whole: one line per scan instead
     stream = rep.events
     lock = threading.Lock()
-    limit = args.max_memory or _machine_memory()
+    limit = args.max_memory or machine_memory()
     n = len(scans)
 
     def read(scan: Scan) -> ReadScan:
@@ -299,8 +300,8 @@ def run_batch(args: argparse.Namespace, job, rep: Reporter, check: Callable[[], 
     # Import in this thread before the reader starts: two threads importing MONAI at once can meet its
     # modules half-initialised (ImportError: circular import).
     t_load = time.perf_counter()
-    from . import outputs, preprocessing  # noqa: F401
-    from .inference import Segmenter
+    from .. import outputs, preprocessing  # noqa: F401
+    from ..inference import Segmenter
 
     reader = ReadAhead(scans, read, job.cancel_event).start()
     seg = Segmenter(args.model, args.device)  # while the reader reads the first scan
@@ -326,7 +327,7 @@ def run_batch(args: argparse.Namespace, job, rep: Reporter, check: Callable[[], 
 def _one_scan(args: argparse.Namespace, job, item: ReadScan, seg, limit: int, load_s: float,
               check: Callable[[], None], describe_error, add_model_stages) -> None:
     """Segment one read scan and commit its outputs; any failure is this scan's, reported in one line."""
-    from .cli import segment_image
+    from .pipeline import segment_image
 
     scan, srep = item.scan, item.rep
     scan.status = "running"

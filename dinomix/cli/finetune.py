@@ -80,10 +80,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .cli import Job, add_device_option
+from .job import Job
+from .options import add_device_option
 
 if TYPE_CHECKING:
-    from .training.config import SemiConfig
+    from ..training.config import SemiConfig
 
 HOLDOUT_SPLITS = ("eval", "val", "validation", "test", "holdout")
 METHODS = ("pic", "cutmix", "mean_teacher", "supervised")
@@ -270,7 +271,7 @@ def parent_distillation_settings(weight: Optional[float], free_organs: list[str]
     if weight is None:
         weight = 0.0
     if weight < 0:
-        from .errors import DinomixError
+        from ..errors import DinomixError
 
         raise DinomixError(f"--parent-distillation must be >= 0, got {weight:g}")
     return {"weight": weight, "free_organs": list(free_organs)}
@@ -307,17 +308,17 @@ def finetune_semi_defaults(method: str, parent: SemiConfig, open_organs: Optiona
 
 def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
     """prepare -> route -> calibrate -> leave-one-scan-out -> train -> self-check -> register (module docstring)."""
-    from . import registry
-    from .cachedirs import cache_root, preprocessed_dir
-    from .datasets import Dataset, load_dataset
-    from .errors import DinomixError
-    from .modelfile import ModelMeta, load_model
-    from .nets.unet import RoutedConfig, fit_roi
-    from .organs import OrganSchema
-    from .training import calibration
-    from .training.config import DataConfig, TrainConfig
-    from .training.data import cache_cases
-    from .training.routing import MIN_LOCO_VOUCH, loco_deltas, predict, route_organs, self_check, untrained_check
+    from .. import registry
+    from ..cachedirs import cache_root, preprocessed_dir
+    from ..datasets import Dataset, load_dataset
+    from ..errors import DinomixError
+    from ..modelfile import ModelMeta, load_model
+    from ..nets.unet import RoutedConfig, fit_roi
+    from ..organs import OrganSchema
+    from ..training import calibration
+    from ..training.config import DataConfig, TrainConfig
+    from ..training.data import cache_cases
+    from ..training.routing import MIN_LOCO_VOUCH, loco_deltas, predict, route_organs, self_check, untrained_check
 
     t0 = time.monotonic()
     timings: dict[str, float] = {}
@@ -402,7 +403,7 @@ def finetune(opts: FinetuneOptions, rep, check: Callable[[], None]) -> dict:
 
     # Route: which organs the corrections changed (the parent's predictions on the corrected scans).
 
-    from .inference import pick_device
+    from ..inference import pick_device
 
     device = pick_device(opts.device)
     parent_net, _ = load_model(entry.path, device)
@@ -724,7 +725,7 @@ def _calibrate(net, sc, names: list[str], classes: list[int], cached_lab: list, 
     logit offset per organ, fitted on the corrected scans, kept where leave-one-scan-out vouches for it (or, with
     `keep_unverified`, wherever it fits the corrections), written into the network's output biases. Returns the
     offsets applied {class: offset} and records them in the self-check `sc`."""
-    from .training import calibration
+    from ..training import calibration
 
     branch = set(getattr(net.routed, "classes", None) or [])
     todo = [c for c in classes if c not in branch]
@@ -747,8 +748,8 @@ def _calibrate(net, sc, names: list[str], classes: list[int], cached_lab: list, 
 
 def _trainer(cfg, run: Path, rep, check, device: str, parent_id: str, quiet: bool = False):
     """A set-up SemiTrainer for this config (quiet: its log lines and progress are not reported)."""
-    from .events import Reporter
-    from .training.semi import SemiTrainer
+    from ..events import Reporter
+    from ..training.semi import SemiTrainer
 
     tr = SemiTrainer(cfg, run, Reporter(bar=False) if quiet else rep, check, device)
     tr.parent_id = parent_id

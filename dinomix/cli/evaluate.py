@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
-from .errors import DinomixError
-from .events import Reporter
+from .. import __version__
+from ..errors import DinomixError
+from ..events import Reporter
 
 STAGES = {"load": 0.03, "evaluate": 0.92, "write": 0.05}
 JSON_NAME = "evaluation.json"
@@ -28,7 +28,7 @@ MD_NAME = "evaluation.md"
 
 
 def register(subparsers: Any) -> None:
-    from .cli import add_device_option
+    from .options import add_device_option
 
     e = subparsers.add_parser(
         "evaluate", help="score one or two models against labeled cases (Dice, HD95, ASD)",
@@ -56,7 +56,7 @@ def register(subparsers: Any) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .cli import Job
+    from .job import Job
 
     job = Job("evaluate", args.events, STAGES)
     try:
@@ -86,13 +86,13 @@ def select_cases(ds, split: str | None, case_ids: list[str] | None) -> list:
 
 
 def _evaluate(args: argparse.Namespace, job, rep: Reporter, check: Callable[[], None]) -> dict:
-    from .datasets import import_btcv, load_dataset
-    from .evaluation.metrics import CONVENTIONS
-    from .evaluation.report import comparison, markdown_table, to_json, write_montage
-    from .evaluation.runner import evaluate_models
-    from .imageio import check_writable
-    from .inference import Segmenter
-    from .outputs import write_json
+    from ..datasets import import_btcv, load_dataset
+    from ..evaluation.metrics import CONVENTIONS
+    from ..evaluation.report import comparison, markdown_table, to_json, write_montage
+    from ..evaluation.runner import evaluate_models
+    from ..imageio import check_writable
+    from ..inference import Segmenter
+    from ..outputs import write_json
 
     t0 = time.perf_counter()
     models = args.model or [None]

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import __version__
-from .errors import Cancelled, DinomixError
+from .. import __version__
+from ..errors import Cancelled, DinomixError
 
 # Request fields of "segment" and their types; the schema file says the same for other programs.
 REQUEST_FIELDS: dict[str, tuple] = {
@@ -152,8 +152,8 @@ class ModelCache:
 
     def get(self, model: Optional[str]) -> tuple[Any, float]:
         """(Segmenter, seconds spent loading it now: 0.0 when it was loaded already)."""
-        from .inference import Segmenter
-        from .registry import resolve
+        from ..inference import Segmenter
+        from ..registry import resolve
 
         entry = resolve(model)
         key = str(Path(entry.path).resolve())
@@ -304,7 +304,7 @@ class Server:
         threading.Thread(target=self._terminate, args=(signum,), daemon=True).start()
 
     def _terminate(self, signum: int) -> None:
-        from .cli import CANCEL_EXIT
+        from .job import CANCEL_EXIT
 
         self._abort_all()
         for req in list(self.requests.values()):
@@ -328,7 +328,7 @@ class Server:
 
     def _preload(self) -> None:
         """Imports and the default model, before the first request (which then finds the engine warm)."""
-        from . import outputs, preprocessing  # noqa: F401  -- imported here, once, not per request
+        from .. import outputs, preprocessing  # noqa: F401  -- imported here, once, not per request
 
         self.models = ModelCache(self.args.device)
         if self.args.no_preload:
@@ -343,8 +343,9 @@ class Server:
             self.root.emit("ready", model=None, load_s=0.0)
 
     def _run(self, req: Request) -> None:
-        from .cli import _machine_memory, add_model_stages, describe_error, prepare_outputs, read_input, segment_image
-        from .imageio import AtomicWriter
+        from ..imageio import AtomicWriter
+        from .job import describe_error
+        from .pipeline import add_model_stages, machine_memory, prepare_outputs, read_input, segment_image
 
         rep = self.reporter(req, stages={"read": 0.05})
         rep.emit("start", command="segment", version=__version__, pid=os.getpid())
@@ -354,7 +355,7 @@ class Server:
             req.check()  # cancelled between the queue and here
             args = segment_args(req.fields, self.args)
             paths, wanted = prepare_outputs(args, rep)
-            limit = args.max_memory or _machine_memory()
+            limit = args.max_memory or machine_memory()
             image, notes = read_input(args, rep, limit)
             req.check()
             assert self.models is not None, "the model cache is made before the first request is read"
@@ -391,7 +392,7 @@ class ParentWatch:
     def gone(self) -> Optional[str]:
         """Why the client is gone, or None while it lives."""
         if self.pid:
-            if not _pid_alive(self.pid) or (self.created is not None and _create_time(self.pid) != self.created):
+            if not pid_alive(self.pid) or (self.created is not None and _create_time(self.pid) != self.created):
                 return f"parent process {self.pid} ended"
         if self.ppid is not None and os.getppid() != self.ppid:
             return f"parent process {self.ppid} ended (orphaned)"
@@ -415,7 +416,7 @@ def _create_time(pid: int) -> Optional[float]:
         return None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         import psutil
 
@@ -450,7 +451,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def register(sub) -> None:
-    from .cli import add_device_option
+    from .options import add_device_option
 
     s = sub.add_parser("serve", help="a warm engine: segment requests (JSON lines) on stdin, events on stdout",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -466,6 +467,6 @@ def register(sub) -> None:
 
 
 def _size(text: str) -> int:
-    from .cli import parse_size
+    from .options import parse_size
 
     return parse_size(text)

@@ -11,10 +11,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli import Job, add_device_option, report_error
+from .job import Job
+from .options import add_device_option
 
 if TYPE_CHECKING:
-    from .training.config import TrainConfig
+    from ..training.config import TrainConfig
 
 
 def register(sub) -> None:
@@ -37,9 +38,9 @@ def prepare(args: argparse.Namespace, rep) -> TrainConfig:
     """The validated config with the command line's overrides, and every check that needs no preprocessing:
     a run refused after hours of training (an invalid --iterations, a model id already in the registry, a
     misaligned label of the last case) has wasted them."""
-    from .training.config import TrainConfig
-    from .training.data import check_cases, training_selection
-    from .training.trainer import load_training_dataset
+    from ..training.config import TrainConfig
+    from ..training.data import check_cases, training_selection
+    from ..training.trainer import load_training_dataset
 
     cfg = TrainConfig.from_file(args.config)
     overrides = {}
@@ -50,8 +51,8 @@ def prepare(args: argparse.Namespace, rep) -> TrainConfig:
     if overrides:
         cfg = TrainConfig.validated({**cfg.model_dump(), **overrides}, "dinomix train (command-line options)")
     if args.register:
-        from .errors import DinomixError
-        from .registry import list_models
+        from ..errors import DinomixError
+        from ..registry import list_models
 
         if any(e.name == cfg.model_id for e in list_models()):
             raise DinomixError(f"--register: a model named '{cfg.model_id}' is already installed; set another "
@@ -66,8 +67,8 @@ def prepare(args: argparse.Namespace, rep) -> TrainConfig:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.distributed import DistContext, SilentReporter
-    from .training.factory import get_trainer
+    from ..training.distributed import DistContext, SilentReporter
+    from ..training.factory import get_trainer
 
     ctx = DistContext.from_env()  # torchrun's environment (a 1-process context without it)
     main = ctx.is_main  # under torchrun only rank 0 reports
@@ -102,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not tr.dist.is_main:
             return result
         if args.register:
-            from .registry import import_model
+            from ..registry import import_model
 
             result["registered"] = str(import_model(result["model"]).path)
         if not args.events:
@@ -116,51 +117,3 @@ def cmd_train(args: argparse.Namespace) -> int:
     holder.clear()
     ctx.exit_process(code)  # under torchrun: no interpreter finalization (see there)
     return code
-
-
-def register_dataset(sub) -> None:
-    d = sub.add_parser("dataset", help="make a dataset manifest from a folder layout")
-    dsub = d.add_subparsers(dest="dataset_cmd", required=True)
-    i = dsub.add_parser("import", help="write dataset.json for a folder (plain, nnU-Net v2 raw, or BTCV)")
-    i.add_argument("folder")
-    i.add_argument("--layout", choices=["folder", "nnunet", "btcv"], default="folder")
-    i.add_argument("--label-map", default=None,
-                   help="plain folders: JSON file or inline JSON mapping label value -> organ name")
-    i.add_argument("--labeled", choices=["all", "20p"], default="all", help="BTCV: P1 labeled fraction")
-    i.add_argument("-o", "--output", required=True, help="manifest file to write (never overwritten)")
-    d.set_defaults(func=cmd_dataset)
-
-
-def cmd_dataset(args: argparse.Namespace) -> int:
-    import json
-
-    from .datasets import import_btcv, import_folder, import_nnunet
-    from .errors import DinomixError
-
-    try:
-        out = Path(args.output)
-        if out.exists():
-            raise DinomixError(f"{out} exists; choose another output (nothing is overwritten)")
-        if args.layout == "nnunet":
-            ds = import_nnunet(args.folder)
-        elif args.layout == "btcv":
-            ds = import_btcv(args.folder, labeled_fraction=args.labeled)
-        else:
-            if not args.label_map:
-                raise DinomixError("a plain folder needs --label-map (label value -> organ name)")
-            text = Path(args.label_map).read_text() if Path(args.label_map).is_file() else args.label_map
-            try:
-                mapping = {int(k): str(v) for k, v in json.loads(text).items()}
-            except (ValueError, AttributeError) as exc:
-                raise DinomixError(f"--label-map must be a JSON object of value -> name: {exc}") from None
-            ds = import_folder(args.folder, mapping)
-        # absolute paths, so the manifest works wherever it is saved
-        for c in ds.cases:
-            c.image = str(ds.path(c.image).resolve())
-            c.label = str(ds.path(c.label).resolve()) if c.label else None
-        ds.save(out)
-        n_lab = sum(c.labeled for c in ds.cases)
-        print(f"wrote {out}: {len(ds.cases)} cases ({n_lab} labeled, {len(ds.cases) - n_lab} unlabeled)")
-        return 0
-    except DinomixError as exc:
-        return report_error(exc)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cachedirs import features_dir, preprocessed_dir
+from ..cachedirs import features_dir, preprocessed_dir
 
 ENTRIES = {"preprocessed": (preprocessed_dir, "*.pt"), "features": (features_dir, "*.safetensors")}
 
