@@ -32,6 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import ModelFileError
+from .modelheader import META_KEY, ModelHeaderError, NoDINOMixMetadata, read_raw_metadata
 from .nets.segdino import BACKBONE_UNTRAINED, SegDINOConfig
 from .nets.unet import ArchitectureConfig, build_network
 from .organs import OrganSchema
@@ -39,7 +40,6 @@ from .preprocessing import PreprocessConfig
 
 FORMAT: Final = "dinomix-model"
 FORMAT_VERSION = 1
-META_KEY = "dinomix"
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$"
 
 # The models shipped inside the package and the sha256 of their metadata (`metadata_sha256`), which holds the
@@ -134,18 +134,17 @@ def save_model(path: str | os.PathLike, net: torch.nn.Module, meta: ModelMeta) -
 
 
 def _read_raw(path: Path) -> str:
-    """The metadata JSON text of a model file, as stored."""
+    """The metadata JSON text of a model file, as stored (read by `modelheader`, which the Slicer modules use too)."""
     if not path.is_file():
         raise ModelFileError(f"model file not found: {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-    except Exception as exc:  # safetensors raises its own error types for broken headers
+        return read_raw_metadata(path)
+    except NoDINOMixMetadata:
+        raise ModelFileError(f"{path.name} is a safetensors file but not a DINOMix model (no '{META_KEY}' metadata)"
+                             ) from None
+    except ModelHeaderError as exc:
         raise ModelFileError(f"{path.name} is not a valid model file (corrupt, truncated or not safetensors): "
                              f"{str(exc)[:160]}") from None
-    if raw is None:
-        raise ModelFileError(f"{path.name} is a safetensors file but not a DINOMix model (no '{META_KEY}' metadata)")
-    return raw
 
 
 def _parse_meta(path: Path, raw: str) -> ModelMeta:

@@ -20,11 +20,10 @@ import platformdirs
 from .cachedirs import cache_root
 from .errors import DinomixError, ModelFileError
 from .modelfile import ModelMeta, read_meta
+from .modelheader import DEFAULT_MODEL, SUFFIX
 
 ENV_DIR = "DINOMIX_MODELS_DIR"
-SUFFIX = ".safetensors"
 BUILTIN_DIR = Path(__file__).parent / "models"
-DEFAULT_MODEL = "abdomen-btcv13"
 
 
 @dataclass

@@ -7,7 +7,7 @@ and a Python thread only runs while the main thread runs Python, so each `Conver
 tick for as long as it takes.
 
 `SurfaceBuilder` therefore dumps the segmentation's labelmap layers (`.npy`, a few chunks per step on the main
-thread) and runs `dinomix scene surfaces` (dinomix/scene_cli.py) in the background: that process builds each
+thread) and runs `dinomix scene surfaces` (dinomix/scene.py) in the background: that process builds each
 organ's surface exactly as Slicer's vtkBinaryLabelmapToClosedSurfaceConversionRule does (same filters, with
 the segmentation's conversion parameters: same smoothing, decimation, normals; on the organ's bounding box,
 with the layer's extent indices and image-to-world matrix, so the same points), and writes it as a .vtp file.

@@ -14,7 +14,7 @@ QTimer (or by `run_steps` in tests and scripts):
   writing the engine's input are done this way.
 * The engine process: `EngineTask` dumps the voxel arrays a computation needs as `.npy` files (in short steps,
   as above: memory copies into the page cache) with a JSON job, and runs `dinomix scene <task>` (see
-  dinomix/scene_cli.py) in the background; it writes its JSON-lines events to a file that each step reads
+  dinomix/scene.py) in the background; it writes its JSON-lines events to a file that each step reads
   (no Python thread stands between the engine and the main thread, so a result or a cancel is seen at the
   next tick whatever Python's threads are doing). 3D surfaces, the Trainer's comparison with the model's
   original output and the training-set export run there, on the other cores, whatever the main thread does.

@@ -15,7 +15,7 @@ the timer ticks; see tasks.py):
 
 Life cycle:
 * started on first use with `--parent-pid <Slicer's pid>`: the engine exits when Slicer ends, even if killed,
-  and when its stdin closes (both watched by the engine itself, see dinomix/serve_cli.py);
+  and when its stdin closes (both watched by the engine itself, see dinomix/cli/serve.py);
 * a dead engine (killed, crashed) is noticed at the next tick: a request in flight is sent once more to a new
   engine, and the next click simply starts one;
 * `session_engine()` keeps one engine per (Python, model, device): another model stops the old engine and the

@@ -325,8 +325,8 @@ def compute_changes(organs: list[dict], segment_of: dict[str, str], refs: dict, 
                     original: Optional[np.ndarray], min_voxels: int = MIN_CHANGED_VOXELS,
                     min_fraction: float = MIN_CHANGED_FRACTION, check=None, progress=None) -> list[dict]:
     """`detect_changes`' counts from views (`LayerRefs.refs`, the original's (k, j, i) array or None), as OrganChange
-    fields: the engine's `dinomix.scene_cli.compute_changes`, which `ChangeScan` runs in the engine process."""
-    return import_engine("dinomix.scene_cli").compute_changes(organs, segment_of, refs, grid_shape, original,
+    fields: the engine's `dinomix.scene.compute_changes`, which `ChangeScan` runs in the engine process."""
+    return import_engine("dinomix.scene").compute_changes(organs, segment_of, refs, grid_shape, original,
                                                               min_voxels, min_fraction, check, progress)
 
 

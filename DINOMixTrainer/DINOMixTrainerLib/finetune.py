@@ -1,7 +1,7 @@
 """'Fine-tune' as scene logic: `dinomix finetune` in the background, a live chart of loss and validation Dice
 in plot nodes, and the per-organ before/after table at the end.
 
-Engine interface (dinomix/finetune_cli.py):
+Engine interface (dinomix/cli/finetune.py):
     dinomix finetune --model NAME --dataset DIR --priority ORGAN ... (--minutes M | --iterations N)
                      --events - [--new-name NAME] [--holdout CASE ...]
 It registers a new model version (`<parent>.ftN` unless --new-name; parent recorded) and emits

@@ -15,7 +15,7 @@ training set" without blocking Slicer and without a Python thread (inside Slicer
 main thread runs Python): the main thread takes views of the voxels and dumps them a few chunks per timer tick
 (taken again if the segmentation was edited meanwhile), then `dinomix scene export` builds the label map,
 compresses and writes the files in the engine process. Both write through the engine's
-`dinomix.scene_cli.write_training_case`, and take the same lock file as `add_unlabeled_folder`.
+`dinomix.scene.write_training_case`, and take the same lock file as `add_unlabeled_folder`.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ class TrainingSet:
 
 
 def _scene():
-    return import_engine("dinomix.scene_cli")
+    return import_engine("dinomix.scene")
 
 
 def result_of(r: dict) -> ExportResult:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, slicer
 
-from dinomix.scene_cli import label_boxes
+from dinomix.scene import label_boxes
 from DINOMixSegmentationLib import (
     ResultImport,
     SegmentationRun,
