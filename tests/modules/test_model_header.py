@@ -204,6 +204,8 @@ def test_the_modules_import_without_the_engine_and_say_so_in_one_line(tmp_path):
     lib = tmp_path / "modules" / "DINOMixSegmentation"
     shutil.copytree(REPO / "DINOMixSegmentation" / "DINOMixSegmentationLib", lib / "DINOMixSegmentationLib",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    (lib / "Resources" / "Schemas").mkdir(parents=True)  # installed with the modules, as in an extension
+    shutil.copy(REPO / "Resources" / "Schemas" / "events.schema.json", lib / "Resources" / "Schemas")
     registry = tmp_path / "registry"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     # -S: no site processing, so the editable install of the engine (a .pth finder) is not on the path either;
