@@ -28,7 +28,7 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The engine modules `name` imports (resolved relative imports; `from pkg import sub` counts sub)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name in known)
         elif isinstance(node, ast.ImportFrom):
@@ -95,7 +95,7 @@ def test_each_stage_is_a_package_whose_modules_say_what_they_are_for(stage):
     package = ENGINE / stage
     assert (package / "__init__.py").is_file(), f"dinomix/{stage}/ is not a package"
     for path in sorted(package.glob("*.py")):
-        doc = ast.get_docstring(ast.parse(path.read_text()))
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
         assert doc and doc.strip(), f"{path.relative_to(ENGINE.parent)} has no purpose docstring at the top"
 
 
