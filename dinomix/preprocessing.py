@@ -8,7 +8,7 @@ Chain (dictionary transforms over a sample with key "image"):
   2. MONAI `ScaleIntensityRanged`: CT window and scaling.
   3. `ForegroundBoxd`: crop to the body's bounding box plus a margin, so the network skips air.
 
-Every step records what it did in the sample's "grid" entry (a `ModelGrid`), which `geometry.py` uses to
+Every step records what it did in the sample's "grid" entry (a `ModelGrid`), which `inference/backmapping.py` uses to
 map the network's logits back onto the input's exact voxel grid.
 """
 
@@ -207,7 +207,7 @@ class ResampleToSpacingd(MapTransform):
     """Resize to the target spacing keeping the image's physical extent (corner-aligned, trilinear).
 
     MONAI's Spacing keeps voxel centres instead; the extent-preserving convention is chosen so the exact
-    inverse is the same corner-aligned interpolation, done memory-lean by `geometry.py`.
+    inverse is the same corner-aligned interpolation, done memory-lean by `inference/backmapping.py`.
     """
 
     def __init__(self, keys, spacing_mm: tuple[float, float, float], mode: str = "trilinear") -> None:

@@ -345,9 +345,9 @@ def test_evaluate_cli_one_btcv_case_with_report(data_dir, tmp_path):
 
 
 def test_case_selection_and_cli_errors(data_dir, tmp_path):
+    from dinomix.cli.evaluate import select_cases
     from dinomix.datasets import import_btcv
     from dinomix.errors import DinomixError
-    from dinomix.cli.evaluate import select_cases
 
     ds = import_btcv(data_dir / "btcv", labeled_fraction="20p")
     assert [c.id for c in select_cases(ds, "test", None)] == [f"btcv_img{i}" for i in

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from dinomix.geometry import logits_to_input_labels
+from dinomix.inference.backmapping import logits_to_input_labels
 from dinomix.preprocessing import (
     ForegroundConfig,
     ModeConfig,

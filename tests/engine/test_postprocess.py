@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dinomix.postprocess import fill_holes, keep_largest_component, make_consistent, restrict
+from dinomix.inference.postprocess import fill_holes, keep_largest_component, make_consistent, restrict
 
 KIDNEY_RIGHT, KIDNEY_LEFT, LIVER = 2, 3, 6
 

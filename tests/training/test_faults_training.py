@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from dinomix.cli.train import prepare
 from dinomix.datasets import Case, Dataset
 from dinomix.errors import DinomixError
 from dinomix.events import Reporter
 from dinomix.modelfile import read_meta
 from dinomix.organs import OrganSchema
 from dinomix.preprocessing import PreprocessConfig
-from dinomix.cli.train import prepare
 from dinomix.training.config import TrainConfig
 from dinomix.training.data import cache_cases
 

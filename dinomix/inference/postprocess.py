@@ -1,7 +1,7 @@
 """Per-organ clean-up on the model grid: largest connected component and hole filling.
 
 Runs on the coarse model grid (cheap), then `make_consistent` edits the logits so that their argmax is the
-cleaned label map; the exact back-resampling in `geometry.py` then carries the clean-up to the input grid.
+cleaned label map; the exact back-resampling in `inference/backmapping.py` then carries the clean-up to the input grid.
 Paired organs (kidneys, adrenal glands) are separate labels, so each side keeps its own largest component.
 """
 

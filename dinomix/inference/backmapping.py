@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocessing import ModelGrid, oriented_view
+from ..preprocessing import ModelGrid, oriented_view
 
 MIXED = 255
 BACKGROUND_LOGIT = -1e4   # every class but background, outside the crop box (background scores 0 there)
