@@ -20,10 +20,10 @@ from dinomix.preprocessing import (
     ForegroundConfig,
     ModeConfig,
     PreprocessConfig,
-    apply_ornt,
     build_preprocess,
     sitk_to_sample,
 )
+from dinomix.preprocessing.grid import apply_ornt
 
 NUM_CLASSES = 5
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ENGINE = Path(__file__).resolve().parents[2] / "dinomix"
-STAGES = ("cli", "nets", "training", "evaluation", "methods")
+STAGES = ("cli", "preprocessing", "nets", "inference", "training", "evaluation", "methods")
 
 
 def _module_name(path: Path) -> str:

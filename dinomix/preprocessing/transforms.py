@@ -14,127 +14,14 @@ map the network's logits back onto the input's exact voxel grid.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, TypeVar
-
-import nibabel.orientations as nio
 import numpy as np
-import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 from monai.transforms import Compose, MapTransform, ScaleIntensityRanged
-from pydantic import BaseModel, Field
 from scipy import ndimage
 
-from .errors import DinomixError
-
-_T = TypeVar("_T")
-
-
-def xyz(values: Iterable[_T]) -> tuple[_T, _T, _T]:
-    """Three per-axis values (x, y, z) as a 3-tuple."""
-    x, y, z = values
-    return x, y, z
-
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
-class IntensityConfig(BaseModel):
-    """CT window [a_min, a_max] HU mapped linearly to [b_min, b_max], clipped."""
-
-    a_min: float = -125.0
-    a_max: float = 275.0
-    b_min: float = 0.0
-    b_max: float = 1.0
-
-
-class ForegroundConfig(BaseModel):
-    """Crop to the bounding box of the largest body component (voxels above threshold_hu)."""
-
-    enabled: bool = True
-    threshold_hu: float = -110.0
-    margin_mm: float = 20.0
-
-
-class ModeConfig(BaseModel):
-    """Resolution and sliding-window settings of one quality mode."""
-
-    spacing_mm: tuple[float, float, float]
-    roi_size: tuple[int, int, int]
-    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
-    sw_batch_size: int = Field(default=1, ge=1)
-
-
-class PreprocessConfig(BaseModel):
-    orientation: str = "RAS"
-    intensity: IntensityConfig = IntensityConfig()
-    foreground: ForegroundConfig = ForegroundConfig()
-    # Sliding-window settings tuned for a 2-core CPU (benchmarks/inference.py): at 3 mm one window covers a
-    # whole abdomen (a 410 mm field of view, 670 mm of slices) instead of 12 overlapping 112^3 windows.
-    modes: dict[str, ModeConfig] = {
-        "fast": ModeConfig(spacing_mm=(3.0, 3.0, 3.0), roi_size=(160, 160, 224), overlap=0.25),
-        "full": ModeConfig(spacing_mm=(1.5, 1.5, 1.5), roi_size=(160, 160, 160), overlap=0.25),
-    }
-
-    def mode(self, name: str) -> ModeConfig:
-        if name not in self.modes:
-            raise DinomixError(f"this model has no mode '{name}'; it offers: {', '.join(self.modes)}")
-        return self.modes[name]
-
-
-@dataclass
-class ModelGrid:
-    """How the network's voxel grid relates to the input image's grid (filled in by the chain)."""
-
-    input_shape_xyz: tuple[int, int, int]
-    input_affine_ras: np.ndarray
-    ornt: Optional[np.ndarray] = None          # nibabel orientation of input axes -> canonical axes
-    oriented_shape: Optional[tuple[int, int, int]] = None
-    oriented_spacing: Optional[tuple[float, float, float]] = None
-    resized_shape: Optional[tuple[int, int, int]] = None
-    box: Optional[tuple[tuple[int, int], ...]] = None  # crop box in the resized grid, [start, stop) per axis
-    extras: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def model_spacing(self) -> tuple[float, float, float]:
-        """Effective spacing of the resized grid (same extent as the input, so it may differ slightly
-        from the nominal mode spacing)."""
-        assert (self.oriented_shape is not None and self.oriented_spacing is not None
-                and self.resized_shape is not None)  # filled in by the chain
-        return xyz(o * s / r for o, s, r in zip(self.oriented_shape, self.oriented_spacing, self.resized_shape))
-
-
-def sitk_to_sample(image: sitk.Image, copy: bool = True) -> dict:
-    """A sample dict with a channel-first x,y,z float tensor and its grid.
-
-    The tensor is a strided x,y,z view of a z,y,x array: a float32 copy of the image's voxels, or with
-    `copy=False` (float32 images) the SimpleITK buffer itself, read-only by contract; the caller then keeps
-    `image` alive while the sample is in use, and nothing in the inference chain writes into it.
-    """
-    if not copy and image.GetPixelID() == sitk.sitkFloat32:
-        arr = sitk.GetArrayViewFromImage(image)  # z, y, x, no copy
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "non-writable array": never written to
-            zyx = torch.from_numpy(arr)
-    else:
-        zyx = torch.from_numpy(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))  # a writable copy
-    xyz = zyx.permute(2, 1, 0)[None]  # a strided view, no second copy
-    return {"image": xyz, "grid": ModelGrid(tuple(image.GetSize()), affine_ras(image))}
-
-
-def affine_lps(image: sitk.Image) -> np.ndarray:
-    """4x4 voxel-index (x,y,z) to LPS-world affine of a SimpleITK image (ITK's own world, as NRRD stores it)."""
-    d = np.array(image.GetDirection()).reshape(3, 3)
-    a = np.eye(4)
-    a[:3, :3] = d @ np.diag(image.GetSpacing())
-    a[:3, 3] = image.GetOrigin()
-    return a
-
-
-def affine_ras(image: sitk.Image) -> np.ndarray:
-    """4x4 voxel-index (x,y,z) to RAS-world affine of a SimpleITK image."""
-    return LPS_TO_RAS @ affine_lps(image)
+from .config import PreprocessConfig
+from .grid import ModelGrid, apply_ornt, set_orientation, target_shape, xyz
 
 
 class Reorientd(MapTransform):
@@ -154,53 +41,6 @@ class Reorientd(MapTransform):
         return d
 
 
-def set_orientation(grid: ModelGrid, axcodes: str) -> np.ndarray:
-    """Fill in the grid's orientation transform, oriented shape and oriented spacing; return the transform."""
-    src = nio.io_orientation(grid.input_affine_ras)
-    ornt = nio.ornt_transform(src, nio.axcodes2ornt(axcodes))
-    grid.ornt = ornt
-    spacing = np.sqrt((grid.input_affine_ras[:3, :3] ** 2).sum(0))
-    oriented_spacing = [0.0] * 3
-    oriented_shape = [0] * 3
-    for i in range(3):
-        oriented_spacing[int(ornt[i, 0])] = float(spacing[i])
-        oriented_shape[int(ornt[i, 0])] = int(grid.input_shape_xyz[i])
-    grid.oriented_spacing = xyz(oriented_spacing)
-    grid.oriented_shape = xyz(oriented_shape)
-    return ornt
-
-
-def apply_ornt(t: torch.Tensor, ornt: np.ndarray) -> torch.Tensor:
-    """Apply a nibabel orientation transform to a channel-first tensor (flips, then axis permutation)."""
-    flips = [i + 1 for i in range(3) if ornt[i, 1] == -1]
-    if flips:
-        t = torch.flip(t, dims=flips)
-    order = [0] + [1 + int(np.where(ornt[:, 0] == j)[0][0]) for j in range(3)]
-    return t.permute(order)  # a view: the resize that follows reads it without another full copy
-
-
-def invert_ornt(arr: np.ndarray, ornt: np.ndarray) -> np.ndarray:
-    """Undo `apply_ornt` on a spatial (x,y,z) numpy array."""
-    # Inverse of (axis i -> perm[i], flip f_i): canonical axis perm[i] goes back to i, flipped the same way.
-    inv = np.zeros_like(ornt)
-    for i in range(3):
-        inv[int(ornt[i, 0])] = (i, ornt[i, 1])
-    return np.ascontiguousarray(nio.apply_orientation(arr, inv))
-
-
-def oriented_view(arr: np.ndarray, ornt: Optional[np.ndarray]) -> np.ndarray:
-    """A numpy view of a spatial (x,y,z) array in the canonical orientation (like `apply_ornt`, no copy)."""
-    if ornt is None:
-        return arr
-    for i in range(3):
-        if ornt[i, 1] == -1:
-            arr = np.flip(arr, axis=i)
-    return arr.transpose([int(np.where(ornt[:, 0] == j)[0][0]) for j in range(3)])
-
-
-def target_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:
-    """nnU-Net style: keep the physical extent, round the voxel count."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
 
 
 class ResampleToSpacingd(MapTransform):
@@ -398,34 +238,3 @@ def build_preprocess(cfg: PreprocessConfig, mode: str, keys: tuple[str, ...] = (
     if cfg.foreground.enabled:
         chain.append(ForegroundBoxd(keys, max(thr, it.b_min + 1e-3), margin))
     return Compose(chain)
-
-
-# ---------------------------------------------------------------- memory estimate
-
-# Calibrated on `dinomix segment` (fast mode, 2-core CPU): the process itself (PyTorch, MONAI, the model and
-# one sliding window's activations) takes about 1 GB, then a few bytes per input voxel (the read image, its
-# float32 copy, the label map and the mapping back) and per voxel of the model's grid (the resampled image,
-# its intensity-scaled copy, the per-class logits and the window-blending weights).
-BASE_BYTES = 1 << 30
-PER_INPUT_VOXEL = 10
-PER_GRID_VOXEL_FIXED = 16
-PER_GRID_VOXEL_PER_CLASS = 4
-
-
-def grid_shape(size: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:
-    """The model grid's shape; the finest model spacing on every axis, so the orientation cannot matter and
-    the estimate errs on the high side."""
-    finest = min(target)
-    return target_shape(tuple(size), tuple(spacing), (finest,) * len(size))
-
-
-def estimate_memory(size: tuple[int, ...], bytes_per_voxel: int, spacing: Optional[tuple[float, ...]] = None,
-                    target_spacing: Optional[tuple[float, ...]] = None, n_classes: int = 0) -> int:
-    """Peak bytes a segmentation needs, from sizes alone (nothing is allocated): used to refuse an input
-    whose resampled grid would not fit in memory before the kernel kills the process."""
-    n_in = int(np.prod(size, dtype=np.float64))
-    total: float = BASE_BYTES + n_in * (bytes_per_voxel + PER_INPUT_VOXEL)
-    if spacing is not None and target_spacing is not None:
-        n_grid = float(np.prod(grid_shape(size, spacing, target_spacing), dtype=np.float64))
-        total += n_grid * (PER_GRID_VOXEL_FIXED + PER_GRID_VOXEL_PER_CLASS * max(n_classes, 1))
-    return int(total)
