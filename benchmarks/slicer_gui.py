@@ -152,7 +152,7 @@ def run_mode(name: str, path: Path, mode: str, tmp: Path, finetune: bool) -> dic
     from DINOMixSegmentationLib import (
         Engine,
         SegmentationRun,
-        SegmentOptions,
+        SegmentRequest,
         SurfaceBuilder,
         list_models_command,
         parse_models_list,
@@ -187,7 +187,7 @@ def run_mode(name: str, path: Path, mode: str, tmp: Path, finetune: bool) -> dic
 
     # 2. Segment abdomen, 3D on
     keep = tmp / f"{name}-{mode}-engine"
-    run = SegmentationRun(volume, SegmentOptions(mode="fast", show_3d=True, keep_outputs_dir=str(keep)))
+    run = SegmentationRun(volume, SegmentRequest(mode="fast", show_3d=True, keep_outputs_dir=str(keep)))
     n0, t0 = len(seg_loop.calls), time.perf_counter()
     seg_loop.call(run.start, "segment: click")
 
@@ -251,7 +251,7 @@ def run_mode(name: str, path: Path, mode: str, tmp: Path, finetune: bool) -> dic
 
     # 7. Cancel in each flow
     print(f"[{name} / {mode}] cancels ...", flush=True)
-    run2 = SegmentationRun(volume, SegmentOptions(mode="fast", show_3d=True))
+    run2 = SegmentationRun(volume, SegmentRequest(mode="fast", show_3d=True))
     seg_loop.call(run2.start, "cancel segment: click")
     out["cancel"]["segment (engine running)"] = cancel_row(
         seg_loop, run2, lambda: run2.progress.stage not in ("", "export", "read"), lambda: run2.ended,
@@ -317,7 +317,7 @@ def run_warm(path: Path, modes: list[str], warm_clicks: int) -> dict:
     """Per mode a per-click engine run, then one warm engine: its first click and `warm_clicks` more per mode."""
     from slicer_harness import SEGMENTATION_TICK_S, MainLoop
 
-    from DINOMixSegmentationLib import SegmentationRun, SegmentOptions, WarmEngine, WarmSegmentationRun
+    from DINOMixSegmentationLib import SegmentationRun, SegmentRequest, WarmEngine, WarmSegmentationRun
 
     scene, keep_alive = make_scene()
     volume = load_volume(scene, path, "ct")
@@ -325,14 +325,14 @@ def run_warm(path: Path, modes: list[str], warm_clicks: int) -> dict:
     out: dict[str, Any] = {"size": list(volume.GetImageData().GetDimensions()), "per_click": {}, "warm": []}
     for mode in modes:
         print(f"[warm / per-click engine] {mode} ...", flush=True)
-        out["per_click"][mode] = timed_click(loop, SegmentationRun(volume, SegmentOptions(mode=mode)))
+        out["per_click"][mode] = timed_click(loop, SegmentationRun(volume, SegmentRequest(mode=mode)))
         print(f"  {out['per_click'][mode]['wall_s']} s", flush=True)
     warm = WarmEngine()
     try:
         for i, mode in enumerate(m for m in modes for _ in range(warm_clicks + (1 if m == modes[0] else 0))):
             kind = "first click (engine start)" if i == 0 else "warm click"
             row = {"mode": mode, "kind": kind, **timed_click(loop, WarmSegmentationRun(
-                volume, SegmentOptions(mode=mode), warm=warm))}
+                volume, SegmentRequest(mode=mode), warm=warm))}
             row["same_engine_pid"] = warm.engine_pid
             out["warm"].append(row)
             print(f"[warm engine] {mode} {kind}: {row['wall_s']} s (load {row['loadavg_before'][0]})", flush=True)
