@@ -28,6 +28,8 @@ import numpy as np
 import pytest
 from slicer_harness import SEGMENTATION_TICK_S, MainLoop
 
+from dinomix.cli.serve import pid_alive as pid_alive  # the engine's own check, re-exported for the module tests
+
 REPO = Path(__file__).resolve().parents[2]
 for _module_dir in (REPO / "DINOMixSegmentation", REPO / "DINOMixTrainer"):
     if str(_module_dir) not in sys.path:
@@ -168,17 +170,3 @@ def engine_labels(keep_dir: Path) -> np.ndarray:
 
 def rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not running
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
