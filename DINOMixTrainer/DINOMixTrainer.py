@@ -47,7 +47,7 @@ from DINOMixTrainerLib import (
     USE_ANYWAY_TITLE,
     ChangeScan,
     ExportTask,
-    FineTuneOptions,
+    FineTuneRequest,
     FineTuneRun,
     TrainingChart,
     TrainingSet,
@@ -416,7 +416,7 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         model = current_model(self._models or None)
         priority = [s.strip() for s in self.ui.priorityOrgansLineEdit.text.split(",") if s.strip()]
-        options = FineTuneOptions(model=model, dataset=str(self.trainingSet().folder), priority=priority,
+        options = FineTuneRequest(model=model, dataset=str(self.trainingSet().folder), priority=priority,
                                   minutes=self.ui.minutesSpinBox.value,
                                   new_name=self.ui.newModelNameLineEdit.text.strip() or None)
         chart = TrainingChart(slicer.mrmlScene, slicer.mrmlScene.GenerateUniqueName("DINOMix fine-tune"))
@@ -586,7 +586,7 @@ class DINOMixTrainerLogic(ScriptedLoadableModuleLogic):
         self.dependencyMessage = logic.dependencyMessage
         return ok
 
-    def fineTune(self, options: FineTuneOptions, chart: Optional[TrainingChart] = None) -> FineTuneRun:
+    def fineTune(self, options: FineTuneRequest, chart: Optional[TrainingChart] = None) -> FineTuneRun:
         return FineTuneRun(options, engine=self.engine(), chart=chart).start()
 
 
@@ -653,7 +653,7 @@ class DINOMixTrainerTest(ScriptedLoadableModuleTest):
         models = list_models(segLogic.engine())
         parent = current_model(models)
         chart = TrainingChart(slicer.mrmlScene)
-        ft = DINOMixTrainerLogic().fineTune(FineTuneOptions(model=parent, dataset=folder, priority=["liver"],
+        ft = DINOMixTrainerLogic().fineTune(FineTuneRequest(model=parent, dataset=folder, priority=["liver"],
                                                             iterations=2), chart)
         self.assertEqual(ft.wait(timeout=1800), "done", ft.error)
         models = list_models(segLogic.engine())

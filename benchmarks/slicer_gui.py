@@ -161,7 +161,7 @@ def run_mode(name: str, path: Path, mode: str, tmp: Path, finetune: bool) -> dic
     from DINOMixTrainerLib import (
         ChangeScan,
         ExportTask,
-        FineTuneOptions,
+        FineTuneRequest,
         FineTuneRun,
         TrainingChart,
         TrainingSet,
@@ -241,7 +241,7 @@ def run_mode(name: str, path: Path, mode: str, tmp: Path, finetune: bool) -> dic
         ts.export_case(case, split="holdout")  # before/after Dice need a held-out case (script, not timed)
         chart = TrainingChart(scene)
         n0, t0 = len(tr_loop.calls), time.perf_counter()
-        ft = tr_loop.call(FineTuneRun(FineTuneOptions(model="abdomen-btcv13", dataset=str(ts.folder),
+        ft = tr_loop.call(FineTuneRun(FineTuneRequest(model="abdomen-btcv13", dataset=str(ts.folder),
                                                       priority=ts.corrected_organs(), iterations=2),
                                       chart=chart).start, "fine-tune: click")
         tr_loop.run(ft.poll, lambda: ft.ended, timeout=3600, label="fine-tune: tick")
@@ -279,7 +279,7 @@ def run_mode(name: str, path: Path, mode: str, tmp: Path, finetune: bool) -> dic
     out["cancel"]["add to training set"]["files_left"] = len([p for p in ts2.folder.rglob("*") if p.is_file()]) \
         if ts2.folder.exists() else 0
     if finetune:
-        ft2 = FineTuneRun(FineTuneOptions(model="abdomen-btcv13", dataset=str(ts.folder), iterations=500))
+        ft2 = FineTuneRun(FineTuneRequest(model="abdomen-btcv13", dataset=str(ts.folder), iterations=500))
         tr_loop.call(ft2.start, "cancel fine-tune: click")
         out["cancel"]["fine-tune"] = cancel_row(tr_loop, ft2, lambda: any(m["kind"] == "train" for m in ft2.metrics),
                                                 lambda: ft2.ended, TRAINER_TICK_S, lambda: ft2.command.proc.pid)

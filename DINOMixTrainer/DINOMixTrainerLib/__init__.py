@@ -13,7 +13,7 @@ from .cases import (
     match_segments,
 )
 from .finetune import (
-    FineTuneOptions,
+    FineTuneRequest,
     FineTuneRun,
     SelfCheck,
     TrainingChart,
@@ -31,7 +31,7 @@ from .versions import USE_ANYWAY_TITLE, ModelVersion, model_versions, roll_back,
 __all__ = [
     "Case", "ChangeScan", "LayerRefs", "OrganChange", "case_for", "compute_changes", "detect_changes", "find_cases",
     "match_segments",
-    "FineTuneOptions", "FineTuneRun", "SelfCheck", "TrainingChart", "default_new_name", "finetune_available",
+    "FineTuneRequest", "FineTuneRun", "SelfCheck", "TrainingChart", "default_new_name", "finetune_available",
     "format_dice",
     "parse_metric", "parse_result", "parse_self_check", "results_table",
     "ExportResult", "ExportTask", "TrainingSet", "TrainingSetError", "build_labels",

@@ -252,7 +252,10 @@ def results_table(scene, result: dict, name: str = "DINOMix fine-tune result"):
 # ---------------------------------------------------------------- the run
 
 @dataclass
-class FineTuneOptions:
+class FineTuneRequest:
+    """What the clinician asked for in the Trainer module; it builds the `dinomix finetune` command line (the
+    engine's own options object is `FinetuneOptions`)."""
+
     model: str
     dataset: str
     priority: list[str] = field(default_factory=list)
@@ -285,7 +288,7 @@ class FineTuneOptions:
 class FineTuneRun:
     """One fine-tune in the background; `poll()` from a QTimer, `cancel()`, `wait()` for scripts."""
 
-    def __init__(self, options: FineTuneOptions, engine: Optional[Engine] = None, chart: Optional[TrainingChart] = None,
+    def __init__(self, options: FineTuneRequest, engine: Optional[Engine] = None, chart: Optional[TrainingChart] = None,
                  on_event: Optional[Callable[[dict], None]] = None) -> None:
         self.options = options
         self.engine = engine or Engine()

@@ -21,7 +21,7 @@ import pytest
 
 from DINOMixSegmentationLib import Engine, SegmentationRun, SegmentRequest, WarmEngine, WarmSegmentationRun, events
 from DINOMixSegmentationLib.tasks import EngineTask, run_steps
-from DINOMixTrainerLib import FineTuneOptions, FineTuneRun
+from DINOMixTrainerLib import FineTuneRequest, FineTuneRun
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "Resources" / "Schemas" / "events.schema.json"
@@ -263,7 +263,7 @@ def test_the_warm_engine_ignores_events_it_does_not_know(scene, tiny_volume, fak
 
 def test_a_finetune_run_ignores_events_it_does_not_know(fake_engine, tmp_path):
     seen = []
-    run = FineTuneRun(FineTuneOptions(model="fake", dataset=str(tmp_path), iterations=2), engine=fake_engine,
+    run = FineTuneRun(FineTuneRequest(model="fake", dataset=str(tmp_path), iterations=2), engine=fake_engine,
                       on_event=seen.append).start()
     assert run.wait(timeout=120) == "done", (run.state, run.error, run.log)
     _check_ignored(seen)

@@ -237,12 +237,12 @@ def _training_set(scene, segmented, folder):
 # test_slicer_trainer.py (the same FineTuneRun and chart, polled with time.sleep); here under the Slicer-like loop.
 @pytest.mark.parametrize("mode", ["slicer"])
 def test_finetune_with_the_live_chart(finetune_ready, scene, segmented, tmp_path, mode):
-    from DINOMixTrainerLib import FineTuneOptions, FineTuneRun, TrainingChart
+    from DINOMixTrainerLib import FineTuneRequest, FineTuneRun, TrainingChart
 
     ts = _training_set(scene, segmented, tmp_path / "ts")
     loop = MainLoop(mode, TRAINER_TICK_S)
     chart = TrainingChart(scene)
-    run = loop.call(FineTuneRun(FineTuneOptions(model="abdomen-btcv13", dataset=str(ts.folder),
+    run = loop.call(FineTuneRun(FineTuneRequest(model="abdomen-btcv13", dataset=str(ts.folder),
                                                 priority=ts.corrected_organs(), iterations=2), chart=chart).start,
                     "fine-tune click")
     loop.run(run.poll, lambda: run.ended, timeout=900)
@@ -253,11 +253,11 @@ def test_finetune_with_the_live_chart(finetune_ready, scene, segmented, tmp_path
 
 @pytest.mark.parametrize("mode", ["slicer"])
 def test_cancel_finetune(finetune_ready, scene, segmented, tmp_path, mode):
-    from DINOMixTrainerLib import FineTuneOptions, FineTuneRun
+    from DINOMixTrainerLib import FineTuneRequest, FineTuneRun
 
     ts = _training_set(scene, segmented, tmp_path / "ts")
     loop = MainLoop(mode, TRAINER_TICK_S)
-    run = loop.call(FineTuneRun(FineTuneOptions(model="abdomen-btcv13", dataset=str(ts.folder),
+    run = loop.call(FineTuneRun(FineTuneRequest(model="abdomen-btcv13", dataset=str(ts.folder),
                                                 iterations=500)).start, "fine-tune click")
     loop.run(run.poll, lambda: run.ended or any(m["kind"] == "train" for m in run.metrics), timeout=900)
     assert not run.ended, (run.state, run.error)

@@ -15,7 +15,7 @@ from slicer_support import BTCV_CASE, engine_labels, fresh_result, load_volume, 
 from DINOMixSegmentationLib import Engine, current_model, list_models, segment_mask
 from DINOMixSegmentationLib.volumeio import ijk_to_ras, image_array
 from DINOMixTrainerLib import (
-    FineTuneOptions,
+    FineTuneRequest,
     FineTuneRun,
     SelfCheck,
     TrainingChart,
@@ -339,11 +339,11 @@ def test_only_a_safe_model_becomes_current_without_a_question():
 
 
 def test_finetune_options_build_the_engine_command():
-    opts = FineTuneOptions(model="m", dataset="/d", priority=["liver", "pancreas"], minutes=5, holdout=["c2"])
+    opts = FineTuneRequest(model="m", dataset="/d", priority=["liver", "pancreas"], minutes=5, holdout=["c2"])
     assert opts.engine_args() == ["finetune", "--model", "m", "--dataset", "/d", "--priority", "liver", "pancreas",
                                   "--minutes", "5", "--holdout", "c2", "--events", "-"]
     with pytest.raises(ValueError):
-        FineTuneOptions(model="m", dataset="/d").engine_args()
+        FineTuneRequest(model="m", dataset="/d").engine_args()
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +367,7 @@ def test_finetune_with_a_tiny_budget_registers_a_new_version_and_roll_back_works
     models = list_models()
     parent = current_model(models)
     chart = TrainingChart(scene)
-    run = FineTuneRun(FineTuneOptions(model=parent, dataset=str(ts.folder), priority=ts.corrected_organs(),
+    run = FineTuneRun(FineTuneRequest(model=parent, dataset=str(ts.folder), priority=ts.corrected_organs(),
                                       iterations=2), chart=chart).start()
     polls = []
     while not run.ended:
@@ -410,7 +410,7 @@ def test_finetune_cancel_stops_within_two_seconds(finetune_ready, scene, segment
     # it could not check, and end at once)
     ts.export_case(case, split="holdout")
     n_before = len(list_models())
-    run = FineTuneRun(FineTuneOptions(model="abdomen-btcv13", dataset=str(ts.folder), iterations=500)).start()
+    run = FineTuneRun(FineTuneRequest(model="abdomen-btcv13", dataset=str(ts.folder), iterations=500)).start()
     t0 = time.monotonic()
     while not run.ended and not any(m["kind"] == "train" for m in run.metrics):
         run.poll()
