@@ -16,7 +16,7 @@ is a warm-up and is left out. Reported: the median seconds per iteration and its
 
 Methods: the ssl_p1 rows that can run here (the same base config and overrides, `ssl_p1.ROWS`), plus
 `pic_finetune`, PIC with the settings `dinomix finetune` uses (per-class pseudo-label thresholds, the student on
-the mixed patches only; `dinomix.cli.finetune.finetune_semi_defaults`).
+the mixed patches only; `dinomix.training.finetune.config.finetune_semi_defaults`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ DEFAULT_OUT = P.RESULTS / "step_time.json"
 
 
 def finetune_overrides() -> dict:
-    from dinomix.cli.finetune import finetune_semi_defaults
     from dinomix.training.config import SemiConfig
+    from dinomix.training.finetune.config import finetune_semi_defaults
 
     extra = finetune_semi_defaults("pic", SemiConfig(method="pic"))
     return {"semi": {"method": "pic", **{k: (v.model_dump() if hasattr(v, "model_dump") else v)

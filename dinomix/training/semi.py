@@ -39,7 +39,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional, cast
+from typing import Any, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -186,28 +186,27 @@ def fill_unknown(lab: Patches, ann: torch.Tensor, pseudo: torch.Tensor, sure: to
 class SemiTrainer(Trainer):
     """The supervised trainer plus mean teacher, pseudo-labels and CutMix / PIC (see the module docstring)."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, init_model: Optional[tuple[torch.nn.Module, ModelMeta]] = None, **kwargs) -> None:
+        """`Trainer`'s arguments, and `init_model`: the model `semi.init_weights` names (network, metadata), when
+        the caller has it in memory already (a fine-tune: its parent), so that it is not read again."""
         super().__init__(*args, **kwargs)
+        self.init_model = init_model
         self.teacher: Optional[torch.nn.Module] = None
         self.parent: Optional[torch.nn.Module] = None  # frozen initial weights (semi.parent_distillation)
         self.parent_merged: Optional[torch.Tensor] = None
         self.pic: Optional[PIC] = None
         self.open_classes: Optional[torch.Tensor] = None  # semi.pseudo_labels.open_organs as a class mask
         self.thresholds: Optional[ClassThresholds] = None
-        self.parent_id: Optional[str] = None
-        self.provenance: dict = {}
         self.init_meta: Optional[ModelMeta] = None
-        self.info_hook: Optional[Callable[[int, float], dict]] = None
         self._info: dict = {}
-        self._ready = False
         self.components = torch.nn.ModuleList()
         self.teacher_features: Optional[TeacherFeatures] = None
         self.fkd_status: dict = {"enabled": False, "reason": "not configured (semi.components.fkd.enabled is false)"}
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        if self._ready:  # the fine-tune sets up, measures, then runs
-            return
+        """The supervised set-up, then the initial weights, the teacher, the pseudo-label thresholds, PIC and the
+        trainer components."""
         super().setup()
         cfg, s = self.cfg, self.cfg.semi
         if s.init_weights:
@@ -245,7 +244,6 @@ class SemiTrainer(Trainer):
                         f"teacher EMA {s.ema_decay}, confidence {self._threshold_text()}"
                         + ("; the student sees only the mixed patches" if s.student_patches == "mixed" else "")))
         self._setup_components()
-        self._ready = True
 
     def _box_fraction(self) -> tuple[float, float]:
         """semi.box_fraction as a tuple (min, max)."""
@@ -351,7 +349,7 @@ class SemiTrainer(Trainer):
 
     def _load_init(self, path: str) -> None:
         p = Path(path)
-        net, meta = load_model(p)
+        net, meta = self.init_model if self.init_model is not None else load_model(p)
         if getattr(self.cfg.architecture, "routed", None) is not None:
             self._load_init_routed(p, net, meta)
             return
@@ -644,11 +642,16 @@ class SemiTrainer(Trainer):
         for tb, sb in zip(self.teacher.buffers(), self.net.buffers()):
             tb.copy_(sb)
 
-    def iteration_info(self, done: int, elapsed: float) -> dict:
-        info = dict(self._info)
-        if self.info_hook is not None:
-            info.update(self.info_hook(done, elapsed))
-        return info
+    def iteration_info(self, done: int, elapsed: float) -> dict:  # noqa: ARG002
+        return dict(self._info)
+
+    # ------------------------------------------------------------------ routing
+    def restrict_routing(self, keep: Sequence[int]) -> None:
+        """Route only the classes in `keep` (`StudentUNet.restrict_routing`; the others return to the parent's
+        output); the config, which the model file records, follows the network."""
+        assert isinstance(self.net, StudentUNet)  # a routed network is a student U-Net (_load_init_routed)
+        self.net.restrict_routing(keep)
+        self.cfg.architecture = self.net.cfg
 
     # ------------------------------------------------------------------ export
     def customize_meta(self, meta: ModelMeta) -> ModelMeta:
@@ -667,10 +670,7 @@ class SemiTrainer(Trainer):
             semi["pic_final"] = {"freq": [round(float(f), 8) for f in self.pic.freq],
                                  "probabilities_end": [round(float(p), 6) for p in self.pic.probabilities(1.0)]}
         training["semi"] = semi
-        training.update(self.provenance)
         update: dict[str, Any] = {"training": training}
-        if self.parent_id is not None:
-            update["parent"] = self.parent_id
         if self.init_meta is not None:
             update["postprocessing"] = self.init_meta.postprocessing
         return meta.model_copy(update=update)

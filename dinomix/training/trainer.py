@@ -40,6 +40,7 @@ CHECKPOINT = "checkpoint_last.pt"
 
 
 def load_training_dataset(cfg: TrainConfig) -> Dataset:
+    """The dataset `cfg.data` names (a manifest or folder, or the BTCV files), for a trainer given none."""
     if cfg.data.dataset:
         return load_dataset(cfg.data.dataset)
     if cfg.data.btcv:
@@ -75,14 +76,36 @@ def hardware() -> dict:
 
 class Trainer:
     """The supervised trainer (build trainers with `factory.get_trainer`, which picks SemiTrainer for
-    semi-supervised configs)."""
+    semi-supervised configs).
+
+    Life cycle: `run()` sets up (`setup`: data, network, optimiser) and trains (`train`). A caller that needs the
+    set-up trainer before training (a fine-tune times a few steps, a test hooks the network) calls `setup()` and
+    then `train()` itself.
+
+    Collaborators, all optional, given here and never set afterwards:
+    * `reporter`, `check_cancel` (raises to cancel), `device`;
+    * `dataset`: the cases to train and evaluate on, already in memory (default: `cfg.data`'s, read at set-up);
+    * `replan(done, elapsed) -> total iterations`: a time budget; called after every iteration;
+    * `iteration_info(done, elapsed) -> dict`: extra fields of every iteration's metric record;
+    * `provenance() -> dict`: extra `training` metadata of every model file written, asked for at each write
+      (so a file written at the end records what the caller knows by then);
+    * `parent_id`: the model this one was made from (the model file's `parent`).
+    """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, reporter: Optional[Reporter] = None,
-                 check_cancel: Optional[Callable[[], None]] = None, device: str = "auto") -> None:
+                 check_cancel: Optional[Callable[[], None]] = None, device: str = "auto", *,
+                 dataset: Optional[Dataset] = None, replan: Optional[Callable[[int, float], int]] = None,
+                 iteration_info: Optional[Callable[[int, float], dict]] = None,
+                 provenance: Optional[Callable[[], dict]] = None, parent_id: Optional[str] = None) -> None:
         self.cfg = cfg
         self.out = Path(out_dir)
         self.rep = reporter or Reporter(bar=False)
         self.check = check_cancel or (lambda: None)
+        self.dataset: Optional[Dataset] = dataset
+        self.replan = replan
+        self.info_hook = iteration_info
+        self.provenance = provenance
+        self.parent_id = parent_id
         self.dist = DistContext.from_env()  # torchrun's WORLD_SIZE/RANK/LOCAL_RANK; 1 process without them
         self.device = self.dist.device(pick_device(device))
         self.replica_hashes: list[str] = []
@@ -92,16 +115,15 @@ class Trainer:
         self.pp = cfg.model_preprocessing()
         self.snapshot: Optional[dict] = None
         self.history: list[dict] = []
-        # (iterations done, seconds elapsed) -> total iterations: set by a time-budgeted run (dinomix finetune)
-        self.replan: Optional[Callable[[int, float], int]] = None
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
+        """Everything training needs: the cases preprocessed, the samplers, the network and its optimiser."""
         cfg = self.cfg
         self.dist.init(self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(cfg.threads or max(1, available_cores() // self.dist.local_world_size))
-        ds = load_training_dataset(cfg)
+        ds = self.dataset if self.dataset is not None else load_training_dataset(cfg)
         train = [c for c in ds.cases if c.split in cfg.data.train_splits]
         if cfg.data.cases:
             train = [c for c in train if c.id in set(cfg.data.cases)]
@@ -359,7 +381,7 @@ class Trainer:
         return {"mean_dice": mean, "dice": organs}
 
     def run(self, resume: bool = False) -> dict:
-        cfg = self.cfg
+        """Set up and train (`train`): a new run in an empty folder, or with `resume` the run in it continued."""
         has_ckpt = (self.out / CHECKPOINT).exists()
         if has_ckpt and not resume:
             raise DinomixError(f"{self.out} already holds a training run; pass --resume to continue it or choose "
@@ -374,6 +396,12 @@ class Trainer:
             if isinstance(head, dict):
                 self.check_world_size(head, self.out / CHECKPOINT)
         self.setup()
+        return self.train(resume)
+
+    def train(self, resume: bool = False) -> dict:
+        """The training loop of a set-up trainer (`setup`), from iteration 0 or, with `resume`, from the
+        checkpoint in the output folder; writes the last model file and returns the run's summary."""
+        cfg = self.cfg
         self.distribute()
         start, elapsed, best = 0, 0.0, {"mean_dice": -1.0, "iteration": -1}
         if resume:
@@ -395,6 +423,8 @@ class Trainer:
             record: dict[str, Any] = {"kind": "train", "iteration": done, "iterations": cfg.iterations,
                                       "loss": round(loss, 5), "lr": lr_at(cfg, it)}
             record.update(self.iteration_info(done, elapsed))
+            if self.info_hook is not None:
+                record.update(self.info_hook(done, elapsed))
             if cfg.eval_every and self.eval_cases and (done % cfg.eval_every == 0 or done == cfg.iterations):
                 ev = self.evaluate()
                 record["eval"] = ev
@@ -428,7 +458,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ export
     def export(self, path: Path, iterations: int, elapsed: float, ev: Optional[dict]) -> ModelMeta:
+        """Write the model file: the network and what it is (metadata), with the provenance the caller gave."""
         cfg = self.cfg
+        assert self.dataset is not None  # set up
         meta = ModelMeta(
             model_id=cfg.model_id, title=cfg.title, trained=True, architecture=cfg.architecture,
             organs=self.schema, preprocessing=self.pp,
@@ -441,5 +473,11 @@ class Trainer:
         if self.dist.enabled:
             meta.training["distributed"] = {"world_size": self.dist.world_size, "backend": self.dist.backend,
                                             "batch_size_per_process": cfg.batch_size}
-        return save_model(path, self.net, self.customize_meta(meta))
+        meta = self.customize_meta(meta)
+        update: dict[str, Any] = {}
+        if self.provenance is not None:
+            update["training"] = {**meta.training, **self.provenance()}
+        if self.parent_id is not None:
+            update["parent"] = self.parent_id
+        return save_model(path, self.net, meta.model_copy(update=update) if update else meta)
 

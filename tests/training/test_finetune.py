@@ -10,8 +10,10 @@ import pytest
 
 from dinomix import registry
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
-from dinomix.cli.finetune import compare, next_version_name, plan_iterations
 from dinomix.modelfile import load_model
+from dinomix.training.finetune.budget import plan_iterations
+from dinomix.training.finetune.verdict import compare
+from dinomix.training.finetune.versions import next_version_name
 
 PARENT = "abdomen-btcv13"  # the built-in (shipped, trained) model
 CORRECTED = ["liver", "pancreas", "spleen"]
@@ -20,8 +22,8 @@ CORRECTED = ["liver", "pancreas", "spleen"]
 # ---------------------------------------------------------------- units
 
 def test_corrected_organs_are_those_annotated_in_partially_labeled_cases():
-    from dinomix.cli.finetune import corrected_organs
     from dinomix.organs import OrganSchema
+    from dinomix.training.finetune.cases import corrected_organs
 
     schema = OrganSchema.from_names([n for v, n in BTCV_NAMES.items() if v])
     full = Case(id="a", image="a.nii.gz", label="a_label.nii.gz", label_map=dict(BTCV_NAMES))
@@ -34,7 +36,7 @@ def test_corrected_organs_are_those_annotated_in_partially_labeled_cases():
 
 def test_parent_distillation_is_off_unless_asked_for():
     from dinomix.errors import DinomixError
-    from dinomix.cli.finetune import parent_distillation_settings
+    from dinomix.training.finetune.config import parent_distillation_settings
 
     assert parent_distillation_settings(None, ["liver"]) == {"weight": 0.0, "free_organs": ["liver"]}
     assert parent_distillation_settings(1.0, ["liver"]) == {"weight": 1.0, "free_organs": ["liver"]}
@@ -54,8 +56,8 @@ def _finetune_parse(argv: list[str]):
 
 
 def test_the_corrected_organs_are_open_only_when_asked_for():
-    from dinomix.cli.finetune import finetune_semi_defaults
     from dinomix.training.config import SemiConfig
+    from dinomix.training.finetune.config import finetune_semi_defaults
 
     parent = SemiConfig(method="pic")
     assert finetune_semi_defaults("pic", parent, ["liver"])["pseudo_labels"].open_organs == ["liver"]
@@ -75,7 +77,8 @@ def test_the_consistency_weight_is_the_parents_unless_given():
 def test_a_negative_consistency_weight_is_refused_by_name():
     from dinomix.errors import DinomixError
     from dinomix.events import Reporter
-    from dinomix.cli.finetune import FinetuneOptions, finetune
+    from dinomix.training.finetune import FinetuneOptions
+    from dinomix.training.finetune.steps import finetune
 
     opts = FinetuneOptions(model=PARENT, dataset="unused", iterations=1, consistency_weight=-0.5)
     with pytest.raises(DinomixError, match="--consistency-weight must be 0 or more"):

@@ -234,14 +234,15 @@ def test_a_routed_organ_that_overreaches_on_unlabeled_scans_is_unrouted():
 # ---------------------------------------------------------------- the time budget
 
 def test_the_iteration_count_follows_the_measured_pace(monkeypatch):
-    import dinomix.cli.finetune as F
+    import dinomix.training.finetune.budget as F
 
     class Cfg:
         iterations = 100
 
     clock = [0.0]
     monkeypatch.setattr(F.time, "monotonic", lambda: clock[0])
-    replan = F._replanner(Cfg, deadline=100.0, after_s=10.0, started=0.0)
+    replan = F.Replanner(Cfg)
+    replan.start(deadline=100.0, after_s=10.0)  # started at 0.0
     for done in range(1, 11):  # 1 s a step: 90 s of training left -> 90 iterations in all
         clock[0] = float(done)
         Cfg.iterations = replan(done, clock[0])

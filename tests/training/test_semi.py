@@ -312,7 +312,7 @@ def test_class_quantile_thresholds_and_the_mixed_only_student_batch_in_a_real_ru
     tr.setup()
     sizes: list[int] = []
     tr.net.register_forward_pre_hook(lambda _m, args: sizes.append(int(args[0].shape[0])))
-    res = tr.run()
+    res = tr.train()  # the set-up trainer's loop (run() would set up again, with a new network)
     # 2 labeled->unlabeled + 2 unlabeled->labeled mixed patches go through the student, not the 2 labeled ones too
     assert sizes == [4] * 4
     for r in tr.history:
