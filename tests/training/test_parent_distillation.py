@@ -89,7 +89,7 @@ def test_the_frozen_parent_sees_the_student_input_and_stays_frozen(method, stude
     tr = get_trainer(cfg, tmp_path / "run")
     tr.setup()
     frozen = {k: v.clone() for k, v in tr.parent.state_dict().items()}
-    tr.run()
+    tr.train()
     first, later = tr.history[0]["loss_parent"], [r["loss_parent"] for r in tr.history[1:]]
     assert first == pytest.approx(0.0, abs=1e-4) and any(v > 1e-3 for v in later), tr.history
     assert all(torch.equal(frozen[k], v) for k, v in tr.parent.state_dict().items())
