@@ -62,18 +62,13 @@ def register(sub) -> None:
     f.add_argument("--priority-weight", type=float, default=3.0, help="PIC multiplier of the --priority organs")
     f.add_argument("--parent-distillation", type=float, default=None, metavar="WEIGHT",
                    help="weight of the distillation from the frozen parent on the organs nobody corrected "
-                        "(default 0 = off; at the same iteration count, 1 learnt the corrected organs a little "
-                        "better and forgot less, but each step costs 1.2-1.45x: in 10 CPU minutes it was no "
-                        "better than off)")
+                        "(default 0 = off; each step then costs 1.2-1.45x; see docs/training.md)")
     f.add_argument("--open-organs", action="store_true",
                    help="leave the corrected and priority organs open where the teacher says background "
-                        "(semi.pseudo_labels.open_organs; off by default: in the 10-minute correction-loop benchmark "
-                        "it learnt them no faster and lost more of the vena cava)")
+                        "(semi.pseudo_labels.open_organs; off by default, see docs/training.md)")
     f.add_argument("--consistency-weight", type=float, default=None, metavar="W",
                    help="weight of the consistency (pseudo-label) loss against the supervised loss on the "
-                        "corrections (default: the parent's, 1.0 for the built-in models; in the 10-minute "
-                        "correction-loop benchmark 0.3 forgot the organs nobody corrected and 2 learnt none of "
-                        "the corrected ones, so 1 stays)")
+                        "corrections (default: the parent's, 1.0 for the built-in models)")
     f.set_defaults(func=cmd_finetune)
 
 
