@@ -308,19 +308,6 @@ class LayerRefs:
         return self.token() != self.token0
 
 
-def overlap(shape_kji: tuple, offset_ijk: tuple, grid_shape_kji: tuple):
-    """(grid slices, array slices) of the part of an array placed at `offset_ijk` that lies in the grid."""
-    off = (offset_ijk[2], offset_ijk[1], offset_ijk[0])
-    g, a = [], []
-    for ax in range(3):
-        lo, hi = max(0, off[ax]), min(grid_shape_kji[ax], off[ax] + shape_kji[ax])
-        if hi <= lo:
-            return None
-        g.append(slice(lo, hi))
-        a.append(slice(lo - off[ax], hi - off[ax]))
-    return tuple(g), tuple(a)
-
-
 def compute_changes(organs: list[dict], segment_of: dict[str, str], refs: dict, grid_shape: tuple,
                     original: Optional[np.ndarray], min_voxels: int = MIN_CHANGED_VOXELS,
                     min_fraction: float = MIN_CHANGED_FRACTION, check=None, progress=None) -> list[dict]:
