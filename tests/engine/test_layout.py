@@ -123,3 +123,10 @@ def test_plain_inference_imports_no_training_code():
         seen.add(m)
         todo.extend(_imports(m, mods[m], known))
     assert not {m for m in seen if m.startswith(("dinomix.training", "dinomix.methods", "dinomix.cli"))}
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by their base name (no packages under tests/): two test_x.py in different folders
+    stop the whole run at collection."""
+    names = [p.name for p in (ENGINE.parent / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
