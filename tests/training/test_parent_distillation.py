@@ -74,18 +74,16 @@ def test_parent_distillation_needs_a_parent():
 
 @pytest.mark.parametrize("method,student_patches", [("supervised", "labeled_and_mixed"), ("pic", "labeled_and_mixed"),
                                                     ("pic", "mixed")])
-def test_the_frozen_parent_sees_the_student_input_and_stays_frozen(method, student_patches, tmp_path, data_dir):
+def test_the_frozen_parent_sees_the_student_input_and_stays_frozen(method, student_patches, tmp_path, semi_config):
     """At the first step the student is the parent, so the term is 0 exactly when the parent sees the student's
     own (augmented, mixed) input; the student then moves, the parent does not."""
-    from test_semi import _config
-
     from dinomix import registry
     from dinomix.training.factory import get_trainer
 
     parent = registry.resolve("abdomen-btcv13").path
-    cfg = TrainConfig.from_file(_config(tmp_path, data_dir, method, iterations=3, student_patches=student_patches,
-                                        init_weights=str(parent), ema_warmup=False,
-                                        parent_distillation={"weight": 1.0, "free_organs": ["liver"]}))
+    cfg = TrainConfig.from_file(semi_config(tmp_path, method, iterations=3, student_patches=student_patches,
+                                            init_weights=str(parent), ema_warmup=False,
+                                            parent_distillation={"weight": 1.0, "free_organs": ["liver"]}))
     tr = get_trainer(cfg, tmp_path / "run")
     tr.setup()
     frozen = {k: v.clone() for k, v in tr.parent.state_dict().items()}

@@ -32,7 +32,6 @@ from dinomix.training.semi import (
 from dinomix.training.trainer import CHECKPOINT, Trainer
 
 ITERS = 6
-PARTIAL = ["spleen", "liver", "pancreas", "gallbladder"]
 
 
 # ---------------------------------------------------------------- units
@@ -177,36 +176,11 @@ def test_bad_semi_settings_are_rejected():
 
 # ---------------------------------------------------------------- real runs
 
-def _dataset(tmp: Path, data_dir: Path, unlabeled: tuple[str, ...] = ("0002", "0003")) -> Path:
-    d = data_dir / "btcv"
-    cases = [Case(id="btcv_img0009", image=str(d / "btcv_img0009_ct.nii.gz"),
-                  label=str(d / "btcv_img0009_label.nii.gz"), label_map=dict(BTCV_NAMES), split="train"),
-             Case(id="btcv_img0021", image=str(d / "btcv_img0021_ct.nii.gz"),
-                  label=str(d / "btcv_img0021_label.nii.gz"), label_map=dict(BTCV_NAMES), annotated=PARTIAL,
-                  split="train")]
-    cases += [Case(id=f"btcv_img{u}", image=str(d / f"btcv_img{u}_ct.nii.gz"), split="train") for u in unlabeled]
-    return Dataset(name="semi-test", cases=cases).save(tmp / "dataset.json")
-
-
-def _config(tmp: Path, data_dir: Path, method: str = "pic", iterations: int = ITERS, **semi) -> Path:
-    cfg = {
-        "data": {"dataset": str(_dataset(tmp, data_dir)), "train_splits": ["train"], "eval_split": None},
-        "iterations": iterations, "eval_every": 0, "checkpoint_every": 1000,
-        "patch_size": [32, 32, 32], "batch_size": 2, "threads": 1,
-        "optim": {"lr": 0.003, "warmup_iters": 2},
-        # a low threshold, so that the few iterations of a test see confident pseudo-labels and fills
-        "semi": {"method": method, "unlabeled_batch": 2, "confidence": 0.2, "rampup": 0.5, **semi},
-    }
-    p = tmp / f"{method}.json"
-    p.write_text(json.dumps(cfg))
-    return p
-
-
 @pytest.fixture(scope="module")
-def pic_run(tmp_path_factory, data_dir):
+def pic_run(tmp_path_factory, semi_config):
     """`dinomix train` on a PIC config: 1 fully + 1 partially labeled and 2 unlabeled BTCV cases."""
     tmp = tmp_path_factory.mktemp("semi")
-    cfg = _config(tmp, data_dir)
+    cfg = semi_config(tmp, iterations=ITERS)
     out = tmp / "run"
     proc = subprocess.run([sys.executable, "-m", "dinomix", "train", str(cfg), "-o", str(out),
                            "--events", str(tmp / "run.events")], capture_output=True, text=True, timeout=1200)
@@ -268,8 +242,8 @@ def test_semi_resume_after_interruption_gives_identical_weights(pic_run, tmp_pat
 
 
 @pytest.mark.parametrize("method", ["mean_teacher", "cutmix", "supervised"])
-def test_every_method_runs_on_partial_and_unlabeled_cases(method, tmp_path, data_dir):
-    cfg = TrainConfig.from_file(_config(tmp_path, data_dir, method, iterations=2))
+def test_every_method_runs_on_partial_and_unlabeled_cases(method, tmp_path, semi_config):
+    cfg = TrainConfig.from_file(semi_config(tmp_path, method, iterations=2))
     cfg.data.cases = ["btcv_img0021", "btcv_img0002"]  # the partially labeled case and one unlabeled
     tr = get_trainer(cfg, tmp_path / "run")
     res = tr.run()
@@ -305,9 +279,9 @@ def _interrupt_and_resume(cfg: TrainConfig, out: Path, after: int) -> dict:
     return get_trainer(cfg.model_copy(deep=True), out).run(resume=True)
 
 
-def test_class_quantile_thresholds_and_the_mixed_only_student_batch_in_a_real_run(tmp_path, data_dir):
-    cfg = TrainConfig.from_file(_config(tmp_path, data_dir, "pic", iterations=4, confidence=0.9,
-                                        student_patches="mixed", pseudo_labels={"threshold": "class_quantile"}))
+def test_class_quantile_thresholds_and_the_mixed_only_student_batch_in_a_real_run(tmp_path, semi_config):
+    cfg = TrainConfig.from_file(semi_config(tmp_path, "pic", iterations=4, confidence=0.9,
+                                            student_patches="mixed", pseudo_labels={"threshold": "class_quantile"}))
     tr = get_trainer(cfg, tmp_path / "run")
     tr.setup()
     sizes: list[int] = []
@@ -331,8 +305,8 @@ def test_class_quantile_thresholds_and_the_mixed_only_student_batch_in_a_real_ru
     assert again.weights_sha256 == meta.weights_sha256
 
 
-def test_mixed_only_losses_split_ground_truth_and_pseudo_labelled_voxels(tmp_path, data_dir):
-    cfg = TrainConfig.from_file(_config(tmp_path, data_dir, "pic", iterations=1, student_patches="mixed"))
+def test_mixed_only_losses_split_ground_truth_and_pseudo_labelled_voxels(tmp_path, semi_config):
+    cfg = TrainConfig.from_file(semi_config(tmp_path, "pic", iterations=1, student_patches="mixed"))
     tr = get_trainer(cfg, tmp_path / "run")
     tr.setup()
     img, lab, ann = tr.sampler.batch(np.random.default_rng(0), 2)
