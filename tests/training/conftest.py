@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import pytest
+import torch
 
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
+from dinomix.nets.unet import StudentConfig, StudentUNet
 
 # the organs the partially labeled case annotates (the others' label values there are unknown)
 PARTIAL = ["spleen", "liver", "pancreas", "gallbladder"]
@@ -45,3 +47,25 @@ def semi_config(data_dir: Path) -> Callable[..., Path]:
         return p
 
     return make
+
+
+class StudentPyramid(NamedTuple):
+    net: StudentUNet
+    levels: list[torch.Tensor]
+    logits: torch.Tensor
+    classes: int
+    target: torch.Tensor
+
+
+@pytest.fixture
+def student_pyramid() -> StudentPyramid:
+    """A small real StudentUNet's decoder pyramid and logits on a 32^3 input (with the graph, for backward), and a
+    target with two organs: what a trainer component receives at a training step."""
+    torch.manual_seed(3)
+    net = StudentUNet(StudentConfig(channels=(8, 16, 24, 32), stem_channels=8))
+    stem, levels = net.forward_pyramid(torch.randn(1, 1, 32, 32, 32))
+    logits = net.head(stem, levels[-1])
+    target = torch.zeros(1, 32, 32, 32, dtype=torch.long)
+    target[0, 4:14, 4:20, 8:24] = 1
+    target[0, 18:26, 10:16, 2:30] = 5
+    return StudentPyramid(net, levels, logits, logits.shape[1], target)

@@ -239,15 +239,8 @@ def test_centre_assignment_is_made_once_and_kept_in_the_state():
     assert comp.state_dict()["assignment"].tolist() == first
 
 
-def test_runs_on_a_real_student_pyramid_and_backpropagates_into_the_network():
-    torch.manual_seed(3)
-    net = StudentUNet(StudentConfig(channels=(8, 16, 24, 32), stem_channels=8))
-    stem, levels = net.forward_pyramid(torch.randn(1, 1, 32, 32, 32))
-    logits = net.head(stem, levels[-1])
-    C = logits.shape[1]
-    target = torch.zeros(1, 32, 32, 32, dtype=torch.long)
-    target[0, 4:14, 4:20, 8:24] = 1
-    target[0, 18:26, 10:16, 2:30] = 5
+def test_runs_on_a_real_student_pyramid_and_backpropagates_into_the_network(student_pyramid):
+    net, levels, logits, C, target = student_pyramid
     comp = ActionComponent(ActionConfig(centres=True, temperature_schedule=True, centre_steps=100), C,
                            net.pyramid_channels)
     out = comp.losses(_batch(levels, target, C, logits=logits))

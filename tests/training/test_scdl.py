@@ -279,15 +279,8 @@ def test_prior_features_start_as_identity_and_learn():
         SCDLComponent(SCDLConfig(**SMALL), 3, 4).prior_features(fmap)
 
 
-def test_runs_on_a_real_student_pyramid_and_backpropagates_into_the_network():
-    torch.manual_seed(3)
-    net = StudentUNet(StudentConfig(channels=(8, 16, 24, 32), stem_channels=8))
-    stem, levels = net.forward_pyramid(torch.randn(1, 1, 32, 32, 32))
-    logits = net.head(stem, levels[-1])
-    C = logits.shape[1]
-    target = torch.zeros(1, 32, 32, 32, dtype=torch.long)
-    target[0, 4:14, 4:20, 8:24] = 1
-    target[0, 18:26, 10:16, 2:30] = 5
+def test_runs_on_a_real_student_pyramid_and_backpropagates_into_the_network(student_pyramid):
+    net, levels, logits, C, target = student_pyramid
     comp = SCDLComponent(SCDLConfig(), C, net.feature_channels)
     out = comp.losses(_batch(levels, target, C=C, logits=logits))
     assert all(torch.isfinite(v) and v.dim() == 0 for v in out.values())
