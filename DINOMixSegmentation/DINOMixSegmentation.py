@@ -46,7 +46,6 @@ from DINOMixSegmentationLib import (
     engine_problem,
     list_models_command,
     parse_models_list,
-    preload_engine_modules,
 )
 from DINOMixSegmentationLib import dependencies as deps
 from DINOMixSegmentationLib import warm as warmEngine
@@ -147,8 +146,6 @@ class DINOMixSegmentationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self.ui.statusLabel.text = problem
             self.ui.applyButton.enabled = self.ui.installDependenciesButton.enabled = False
             return
-        preload_engine_modules()  # organ names and terminology for the import, in the background
-        deps.check_in_background()  # the first "Segment abdomen" then checks the packages at once
         self.refreshModels()
         self.updateButtons()
 

@@ -39,10 +39,8 @@ from DINOMixSegmentationLib import (
     current_model,
     list_models_command,
     parse_models_list,
-    preload_engine_modules,
     set_current_model,
 )
-from DINOMixSegmentationLib import dependencies as deps
 from DINOMixTrainerLib import (
     USE_ANYWAY_TITLE,
     ChangeScan,
@@ -162,8 +160,6 @@ class DINOMixTrainerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                            self.ui.addUnlabeledFolderButton):
                 button.enabled = False
             return
-        preload_engine_modules()  # the organ catalog (names, aliases) for Refresh, imported in the background
-        deps.check_in_background()
         self.refreshModels()
         self.updateSummary()
 

@@ -1,8 +1,8 @@
 """The organs a model knows: label value, name, colour and DICOM/SNOMED terminology.
 
 One `OrganSchema` travels inside every model file, so a model always says which label value means which
-organ; the Slicer modules, the `.seg.nrrd` writer and the trainers read names, colours and codes from
-here and nowhere else.
+organ; the `.seg.nrrd` writer and the trainers read names, colours and codes from here, and the data itself
+lives in `organcatalog` (standard library only, so the Slicer modules can read it on Slicer's main thread).
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from typing import Optional
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from . import organcatalog
 from .errors import DinomixError
+from .organcatalog import ALIASES, ANATOMICAL_STRUCTURE, SCT, canonical_name
 
-SCT = "SCT"
-ANATOMICAL_STRUCTURE = ("SCT", "123037004", "Anatomical Structure")
-RIGHT = ("SCT", "24028007", "Right")
-LEFT = ("SCT", "7771000", "Left")
+__all__ = ["ALIASES", "AMOS_EXTRAS", "BTCV13", "CATALOG", "Code", "Organ", "OrganSchema", "SPLENIC_VEIN",
+           "canonical_name"]
 
 
 class Code(BaseModel):
@@ -64,78 +64,29 @@ class Organ(BaseModel):
 
     def terminology_string(self) -> str:
         """Slicer's terminology entry string (vtkSlicerTerminologyEntry serialisation)."""
-        def triplet(c: Optional[Code]) -> str:
-            return "^".join(c.as_triplet()) if c is not None else "^^"
+        def triplet(c: Optional[Code]) -> Optional[tuple[str, str, str]]:
+            return (c.scheme, c.value, c.meaning) if c is not None else None
 
-        return "~".join([
-            "Segmentation category and type - DICOM master list",
-            triplet(self.category), triplet(self.type), triplet(self.type_modifier),
-            "Anatomic codes - DICOM master list", "^^", "^^",
-        ])
+        return organcatalog.terminology_string(triplet(self.category), triplet(self.type),
+                                               triplet(self.type_modifier))
 
 
-def _organ(value: int, name: str, display: str, color: tuple[int, int, int], code: str, meaning: str,
-           side: Optional[str] = None, minority: bool = False) -> Organ:
-    modifier = None
-    if side == "right":
-        modifier = Code(scheme=RIGHT[0], value=RIGHT[1], meaning=RIGHT[2])
-    elif side == "left":
-        modifier = Code(scheme=LEFT[0], value=LEFT[1], meaning=LEFT[2])
-    return Organ(value=value, name=name, display_name=display, color=color,
-                 type=Code(value=code, meaning=meaning), type_modifier=modifier, side=side, minority=minority)
+def _organ(row: organcatalog.OrganRow) -> Organ:
+    """The validated organ of a catalog row (organcatalog holds the data as plain tuples for the Slicer modules)."""
+    side = organcatalog.side_modifier(row.side)
+    modifier = Code(scheme=side[0], value=side[1], meaning=side[2]) if side is not None else None
+    return Organ(value=row.value, name=row.name, display_name=row.display_name, color=row.color,
+                 type=Code(value=row.code, meaning=row.meaning), type_modifier=modifier, side=row.side,
+                 minority=row.minority)
 
 
-# The 13 BTCV / Synapse organs in BTCV label order. Colours follow Slicer's generic anatomy colours.
-BTCV13: list[Organ] = [
-    _organ(1, "spleen", "Spleen", (157, 108, 162), "78961009", "Spleen"),
-    _organ(2, "kidney_right", "Right kidney", (185, 102, 83), "64033007", "Kidney", side="right"),
-    _organ(3, "kidney_left", "Left kidney", (185, 102, 83), "64033007", "Kidney", side="left"),
-    _organ(4, "gallbladder", "Gallbladder", (139, 150, 98), "28231008", "Gallbladder", minority=True),
-    _organ(5, "esophagus", "Esophagus", (211, 171, 143), "32849002", "Esophagus", minority=True),
-    _organ(6, "liver", "Liver", (221, 130, 101), "10200004", "Liver"),
-    _organ(7, "stomach", "Stomach", (216, 132, 105), "69695003", "Stomach"),
-    _organ(8, "aorta", "Aorta", (224, 97, 76), "15825003", "Aorta"),
-    _organ(9, "inferior_vena_cava", "Inferior vena cava", (0, 151, 206), "64131007", "Inferior vena cava"),
-    # Portal and splenic vein are one combined segment in BTCV; coded by the portal vein concept.
-    _organ(10, "portal_vein_and_splenic_vein", "Portal and splenic vein", (0, 112, 165), "32764006",
-           "Portal vein", minority=True),
-    _organ(11, "pancreas", "Pancreas", (249, 180, 111), "15776009", "Pancreas", minority=True),
-    _organ(12, "adrenal_gland_right", "Right adrenal gland", (244, 214, 49), "23451007", "Adrenal gland",
-           side="right", minority=True),
-    _organ(13, "adrenal_gland_left", "Left adrenal gland", (244, 214, 49), "23451007", "Adrenal gland",
-           side="left", minority=True),
-]
-
-# AMOS extras, so a later model can add them by listing them in its schema (no code change).
-AMOS_EXTRAS: list[Organ] = [
-    _organ(14, "duodenum", "Duodenum", (255, 253, 229), "38848004", "Duodenum"),
-    _organ(15, "urinary_bladder", "Urinary bladder", (222, 154, 132), "89837001", "Urinary bladder"),
-    # AMOS labels prostate and uterus as one class; coded by the pelvic-organ concept a reader sees first.
-    _organ(16, "prostate_or_uterus", "Prostate / uterus", (230, 158, 140), "41216001", "Prostate"),
-]
+BTCV13: list[Organ] = [_organ(r) for r in organcatalog.BTCV13]
+AMOS_EXTRAS: list[Organ] = [_organ(r) for r in organcatalog.AMOS_EXTRAS]
 
 # Splenic vein is kept as a known concept so importers can map a separate splenic-vein label onto segment 10.
 SPLENIC_VEIN = Code(value="35819009", meaning="Splenic vein")
 
 CATALOG: dict[str, Organ] = {o.name: o for o in BTCV13 + AMOS_EXTRAS}
-
-# Names other datasets use for the same structures (TotalSegmentator v2, AMOS, CHAOS, MONAI bundles).
-ALIASES: dict[str, str] = {
-    "right_kidney": "kidney_right", "left_kidney": "kidney_left",
-    "right_adrenal_gland": "adrenal_gland_right", "left_adrenal_gland": "adrenal_gland_left",
-    "adrenal_right": "adrenal_gland_right", "adrenal_left": "adrenal_gland_left",
-    "ivc": "inferior_vena_cava", "postcava": "inferior_vena_cava",
-    "portal_vein": "portal_vein_and_splenic_vein", "splenic_vein": "portal_vein_and_splenic_vein",
-    "gall_bladder": "gallbladder", "oesophagus": "esophagus", "bladder": "urinary_bladder",
-    "prostate/uterus": "prostate_or_uterus", "prostate_uterus": "prostate_or_uterus",
-}
-
-
-def canonical_name(name: str) -> str:
-    """Map a dataset's organ name onto the catalog name (case, spaces and known aliases)."""
-    key = name.strip().lower().replace(" ", "_").replace("-", "_")
-    return ALIASES.get(key, key)
-
 
 class OrganSchema(BaseModel):
     """The ordered set of organs of one model. Channel k of the network output is organ with value k."""

@@ -14,7 +14,6 @@ from .engine import (
     EngineNotFound,
     engine_problem,
     engine_root,
-    preload_engine_modules,
     run_engine,
 )
 from .importer import ResultImport
@@ -62,7 +61,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BackgroundCommand", "Engine", "EngineNotFound", "engine_problem", "engine_root", "preload_engine_modules",
+    "BackgroundCommand", "Engine", "EngineNotFound", "engine_problem", "engine_root",
     "run_engine",
     "ResultImport", "SurfaceBuilder", "TaskCancelled", "ThreadTask", "mtime_token", "run_steps",
     "Progress", "SegmentationRun", "SegmentRequest", "format_seconds",

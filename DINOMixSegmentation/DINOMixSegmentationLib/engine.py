@@ -34,7 +34,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
 from collections import deque
@@ -70,7 +69,7 @@ def engine_root() -> Path:
 
 
 def import_engine(module: str = "dinomix"):
-    """Import an engine module in this process (light modules only: organs, datasets; never torch-heavy ones).
+    """Import an engine module in this process (light, standard-library modules only: modelheader, organcatalog).
 
     In a developer install (module paths added in Slicer's settings) the engine's folder is not on sys.path;
     it is added here."""
@@ -102,28 +101,6 @@ def engine_problem() -> Optional[str]:
     except EngineNotFound as exc:
         return str(exc)
     return None
-
-
-_preloading: dict[str, threading.Thread] = {}
-
-
-def preload_engine_modules(modules: tuple[str, ...] = ("dinomix.organs",)) -> None:
-    """Import light engine modules (the organ catalog: pydantic, a fraction of a second) in a background thread,
-    so the first GUI action that needs them (organ names and aliases) does not pay the import. Returns at once;
-    does nothing if they are imported already or cannot be (packages not installed yet)."""
-    for name in modules:
-        if name in sys.modules or (name in _preloading and _preloading[name].is_alive()):
-            continue
-
-        def load(n=name):
-            try:
-                import_engine(n)
-            except Exception:
-                pass
-
-        t = threading.Thread(target=load, name=f"dinomix-preload-{name}", daemon=True)
-        _preloading[name] = t
-        t.start()
 
 
 class Engine:

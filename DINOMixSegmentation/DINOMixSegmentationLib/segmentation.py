@@ -92,16 +92,16 @@ def terminology_from_schema(organ: dict) -> Optional[str]:
 
 
 def engine_terminology(name: str) -> Optional[str]:
-    """`dinomix.organs.Organ.terminology_string()` of a catalog organ (None if the engine cannot be imported)."""
+    """The engine catalog's terminology string of an organ (None if it is not catalogued or the engine is missing).
+    `dinomix.organcatalog` is plain data (standard library, a few ms to import), so this runs on Slicer's main
+    thread without a background import."""
     try:
         from .engine import import_engine
 
-        organs = import_engine("dinomix.organs")
-        CATALOG, canonical_name = organs.CATALOG, organs.canonical_name
-    except Exception:  # engine dependencies not importable in this process
+        catalog_terminology = import_engine("dinomix.organcatalog").catalog_terminology
+    except Exception:  # engine not installed in this process
         return None
-    organ = CATALOG.get(canonical_name(name))
-    return organ.terminology_string() if organ is not None else None
+    return catalog_terminology(name)
 
 
 # ---------------------------------------------------------------- geometry helpers

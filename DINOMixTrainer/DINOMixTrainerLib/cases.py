@@ -45,8 +45,8 @@ MIN_CHANGED_FRACTION = 0.001
 
 def _norm(name: str) -> str:
     key = re.sub(r"[\s\-]+", "_", (name or "").strip().lower())
-    try:  # aliases (ivc, right_kidney, ...) from the engine's catalog
-        return import_engine("dinomix.organs").canonical_name(key)
+    try:  # aliases (ivc, right_kidney, ...) from the engine's catalog (plain data: a few ms, main thread)
+        return import_engine("dinomix.organcatalog").canonical_name(key)
     except Exception:
         return key
 

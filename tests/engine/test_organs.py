@@ -87,3 +87,43 @@ def test_an_unknown_organ_name_is_a_clear_error():
 def test_duplicate_organs_are_refused():
     with pytest.raises(ValueError, match="unique"):
         OrganSchema.from_names(["liver", "liver"])
+
+
+# ---------------------------------------------------------------- the plain-data catalog the Slicer modules read
+
+def test_the_plain_catalog_imports_the_standard_library_only():
+    """The Slicer modules read organ names and terminology on Slicer's main thread: no pydantic import there."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "before = set(sys.modules)\n"
+            "import dinomix.organcatalog as c\n"
+            "c.catalog_terminology('ivc')\n"
+            "new = {n.split('.')[0] for n in set(sys.modules) - before}\n"
+            "assert 'pydantic' not in sys.modules, sorted(new)\n"
+            "assert new <= set(sys.stdlib_module_names) | {'dinomix'}, sorted(new)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_validated_organs_and_plain_rows_say_the_same_thing():
+    from dinomix import organcatalog
+    from dinomix.organs import CATALOG
+
+    assert list(CATALOG) == list(organcatalog.ROWS)
+    for name, organ in CATALOG.items():
+        row = organcatalog.ROWS[name]
+        assert (organ.value, organ.display_name, organ.color, organ.type.value, organ.type.meaning, organ.side,
+                organ.minority) == (row.value, row.display_name, row.color, row.code, row.meaning, row.side,
+                                    row.minority)
+        assert organcatalog.catalog_terminology(name) == organ.terminology_string()
+
+
+def test_the_plain_catalog_knows_other_datasets_names_and_not_unknown_ones():
+    from dinomix import organcatalog
+
+    assert organcatalog.catalog_terminology("Right Adrenal Gland") == \
+        organcatalog.catalog_terminology("adrenal_gland_right")
+    assert "^24028007^Right" in organcatalog.catalog_terminology("right_kidney")
+    assert organcatalog.catalog_terminology("tumour") is None

@@ -327,7 +327,7 @@ def test_an_older_slicer_is_named_in_one_line_before_anything_starts_or_installs
     calls = _calls(_function(module, f"{module}Widget", "setup"))
     assert "slicerVersionProblem" in calls
     first = calls.index("slicerVersionProblem")
-    for later in ("preload_engine_modules", "check_in_background", "refreshModels"):
+    for later in ("refreshModels",):
         assert later in calls and calls.index(later) > first, later
     install = _calls(_function("DINOMixSegmentation", "DINOMixSegmentationLogic", "ensureDependencies"))
     assert install.index("slicerVersionProblem") < min(install.index(n) for n in ("installTorch", "pip_ensure",
@@ -341,7 +341,7 @@ def test_a_missing_engine_is_named_in_one_line_before_anything_starts_or_install
     setup = _function(module, f"{module}Widget", "setup")
     calls = _calls(setup)
     first = calls.index("engineProblem")
-    for later in ("preload_engine_modules", "check_in_background", "refreshModels"):
+    for later in ("refreshModels",):
         assert calls.index(later) > first, later
     assert "problem = self.logic.slicerVersionProblem() or self.logic.engineProblem()" in ast.unparse(setup)
     install = _calls(_function("DINOMixSegmentation", "DINOMixSegmentationLogic", "ensureDependencies"))
@@ -442,3 +442,16 @@ def test_repository_is_under_100_mb():
     assert total < 100 * 1024 * 1024, f"{total / 1e6:.1f} MB"
     # no derivative of the shared data slipped in
     assert not [p for p in files if p.suffix in (".nrrd", ".nii", ".gz", ".mha", ".dcm")]
+
+
+def test_no_module_starts_a_python_thread_outside_the_light_thread_task():
+    """Inside Slicer a Python thread runs only while the main thread runs Python (it holds the GIL while idle),
+    so heavy work goes to the engine process: the only thread in the modules is `ThreadTask`, for light work that
+    waits on the operating system (tasks.py), and it is started from one place."""
+    starts = []
+    paths = [p for module in ("DINOMixSegmentation", "DINOMixTrainer") for p in (REPO / module).rglob("*.py")]
+    for path in sorted(paths):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "Thread":
+                starts.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert [s.split(":")[0] for s in starts] == ["DINOMixSegmentation/DINOMixSegmentationLib/tasks.py"], starts
