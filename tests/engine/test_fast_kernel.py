@@ -73,3 +73,21 @@ def test_float32_can_be_forced(monkeypatch):
     monkeypatch.setenv("DINOMIX_FLOAT32", "1")
     seg = Segmenter("abdomen-btcv13", "cpu")
     assert isinstance(seg.fast, FastStudent) and seg.fast.dtype == torch.float32
+
+
+def test_the_logits_come_channels_first_so_the_sliding_window_adds_them_without_a_strided_copy():
+    x = torch.randn((1, 1, 32, 32, 48), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert FastStudent(_net())(x).is_contiguous()
+
+
+def test_work_buffers_reused_from_window_to_window_give_each_window_its_own_logits():
+    net = _net()
+    fast = FastStudent(net)
+    fast.reuse = True
+    g = torch.Generator().manual_seed(3)
+    windows = [torch.randn((1, 1, 32, 32, 48), generator=g) for _ in range(3)]
+    with torch.no_grad():
+        for x in windows:
+            assert _close(fast(x).clone(), net(x))
+    assert fast._buffers, "the buffers were not kept between windows"
