@@ -46,7 +46,7 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$"
 # sha256 of their weights. Replacing a shipped model file means updating its digest here (tests check it).
 BUILTIN_DIR = Path(__file__).parent / "models"
 BUILTIN_METADATA_SHA256 = {
-    "abdomen-btcv13.safetensors": "f92889bb7570b48c22264bf9b5cd3357595fe4b28d617b04704e44197f8d3946",
+    "abdomen-btcv13.safetensors": "c78b2fe614fd3440a80409d960754b5c48c9270e955dafad6f717bf30406b12f",
 }
 # Beside imported models (the registry folder): file name -> metadata digest at import (`record_digest`).
 DIGEST_INDEX = ".dinomix-digests.json"

@@ -38,9 +38,20 @@ def test_the_model_was_trained_with_the_recipe_in_the_repository_and_never_on_te
     meta = registry.resolve(None).meta
     recipe = TrainConfig.from_file(RECIPE).model_dump(mode="json")
     trained = meta.training["config"]
-    for key in ("iterations", "patch_size", "batch_size", "spacing_mm", "modes", "train_modes", "seed", "optim",
+    for key in ("iterations", "patch_size", "batch_size", "spacing_mm", "train_modes", "seed", "optim",
                 "sampling", "organs", "architecture"):
         assert trained[key] == recipe[key], key
+    # the inference settings the file ships with are the recipe's: trained with them, or revised since (weights
+    # unchanged), each revision recorded in the file with its old and new value
+    shipped_modes = meta.preprocessing.model_dump(mode="json")["modes"]
+    assert {m: {k: v for k, v in c.items() if k in recipe["modes"][m]} for m, c in shipped_modes.items()} \
+        == recipe["modes"]
+    revised = {r["field"]: r for r in meta.training.get("revisions", [])}
+    for mode, settings in recipe["modes"].items():
+        for key, value in settings.items():
+            if trained["modes"][mode][key] != value:
+                r = revised[f"preprocessing.modes.{mode}.{key}"]
+                assert (r["from"], r["to"], r["weights_changed"]) == (trained["modes"][mode][key], value, False)
     # one model for both modes: trained on the fast and the full grid, and its file offers both
     assert set(recipe["train_modes"]) == {"fast", "full"} == set(meta.preprocessing.modes)
     # stage 2 starts from stage 1 (the recipe beside it), whose weights the model file names
