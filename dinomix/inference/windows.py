@@ -42,8 +42,8 @@ class WindowPlan:
 # With SegmentOptions.whole_volume, one window covers the whole (preprocessed) volume when that window has at
 # most this many voxels. At 2 mm a 512 x 512 x 240 CT is about 202 x 185 x 298 voxels, which the shipped
 # model's full-mode ROI of 128 x 128 x 224 (overlap 0.25) visits in 8 windows, 2.6x the volume's voxels; one
-# window does it with 1.0x (full mode's network 2-3x faster). Not the default: on the BTCV P1 eval cases it cost full mode
-# accuracy (one case's mean Dice -3.9 points: the model was trained on ROI-sized crops, and the overlapping
+# window does it with 1.0x (full mode's network 2-3x faster). Not the default: on the BTCV P1 eval cases it cost
+# full mode accuracy (one case's mean Dice -3.9 points: the model was trained on ROI-sized crops, and the overlapping
 # windows' blend is itself worth something). Fast mode (3 mm) volumes mostly fit the ROI anyway.
 WHOLE_VOLUME_VOXELS = 14_000_000
 
