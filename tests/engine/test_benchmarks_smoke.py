@@ -87,8 +87,9 @@ def test_ssl_p1_quick_prints_the_table_and_writes_the_json(tmp_path, data_dir):
 
 def test_finetune_quick_prints_before_after_and_targets(tmp_path, data_dir):
     before = _results_untouched("finetune.json")
+    # both cores: the organ calibration's search on a 2-iteration base (every voxel a candidate) is the slow part
     proc, doc = _run("finetune", tmp_path, data_dir, "--parent-distillation", "1", "--open-organs",
-                      "--consistency-weight", "0.5")
+                      "--consistency-weight", "0.5", "--threads", "2")
     assert _results_untouched("finetune.json") == before
     assert "Dice % on the test cases" in proc.stdout and "Targets:" in proc.stdout
     assert proc.stdout.count("PASS") + proc.stdout.count("FAIL") >= 3
