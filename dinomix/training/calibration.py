@@ -216,6 +216,9 @@ class Calibration:
     offsets: dict[int, float]
     loco: dict[int, list[float]] = field(default_factory=dict)
     fit_gain: dict[int, float] = field(default_factory=dict)
+    # set by `vouch`: offsets that passed every check but had too few left-out scans to be vouched for (the ones
+    # --keep-unverified or held-out cases may keep; an offset the evidence speaks against is never among them)
+    short_of_evidence: set[int] = field(default_factory=set)
 
 
 def calibrate(scans: list[Scan], classes: Sequence[int]) -> Calibration:
@@ -263,8 +266,13 @@ def _bias(conv: torch.nn.Conv3d) -> torch.Tensor:
 
 
 # Leave-one-scan-out evidence an offset needs: left-out corrected scans (each scored with offsets fitted on the
-# others), none worse than the parent, and a mean gain of at least CAL_LOCO_MIN_GAIN Dice points.
-MIN_CAL_VOUCH = 2
+# others), none worse than the parent, and a mean gain of at least CAL_LOCO_MIN_GAIN Dice points. Three, as for a
+# trained organ (routing.MIN_LOCO_VOUCH): with a design parent that never saw the P1 eval scans (the shipped recipe
+# on the 20 train scans; 2026-12-06, docs/correction-loop.md), offsets vouched for by two scans gained nothing on
+# the other eval scans (-0.04 Dice on the corrected organs below 90) and took an organ down by more than 1 point in
+# 4 of 12 folds (gallbladder -1.7, pancreas -1.1); with three, nothing harmful was kept (0 of 8 folds). The
+# earlier choice of two had been made with the shipped model, which had trained on those scans.
+MIN_CAL_VOUCH = 3
 CAL_LOCO_TOLERANCE = 0.0
 CAL_LOCO_MIN_GAIN = 1.0
 # An offset may change the organ on the unlabeled scans at most this much more than the corrections changed it.
@@ -294,17 +302,17 @@ def vouch(cal: Calibration, scans: list[Scan], unlabeled: list[tuple[torch.Tenso
           names: list[str]) -> tuple[dict[int, float], dict[int, str]]:
     """Which offsets the clinician's own scans vouch for: (kept {class: offset}, dropped {class: why}).
 
-    `unlabeled`: (logits (C, ...), parent argmax) of unlabeled scans, for the plausibility check (an offset that
-    changes the organ there far more than the corrections changed it on theirs is dropped)."""
+    An offset is dropped when a left-out scan speaks against it, when it changes the organ on the unlabeled scans
+    (`unlabeled`: (logits (C, ...), parent argmax)) far more than the corrections changed it on theirs, and, having
+    passed both, when fewer than MIN_CAL_VOUCH left-out scans vouch for it (then it is in `cal.short_of_evidence`,
+    what --keep-unverified may keep)."""
     kept: dict[int, float] = {}
     dropped: dict[int, str] = {}
+    cal.short_of_evidence = set()
     for k, b in cal.offsets.items():
         gains = cal.loco.get(k) or []
-        if len(gains) < MIN_CAL_VOUCH:
-            dropped[k] = (f"an offset of {b:+.2f} fits the corrections, but {len(gains)} left-out corrected scan(s) "
-                          f"cannot vouch for it (it takes {MIN_CAL_VOUCH})")
-            continue
-        if min(gains) < -CAL_LOCO_TOLERANCE or float(np.mean(gains)) < CAL_LOCO_MIN_GAIN:
+        if gains and (min(gains) < -CAL_LOCO_TOLERANCE
+                      or (len(gains) >= MIN_CAL_VOUCH and float(np.mean(gains)) < CAL_LOCO_MIN_GAIN)):
             dropped[k] = (f"leave-one-scan-out does not support an offset ({', '.join(f'{g:+.1f}' for g in gains)} "
                           "Dice points on the left-out scans)")
             continue
@@ -319,6 +327,11 @@ def vouch(cal: Calibration, scans: list[Scan], unlabeled: list[tuple[torch.Tenso
                 dropped[k] = (f"an offset of {b:+.2f} changes the unlabeled scans far more ({100 * got:.0f}% of the "
                               f"organ) than the corrections changed it ({100 * wanted:.0f}%)")
                 continue
+        if len(gains) < MIN_CAL_VOUCH:
+            dropped[k] = (f"an offset of {b:+.2f} fits the corrections, but {len(gains)} left-out corrected scan(s) "
+                          f"cannot vouch for it (it takes {MIN_CAL_VOUCH})")
+            cal.short_of_evidence.add(k)
+            continue
         kept[k] = b
     return kept, dropped
 

@@ -157,6 +157,10 @@ class SelfCheck:
                             (" Not learnt: " + "; ".join(f"{names[c]}: {w}" for c, w in others.items()) + "."
                              if others else ""))
 
+    def calibration_not_run(self, why: str) -> None:
+        """The organ calibration was skipped: nothing it fits could be kept (`why`)."""
+        self.checks.append(Check("organ calibration", None, f"not run: {why}"))
+
     def drop_offset(self, c: int, names: list[str], why: str) -> None:
         """An applied offset taken back (the held-out cases showed harm)."""
         self.calibrated.pop(names[c], None)
@@ -186,7 +190,7 @@ class SelfCheck:
 def untrained_check(names: list[str], routing: Routing, n_scans: int) -> SelfCheck:
     """The self-check of a fine-tune that trained no branch because nothing could have kept it: fewer than
     MIN_LOCO_VOUCH corrected scans to leave out and no held-out case (and no --keep-unverified). Every routed organ
-    keeps the parent's output; the organ calibration may still add what two corrected scans can vouch for."""
+    keeps the parent's output (and the organ calibration, which needs as many corrected scans, does not run)."""
     why = (f"not trained: {n_scans} corrected scan(s) cannot vouch for a trained organ on other scans (it takes "
            f"{MIN_LOCO_VOUCH}, or a held-out case)")
     removed = {c: why for c in routing.classes}

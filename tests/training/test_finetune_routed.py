@@ -108,7 +108,8 @@ def test_organs_nobody_corrected_stay_as_they_were_on_another_scan(routed, data_
 
 def test_with_one_corrected_scan_no_branch_is_trained_and_the_budget_is_not_spent(correction, dinomix):
     """Nothing could keep a branch learnt from one scan (no left-out scan, no held-out case): the fine-tune trains
-    none, says why, keeps the parent's output for every organ not calibrated, and ends long before its budget."""
+    none and fits no organ offset, says why, keeps the parent's output for every organ, and ends long before its
+    budget."""
     manifest, env = correction
     res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, "--minutes", "5", "--events", "-",
                   "--threads", "2", "--priority", *REVIEWED, env=env, timeout=900)
@@ -121,5 +122,8 @@ def test_with_one_corrected_scan_no_branch_is_trained_and_the_budget_is_not_spen
     branch = next(c for c in sc["checks"] if c["name"] == "trained branch")
     assert branch["passed"] is None and "not trained" in branch["detail"]
     assert sc["verdict"] == "safe" and "3 or more scans" in sc["message"]
+    calibration = next(c for c in sc["checks"] if c["name"] == "organ calibration")  # it needs 3 scans too
+    assert calibration["passed"] is None and calibration["detail"].startswith("not run")
+    assert result["routing"]["calibrated"] == {}
     assert not any(e["event"] == "metric" and e.get("kind") == "plan" for e in events)  # no step timed, none planned
     assert result["timings_s"]["train"] == 0.0 and result["timings_s"].get("loco", 0.0) == 0.0

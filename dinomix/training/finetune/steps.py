@@ -341,7 +341,7 @@ class FineTune:
         self-check's predictions, the held-out evaluation, the organ calibration, export). A branch is trained
         only where something could keep it: without MIN_LOCO_VOUCH corrected scans to leave out, held-out cases
         or --keep-unverified, the self-check would send every trained organ back to the parent, so the
-        clinician's minutes are not spent on it (the organ calibration, seconds, still runs). With --minutes, a
+        clinician's minutes are not spent on it (nor on the organ calibration, which needs as many). With --minutes, a
         few timed iterations size the run and the leave-one-scan-out folds so that the command ends within the
         budget; a budget too small for MIN_ITERATIONS is an error that says how many minutes to give."""
         opts, rep, cfg = self.opts, self.rep, self.cfg
@@ -355,7 +355,7 @@ class FineTune:
             self.loco_ids = []
             rep.log(f"{n_labeled} corrected scan(s) and no held-out case: nothing could check a trained branch, so "
                     f"none is trained (correct {MIN_LOCO_VOUCH} or more scans, hold one out, or pass "
-                    "--keep-unverified); only the organ calibration runs, and the fine-tune ends early", "warning")
+                    "--keep-unverified); the fine-tune ends early", "warning")
         self.step_s, self.loco_iters = None, 0
         if opts.minutes is not None and self.train_branch:
             rep.begin("calibrate", "timing a few iterations")
@@ -475,6 +475,11 @@ class FineTune:
         self.offsets = {}
         if self.sc is None:
             return
+        if len(self.labeled) < calibration.MIN_CAL_VOUCH and not self._keep_unverified:
+            self.sc.calibration_not_run(f"{len(self.labeled)} corrected scan(s) cannot vouch for an organ offset "
+                                        f"on other scans (it takes {calibration.MIN_CAL_VOUCH}, or a held-out case)")
+            self.lap("organ_calibration")
+            return
         self.rep.begin("organ_calibration", "fitting one offset per corrected organ on your scans")
         net, sc, names = self.tr.net, self.sc, self.names
         branch = set(_routed_classes(net))
@@ -486,8 +491,7 @@ class FineTune:
             kept, dropped = calibration.vouch(cal, scans, list(zip(self.unl_logits, self.parent_unl)), names)
             unverified = {}
             if self._keep_unverified:  # the held-out cases (or --keep-unverified) decide instead of leave-one-out
-                unverified = {c: b for c, b in cal.offsets.items() if c not in kept and c in dropped
-                              and len(cal.loco.get(c) or []) < calibration.MIN_CAL_VOUCH}
+                unverified = {c: b for c, b in cal.offsets.items() if c in cal.short_of_evidence}
             applied = {**kept, **unverified}
             calibration.apply_offsets(net, applied)
             sc.add_calibration(names, cal, kept, unverified, {c: w for c, w in dropped.items() if c not in unverified})
