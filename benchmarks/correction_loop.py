@@ -15,7 +15,8 @@ The set-up (issue 17):
 * Parent: --model (default the shipped `abdomen-btcv13`, trained on the 24 P1 train + eval cases). Scans: the 6 P1
   test cases (--set test; the shipped model never saw them), or the 4 P1 eval cases (--set eval, to choose designs
   with a parent trained without them, given as --model). Folds rotate: fold i corrects scans 2i and 2i+1 and
-  evaluates the others, so every scan is evaluated.
+  evaluates the others, so every scan is evaluated; with --corrected 3, fold i corrects scans 3i to 3i+2 (two folds
+  of the test set: 3 corrected, 3 evaluated), where leave-one-scan-out can vouch for what the fine-tune learnt.
 * Corrections, as the Trainer module exports them: the parent's prediction (fast mode, native grid) with the
   reviewed organs replaced by the reference, only those organs annotated. Styles: `all` (13 organs reviewed) and
   `minority` (gallbladder, esophagus, portal/splenic vein, pancreas, adrenals: what PIC is for). Two further P1
@@ -262,20 +263,25 @@ def _learnt(routing: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def _fold(r: dict) -> str:
+    n = r.get("corrected", 2)
+    return f"{r['fold']}" if n == 2 else f"{r['fold']} ({n} corrected)"
+
+
 def summary_table(runs: list[dict]) -> str:
     lines = ["| set | fold | style | method | seed | it | wall / budget | learnt (branch; offsets) | corrected gain "
              "| worst organ | TS worst | self-check | targets |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if r.get("status") != "ok":
-            lines.append(f"| {r.get('set')} | {r['fold']} | {r['style']} | {r['method']} | {r['seed']} | failed: "
+            lines.append(f"| {r.get('set')} | {_fold(r)} | {r['style']} | {r['method']} | {r['seed']} | failed: "
                          f"{r.get('error', '')[:60]} | | | | | | | |")
             continue
         t = r["targets"]
         ts = r.get("ts_targets") or {}
         ok = [t["no_harm"], t["corrected_gain_ok"] in (True, None), t.get("on_time", True), not t["unflagged_harm"]]
         lines.append(
-            f"| {r.get('set')} | {r['fold']} | {r['style']} | {r['method']} | {r['seed']} | {r.get('iterations')} | "
+            f"| {r.get('set')} | {_fold(r)} | {r['style']} | {r['method']} | {r['seed']} | {r.get('iterations')} | "
             f"{t.get('wall_ratio')} | {_learnt(r.get('routing') or {})} | "
             f"{P.signed(t['corrected_gain'])} | {_worst(t['worst_organ'], t['worst_delta'])} | "
             f"{_worst(ts.get('worst_organ'), ts.get('worst_delta'))} | {t['self_check']} | "
@@ -290,6 +296,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--model", default="abdomen-btcv13", help="parent: registry name or model file")
     p.add_argument("--set", choices=["test", "eval"], default="test", help="P1 scans the folds are made of")
     p.add_argument("--folds", type=int, nargs="+", default=None, help="fold numbers (default all)")
+    p.add_argument("--corrected", type=int, default=2, choices=[2, 3], help="corrected scans per fold")
     p.add_argument("--styles", nargs="+", choices=["all", "minority"], default=["all", "minority"])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["default", "supervised-all"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -311,14 +318,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     env = P.subprocess_env(work)
     os.environ["DINOMIX_MODELS_DIR"] = env["DINOMIX_MODELS_DIR"]
     if args.quick:
-        args.folds, args.styles, args.seeds = [0], ["minority"], [0]
+        args.folds, args.styles, args.seeds, args.corrected = [0], ["minority"], [0], 2
         args.methods = ["default"]
         args.ft_iterations = args.ft_iterations or 2
     ids = split["test"] if args.set == "test" else split["eval"]
     if args.quick:
         ids = ["0022", "0028"]  # small scans (P1 train: the smoke test only exercises the mechanics)
     unl_ids = (split["eval"] if args.set == "test" else split["train"])[:2] if not args.quick else ["0035"]
-    n_folds = len(ids) // 2
+    n = args.corrected
+    n_folds = len(ids) // n
     folds = args.folds if args.folds is not None else list(range(n_folds))
     out_path = Path(args.out) if args.out else (work / "correction_loop.json" if args.quick else DEFAULT_OUT)
     doc = {} if args.fresh or not out_path.is_file() else json.loads(out_path.read_text())
@@ -336,7 +344,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"parent {args.model}; scans {ids}; unlabeled {unl_ids}; folds {folds}; styles {args.styles}; "
           f"methods {args.methods}; seeds {args.seeds}; work {work}", flush=True)
     for fold in folds:
-        corr_ids = ids[2 * fold:2 * fold + 2]
+        corr_ids = ids[n * fold:n * fold + n]
         eval_ids = [i for i in ids if i not in corr_ids] if not args.quick else ["0031"]
         corr_scans = [btcv_scan(btcv, i) for i in corr_ids]
         eval_scans = [btcv_scan(btcv, i) for i in eval_ids]
@@ -344,13 +352,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         parent_eval = mean_scores(scorer.scores(args.model, eval_scans, cache=True))
         for style in args.styles:
             reviewed = list(organ_names) if style == "all" else [o for o in MINORITY if o in organ_names]
-            folder = work / f"{args.set}-fold{fold}-{style}"
+            folder = work / f"{args.set}-fold{fold}{'' if n == 2 else f'of{n}'}-{style}"
             corrected = write_corrections(args.model, corr_scans, reviewed, folder / "labels", args.device, scorer)
             manifest = write_manifest(folder / "dataset.json", corrected, reviewed, unl, organ_names)
             priority = [o for o in reviewed if o in MINORITY]
             for method in args.methods:
                 for seed in args.seeds:
-                    key = dict(set=args.set, fold=fold, style=style, method=method, seed=seed)
+                    key = dict(set=args.set, corrected=n, fold=fold, style=style, method=method, seed=seed)
                     print(f"\n== {key}", flush=True)
                     rec = {**key, "parent": args.model, "corrected_scans": corr_ids, "evaluated_scans": eval_ids,
                            "unlabeled_scans": unl_ids, "reviewed": reviewed, "date": P.now_iso(),
@@ -369,7 +377,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                             rec["ts_targets"] = {"parent": parent_ts, "deltas": tsd, "worst_organ": w[0],
                                                  "worst_delta": w[1]}
                         print_run(rec)
-                    runs = [r for r in runs if any(r.get(k) != v for k, v in key.items())] + [rec]
+                    runs = [r for r in runs if any(r.get(k, 2 if k == "corrected" else None) != v
+                                                   for k, v in key.items())] + [rec]
                     doc = {"benchmark": "correction_loop", "issue": 17, "updated": P.now_iso(),
                            **P.machine(None), "parent": args.model, "targets": {
                                "no_harm": f"no organ on the evaluated scans down by more than {DROP_LIMIT} Dice point",
