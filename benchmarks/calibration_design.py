@@ -31,8 +31,10 @@ import p1_common as P  # noqa: E402
 
 MINORITY = ["gallbladder", "esophagus", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right",
             "adrenal_gland_left"]
-# name: (left-out scans needed, tolerance on the worst left-out scan, least mean left-out gain)
-RULES = {"3 scans, none worse, +1 mean": (3, 0.0, 1.0), "2 scans, none worse, +1 mean": (2, 0.0, 1.0),
+# name: (left-out scans needed, tolerance on the worst left-out scan (negative: the least gain of each), least mean
+# left-out gain)
+RULES = {"3 scans, each +0.5, +1 mean (shipped)": (3, -0.5, 1.0), "3 scans, none worse, +1 mean": (3, 0.0, 1.0),
+         "2 scans, none worse, +1 mean": (2, 0.0, 1.0),
          "2 scans, none worse, +0.5 mean": (2, 0.0, 0.5), "2 scans, none below -1, +0.5 mean": (2, 1.0, 0.5),
          "no vouching": (0, 1e9, -1e9)}
 
