@@ -111,14 +111,16 @@ def test_an_offset_a_left_out_scan_speaks_against_is_not_merely_short_of_evidenc
     assert not kept and "does not support" in dropped[3] and not cal.short_of_evidence
 
 
-@pytest.mark.parametrize("loco, kept", [([1.3, 2.9, 0.4], False), ([0.6, 0.6, 0.6], False),
-                                         ([0.6, 1.2, 1.5], True)])
-def test_each_of_three_left_out_scans_must_gain_half_a_point_and_one_on_average(loco, kept):
-    """The one harmful offset three scans vouched for in the design study (pancreas) gained +0.4 on one left-out
-    scan: a few tenths on one scan is within the noise of a small organ's Dice."""
+@pytest.mark.parametrize("loco, kept, why", [([1.3, 2.9, 0.4], False, "spread too widely"),
+                                              ([0.6, 0.6, 0.6], False, "does not support"),
+                                              ([0.6, 1.2, 1.5], True, None)])
+def test_three_left_out_scans_vouch_only_for_a_clear_and_consistent_gain(loco, kept, why):
+    """The one harmful offset three scans vouched for by sign alone in the design study (pancreas) had left-out
+    gains +1.3, +2.9, +0.4: their mean's lower confidence bound is below zero. Consistent small gains pass."""
     cal = C.Calibration(offsets={3: -0.5}, loco={3: loco})
     got, dropped = C.vouch(cal, _three(), [], NAMES)
-    assert (3 in got) is kept and (kept or "does not support" in dropped[3]) and not cal.short_of_evidence
+    assert (3 in got) is kept and not cal.short_of_evidence
+    assert kept or why in dropped[3]
 
 
 def test_an_offset_that_overreaches_on_the_unlabeled_scans_is_dropped():

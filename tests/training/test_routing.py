@@ -202,8 +202,12 @@ def test_leave_one_scan_out_keeps_only_organs_that_help_on_every_left_out_scan()
     assert sc.removed == {} and sc.verdict == "unknown"
     three = cases + [_case("c", gt, [3])]
     sc = self_check(NAMES, Routing(classes=[3]), three, [parent] * 3, [child] * 3, [], [],
-                    loco={3: [+4.0, +1.0, +2.0]})
+                    loco={3: [+2.0, +1.5, +2.5]})
     assert sc.removed == {} and sc.verdict == "safe"
+    # three gains of one sign that spread widely (a benchmark branch that then lost 2.3 points on other scans)
+    sc = self_check(NAMES, Routing(classes=[3]), three, [parent] * 3, [child] * 3, [], [],
+                    loco={3: [+2.0, +4.0, +12.2]})
+    assert 3 in sc.removed and "spread too widely" in sc.removed[3] and sc.verdict == "safe"
 
 
 def test_harm_on_held_out_cases_makes_the_verdict_unsafe():
