@@ -1,7 +1,7 @@
 """Organ calibration: the smallest fine-tune there is, one number per corrected organ.
 
-Why: with one or two corrected scans, a trained branch learns the corrections but not the organ (correction-loop
-benchmark, 2026-12-06: leave-one-scan-out gains did not carry over to the other patients' scans). What does carry
+Why: with a few corrected scans, a trained branch learns the corrections but not the organ (correction-loop
+benchmark, 2026-12-06: leave-one-scan-out gains did not carry over to the other patients' scans). What can carry
 over from a few scans is a systematic bias of the parent: an organ it draws too small or too large on this
 hospital's scans. A per-organ offset added to the organ's logit (the bias of the output convolution) grows or
 shrinks that organ everywhere, the same way on every scan, and nothing else; it cannot learn a shape, so it cannot

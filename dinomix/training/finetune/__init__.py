@@ -38,19 +38,21 @@ What it does:
    the iterations in all), scored against its parent on the left-out scan.
    No branch is trained where nothing could keep it: with fewer than three corrected scans to leave out (routing
    MIN_LOCO_VOUCH), no held-out case and no --keep-unverified, the self-check would send every learnt organ back
-   to the parent, so the fine-tune skips training (the log says so) and ends after the organ calibration, well
-   within the budget.
+   to the parent, so the fine-tune skips training and the organ calibration (the log says so) and ends in
+   seconds with the parent's output for every organ.
 5. self-check (no held-out case needed): on the clinician's own scans, each routed organ must fit the
-   corrections at least as well as the parent, hold on left-out scans, change the unlabeled scans about as much
+   corrections at least as well as the parent, hold on left-out scans (from three of them, consistently: the lower
+   confidence bound of the mean gain above zero, training/evidence.py), change the unlabeled scans about as much
    as the corrections changed it, and not take more than 1 % of an uncorrected organ; an organ that fails goes
    back to the parent's output. The verdict: "safe", "unknown" (one corrected scan and no held-out case:
    nothing shows the learnt organs are better elsewhere) or "unsafe" (worse on held-out cases).
 6. organ calibration (dinomix/training/calibration.py): for each routed organ the trained branch could not keep,
    one offset added to the organ's logit (drawn larger or smaller everywhere, nothing else), fitted on the
    corrected scans so that every one of them fits better (half the best offset), kept where leave-one-scan-out
-   over two or more corrected scans vouches for it (no left-out scan worse, +1 Dice point on average) and the
-   unlabeled scans change no more than the corrections imply; written into the network's output biases. With one
-   corrected scan nothing vouches for an offset and none is kept (unless held-out cases or --keep-unverified).
+   over three or more corrected scans vouches for it (no left-out scan worse, +1 Dice point on average, the lower
+   confidence bound of the mean gain above zero) and the unlabeled scans change no more than the corrections
+   imply; written into the network's output biases. With fewer corrected scans nothing vouches for an offset and
+   none is fitted (unless held-out cases or --keep-unverified).
 7. compare: evaluates before and after on held-out cases, if any (model-grid Dice in %, sliding window on the
    training preprocessing; organs annotated and present in each case); a routed organ or an offset more than
    1 Dice point worse there goes back to the parent's output (unless --keep-unverified).
