@@ -32,16 +32,17 @@ MAX_NEIGHBOUR_LOSS = 0.01
 # A routed organ may change on the unlabeled scans at most this much more than the corrections changed it.
 MAX_EXTRA_CHANGE = 0.15
 # Leave-one-scan-out: a routed organ stays routed only if it is no worse on any left-out corrected scan (by more
-# than LOCO_TOLERANCE Dice points), better on average by at least LOCO_MIN_GAIN and, from MIN_LOCO_VOUCH scans on,
-# consistently so (the lower confidence bound of the mean gain above zero: training/evidence.py; with three
-# corrected P1 test scans a branch with left-out gains +2.0, +4.0, +12.2 lost 2.3 points on the other scans). An
-# organ without evidence of help goes back to the parent's output, which costs nothing: the loop must never harm.
+# than LOCO_TOLERANCE Dice points), better on average by at least LOCO_MIN_GAIN and, from LOCO_BOUND_FROM scans on,
+# consistently so (the lower confidence bound of the mean gain above zero: training/evidence.py). These checks can
+# only speak against a trained organ, never vouch for it: in the correction-loop benchmark (2026-12-06) organs that
+# each corrected scan helped on the others lost Dice on the other patients' scans, with two corrected scans (left
+# adrenal +7.0 and +1.9 on the left-out scans, -3.6 on the others) and with three whose gains agreed (left adrenal
+# +3.7, +4.4, +6.6 on the left-out scans, -3.0 on the three others). A trained organ is kept only when held-out
+# cases judge it (`SelfCheck.add_holdout`) or the clinician asks for it (--keep-unverified, verdict "unknown").
+# An organ without evidence of help goes back to the parent's output, which costs nothing: the loop must never harm.
 LOCO_TOLERANCE = 0.0
 LOCO_MIN_GAIN = 1.0
-# Left-out scans it takes to vouch for a learnt organ without a held-out case. With two corrected scans of the P1
-# test set, each helped the other on the left adrenal (+7.0 and +1.9) while the other patients' scans lost 3.6
-# (correction-loop benchmark, 2026-12-06): two scans can share a labelling style the others do not.
-MIN_LOCO_VOUCH = 3
+LOCO_BOUND_FROM = 3
 
 
 @torch.no_grad()
@@ -191,18 +192,17 @@ class SelfCheck:
 
 
 def untrained_check(names: list[str], routing: Routing, n_scans: int) -> SelfCheck:
-    """The self-check of a fine-tune that trained no branch because nothing could have kept it: fewer than
-    MIN_LOCO_VOUCH corrected scans to leave out and no held-out case (and no --keep-unverified). Every routed organ
-    keeps the parent's output (and the organ calibration, which needs as many corrected scans, does not run)."""
-    why = (f"not trained: {n_scans} corrected scan(s) cannot vouch for a trained organ on other scans (it takes "
-           f"{MIN_LOCO_VOUCH}, or a held-out case)")
+    """The self-check of a fine-tune that trained no branch because nothing could have kept it: no held-out case
+    and no --keep-unverified (the corrected scans can speak against a trained organ but not vouch for it). Every
+    routed organ keeps the parent's output; the organ calibration may add offsets three corrected scans vouch for."""
+    why = "not trained: without a held-out case nothing can vouch for a trained organ on other patients' scans"
     removed = {c: why for c in routing.classes}
     per = {names[c]: {"routed": True, "removed": why} for c in routing.classes}
     checks = [Check("trained branch", None, f"not trained: with {n_scans} corrected scan(s) and no held-out case "
                                             "nothing could vouch for it, so the budget was not spent on it")]
-    message = (f"Nothing was trained: what a fine-tune learns from {n_scans} corrected scan(s) cannot be checked on "
-               f"other scans, so the new model gives the parent's output for every organ. Correct {MIN_LOCO_VOUCH} or "
-               "more scans (or hold one out for evaluation) to let the fine-tune train, check and keep what it learns.")
+    message = ("Nothing was trained: what a fine-tune learns from corrected scans alone cannot be vouched for on "
+               "other patients' scans, so the new model gives the parent's output for every organ. Mark a corrected "
+               "scan 'Hold out for evaluation' (--holdout) to let the fine-tune train, check and keep what it learns.")
     return SelfCheck("safe", message, checks, removed, per)
 
 
@@ -247,10 +247,9 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
     fail are removed. `names` = ["background", organ...]; `loco` = {class: [Dice change on each left-out scan]};
     held-out cases, where the dataset has any, are added afterwards (`SelfCheck.add_holdout`).
 
-    An organ that passes every check but that nothing can vouch for (fewer than MIN_LOCO_VOUCH left-out scans and
-    no held-out case) is removed too unless `keep_unverified`: in the correction-loop benchmark such organs, learnt
-    from two corrected scans that each helped the other, lost 1.9 to 4.7 Dice points on other patients' scans.
-    The caller keeps them (and decides with `add_holdout`) when the dataset has held-out cases."""
+    An organ that passes every check is still not vouched for: the corrected scans can speak against it, not for
+    it (see LOCO_BOUND_FROM). It is removed unless `keep_unverified` (verdict "unknown"); the caller keeps it, and
+    decides with `add_holdout`, when the dataset has held-out cases."""
     routed = list(routing.classes)
     removed: dict[int, str] = {}
     checks: list[Check] = []
@@ -289,7 +288,7 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
                 bad.append(c)
                 removed[c] = (f"leave-one-scan-out: no clear gain on the left-out corrected scans "
                               f"({float(np.mean(deltas)):+.1f} Dice points on average)")
-            elif why := spread_too_wide(deltas, MIN_LOCO_VOUCH):
+            elif why := spread_too_wide(deltas, LOCO_BOUND_FROM):
                 bad.append(c)
                 removed[c] = f"leave-one-scan-out: {why}"
         for c, deltas in loco.items():
@@ -350,28 +349,22 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
         verdict = "safe"
         message = ("Nothing could be learnt safely from these corrections: the new model gives the parent's "
                    "output for every organ.")
-    elif loco and min(len(loco.get(c) or []) for c in final) >= MIN_LOCO_VOUCH:
-        verdict = "safe"
-        message = (f"Learnt {', '.join(names[c] for c in final)}; every other organ keeps the parent's output. "
-                   f"Checked on your own scans with leave-one-scan-out over {min(len(loco[c]) for c in final)} "
-                   "corrected scans.")
     elif not keep_unverified:
         n = len(labeled)
         for c in final:
-            removed[c] = (f"learnt, but {n} corrected scan(s) cannot vouch for it on other scans (it takes "
-                          f"{MIN_LOCO_VOUCH}, or a held-out case)")
+            removed[c] = ("learnt, but without a held-out case nothing can vouch for it on other patients' scans "
+                          "(leave-one-scan-out over the corrected scans can only speak against it)")
             per.setdefault(names[c], {"routed": True})["removed"] = removed[c]
         verdict = "safe"
-        message = (f"Nothing was kept: what was learnt from {n} corrected scan(s) cannot be checked on other scans, "
-                   f"so the new model gives the parent's output for every organ. Correct {MIN_LOCO_VOUCH} or more "
-                   "scans (or hold one out for evaluation) to let the fine-tune check and keep what it learns.")
+        message = (f"Nothing was kept: what was learnt from {n} corrected scan(s) cannot be vouched for on other "
+                   "patients' scans, so the new model gives the parent's output for every organ. Mark a corrected "
+                   "scan 'Hold out for evaluation' (--holdout) to let the fine-tune check and keep what it learns.")
     elif loco:
         verdict = "unknown"
         message = (f"Learnt {', '.join(names[c] for c in final)} and kept the parent's output for every other "
-                   "organ. What was learnt from each corrected scan helped on the other(s), but "
-                   f"{max(len(loco.get(c) or []) for c in final)} scans are too few to vouch for other patients' scans "
-                   f"(it takes {MIN_LOCO_VOUCH}, or a held-out case): check the learnt organs on a new scan before "
-                   "relying on them.")
+                   f"organ. What was learnt held on {max(len(loco.get(c) or []) for c in final)} left-out corrected "
+                   "scan(s), which cannot vouch for other patients' scans: check the learnt organs on a held-out or "
+                   "new scan before relying on them.")
     else:
         verdict = "unknown"
         message = (f"Learnt {', '.join(names[c] for c in final)} and kept the parent's output for every other "

@@ -36,16 +36,17 @@ What it does:
    while training, so that the whole command, checks and registration included, ends within the budget.
 4. leave-one-scan-out: with two or more corrected scans, the same fine-tune without one of them (LOCO_SHARE of
    the iterations in all), scored against its parent on the left-out scan.
-   No branch is trained where nothing could keep it: with fewer than three corrected scans to leave out (routing
-   MIN_LOCO_VOUCH), no held-out case and no --keep-unverified, the self-check would send every learnt organ back
-   to the parent, so the fine-tune skips training and the organ calibration (the log says so) and ends in
-   seconds with the parent's output for every organ.
+   No branch is trained where nothing could keep it: without a held-out case or --keep-unverified the self-check
+   would send every learnt organ back to the parent (left-out corrected scans can speak against a trained organ,
+   not vouch for it: routing.LOCO_BOUND_FROM), so the fine-tune skips training (the log says so) and ends in
+   seconds, after the organ calibration.
 5. self-check (no held-out case needed): on the clinician's own scans, each routed organ must fit the
    corrections at least as well as the parent, hold on left-out scans (from three of them, consistently: the lower
    confidence bound of the mean gain above zero, training/evidence.py), change the unlabeled scans about as much
    as the corrections changed it, and not take more than 1 % of an uncorrected organ; an organ that fails goes
-   back to the parent's output. The verdict: "safe", "unknown" (one corrected scan and no held-out case:
-   nothing shows the learnt organs are better elsewhere) or "unsafe" (worse on held-out cases).
+   back to the parent's output. The verdict: "safe" (nothing unverified kept, or the held-out cases confirm it),
+   "unknown" (learnt organs or offsets kept with --keep-unverified that nothing vouched for) or "unsafe" (worse
+   on held-out cases).
 6. organ calibration (dinomix/training/calibration.py): for each routed organ the trained branch could not keep,
    one offset added to the organ's logit (drawn larger or smaller everywhere, nothing else), fitted on the
    corrected scans so that every one of them fits better (half the best offset), kept where leave-one-scan-out

@@ -28,7 +28,6 @@ from ..config import TrainConfig
 from ..data import CachedCase, cache_cases
 from ..factory import get_semi_trainer
 from ..routing import (
-    MIN_LOCO_VOUCH,
     Routing,
     SelfCheck,
     loco_deltas,
@@ -339,9 +338,9 @@ class FineTune:
     def plan(self) -> None:
         """How the rest of the run is spent (its stage: "calibrate"). Time is kept for what follows training (the
         self-check's predictions, the held-out evaluation, the organ calibration, export). A branch is trained
-        only where something could keep it: without MIN_LOCO_VOUCH corrected scans to leave out, held-out cases
-        or --keep-unverified, the self-check would send every trained organ back to the parent, so the
-        clinician's minutes are not spent on it (nor on the organ calibration, which needs as many). With --minutes, a
+        only where something could keep it: without held-out cases or --keep-unverified, the self-check would send
+        every trained organ back to the parent (routing.LOCO_BOUND_FROM says why), so the clinician's minutes are not
+        spent on it; the organ calibration (seconds) still runs from three corrected scans. With --minutes, a
         few timed iterations size the run and the leave-one-scan-out folds so that the command ends within the
         budget; a budget too small for MIN_ITERATIONS is an error that says how many minutes to give."""
         opts, rep, cfg = self.opts, self.rep, self.cfg
@@ -349,12 +348,11 @@ class FineTune:
         self.after_s = ((n_labeled + len(self.unl_cases)) * self.t_case * 1.3 + self.t_eval + 5.0
                         + (CALIBRATION_S_PER_SCAN * n_labeled if opts.routed else 0.0))
         self.loco_ids = loco_cases(self.cached_lab, self.routing.classes) if opts.routed and opts.loco else []
-        self.train_branch = not (opts.routed and not self.tr.eval_cases and not opts.keep_unverified
-                                 and len(self.loco_ids) < MIN_LOCO_VOUCH)
+        self.train_branch = not (opts.routed and not self.tr.eval_cases and not opts.keep_unverified)
         if not self.train_branch:
             self.loco_ids = []
-            rep.log(f"{n_labeled} corrected scan(s) and no held-out case: nothing could check a trained branch, so "
-                    f"none is trained (correct {MIN_LOCO_VOUCH} or more scans, hold one out, or pass "
+            rep.log(f"{n_labeled} corrected scan(s) and no held-out case: nothing could vouch for a trained branch on "
+                    "other patients' scans, so none is trained (hold a corrected scan out for evaluation, or pass "
                     "--keep-unverified); the fine-tune ends early", "warning")
         self.step_s, self.loco_iters = None, 0
         if opts.minutes is not None and self.train_branch:
