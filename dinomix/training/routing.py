@@ -158,7 +158,7 @@ class SelfCheck:
         else:
             others = {c: w for c, w in self.removed.items() if c not in applied}
             self.message = (head + " Every other organ gives the parent's output." +
-                            (" Not learnt: " + "; ".join(f"{names[c]}: {w}" for c, w in others.items()) + "."
+                            (" Not learnt: " + _grouped(others, names) + "."
                              if others else ""))
 
     def calibration_not_run(self, why: str) -> None:
@@ -189,6 +189,14 @@ class SelfCheck:
     def as_dict(self) -> dict:
         return {"verdict": self.verdict, "message": self.message, "checks": [c.as_dict() for c in self.checks],
                 "removed": dict(self.removed), "per_organ": self.per_organ, "calibrated": dict(self.calibrated)}
+
+
+def _grouped(why: dict[int, str], names: list[str]) -> str:
+    """'a, b: reason; c: other reason': organs that share a reason named once, in the order first seen."""
+    groups: dict[str, list[str]] = {}
+    for c, w in why.items():
+        groups.setdefault(w, []).append(names[c])
+    return "; ".join(f"{', '.join(organs)}: {w}" for w, organs in groups.items())
 
 
 def untrained_check(names: list[str], routing: Routing, n_scans: int) -> SelfCheck:
@@ -371,8 +379,7 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
                    "organ, but with one corrected scan and no held-out case nothing shows that the learnt organs "
                    "are better on other scans: check them on a new scan before relying on them.")
     if removed:
-        message += (" Not learnt (the parent keeps them): "
-                    + "; ".join(f"{names[c]}: {w}" for c, w in removed.items()) + ".")
+        message += " Not learnt (the parent keeps them): " + _grouped(removed, names) + "."
     return SelfCheck(verdict, message, checks, removed, per, learnt=[c for c in final if c not in removed])
 
 

@@ -168,3 +168,14 @@ def test_the_self_check_reports_the_calibrated_organs_and_stays_safe_when_vouche
     assert next(c for c in sc.checks if c.name == "organ calibration").passed is True
     sc.add_calibration(NAMES, cal, {}, dict(kept), {})  # the same offset kept without evidence: unknown
     assert sc.verdict == "unknown"
+
+
+def test_the_message_names_each_reason_once_for_the_organs_that_share_it():
+    from dinomix.training.routing import untrained_check
+
+    sc = untrained_check(NAMES, Routing(classes=[1, 2, 3]), 3)
+    scans = _three()
+    cal = C.calibrate(scans, [3])
+    kept, dropped = C.vouch(cal, scans, [], NAMES)
+    sc.add_calibration(NAMES, cal, kept, {}, dropped)
+    assert sc.message.count("not trained") == 1 and "Not learnt: liver, spleen: not trained" in sc.message
