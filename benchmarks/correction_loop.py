@@ -22,8 +22,9 @@ The set-up (issue 17):
   `minority` (gallbladder, esophagus, portal/splenic vein, pancreas, adrenals: what PIC is for). Two further P1
   eval (or train) scans are added unlabeled, as a clinician's other scans.
 * Fine-tunes (`dinomix finetune --minutes M`, seeds --seeds), rows (--methods): `default` (the command's defaults:
-  routed organs, PIC, self-check) and `supervised-all` (`--method supervised --routing off`: the plain fine-tune
-  of every organ) and `supervised` (`--method supervised`, routed).
+  routed organs, PIC, self-check), `default-holdout` (the same with the fold's last corrected scan held out for
+  evaluation, which lets it train and keep a branch), `supervised-all` (`--method supervised --routing off`: the
+  plain fine-tune of every organ) and `supervised` (`--method supervised`, routed).
 * Scores: Dice % per organ on the evaluated scans of the fold (mean over scans, fast mode, native grid) for the
   parent and the fine-tuned model; the same on the TotalSegmentator example CTs, whose labels are
   TotalSegmentator's own output (good enough to detect harm, not to report accuracy).
@@ -53,7 +54,9 @@ DEFAULT_OUT = P.RESULTS / "correction_loop.json"
 MINORITY = ["gallbladder", "esophagus", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right",
             "adrenal_gland_left"]
 METHODS = {"default": [], "supervised-all": ["--method", "supervised", "--routing", "off"],
-           "supervised": ["--method", "supervised"]}
+           "supervised": ["--method", "supervised"], "default-holdout": []}
+# default-holdout: the default with the fold's last corrected scan marked "Hold out for evaluation" (--holdout), the
+# way a clinician lets the fine-tune train and keep a branch
 DROP_LIMIT = 1.0
 GAIN_TARGET = 2.0
 GAIN_BELOW = 90.0
@@ -185,15 +188,17 @@ def write_manifest(path: Path, corrected: list[dict], reviewed: list[str], unlab
 
 
 def run_finetune(method: str, parent: str, manifest: Path, priority: list[str], args, run: Path, env: dict,
-                 seed: int) -> dict:
+                 seed: int, holdout: Optional[str] = None) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     events = run / "finetune.events"
     cmd = [sys.executable, "-m", "dinomix", "finetune", "--model", parent, "--dataset", str(manifest),
            "--output", str(run / "run"), "--events", str(events), "--new-name", f"bench-{run.parent.name}-{run.name}",
            "--device", args.device, "--seed", str(seed), *METHODS[method]]
     cmd += ["--iterations", str(args.ft_iterations)] if args.ft_iterations else ["--minutes", f"{args.minutes:g}"]
-    if priority and method == "default":
+    if priority and method in ("default", "default-holdout"):
         cmd += ["--priority", *priority]
+    if method == "default-holdout" and holdout:
+        cmd += ["--holdout", holdout]
     rec: dict[str, Any] = {"method": method, "command": " ".join(["dinomix"] + cmd[3:]), "load_before": P.load_now()}
     print(f"  [{method} seed {seed}] {rec['command']}", flush=True)
     t0 = time.monotonic()
@@ -364,7 +369,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                            "unlabeled_scans": unl_ids, "reviewed": reviewed, "date": P.now_iso(),
                            "budget_minutes": None if args.ft_iterations else args.minutes}
                     rec.update(run_finetune(method, args.model, manifest, priority, args,
-                                            folder / f"{method}-seed{seed}", env, seed))
+                                            folder / f"{method}-seed{seed}", env, seed, corrected[-1]["id"]))
                     if rec["status"] == "ok":
                         rec["parent_eval"] = parent_eval
                         rec["after_eval"] = mean_scores(scorer.scores(rec["path"], eval_scans))
