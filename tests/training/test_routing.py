@@ -214,11 +214,21 @@ def test_harm_on_held_out_cases_makes_the_verdict_unsafe():
     # with held-out cases the fine-tune keeps what the corrected scans cannot vouch for until they have spoken
     sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [], keep_unverified=True)
     assert sc.verdict == "unknown"
-    sc.add_holdout(["spleen -3.0"])
+    sc.add_holdout(["spleen -3.0"], 1)
     assert sc.verdict == "unsafe" and "spleen -3.0" in sc.message
     sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [], keep_unverified=True)
-    sc.add_holdout([])
+    sc.add_holdout([], 3)
     assert sc.verdict == "safe" and sc.checks[-1].passed is True
+
+
+def test_one_or_two_held_out_cases_can_speak_against_but_not_vouch():
+    """A benchmark branch that one held-out scan let through lost 2.2 Dice points on the other scans."""
+    gt = _blobs()
+    t = torch.from_numpy(gt)
+    for n in (1, 2):
+        sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [], keep_unverified=True)
+        sc.add_holdout([], n)
+        assert sc.verdict == "unknown" and sc.checks[-1].passed is True and "too few to vouch" in sc.message
 
 
 def test_a_routed_organ_that_overreaches_on_unlabeled_scans_is_unrouted():
@@ -254,3 +264,11 @@ def test_the_iteration_count_follows_the_measured_pace(monkeypatch):
         Cfg.iterations = replan(done, clock[0])
     # 40 s spent at iteration 20, 50 s left at 3 s a step -> 16 more
     assert Cfg.iterations == 20 + math.floor(50 / 3)
+
+
+def test_an_organ_the_held_out_cases_take_back_is_named_in_the_message():
+    gt = _blobs()
+    t = torch.from_numpy(gt)
+    sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [], keep_unverified=True)
+    sc.drop_learnt(3, NAMES, "worse on the held-out cases (-2.0 Dice points)")
+    assert 3 in sc.removed and 3 not in sc.learnt and f"{NAMES[3]} taken back: worse" in sc.message

@@ -529,7 +529,7 @@ class FineTune:
                 why = {c: f"worse on the held-out cases ({self.per[names[c]]['delta']:+.1f} Dice points)"
                        for c in [*harmed, *harmed_offsets]}
                 for c in harmed:
-                    sc.removed[c] = why[c]
+                    sc.drop_learnt(c, names, why[c])
                 if harmed:
                     tr.restrict_routing([c for c in _routed_classes(tr.net) if c not in harmed])
                 for c in harmed_offsets:
@@ -543,7 +543,7 @@ class FineTune:
                         f"{self.verdict}")
         if sc is not None:
             if self.after:
-                sc.add_holdout(organs_down(self.per))
+                sc.add_holdout(organs_down(self.per), len(self.tr.eval_cases))
             self.check_result = sc.as_dict()
         else:
             self.check_result = unrouted_check(self.worse, self.verdict)
