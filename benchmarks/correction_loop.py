@@ -268,6 +268,10 @@ def _learnt(routing: dict) -> str:
     return ", ".join(parts) or "-"
 
 
+def _runs_on_disk(path: Path) -> list[dict]:
+    return json.loads(path.read_text()).get("runs", []) if path.is_file() else []
+
+
 def _fold(r: dict) -> str:
     n = r.get("corrected", 2)
     return f"{r['fold']}" if n == 2 else f"{r['fold']} ({n} corrected)"
@@ -334,8 +338,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     n_folds = len(ids) // n
     folds = args.folds if args.folds is not None else list(range(n_folds))
     out_path = Path(args.out) if args.out else (work / "correction_loop.json" if args.quick else DEFAULT_OUT)
-    doc = {} if args.fresh or not out_path.is_file() else json.loads(out_path.read_text())
-    runs: list[dict] = doc.get("runs", [])
+    fresh = args.fresh
+    runs: list[dict] = [] if fresh else _runs_on_disk(out_path)
 
     from dinomix.registry import resolve
 
@@ -382,6 +386,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                             rec["ts_targets"] = {"parent": parent_ts, "deltas": tsd, "worst_organ": w[0],
                                                  "worst_delta": w[1]}
                         print_run(rec)
+                    # merged with the file as it is now, not as it was at start: another sitting writing the same
+                    # file meanwhile (other folds or methods) keeps its runs
+                    if not fresh:
+                        runs = _runs_on_disk(out_path)
+                    fresh = False
                     runs = [r for r in runs if any(r.get(k, 2 if k == "corrected" else None) != v
                                                    for k, v in key.items())] + [rec]
                     doc = {"benchmark": "correction_loop", "issue": 17, "updated": P.now_iso(),
