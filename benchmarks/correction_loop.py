@@ -24,7 +24,10 @@ The set-up (issue 17):
 * Fine-tunes (`dinomix finetune --minutes M`, seeds --seeds), rows (--methods): `default` (the command's defaults:
   routed organs, PIC, self-check), `default-holdout` (the same with the fold's last corrected scan held out for
   evaluation, which lets it train and keep a branch), `supervised-all` (`--method supervised --routing off`: the
-  plain fine-tune of every organ) and `supervised` (`--method supervised`, routed).
+  plain fine-tune of every organ) and `supervised` (`--method supervised`, routed); `lowlr`, `lowlr-pd`,
+  `lowlr-supervised`: the whole network at a tenth of the parent's learning rate (--lr 1e-4; PIC, PIC with
+  distillation from the frozen parent, plain supervised); `lowlr-routed`: the routed fine-tune at that learning
+  rate with a three-block branch, its organs kept unverified (--keep-unverified).
 * Scores: Dice % per organ on the evaluated scans of the fold (mean over scans, fast mode, native grid) for the
   parent and the fine-tuned model; the same on the TotalSegmentator example CTs, whose labels are
   TotalSegmentator's own output (good enough to detect harm, not to report accuracy).
@@ -54,7 +57,17 @@ DEFAULT_OUT = P.RESULTS / "correction_loop.json"
 MINORITY = ["gallbladder", "esophagus", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right",
             "adrenal_gland_left"]
 METHODS = {"default": [], "supervised-all": ["--method", "supervised", "--routing", "off"],
-           "supervised": ["--method", "supervised"], "default-holdout": []}
+           "supervised": ["--method", "supervised"], "default-holdout": [],
+           # the whole network at a tenth of the parent's learning rate, with and without distillation from the
+           # frozen parent on every voxel without a correction (2026-12-06 night: the learning rate of the plain
+           # fine-tune had never been varied on this benchmark)
+           "lowlr": ["--routing", "off", "--lr", "1e-4"],
+           "lowlr-pd": ["--routing", "off", "--lr", "1e-4", "--parent-distillation", "1"],
+           "lowlr-supervised": ["--method", "supervised", "--routing", "off", "--lr", "1e-4"],
+           # the routed fine-tune with a three-block branch at that learning rate, its organs kept unverified
+           "lowlr-routed": ["--lr", "1e-4", "--route-blocks", "3", "--keep-unverified"]}
+# rows that pass the reviewed minority organs as --priority (PIC), as the Trainer does; the supervised rows have no PIC
+PRIORITY_METHODS = ("default", "default-holdout", "lowlr", "lowlr-pd", "lowlr-routed")
 # default-holdout: the default with the fold's last corrected scan marked "Hold out for evaluation" (--holdout), the
 # way a clinician lets the fine-tune train and keep a branch
 DROP_LIMIT = 1.0
@@ -195,7 +208,7 @@ def run_finetune(method: str, parent: str, manifest: Path, priority: list[str], 
            "--output", str(run / "run"), "--events", str(events), "--new-name", f"bench-{run.parent.name}-{run.name}",
            "--device", args.device, "--seed", str(seed), *METHODS[method]]
     cmd += ["--iterations", str(args.ft_iterations)] if args.ft_iterations else ["--minutes", f"{args.minutes:g}"]
-    if priority and method in ("default", "default-holdout"):
+    if priority and method in PRIORITY_METHODS:
         cmd += ["--priority", *priority]
     if method == "default-holdout" and holdout:
         cmd += ["--holdout", holdout]
