@@ -56,6 +56,8 @@ import p1_common as P  # noqa: E402
 DEFAULT_OUT = P.RESULTS / "correction_loop.json"
 MINORITY = ["gallbladder", "esophagus", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right",
             "adrenal_gland_left"]
+# default-holdout: the default with the fold's last corrected scan marked "Hold out for evaluation" (--holdout), the
+# way a clinician lets the fine-tune train and keep a branch
 METHODS = {"default": [], "supervised-all": ["--method", "supervised", "--routing", "off"],
            "supervised": ["--method", "supervised"], "default-holdout": [],
            # the whole network at a tenth of the parent's learning rate, with and without distillation from the
@@ -68,8 +70,6 @@ METHODS = {"default": [], "supervised-all": ["--method", "supervised", "--routin
            "lowlr-routed": ["--lr", "1e-4", "--route-blocks", "3", "--keep-unverified"]}
 # rows that pass the reviewed minority organs as --priority (PIC), as the Trainer does; the supervised rows have no PIC
 PRIORITY_METHODS = ("default", "default-holdout", "lowlr", "lowlr-pd", "lowlr-routed")
-# default-holdout: the default with the fold's last corrected scan marked "Hold out for evaluation" (--holdout), the
-# way a clinician lets the fine-tune train and keep a branch
 DROP_LIMIT = 1.0
 GAIN_TARGET = 2.0
 GAIN_BELOW = 90.0

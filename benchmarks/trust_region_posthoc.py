@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import p1_common as P  # noqa: E402
+from correction_loop import Scorer, btcv_scan  # noqa: E402
 
 RADII_MM = (3.0, 6.0, 10.0)
 GAIN_BELOW = 90.0
@@ -50,38 +51,23 @@ def dice(pred: np.ndarray, gt: np.ndarray, v: int) -> Optional[float]:
     return None if not g.any() else 200.0 * float((g & p).sum()) / float(g.sum() + p.sum())
 
 
-class Predictions:
-    """Fast-mode label maps on the native grid, one model loaded at a time, kept per (model, scan)."""
-
-    def __init__(self) -> None:
-        self.kept: dict[tuple[str, str], np.ndarray] = {}
-
-    def get(self, model: str, image: Path) -> np.ndarray:
-        import SimpleITK as sitk
-
-        from dinomix.imageio import read_image
-        from dinomix.inference import Segmenter, SegmentOptions
-
-        key = (model, str(image))
-        if key not in self.kept:
-            seg = Segmenter(model, "cpu")
-            self.kept[key] = sitk.GetArrayFromImage(seg.segment(read_image(str(image)),
-                                                                SegmentOptions(mode="fast")).labels)
-        return self.kept[key]
-
-
-def study_run(run: dict, btcv: Path, preds: Predictions) -> list[dict[str, Any]]:
+def study_run(run: dict, btcv: Path, scorer: Scorer) -> list[dict[str, Any]]:
+    """Per variant (the fine-tuned model, each radius): corrected gain and worst organ against the parent."""
     import SimpleITK as sitk
 
     names = list(run["parent_eval"])
     variants = ["parent", "child", *[f"r{r:g}mm" for r in RADII_MM]]
     scores: dict[str, dict[str, list[float]]] = {k: {o: [] for o in names} for k in variants}
-    for scan in run["evaluated_scans"]:
-        cid = scan.replace("btcv_img", "")
-        label = sitk.ReadImage(str(btcv / f"btcv_img{cid}_label.nii.gz"))
-        gt, spacing = sitk.GetArrayFromImage(label), tuple(label.GetSpacing()[::-1])
-        image = btcv / f"btcv_img{cid}_ct.nii.gz"
-        parent, child = preds.get(run["parent"], image), preds.get(run["path"], image)
+    scans = [btcv_scan(btcv, s.replace("btcv_img", "")) for s in run["evaluated_scans"]]
+    for model in (run["parent"], run["path"]):  # segmentations kept by the scorer, one model load each
+        scorer.scores(model, scans, cache=True)
+    for scan in scans:
+        info = sitk.ImageFileReader()
+        info.SetFileName(scan["label"])
+        info.ReadImageInformation()  # the header only: the spacing, in numpy's (z, y, x) order
+        spacing = tuple(info.GetSpacing()[::-1])
+        gt = scan["gt"]()
+        parent, child = scorer.preds[(run["parent"], scan["id"])], scorer.preds[(run["path"], scan["id"])]
         maps = {"parent": parent, "child": child,
                 **{f"r{r:g}mm": gate(parent, child, spacing, r) for r in RADII_MM}}
         for k, lab in maps.items():
@@ -89,6 +75,8 @@ def study_run(run: dict, btcv: Path, preds: Predictions) -> list[dict[str, Any]]
                 d = dice(lab, gt, i + 1)
                 if d is not None:
                     scores[k][o].append(d)
+    for scan in scans:  # the fine-tuned model's maps are not needed again (the parent's are)
+        scorer.preds.pop((run["path"], scan["id"]), None)
     mean = {k: {o: statistics.mean(v) for o, v in s.items() if v} for k, s in scores.items()}
     below = [o for o in run["reviewed"] if mean["parent"].get(o, 100.0) < GAIN_BELOW]
     out = []
@@ -115,11 +103,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not runs:
         print(f"no run of {args.runs} has its fine-tuned model file any more: nothing to study")
         return 1
-    preds = Predictions()
+    scorer = Scorer("cpu")
     rows: list[dict[str, Any]] = []
     print("| fold / style | row | variant | corrected gain | worst organ |\n|---|---|---|---|---|")
     for run in runs:
-        for row in study_run(run, btcv, preds):
+        for row in study_run(run, btcv, scorer):
             rows.append(row)
             print(f"| {row['fold']} / {row['style']} | {row['method']} | {row['variant']} | "
                   f"{P.signed(row['corrected_gain'], 2)} | {row['worst_organ']} {P.signed(row['worst_delta'])} |",
