@@ -27,7 +27,8 @@ The set-up (issue 17):
   plain fine-tune of every organ) and `supervised` (`--method supervised`, routed); `lowlr`, `lowlr-pd`,
   `lowlr-supervised`: the whole network at a tenth of the parent's learning rate (--lr 1e-4; PIC, PIC with
   distillation from the frozen parent, plain supervised); `lowlr-routed`: the routed fine-tune at that learning
-  rate with a three-block branch, its organs kept unverified (--keep-unverified).
+  rate with a three-block branch, its organs kept unverified (--keep-unverified); `default-unverified`: the default
+  with --keep-unverified (what leave-one-scan-out over the corrected scans alone would keep).
 * Scores: Dice % per organ on the evaluated scans of the fold (mean over scans, fast mode, native grid) for the
   parent and the fine-tuned model; the same on the TotalSegmentator example CTs, whose labels are
   TotalSegmentator's own output (good enough to detect harm, not to report accuracy).
@@ -48,7 +49,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import p1_common as P  # noqa: E402
@@ -67,9 +68,12 @@ METHODS = {"default": [], "supervised-all": ["--method", "supervised", "--routin
            "lowlr-pd": ["--routing", "off", "--lr", "1e-4", "--parent-distillation", "1"],
            "lowlr-supervised": ["--method", "supervised", "--routing", "off", "--lr", "1e-4"],
            # the routed fine-tune with a three-block branch at that learning rate, its organs kept unverified
-           "lowlr-routed": ["--lr", "1e-4", "--route-blocks", "3", "--keep-unverified"]}
+           "lowlr-routed": ["--lr", "1e-4", "--route-blocks", "3", "--keep-unverified"],
+           # the default, but keeping what leave-one-scan-out does not speak against (branch and offsets) without a
+           # held-out case: what the corrected scans alone would vouch for (benchmarks/branch_learning_curve.py)
+           "default-unverified": ["--keep-unverified"]}
 # rows that pass the reviewed minority organs as --priority (PIC), as the Trainer does; the supervised rows have no PIC
-PRIORITY_METHODS = ("default", "default-holdout", "lowlr", "lowlr-pd", "lowlr-routed")
+PRIORITY_METHODS = ("default", "default-holdout", "lowlr", "lowlr-pd", "lowlr-routed", "default-unverified")
 DROP_LIMIT = 1.0
 GAIN_TARGET = 2.0
 GAIN_BELOW = 90.0
@@ -201,7 +205,7 @@ def write_manifest(path: Path, corrected: list[dict], reviewed: list[str], unlab
 
 
 def run_finetune(method: str, parent: str, manifest: Path, priority: list[str], args, run: Path, env: dict,
-                 seed: int, holdout: Optional[str] = None) -> dict:
+                 seed: int, holdout: Sequence[str] = ()) -> dict:
     run.mkdir(parents=True, exist_ok=True)
     events = run / "finetune.events"
     cmd = [sys.executable, "-m", "dinomix", "finetune", "--model", parent, "--dataset", str(manifest),
@@ -211,7 +215,7 @@ def run_finetune(method: str, parent: str, manifest: Path, priority: list[str], 
     if priority and method in PRIORITY_METHODS:
         cmd += ["--priority", *priority]
     if method == "default-holdout" and holdout:
-        cmd += ["--holdout", holdout]
+        cmd += ["--holdout", *holdout]
     rec: dict[str, Any] = {"method": method, "command": " ".join(["dinomix"] + cmd[3:]), "load_before": P.load_now()}
     print(f"  [{method} seed {seed}] {rec['command']}", flush=True)
     t0 = time.monotonic()
@@ -386,7 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                            "unlabeled_scans": unl_ids, "reviewed": reviewed, "date": P.now_iso(),
                            "budget_minutes": None if args.ft_iterations else args.minutes}
                     rec.update(run_finetune(method, args.model, manifest, priority, args,
-                                            folder / f"{method}-seed{seed}", env, seed, corrected[-1]["id"]))
+                                            folder / f"{method}-seed{seed}", env, seed, [corrected[-1]["id"]]))
                     if rec["status"] == "ok":
                         rec["parent_eval"] = parent_eval
                         rec["after_eval"] = mean_scores(scorer.scores(rec["path"], eval_scans))

@@ -208,3 +208,22 @@ def test_ssl_p1_extend_refuses_a_result_made_with_other_settings(tmp_path):
                                "--methods", "scdl", *extra], capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0 and why in proc.stderr, proc.stderr
     assert out.read_text() == before
+
+
+def test_learning_curve_arms_name_corrected_and_held_out_counts():
+    import branch_learning_curve as BLC
+
+    assert BLC.parse_arm("unverified-6") == ("unverified", 6, 0)
+    assert BLC.parse_arm("holdout-3+3") == ("holdout", 3, 3)
+    with pytest.raises(SystemExit, match="expected unverified-K"):
+        BLC.parse_arm("holdout-3")
+
+
+def test_learning_curve_vouches_only_for_consistent_gains_from_three_scans():
+    import branch_learning_curve as BLC
+
+    assert BLC.vouches([0.6, 1.2, 1.5])               # consistent: the bound is above zero
+    assert not BLC.vouches([1.3, 2.9, 0.4])           # one sign, spread too wide (the harmful offset of the study)
+    assert not BLC.vouches([4.0, 3.0])                # two scans cannot vouch
+    assert not BLC.vouches([5.0, 4.0, -0.5])          # one left-out scan worse
+    assert not BLC.vouches(None)
