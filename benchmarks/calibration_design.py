@@ -32,8 +32,11 @@ import p1_common as P  # noqa: E402
 MINORITY = ["gallbladder", "esophagus", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right",
             "adrenal_gland_left"]
 # name: (left-out scans needed, tolerance on the worst left-out scan, least mean left-out gain[, the lower confidence
-# bound of the mean gain must be above zero: training/evidence.py])
-RULES = {"3 scans, none worse, +1 mean, 95 % bound > 0 (shipped)": (3, 0.0, 1.0, True),
+# bound of the mean gain must be above zero: training/evidence.py[, the tolerance applies from this many left-out
+# scans on (fewer: none worse)]])
+RULES = {"3 scans, none below -1 from 4 scans on (else none worse), +1 mean, 95 % bound > 0 (shipped since "
+         "2026-12-06 night)": (3, 1.0, 1.0, True, 4),
+         "3 scans, none worse, +1 mean, 95 % bound > 0 (shipped until 2026-12-06 night)": (3, 0.0, 1.0, True),
          "3 scans, none worse, +1 mean": (3, 0.0, 1.0),
          "2 scans, none worse, +1 mean": (2, 0.0, 1.0),
          "2 scans, none worse, +0.5 mean": (2, 0.0, 0.5), "2 scans, none below -1, +0.5 mean": (2, 1.0, 0.5),
@@ -73,8 +76,17 @@ def parent_logits(model: str, ids: list[str], btcv: Path, work: Path, mode: str 
     return logits, labels, meta
 
 
+def fold_choices(n_scans: int, n_corrected: int, limit: Optional[int]) -> list[tuple[int, ...]]:
+    """Every choice of `n_corrected` of the scans, or `limit` of them drawn at random (seed 0) when there are more."""
+    import random
+
+    every = list(itertools.combinations(range(n_scans), n_corrected))
+    return every if limit is None or len(every) <= limit else sorted(random.Random(0).sample(every, limit))
+
+
 def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float], below: float = 90.0,
-          scored_on=None, n_corrected: int = 2) -> list[dict]:
+          scored_on=None, n_corrected: int = 2, styles: tuple[str, ...] = ("all", "minority"),
+          fit_bound_from: Optional[int] = None, limit: Optional[int] = None) -> list[dict]:
     """`scored_on`: (logits, labels) of the same scans on another mode's grid to score the offsets on (they are
     fitted on `logits`, the fast grid, as `dinomix finetune` fits them; one set of weights serves every mode)."""
     import numpy as np
@@ -87,11 +99,13 @@ def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float]
     s_logits, s_labels = scored_on if scored_on is not None else (logits, labels)
     s_parent = [lg.float().argmax(0) for lg in s_logits] if scored_on is not None else parent
     out = []
+    if fit_bound_from is not None:
+        C.FIT_BOUND_FROM = fit_bound_from
     for shrink in shrinks:
         C.SHRINK = shrink
-        for style in ("all", "minority"):
+        for style in styles:
             rev = list(range(1, nc)) if style == "all" else [names.index(o) for o in MINORITY]
-            for fit in itertools.combinations(range(len(ids)), n_corrected):
+            for fit in fold_choices(len(ids), n_corrected, limit):
                 scans = []
                 for i in fit:  # the Trainer's export: the parent's labels with the reviewed organs replaced
                     lab = parent[i].clone()
@@ -113,38 +127,59 @@ def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float]
                     if pairs:
                         per[names[k]] = [round(statistics.mean(b for b, _ in pairs), 2),
                                          round(statistics.mean(a - b for b, a in pairs), 2)]
-                out.append({"shrink": shrink, "below": below, "style": style, "corrected": [ids[i] for i in fit],
+                out.append({"shrink": shrink, "below": below, "style": style, "n_corrected": n_corrected,
+                            "fit_bound_from": C.FIT_BOUND_FROM, "corrected": [ids[i] for i in fit],
                             "scored": [ids[i] for i in range(len(ids)) if i not in fit],
                             "reviewed": [names[k] for k in rev],
                             "offsets": {names[k]: b for k, b in cal.offsets.items()},
                             "loco": {names[k]: v for k, v in cal.loco.items()}, "per_organ": per})
+                print(f"  {n_corrected} corrected, fit bound from {C.FIT_BOUND_FROM}, {style}: "
+                      f"{out[-1]['corrected']} offsets {out[-1]['offsets']}", flush=True)
             print(f"shrink {shrink}: done", flush=True)
     return out
 
 
-def table(folds: list[dict]) -> tuple[str, list[dict]]:
+def rule_keeps(loco: list[float], rule: tuple) -> bool:
+    """Whether a vouching rule (see RULES) keeps an offset with these leave-one-scan-out gains."""
     from dinomix.training.evidence import spread_too_wide
 
-    rows, lines = [], ["| shrink | rule | gain (mean over folds) | smallest fold gain | worst calibrated organ | "
-                       "folds with an organ down > 1 |", "|---|---|---|---|---|---|"]
-    for shrink in sorted({f["shrink"] for f in folds}, reverse=True):
-        for rule, (n, tol, least, *bound) in RULES.items():
+    n, tol, least, *more = rule
+    bound = bool(more and more[0])
+    tol_from = more[1] if len(more) > 1 else 0
+    if len(loco) < n:
+        return False
+    if not loco:
+        return True
+    tolerance = tol if len(loco) >= tol_from else 0.0
+    return min(loco) >= -tolerance and statistics.mean(loco) >= least and not (bound and spread_too_wide(loco, n))
+
+
+def table(folds: list[dict]) -> tuple[str, list[dict]]:
+    rows, lines = [], ["| corrected | fit | shrink | rule | gain (mean over folds) | smallest fold gain | "
+                       "worst calibrated organ | folds with an organ down > 1 |", "|---|---|---|---|---|---|---|---|"]
+    groups = sorted({(f.get("n_corrected", len(f["corrected"])), f.get("fit_bound_from"), f["shrink"])
+                     for f in folds}, key=lambda g: (g[0], -(g[1] or 0), -g[2]))
+    for n_corr, fbf, shrink in groups:
+        fit = ("maximin" if not fbf or fbf > 100 else f"maximin, bound from {fbf} scans" +
+               (" (not reached)" if fbf > n_corr else ""))
+        for rule_name, rule in RULES.items():
             gains, worst, harmed = [], 0.0, 0
-            for f in (f for f in folds if f["shrink"] == shrink):
+            for f in folds:
+                if (f.get("n_corrected", len(f["corrected"])), f.get("fit_bound_from"), f["shrink"]) != \
+                        (n_corr, fbf, shrink):
+                    continue
                 per = f["per_organ"]
-                kept = {o for o in f["offsets"] if len(f["loco"].get(o, [])) >= n and (
-                    not f["loco"].get(o) or (min(f["loco"][o]) >= -tol and statistics.mean(f["loco"][o]) >= least))
-                    and not (bound and spread_too_wide(f["loco"][o], n))}
+                kept = {o for o in f["offsets"] if rule_keeps(f["loco"].get(o, []), rule)}
                 g = [per[o][1] if o in kept else 0.0 for o in f["reviewed"] if o in per and per[o][0] < 90.0]
                 gains.append(statistics.mean(g) if g else 0.0)
                 w = min((per[o][1] for o in kept if o in per), default=0.0)
                 worst, harmed = min(worst, w), harmed + (w < -1.0)
-            row = {"shrink": shrink, "rule": rule, "gain": round(statistics.mean(gains), 2),
-                   "smallest_fold_gain": round(min(gains), 2), "worst": round(worst, 2), "harmed_folds": harmed,
-                   "folds": len(gains)}
+            row = {"corrected": n_corr, "fit_bound_from": fbf, "shrink": shrink, "rule": rule_name,
+                   "gain": round(statistics.mean(gains), 2), "smallest_fold_gain": round(min(gains), 2),
+                   "worst": round(worst, 2), "harmed_folds": harmed, "folds": len(gains)}
             rows.append(row)
-            lines.append(f"| {shrink:g} | {rule} | {row['gain']:+.2f} | {row['smallest_fold_gain']:+.2f} | "
-                         f"{row['worst']:+.2f} | {harmed} of {len(gains)} |")
+            lines.append(f"| {n_corr} | {fit} | {shrink:g} | {rule_name} | {row['gain']:+.2f} | "
+                         f"{row['smallest_fold_gain']:+.2f} | {row['worst']:+.2f} | {harmed} of {len(gains)} |")
     return "\n".join(lines), rows
 
 
@@ -156,8 +191,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--below", type=float, default=90.0,
                    help="calibrate reviewed organs whose parent Dice on the corrections is below this (finetune's "
                         "--route-below; 101 = every reviewed organ)")
-    p.add_argument("--corrected", type=int, default=2, help="corrected scans per fold (the others of the set are "
-                   "scored)")
+    p.add_argument("--corrected", type=int, nargs="+", default=[2], help="corrected scans per fold (the others of "
+                   "the set are scored); several counts: one study each")
+    p.add_argument("--scans", nargs="+", default=None, help="P1 case ids instead of --set (every one unseen by the "
+                   "parent: e.g. the train scans a partial parent never saw, and the eval scans)")
+    p.add_argument("--folds-per-count", type=int, default=None, help="at most this many folds per count (drawn at "
+                   "random, seed 0)")
+    p.add_argument("--styles", nargs="+", choices=["all", "minority"], default=["all", "minority"])
+    p.add_argument("--fit-bound-from", type=int, nargs="+", default=[None], help="calibration.FIT_BOUND_FROM values "
+                   "to compare (default: the engine's); 1000 = maximin only, as before 2026-12-06 night")
     p.add_argument("--score-mode", default="fast", help="score the offsets on this mode's grid (they are always "
                    "fitted on the fast grid, as dinomix finetune fits them)")
     p.add_argument("--data", default=os.environ.get("DINOMIX_DATA", str(P.REPO.parent / "shared" / "data")))
@@ -167,20 +209,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     btcv = P.p1_data(args.data)
     if btcv is None:
         return 1 if P.on_ci() else 0
-    ids = P.p1_split(btcv)[args.set]
+    ids = args.scans or P.p1_split(btcv)[args.set]
     work = P.make_workdir(args.workdir, "calibration_design")
     logits, labels, meta = parent_logits(args.model, ids, btcv, work)
     scored_on = None
     if args.score_mode != "fast":
         s_logits, s_labels, _ = parent_logits(args.model, ids, btcv, work, args.score_mode)
         scored_on = (s_logits, s_labels)
-    folds = study(logits, labels, ["background"] + meta.organs.names, ids, args.shrinks, args.below, scored_on,
-                  args.corrected)
+    from dinomix.training import calibration as C
+
+    bound_froms = [C.FIT_BOUND_FROM if v is None else v for v in args.fit_bound_from]  # None: the engine's
+    folds = [f for n in args.corrected for fbf in bound_froms
+             for f in study(logits, labels, ["background"] + meta.organs.names, ids, args.shrinks, args.below,
+                            scored_on, n, tuple(args.styles), fbf, args.folds_per_count)]
     text, rows = table(folds)
-    print(f"\nparent {args.model}; scans {ids} ({args.set}); organs below {args.below:g} calibrated; fitted on the "
+    where = "--scans" if args.scans else args.set
+    print(f"\nparent {args.model}; scans {ids} ({where}); organs below {args.below:g} calibrated; fitted on the "
           f"fast grid, scored on the {args.score_mode} grid\n\n{text}")
     doc = {"benchmark": "calibration_design", "issue": 17, "date": P.now_iso(), **P.machine(None),
-           "parent": args.model, "set": args.set, "scans": ids, "below": args.below, "corrected": args.corrected,
+           "parent": args.model, "set": None if args.scans else args.set, "scans": ids, "below": args.below,
+           "corrected": args.corrected,
            "score_mode": args.score_mode,
            "table": rows, "folds": folds}
     P.write_json(doc, Path(args.out))

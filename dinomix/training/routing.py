@@ -349,7 +349,8 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
     else:
         checks.append(Check("plausible on the unlabeled scans", None, "not run: no unlabeled scans"))
 
-    # 4. organs nobody corrected: only routed organs can take their voxels; bound how much, greedily un-routing
+    # 4. organs that keep the parent's output (not corrected, or not learnt): only routed organs can take their voxels;
+    # bound how much, greedily un-routing
     keep = [c for c in routed if c not in removed]
     scans_p, scans_c = parent_lab + parent_unl, child_lab + child_unl
     while keep:
@@ -359,14 +360,14 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
         if worst is None or worst[2] <= MAX_NEIGHBOUR_LOSS:
             break
         k, r, s = worst
-        removed[r] = f"took {100 * s:.1f}% of the {names[k]} (not corrected) on your scans"
+        removed[r] = f"took {100 * s:.1f}% of the {names[k]} (which keeps the parent's output) on your scans"
         keep.remove(r)
         # predictions of the child without r: r's voxels return to the parent's label there (exact for a routed
         # model only when r was the sole change there; close enough for a bound, and re-checked below)
         scans_c = [torch.where((q == r) & (p != r), p, q) for p, q in zip(scans_p, scans_c)]
     checks.append(Check("organs nobody corrected kept", True,
-                        f"no organ that was not corrected loses more than {100 * MAX_NEIGHBOUR_LOSS:.0f}% of its "
-                        "volume on your scans (the routed model keeps the parent's output for them)"))
+                        f"no organ that keeps the parent's output (not corrected, or not learnt) loses more than "
+                        f"{100 * MAX_NEIGHBOUR_LOSS:.0f}% of its volume on your scans to a learnt organ"))
 
     for c, why in removed.items():
         per.setdefault(names[c], {"routed": True})["removed"] = why

@@ -1,5 +1,6 @@
 """Organ calibration (dinomix/training/calibration.py): one logit offset per corrected organ, fitted on the corrected
-scans so that every one of them fits better, kept only where leave-one-scan-out vouches for it, never at the cost
+scans so that every one of them fits better (from four scans on: consistently better), kept only where
+leave-one-scan-out vouches for it, never at the cost
 of an organ nobody reviewed, and carried by the network's output biases into every inference path."""
 
 from __future__ import annotations
@@ -121,6 +122,43 @@ def test_three_left_out_scans_vouch_only_for_a_clear_and_consistent_gain(loco, k
     got, dropped = C.vouch(cal, _three(), [], NAMES)
     assert (3 in got) is kept and not cal.short_of_evidence
     assert kept or why in dropped[3]
+
+
+def _many(n_right: int) -> list[C.Scan]:
+    """Five scans where the parent draws the organ too large, and `n_right` where it already draws it right (a
+    larger organ: shrinking it costs it less than the others gain)."""
+    return [_scan(5.0 + 0.1 * i, 7.0 + 0.1 * i, seed=i) for i in range(5)] + \
+        [_scan(8.0, 8.0, seed=10 + i) for i in range(n_right)]
+
+
+def test_one_scan_drawn_right_does_not_block_an_offset_that_many_corrected_scans_share():
+    """Maximin alone would fit no offset here: the scan the parent already drew right gets a little worse with any
+    offset. From FIT_BOUND_FROM scans on, the lower confidence bound of the mean gain fits it."""
+    scans = _many(1)
+    off = C.fit_offsets(scans, [3])
+    assert off.get(3, 0.0) < 0
+    assert sum(C.organ_dice(s, off, 3) - C.organ_dice(s, {}, 3) for s in scans[:5]) > 25.0
+
+
+def test_three_scans_still_need_every_scan_to_fit_better():
+    """At three scans the bound is never above the smallest gain: a scan the parent drew right blocks the offset."""
+    scans = _many(1)[3:]  # two drawn too large, one drawn right
+    assert C.fit_offsets(scans, [3]) == {}
+    old = C.FIT_BOUND_FROM
+    try:  # and with maximin only (the rule before FIT_BOUND_FROM) the six scans fit nothing either
+        C.FIT_BOUND_FROM = 1000
+        assert C.fit_offsets(_many(1), [3]) == {}
+    finally:
+        C.FIT_BOUND_FROM = old
+
+
+@pytest.mark.parametrize("loco, kept", [([2.0, 6.6, 0.0, -0.04, 6.1, 4.4], True),   # 6 scans: -0.04 is noise
+                                         ([2.0, 6.6, 0.0, -1.5, 6.1, 4.4], False),   # one scan harmed
+                                         ([2.0, 6.6, -0.04], False)])               # 3 scans: none may be worse
+def test_from_four_left_out_scans_only_a_loss_beyond_one_dice_point_speaks_against_an_offset(loco, kept):
+    cal = C.Calibration(offsets={3: -0.5}, loco={3: loco})
+    got, dropped = C.vouch(cal, _three(), [], NAMES)
+    assert (3 in got) is kept, dropped
 
 
 def test_an_offset_that_overreaches_on_the_unlabeled_scans_is_dropped():
