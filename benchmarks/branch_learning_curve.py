@@ -19,7 +19,8 @@ Arms (--arms, each `<kind>-<count>`):
 * `default-K`: K corrected scans, the command's defaults (no held-out case: offsets vouched for by leave-one-scan-out
   from three scans on, no branch).
 * `holdout-K+H`: K corrected and H further corrected scans marked *Hold out for evaluation* (`--holdout`), the
-  default: the held-out path, with the three held-out scans that make a model `safe`.
+  default: the held-out path, with the three held-out scans that make a model `safe`; `holdout-noloco-K+H`: the same
+  without leave-one-scan-out over the corrected scans (--no-loco), so that the held-out scans alone judge.
 
 Per arm: the parent's and the new model's Dice per organ (mean over the eval scans), the organs kept (branch and
 offsets) with their leave-one-scan-out gains and their change on the eval scans, the corrected-organ gain as the
@@ -42,17 +43,18 @@ import correction_loop as CL  # noqa: E402
 import p1_common as P  # noqa: E402
 
 DEFAULT_OUT = P.RESULTS / "branch_learning_curve.json"
-ARM = re.compile(r"^(unverified|default)-(\d+)$|^holdout-(\d+)\+(\d+)$")
-METHOD = {"unverified": "default-unverified", "default": "default", "holdout": "default-holdout"}
+ARM = re.compile(r"^(unverified|default)-(\d+)$|^(holdout|holdout-noloco)-(\d+)\+(\d+)$")
+METHOD = {"unverified": "default-unverified", "default": "default", "holdout": "default-holdout",
+          "holdout-noloco": "default-holdout-noloco"}
 
 
 def parse_arm(arm: str) -> tuple[str, int, int]:
     """`unverified-6` -> ("unverified", 6, 0); `holdout-3+3` -> ("holdout", 3, 3)."""
     m = ARM.match(arm)
     if not m:
-        raise SystemExit(f"arm '{arm}': expected unverified-K, default-K or holdout-K+H")
+        raise SystemExit(f"arm '{arm}': expected unverified-K, default-K, holdout-K+H or holdout-noloco-K+H")
     if m.group(3):
-        return "holdout", int(m.group(3)), int(m.group(4))
+        return m.group(3), int(m.group(4)), int(m.group(5))
     return m.group(1), int(m.group(2)), 0
 
 

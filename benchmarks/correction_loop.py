@@ -28,7 +28,8 @@ The set-up (issue 17):
   `lowlr-supervised`: the whole network at a tenth of the parent's learning rate (--lr 1e-4; PIC, PIC with
   distillation from the frozen parent, plain supervised); `lowlr-routed`: the routed fine-tune at that learning
   rate with a three-block branch, its organs kept unverified (--keep-unverified); `default-unverified`: the default
-  with --keep-unverified (what leave-one-scan-out over the corrected scans alone would keep).
+  with --keep-unverified (what leave-one-scan-out over the corrected scans alone would keep);
+  `default-holdout-noloco`: `default-holdout` without leave-one-scan-out (--no-loco: the held-out cases alone judge).
 * Scores: Dice % per organ on the evaluated scans of the fold (mean over scans, fast mode, native grid) for the
   parent and the fine-tuned model; the same on the TotalSegmentator example CTs, whose labels are
   TotalSegmentator's own output (good enough to detect harm, not to report accuracy).
@@ -71,9 +72,12 @@ METHODS = {"default": [], "supervised-all": ["--method", "supervised", "--routin
            "lowlr-routed": ["--lr", "1e-4", "--route-blocks", "3", "--keep-unverified"],
            # the default, but keeping what leave-one-scan-out does not speak against (branch and offsets) without a
            # held-out case: what the corrected scans alone would vouch for (benchmarks/branch_learning_curve.py)
-           "default-unverified": ["--keep-unverified"]}
+           "default-unverified": ["--keep-unverified"],
+           # held-out cases alone judge the branch: leave-one-scan-out over the corrected scans skipped
+           "default-holdout-noloco": ["--no-loco"]}
 # rows that pass the reviewed minority organs as --priority (PIC), as the Trainer does; the supervised rows have no PIC
-PRIORITY_METHODS = ("default", "default-holdout", "lowlr", "lowlr-pd", "lowlr-routed", "default-unverified")
+PRIORITY_METHODS = ("default", "default-holdout", "lowlr", "lowlr-pd", "lowlr-routed", "default-unverified",
+                    "default-holdout-noloco")
 DROP_LIMIT = 1.0
 GAIN_TARGET = 2.0
 GAIN_BELOW = 90.0
@@ -214,7 +218,7 @@ def run_finetune(method: str, parent: str, manifest: Path, priority: list[str], 
     cmd += ["--iterations", str(args.ft_iterations)] if args.ft_iterations else ["--minutes", f"{args.minutes:g}"]
     if priority and method in PRIORITY_METHODS:
         cmd += ["--priority", *priority]
-    if method == "default-holdout" and holdout:
+    if method.startswith("default-holdout") and holdout:
         cmd += ["--holdout", *holdout]
     rec: dict[str, Any] = {"method": method, "command": " ".join(["dinomix"] + cmd[3:]), "load_before": P.load_now()}
     print(f"  [{method} seed {seed}] {rec['command']}", flush=True)
