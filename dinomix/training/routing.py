@@ -394,9 +394,11 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
                    "new scan before relying on them.")
     else:
         verdict = "unknown"
+        # no leave-one-scan-out: one corrected scan, or --no-loco; held-out cases, if any, speak afterwards
+        why = "with one corrected scan" if len(labeled) < 2 else "without leave-one-scan-out (--no-loco)"
         message = (f"Learnt {', '.join(names[c] for c in final)} and kept the parent's output for every other "
-                   "organ, but with one corrected scan and no held-out case nothing shows that the learnt organs "
-                   "are better on other scans: check them on a new scan before relying on them.")
+                   f"organ, but {why} nothing on the corrected scans shows that the learnt organs are better on "
+                   "other scans: check them on held-out or new scans before relying on them.")
     if removed:
         message += " Not learnt (the parent keeps them): " + _grouped(removed, names) + "."
     return SelfCheck(verdict, message, checks, removed, per, learnt=[c for c in final if c not in removed])

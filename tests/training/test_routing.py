@@ -182,6 +182,23 @@ def test_what_corrected_scans_alone_taught_is_not_kept_unless_asked_for():
     assert [c.passed for c in sc.checks] == [True, None, None, True]
 
 
+def test_the_message_says_why_nothing_on_the_corrected_scans_vouches_for_a_kept_organ():
+    """One corrected scan cannot be left out; two or more without leave-one-scan-out (--no-loco) were not: the
+    message names which, instead of claiming a single scan (2026-12-06: three corrected and three held-out scans
+    with --no-loco read "with one corrected scan and no held-out case")."""
+    gt = _blobs()
+    parent = torch.from_numpy(gt.copy())
+    parent[2:6, 14:18, 2:4] = 0
+    child = torch.from_numpy(gt.copy())
+    one = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [parent], [child], [], [],
+                     keep_unverified=True)
+    two = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3]), _case("b", gt, [3])], [parent, parent],
+                     [child, child], [], [], keep_unverified=True)
+    assert "with one corrected scan" in one.message
+    assert "without leave-one-scan-out (--no-loco)" in two.message and "one corrected scan" not in two.message
+    assert one.verdict == two.verdict == "unknown"
+
+
 def test_leave_one_scan_out_can_speak_against_a_learnt_organ_but_not_vouch_for_it():
     gt = _blobs()
     parent = torch.from_numpy(gt.copy())
