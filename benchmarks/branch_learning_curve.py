@@ -71,13 +71,15 @@ def parent_cases(model: str) -> list[str]:
 
 
 def vouches(gains: Optional[list[float]]) -> bool:
-    """Whether leave-one-scan-out gains would vouch for an organ by the engine's rule for organ offsets (three or
-    more left-out scans, none worse, +1 Dice point on average, 95 % lower bound above zero)."""
-    from dinomix.training.calibration import CAL_LOCO_MIN_GAIN, MIN_CAL_VOUCH
-    from dinomix.training.evidence import spread_too_wide
+    """Whether leave-one-scan-out gains would vouch for an organ by the engine's own rule for organ offsets
+    (`calibration.vouch`: three or more left-out scans, +1 Dice point on average, 95 % lower bound above zero, no
+    left-out scan worse; from four on, none worse by more than 1 point)."""
+    from dinomix.training.calibration import Calibration, vouch
 
-    return bool(gains) and len(gains) >= MIN_CAL_VOUCH and min(gains) >= 0 and \
-        sum(gains) / len(gains) >= CAL_LOCO_MIN_GAIN and spread_too_wide(gains, MIN_CAL_VOUCH) is None
+    if not gains:
+        return False
+    kept, _ = vouch(Calibration(offsets={1: 1.0}, loco={1: list(gains)}), [], [], ["background", "organ"])
+    return 1 in kept
 
 
 def kept_organs(rec: dict) -> dict[str, dict]:
