@@ -229,3 +229,33 @@ def test_learning_curve_vouches_only_for_consistent_gains_from_three_scans():
     assert not BLC.vouches([4.0, 3.0])                # two scans cannot vouch
     assert not BLC.vouches([5.0, 4.0, -0.5])          # one left-out scan worse
     assert not BLC.vouches(None)
+
+
+def _head_phantom():
+    """One feature channel x in [-1, 1] and a constant one; the organ (class 1) is x > 0.2, the parent's head draws it
+    at x > 0 (logit 5x), background logit 0, class 2 (not reviewed) far below."""
+    import torch
+
+    x = torch.linspace(-1, 1, 2001)
+    feat = torch.stack([x, torch.ones_like(x)]).to(torch.float16)
+    w = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, -10.0]])
+    b = torch.zeros(3)
+    return feat, (x > 0.2).long(), w, b
+
+
+def test_head_refit_moves_the_organ_border_to_the_corrections():
+    import head_refit_design as H
+
+    feat, ref, w, b = _head_phantom()
+    before = H.dice_all(H.logits_of(feat, w, b).argmax(0), ref, 3)[1]
+    rows = H.refit([feat], [ref], [1], [1], w, b, lam=0.0, dice=True)
+    after = H.dice_all(H.logits_of(feat, w, b, rows).argmax(0), ref, 3)[1]
+    assert before < 90.0 < after
+
+
+def test_head_refit_with_a_strong_pull_keeps_the_parents_row():
+    import head_refit_design as H
+
+    feat, ref, w, b = _head_phantom()
+    rows = H.refit([feat], [ref], [1], [1], w, b, lam=1e6)
+    assert abs(float(rows[1][0][0]) - 5.0) < 1e-2 and abs(float(rows[1][1])) < 1e-2
