@@ -171,14 +171,20 @@ def export(parent_pred, ref, reviewed: list[int]):
 
 
 def study(feats, labels, w, b, names: list[str], ids: list[str], n_corrected: int, lams: list[float],
-          losses: list[str], styles: tuple[str, ...], limit: Optional[int], oracle_lams: list[float]) -> list[dict]:
+          losses: list[str], styles: tuple[str, ...], limit: Optional[int], oracle_lams: list[float],
+          oracle_only: bool = False, blocks: bool = False) -> list[dict]:
+    """Per fold, the refit arms (fitted on the corrected scans) and the oracle arms (fitted on the scored scans).
+    `blocks`: folds of consecutive scans, as the correction-loop benchmark rotates them (fold i corrects scans
+    n*i .. n*i+n-1), instead of `limit` random choices."""
     nc = len(names)
     preds = [logits_of(f, w, b).argmax(0) for f in feats]
     base = [dice_all(p, y, nc) for p, y in zip(preds, labels)]
     out = []
     for style in styles:
         rev = list(range(1, nc)) if style == "all" else [names.index(o) for o in CD.MINORITY]
-        for fit in CD.fold_choices(len(ids), n_corrected, limit):
+        folds = ([tuple(range(i, i + n_corrected)) for i in range(0, len(ids) - n_corrected + 1, n_corrected)]
+                 if blocks else CD.fold_choices(len(ids), n_corrected, limit))
+        for fit in folds:
             scored = [i for i in range(len(ids)) if i not in fit]
             corr = [export(preds[i], labels[i], rev) for i in fit]
             fit_dice = {k: statistics.mean(v) for k in rev
@@ -191,7 +197,8 @@ def study(feats, labels, w, b, names: list[str], ids: list[str], n_corrected: in
                     "routed": [names[k] for k in routed],
                     "parent": {names[k]: round(v, 2) for k, v in parent_scored.items()}, "arms": {}}
             oracle_routed = [k for k in rev if parent_scored.get(k, 100.0) < BELOW]
-            arms = [(f"refit {loss} lam={lam:g}", lam, loss, fit, corr, routed) for loss in losses for lam in lams] + \
+            arms = [(f"refit {loss} lam={lam:g}", lam, loss, fit, corr, routed) for loss in losses for lam in lams
+                    if not oracle_only] + \
                    [(f"oracle {loss} lam={lam:g}", lam, loss, scored, [labels[i] for i in scored], oracle_routed)
                     for loss in losses for lam in oracle_lams]
             for name, lam, loss, on, targets, rt in arms:
@@ -250,6 +257,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "the parent's rows)")
     p.add_argument("--oracle-lams", type=float, nargs="+", default=[0.0], help="L2-SP weights of the oracle arm "
                    "(fitted on the scored scans themselves: the ceiling)")
+    p.add_argument("--oracle-only", action="store_true", help="only the oracle (the ceiling: it chooses nothing, so "
+                   "it may be measured on the P1 test scans, e.g. the correction-loop benchmark's folds)")
+    p.add_argument("--blocks", action="store_true", help="folds of consecutive --scans, as correction_loop.py "
+                   "rotates them, instead of random choices")
     p.add_argument("--losses", nargs="+", choices=["ce", "dice+ce"], default=["dice+ce"],
                    help="ce alone draws small organs smaller: even the oracle lost Dice with it (2026-12-07)")
     p.add_argument("--styles", nargs="+", choices=["all", "minority"], default=["all", "minority"])
@@ -260,15 +271,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     btcv = P.p1_data(args.data)
     if btcv is None:
         return 1 if P.on_ci() else 0
-    if set(args.scans) & set(P.p1_split(btcv)["test"]):
-        print("--scans includes P1 test scans: designs are never chosen on them", file=sys.stderr)
+    if set(args.scans) & set(P.p1_split(btcv)["test"]) and not args.oracle_only:
+        print("--scans includes P1 test scans: designs are never chosen on them (--oracle-only measures the ceiling "
+              "there)", file=sys.stderr)
         return 2
     work = P.make_workdir(args.workdir, "head_refit_design")
     feats, labels, w, b, meta = parent_features(args.model, args.scans, btcv, work)
     names = ["background"] + meta.organs.names
     folds = [f for n in args.corrected
              for f in study(feats, labels, w, b, names, args.scans, n, args.lams, args.losses, tuple(args.styles),
-                            args.folds_per_count, args.oracle_lams)]
+                            args.folds_per_count, args.oracle_lams, args.oracle_only, args.blocks)]
     text, rows = table(folds)
     print(f"\nparent {args.model}; scans {args.scans}; reviewed organs below {BELOW:g} refitted\n\n{text}")
     P.write_json({"benchmark": "head_refit_design", "issue": 17, "date": P.now_iso(), **P.machine(None),
