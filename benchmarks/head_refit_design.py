@@ -9,9 +9,9 @@ output layer itself: for every routed organ, the row of the parent's last 1x1 co
 the features the parent already computes), refitted on the corrected scans with everything else frozen. The other
 classes' logits stay the parent's; a voxel outside the reviewed organs is scored as "one of the classes nobody
 reviewed", whose logits are fixed. The loss is the parent's own (soft Dice + cross-entropy); L-BFGS fits its 17
-numbers per organ to convergence in seconds, so the number of iterations is not what limits it. An L2 pull towards
-the parent's row (L2-SP) bounds how far it moves. Hand-written: a 17-parameter fit on cached features needs no
-library beyond torch's L-BFGS.
+numbers per organ to convergence in 5 to 90 s (scoring included), so the number of iterations is not what limits
+it. An L2 pull towards the parent's row (L2-SP) bounds how far it moves. Hand-written: a 17-parameter fit on cached
+features needs no library beyond torch's L-BFGS.
 
 Per fold (a choice of --corrected scans; both correction styles, as the Trainer exports them: the parent's labels
 with the reviewed organs replaced by the reference): the rows of the reviewed organs the parent fits below 90 on the
