@@ -43,16 +43,39 @@ RULES = {"3 scans, none below -1 from 4 scans on (else none worse), +1 mean, 95 
          "no vouching": (0, 1e9, -1e9)}
 
 
+def cached_p1_cases(meta, ids: list[str], btcv: Path, work: Path, mode: str = "fast") -> list:
+    """The P1 cases `ids` preprocessed for the model `meta` describes (the trainer's cached cases, on its grid)."""
+    from dinomix.datasets import Case, Dataset, load_dataset
+    from dinomix.training.data import cache_cases
+
+    lm = {0: "background", **{o.value: o.name for o in meta.organs.organs}}
+    ds = Dataset(name="design-study", cases=[
+        Case(id=i, image=str(btcv / f"btcv_img{i}_ct.nii.gz"), label=str(btcv / f"btcv_img{i}_label.nii.gz"),
+             label_map=lm, split="train") for i in ids])
+    ds = load_dataset(ds.save(work / "dataset.json"))
+    return cache_cases(ds, ds.cases, meta.organs, meta.preprocessing, mode)
+
+
+def trainer_export(parent_pred, ref, reviewed: list[int]):
+    """The corrected label map as the Trainer exports it: the parent's labels with the reviewed organs replaced by
+    the reference."""
+    import torch
+
+    lab = parent_pred.clone()
+    lab[torch.isin(lab, torch.tensor(reviewed))] = 0
+    for k in reviewed:
+        lab[ref == k] = k
+    return lab
+
+
 def parent_logits(model: str, ids: list[str], btcv: Path, work: Path, mode: str = "fast"):
     """(logits per scan (C, V) float16, reference labels (V,) long) on the model grid, cached in `work`."""
     import torch
 
-    from dinomix.datasets import Case, Dataset, load_dataset
     from dinomix.modelfile import load_model
     from dinomix.nets.unet import fit_roi
     from dinomix.registry import resolve
     from dinomix.training import calibration as C
-    from dinomix.training.data import cache_cases
 
     entry = resolve(model)
     cache = work / f"logits-{entry.meta.weights_sha256[:12]}-{'-'.join(ids)}{'' if mode == 'fast' else '-' + mode}.pt"
@@ -60,12 +83,7 @@ def parent_logits(model: str, ids: list[str], btcv: Path, work: Path, mode: str 
         d = torch.load(cache)
         return d["logits"], d["labels"], entry.meta
     meta = entry.meta
-    lm = {0: "background", **{o.value: o.name for o in meta.organs.organs}}
-    ds = Dataset(name="calibration-design", cases=[
-        Case(id=i, image=str(btcv / f"btcv_img{i}_ct.nii.gz"), label=str(btcv / f"btcv_img{i}_label.nii.gz"),
-             label_map=lm, split="train") for i in ids])
-    ds = load_dataset(ds.save(work / "dataset.json"))
-    cached = cache_cases(ds, ds.cases, meta.organs, meta.preprocessing, mode)
+    cached = cached_p1_cases(meta, ids, btcv, work, mode)
     net, _ = load_model(entry.path, torch.device("cpu"))
     roi = fit_roi(meta.preprocessing.mode(mode).roi_size, meta.architecture.divisor)
     nc = meta.organs.num_classes
@@ -90,7 +108,6 @@ def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float]
     """`scored_on`: (logits, labels) of the same scans on another mode's grid to score the offsets on (they are
     fitted on `logits`, the fast grid, as `dinomix finetune` fits them; one set of weights serves every mode)."""
     import numpy as np
-    import torch
 
     from dinomix.training import calibration as C
 
@@ -107,11 +124,8 @@ def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float]
             rev = list(range(1, nc)) if style == "all" else [names.index(o) for o in MINORITY]
             for fit in fold_choices(len(ids), n_corrected, limit):
                 scans = []
-                for i in fit:  # the Trainer's export: the parent's labels with the reviewed organs replaced
-                    lab = parent[i].clone()
-                    lab[torch.isin(lab, torch.tensor(rev))] = 0
-                    for k in rev:
-                        lab[labels[i] == k] = k
+                for i in fit:
+                    lab = trainer_export(parent[i], labels[i], rev)
                     ann = np.zeros(nc, bool)
                     ann[[0, *rev]] = True
                     scans.append(C.Scan(logits[i].float(), lab, ann, parent[i]))

@@ -51,11 +51,9 @@ def parent_features(model: str, ids: list[str], btcv: Path, work: Path):
     import torch.nn.functional as F
     from monai.inferers import sliding_window_inference
 
-    from dinomix.datasets import Case, Dataset, load_dataset
     from dinomix.modelfile import load_model
     from dinomix.nets.unet import fit_roi
     from dinomix.registry import resolve
-    from dinomix.training.data import cache_cases
 
     entry = resolve(model)
     meta = entry.meta
@@ -65,12 +63,7 @@ def parent_features(model: str, ids: list[str], btcv: Path, work: Path):
     if cache.is_file():
         d = torch.load(cache)
         return d["features"], d["labels"], w, b, meta
-    lm = {0: "background", **{o.value: o.name for o in meta.organs.organs}}
-    ds = Dataset(name="head-refit-design", cases=[
-        Case(id=i, image=str(btcv / f"btcv_img{i}_ct.nii.gz"), label=str(btcv / f"btcv_img{i}_label.nii.gz"),
-             label_map=lm, split="train") for i in ids])
-    ds = load_dataset(ds.save(work / "dataset.json"))
-    cached = cache_cases(ds, ds.cases, meta.organs, meta.preprocessing, "fast")
+    cached = CD.cached_p1_cases(meta, ids, btcv, work)
     roi = fit_roi(meta.preprocessing.mode("fast").roi_size, meta.architecture.divisor)
     net.eval()
 
@@ -95,13 +88,10 @@ def parent_features(model: str, ids: list[str], btcv: Path, work: Path):
 
 
 def dice_all(pred, ref, nc: int) -> list[Optional[float]]:
-    """Dice % per class (None where neither has it)."""
-    out: list[Optional[float]] = [None]
-    for k in range(1, nc):
-        p, r = pred == k, ref == k
-        s = int(p.sum()) + int(r.sum())
-        out.append(None if s == 0 else 200.0 * int((p & r).sum()) / s)
-    return out
+    """Dice % per class, background None (None where neither has the class)."""
+    from dinomix.training.routing import dice
+
+    return [None] + [dice(pred == k, ref == k) for k in range(1, nc)]
 
 
 def logits_of(feat, w, b, rows: Optional[dict] = None):
@@ -159,17 +149,6 @@ def refit(feats, targets, reviewed: list[int], routed: list[int], w, b, lam: flo
     return {k: (wr[i].detach(), br[i].detach()) for i, k in enumerate(routed)}
 
 
-def export(parent_pred, ref, reviewed: list[int]):
-    """The Trainer's export: the parent's labels with the reviewed organs replaced by the reference."""
-    import torch
-
-    lab = parent_pred.clone()
-    lab[torch.isin(lab, torch.tensor(reviewed))] = 0
-    for k in reviewed:
-        lab[ref == k] = k
-    return lab
-
-
 def study(feats, labels, w, b, names: list[str], ids: list[str], n_corrected: int, lams: list[float],
           losses: list[str], styles: tuple[str, ...], limit: Optional[int], oracle_lams: list[float],
           oracle_only: bool = False, blocks: bool = False) -> list[dict]:
@@ -186,7 +165,7 @@ def study(feats, labels, w, b, names: list[str], ids: list[str], n_corrected: in
                  if blocks else CD.fold_choices(len(ids), n_corrected, limit))
         for fit in folds:
             scored = [i for i in range(len(ids)) if i not in fit]
-            corr = [export(preds[i], labels[i], rev) for i in fit]
+            corr = [CD.trainer_export(preds[i], labels[i], rev) for i in fit]
             fit_dice = {k: statistics.mean(v) for k in rev
                         if (v := [d for i, t in zip(fit, corr) if (d := dice_all(preds[i], t, nc)[k]) is not None])}
             routed = [k for k, d in fit_dice.items() if d < BELOW]
