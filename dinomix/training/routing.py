@@ -227,9 +227,28 @@ def untrained_check(names: list[str], routing: Routing, n_scans: int) -> SelfChe
     checks = [Check("trained branch", None, f"not trained: with {n_scans} corrected scan(s) and no held-out case "
                                             "nothing could vouch for it, so the budget was not spent on it")]
     message = ("Nothing was trained: what a fine-tune learns from corrected scans alone cannot be vouched for on "
-               "other patients' scans, so the new model gives the parent's output for every organ. Mark a corrected "
-               "scan 'Hold out for evaluation' (--holdout) to let the fine-tune train, check and keep what it learns.")
+               "other patients' scans, so the new model gives the parent's output for every organ. "
+               + what_next(n_scans))
     return SelfCheck("safe", message, checks, removed, per)
+
+
+def what_next(n_corrected: int) -> str:
+    """What the clinician can do so that the next fine-tune keeps something, with the counts the rules need: three
+    corrected scans before an organ offset can be vouched for (calibration.MIN_CAL_VOUCH), and held-out corrected
+    scans before a trained branch is kept (MIN_HOLDOUT_VOUCH of them to call it safe). Said plainly because holding
+    out the only corrected scan, or one of two, would leave little or nothing to learn from."""
+    from .calibration import MIN_CAL_VOUCH
+
+    steps = []
+    if n_corrected < MIN_CAL_VOUCH:
+        more = MIN_CAL_VOUCH - n_corrected
+        steps.append(f"Correct {more} more scan{'s' if more > 1 else ''} of your patients: from {MIN_CAL_VOUCH} "
+                     "corrected scans on, an organ the scans agree the model draws too large or too small is "
+                     "adjusted.")
+    steps.append("To let it train and keep more, correct further scans and mark them 'Hold out for evaluation' "
+                 f"(--holdout): they judge what was learnt; {MIN_HOLDOUT_VOUCH} held-out scans with no organ worse "
+                 "make the new model safe, fewer can only speak against it.")
+    return " ".join(steps)
 
 
 def neighbour_losses(parent_preds: list[torch.Tensor], child_preds: list[torch.Tensor], routed: list[int],
@@ -384,8 +403,7 @@ def self_check(names: list[str], routing: Routing, labeled: list[CachedCase], pa
             per.setdefault(names[c], {"routed": True})["removed"] = removed[c]
         verdict = "safe"
         message = (f"Nothing was kept: what was learnt from {n} corrected scan(s) cannot be vouched for on other "
-                   "patients' scans, so the new model gives the parent's output for every organ. Mark a corrected "
-                   "scan 'Hold out for evaluation' (--holdout) to let the fine-tune check and keep what it learns.")
+                   "patients' scans, so the new model gives the parent's output for every organ. " + what_next(n))
     elif loco:
         verdict = "unknown"
         message = (f"Learnt {', '.join(names[c] for c in final)} and kept the parent's output for every other "

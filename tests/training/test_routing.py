@@ -14,7 +14,7 @@ from dinomix.modelfile import ModelMeta, load_model, save_model
 from dinomix.nets.cpu_kernel import cpu_runner
 from dinomix.nets.unet import RoutedConfig, StudentConfig, StudentUNet
 from dinomix.training.data import CachedCase
-from dinomix.training.routing import Routing, neighbour_losses, route_organs, self_check
+from dinomix.training.routing import Routing, neighbour_losses, route_organs, self_check, untrained_check, what_next
 
 SMALL = StudentConfig(out_channels=5, stem_channels=8, channels=(8, 16, 24, 32))
 NAMES = ["background", "liver", "spleen", "gallbladder", "pancreas"]
@@ -180,6 +180,18 @@ def test_what_corrected_scans_alone_taught_is_not_kept_unless_asked_for():
                     keep_unverified=True)
     assert sc.removed == {} and sc.verdict == "unknown"
     assert [c.passed for c in sc.checks] == [True, None, None, True]
+
+
+def test_the_advice_after_an_empty_fine_tune_gives_the_counts_the_rules_need():
+    """One corrected scan: holding it out would leave nothing to learn from, so the advice asks for two more
+    corrected scans (organ offsets) and for held-out scans (a branch, safe from three); from three corrected scans
+    on, only the held-out advice is left."""
+    one = untrained_check(NAMES, Routing(classes=[3]), 1).message
+    assert "parent's output for every organ" in one and "Correct 2 more scans" in one
+    assert "Hold out for evaluation" in one and "3 held-out scans" in one
+    assert "Correct 1 more scan of" in what_next(2)
+    three = what_next(3)
+    assert "more scan" not in three and "Hold out for evaluation" in three
 
 
 def test_the_message_says_why_nothing_on_the_corrected_scans_vouches_for_a_kept_organ():
