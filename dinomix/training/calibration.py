@@ -239,6 +239,9 @@ class Calibration:
     # set by `vouch`: offsets that passed every check but had too few left-out scans to be vouched for (the ones
     # --keep-unverified or held-out cases may keep; an offset the evidence speaks against is never among them)
     short_of_evidence: set[int] = field(default_factory=set)
+    # set by `vouch`: of those, the offsets two corrected scans agree on strongly (PAIR_STRONG_GAIN): kept without
+    # being asked, the model then "unknown"
+    strong_pair: set[int] = field(default_factory=set)
 
 
 def calibrate(scans: list[Scan], classes: Sequence[int]) -> Calibration:
@@ -305,6 +308,17 @@ CAL_LOCO_MIN_GAIN = 1.0
 CAL_LOCO_TOLERANCE = 1.0
 # An offset may change the organ on the unlabeled scans at most this much more than the corrections changed it.
 MAX_EXTRA_CHANGE = 0.15
+# Two corrected scans cannot vouch for an offset (above), but they can agree strongly: the offset fitted on each one
+# alone improves the other by this many Dice points or more. Such an offset is kept unverified (the model is
+# "unknown": the Trainer asks before making it current), so that two corrected scans can teach a large bias the
+# parent has on a hospital's scans (another scanner, protocol or drawing convention). Chosen on the design folds
+# (benchmarks/calibration_design.py, 2 corrected scans, both correction styles, shrink 0.5, 2026-12-07): with the
+# 20-scan design parent on the P1 eval scans (12 folds), both left-out gains >= +1 kept offsets that took an organ down
+# by more than 1 Dice point in 5 folds, >= +2 in 2, >= +3 in none (gain +0.64 on the reviewed organs below 90; the
+# gallbladder it draws too small: +6.2 to +9.7 on the scored scans); its first stage and the shipped model: no harm
+# at +3. Checked, not chosen, on 40 folds of 14 scans a parent trained on 10 P1 train scans never saw: no harm at +3
+# (two left-adrenal offsets, +1.7 each on the 12 scored scans; +1 had harmed one fold).
+PAIR_STRONG_GAIN = 3.0
 
 
 def _pooled_change(pairs: list[tuple[torch.Tensor, torch.Tensor]], k: int) -> Optional[float]:
@@ -335,7 +349,7 @@ def vouch(cal: Calibration, scans: list[Scan], unlabeled: list[tuple[torch.Tenso
     (`evidence.spread_too_wide`), when it changes the organ on the unlabeled scans
     (`unlabeled`: (logits (C, ...), parent argmax)) far more than the corrections changed it on theirs, and, having
     passed both, when fewer than MIN_CAL_VOUCH left-out scans vouch for it (then it is in `cal.short_of_evidence`,
-    what --keep-unverified may keep)."""
+    what --keep-unverified may keep, and in `cal.strong_pair` when two scans agree on it by PAIR_STRONG_GAIN)."""
     kept: dict[int, float] = {}
     dropped: dict[int, str] = {}
     cal.short_of_evidence = set()
@@ -365,6 +379,8 @@ def vouch(cal: Calibration, scans: list[Scan], unlabeled: list[tuple[torch.Tenso
             dropped[k] = (f"an offset of {b:+.2f} fits the corrections, but {len(gains)} left-out corrected scan(s) "
                           f"cannot vouch for it (it takes {MIN_CAL_VOUCH})")
             cal.short_of_evidence.add(k)
+            if len(gains) == 2 and min(gains) >= PAIR_STRONG_GAIN:
+                cal.strong_pair.add(k)
             continue
         kept[k] = b
     return kept, dropped

@@ -130,7 +130,7 @@ class SelfCheck:
         """The organ calibration's word: offsets vouched for by leave-one-scan-out (`kept`), offsets nothing could
         vouch for but kept on request (`unverified`: the model is then "unknown" until held-out cases speak), and
         offsets dropped, with why. The message is rewritten to say what the new model changes."""
-        from .calibration import describe
+        from .calibration import MIN_CAL_VOUCH, PAIR_STRONG_GAIN, describe
 
         for c, b in cal.offsets.items():
             d = self.per_organ.setdefault(names[c], {"routed": True})
@@ -156,8 +156,14 @@ class SelfCheck:
         if unverified and self.verdict == "safe":
             self.verdict = "unknown"
         head = describe(applied, cal, names)
-        if unverified:
-            head += (" Not vouched for by left-out corrected scans: " + ", ".join(names[c] for c in unverified)
+        strong = [names[c] for c in unverified if c in cal.strong_pair]
+        weak = [names[c] for c in unverified if c not in cal.strong_pair]
+        if strong:
+            head += (f" The two corrected scans agree strongly on {', '.join(strong)} (the offset fitted on each "
+                     f"improved the other by {PAIR_STRONG_GAIN:g} Dice points or more), but two scans cannot vouch for "
+                     f"other patients' scans (it takes {MIN_CAL_VOUCH}): check on a new scan before relying on it.")
+        if weak:
+            head += (" Not vouched for by left-out corrected scans: " + ", ".join(weak)
                      + " (check them on a new scan before relying on them).")
         if self.learnt:
             self.message = head + " " + self.message
@@ -244,7 +250,7 @@ def what_next(n_corrected: int) -> str:
         more = MIN_CAL_VOUCH - n_corrected
         steps.append(f"Correct {more} more scan{'s' if more > 1 else ''} of your patients: from {MIN_CAL_VOUCH} "
                      "corrected scans on, an organ the scans agree the model draws too large or too small is "
-                     "adjusted.")
+                     "adjusted (from two, only where they agree strongly, and left for you to check).")
     steps.append("To let it train and keep more, correct further scans and mark them 'Hold out for evaluation' "
                  f"(--holdout): they judge what was learnt; {MIN_HOLDOUT_VOUCH} held-out scans with no organ worse "
                  "make the new model safe, fewer can only speak against it.")

@@ -101,6 +101,33 @@ def test_fewer_than_three_corrected_scans_cannot_vouch_for_an_offset(n):
     assert cal.short_of_evidence == {3}
 
 
+def test_two_corrected_scans_that_agree_strongly_keep_their_offset_for_the_clinician_to_check():
+    """Two scans cannot vouch for an offset, but a large bias both show (the offset fitted on each one improves the
+    other by PAIR_STRONG_GAIN Dice points or more) is what a new hospital's scans teach: it is marked to be kept
+    unverified. A bias the two share only mildly is not."""
+    strong = _three()[:2]
+    cal = C.calibrate(strong, [3])
+    kept, _ = C.vouch(cal, strong, [], NAMES)
+    assert not kept and min(cal.loco[3]) >= C.PAIR_STRONG_GAIN and cal.strong_pair == {3}
+    mild = [_scan(9.0, 9.3, seed=0), _scan(9.0, 9.4, seed=1)]
+    cal = C.calibrate(mild, [3])
+    kept, _ = C.vouch(cal, mild, [], NAMES)
+    assert 3 in cal.offsets and 0 < min(cal.loco[3]) < C.PAIR_STRONG_GAIN
+    assert not kept and cal.short_of_evidence == {3} and cal.strong_pair == set()
+
+
+def test_an_offset_two_scans_agree_on_makes_the_model_unknown_and_says_why():
+    from dinomix.training.routing import untrained_check
+
+    scans = _three()[:2]
+    cal = C.calibrate(scans, [3])
+    kept, dropped = C.vouch(cal, scans, [], NAMES)
+    sc = untrained_check(NAMES, Routing(classes=[3]), 2)
+    sc.add_calibration(NAMES, cal, kept, {3: cal.offsets[3]}, {})
+    assert sc.verdict == "unknown" and sc.calibrated == {"pancreas": cal.offsets[3]}
+    assert "agree strongly on pancreas" in sc.message and "two scans cannot vouch" in sc.message
+
+
 def test_an_offset_a_left_out_scan_speaks_against_is_not_merely_short_of_evidence():
     """One scan wants the organ much smaller, the other only a little: the offset fitted on both helps both, but the
     one fitted on the first alone overshoots on the second. Dropped for that, not for lack of scans, so

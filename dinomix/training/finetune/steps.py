@@ -473,9 +473,10 @@ class FineTune:
         self.offsets = {}
         if self.sc is None:
             return
-        if len(self.labeled) < calibration.MIN_CAL_VOUCH and not self._keep_unverified:
-            self.sc.calibration_not_run(f"{len(self.labeled)} corrected scan(s) cannot vouch for an organ offset "
-                                        f"on other scans (it takes {calibration.MIN_CAL_VOUCH}, or a held-out case)")
+        if len(self.labeled) < 2 and not self._keep_unverified:
+            self.sc.calibration_not_run(f"{len(self.labeled)} corrected scan cannot vouch for an organ offset on "
+                                        f"other scans (it takes {calibration.MIN_CAL_VOUCH}, two for a strong "
+                                        "agreement, or a held-out case)")
             self.lap("organ_calibration")
             return
         self.rep.begin("organ_calibration", "fitting one offset per corrected organ on your scans")
@@ -487,9 +488,10 @@ class FineTune:
                      for case, lg, p in zip(self.cached_lab, self.parent_logits, self.parent_lab)]
             cal = calibration.calibrate(scans, todo)
             kept, dropped = calibration.vouch(cal, scans, list(zip(self.unl_logits, self.parent_unl)), names)
-            unverified = {}
-            if self._keep_unverified:  # the held-out cases (or --keep-unverified) decide instead of leave-one-out
-                unverified = {c: b for c, b in cal.offsets.items() if c in cal.short_of_evidence}
+            # the held-out cases (or --keep-unverified) decide instead of leave-one-out; without them, only what two
+            # corrected scans agree on strongly is kept unverified (calibration.PAIR_STRONG_GAIN)
+            keep = cal.short_of_evidence if self._keep_unverified else cal.strong_pair
+            unverified = {c: b for c, b in cal.offsets.items() if c in keep}
             applied = {**kept, **unverified}
             calibration.apply_offsets(net, applied)
             sc.add_calibration(names, cal, kept, unverified, {c: w for c, w in dropped.items() if c not in unverified})
