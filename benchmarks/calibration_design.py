@@ -39,6 +39,9 @@ RULES = {"3 scans, none below -1 from 4 scans on (else none worse), +1 mean, 95 
          "3 scans, none worse, +1 mean, 95 % bound > 0 (shipped until 2026-12-06 night)": (3, 0.0, 1.0, True),
          "3 scans, none worse, +1 mean": (3, 0.0, 1.0),
          "2 scans, none worse, +1 mean": (2, 0.0, 1.0),
+         # calibration.PAIR_STRONG_GAIN: with two corrected scans, kept unverified (the model "unknown")
+         "2 scans, each left-out gain >= +3 (kept unverified from two scans since 2026-12-07)": (2, -3.0, 3.0),
+         "2 scans, each left-out gain >= +2": (2, -2.0, 2.0),
          "2 scans, none worse, +0.5 mean": (2, 0.0, 0.5), "2 scans, none below -1, +0.5 mean": (2, 1.0, 0.5),
          "no vouching": (0, 1e9, -1e9)}
 
@@ -197,9 +200,26 @@ def table(folds: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines), rows
 
 
+def retable(src: Path, out: Path) -> int:
+    """The table of an earlier run of this study, recomputed from its folds with today's RULES (the folds hold each
+    organ's fitted offset, left-out gains and change on the scored scans, so a new rule needs no new fit)."""
+    import json
+
+    doc = json.loads(src.read_text())
+    text, rows = table(doc["folds"])
+    print(f"parent {doc.get('parent')}; scans {doc.get('scans')}; from {src}\n\n{text}")
+    doc["table"] = rows
+    doc["retabled"] = P.now_iso()
+    P.write_json(doc, out)
+    print(f"\nwritten {out}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="parent: registry name or model file (trained without --set)")
+    p.add_argument("--model", help="parent: registry name or model file (trained without --set)")
+    p.add_argument("--retable", default=None, help="a result file of this study: recompute its table with the rules "
+                   "of this script (no model needed) and write it to --out")
     p.add_argument("--set", choices=["eval", "test"], default="eval")
     p.add_argument("--shrinks", type=float, nargs="+", default=[1.0, 0.75, 0.5])
     p.add_argument("--below", type=float, default=90.0,
@@ -220,6 +240,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=str(P.RESULTS / "calibration_design.json"))
     args = p.parse_args(argv)
+    if args.retable:
+        return retable(Path(args.retable), Path(args.out))
+    if not args.model:
+        p.error("--model is required (unless --retable)")
     btcv = P.p1_data(args.data)
     if btcv is None:
         return 1 if P.on_ci() else 0

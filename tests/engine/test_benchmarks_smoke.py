@@ -259,3 +259,21 @@ def test_head_refit_with_a_strong_pull_keeps_the_parents_row():
     feat, ref, w, b = _head_phantom()
     rows = H.refit([feat], [ref], [1], [1], w, b, lam=1e6)
     assert abs(float(rows[1][0][0]) - 5.0) < 1e-2 and abs(float(rows[1][1])) < 1e-2
+
+
+def test_calibration_study_retables_a_result_with_the_two_scan_agreement_rule(tmp_path):
+    """A new rule needs no new fit: the folds keep each organ's left-out gains and its change on the scored scans.
+    Under the two-scan agreement rule only the organ whose two left-out gains are both >= +3 counts."""
+    import calibration_design as CD
+
+    fold = {"shrink": 0.5, "style": "all", "n_corrected": 2, "fit_bound_from": 4, "corrected": ["a", "b"],
+            "reviewed": ["gallbladder", "pancreas"], "offsets": {"gallbladder": 1.0, "pancreas": -0.5},
+            "loco": {"gallbladder": [9.0, 3.1], "pancreas": [2.9, 6.0]},
+            "per_organ": {"gallbladder": [40.0, 6.0], "pancreas": [60.0, -2.0]}}
+    src = tmp_path / "study.json"
+    src.write_text(json.dumps({"parent": "p", "scans": ["a", "b", "c"], "folds": [fold]}))
+    assert CD.main(["--retable", str(src), "--out", str(tmp_path / "out.json")]) == 0
+    rows = {r["rule"]: r for r in json.loads((tmp_path / "out.json").read_text())["table"]}
+    strong = next(r for name, r in rows.items() if name.startswith("2 scans, each left-out gain >= +3"))
+    assert strong["gain"] == 3.0 and strong["harmed_folds"] == 0      # gallbladder only: (6 + 0) / 2
+    assert rows["no vouching"]["gain"] == 2.0 and rows["no vouching"]["harmed_folds"] == 1
