@@ -381,6 +381,8 @@ def vouch(cal: Calibration, scans: list[Scan], unlabeled: list[tuple[torch.Tenso
             cal.short_of_evidence.add(k)
             if len(gains) == 2 and min(gains) >= PAIR_STRONG_GAIN:
                 cal.strong_pair.add(k)
+            elif len(gains) == 2:
+                dropped[k] += f"; two that each gain {PAIR_STRONG_GAIN:+g} or more keep it for you to check"
             continue
         kept[k] = b
     return kept, dropped

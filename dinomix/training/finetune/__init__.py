@@ -45,15 +45,17 @@ What it does:
    confidence bound of the mean gain above zero, training/evidence.py), change the unlabeled scans about as much
    as the corrections changed it, and not take more than 1 % of an uncorrected organ; an organ that fails goes
    back to the parent's output. The verdict: "safe" (nothing unverified kept, or the held-out cases confirm it),
-   "unknown" (learnt organs or offsets kept with --keep-unverified that nothing vouched for) or "unsafe" (worse
-   on held-out cases).
+   "unknown" (learnt organs or offsets kept with --keep-unverified, or offsets two corrected scans agree on, that
+   nothing vouched for) or "unsafe" (worse on held-out cases).
 6. organ calibration (dinomix/training/calibration.py): for each routed organ the trained branch could not keep,
    one offset added to the organ's logit (drawn larger or smaller everywhere, nothing else), fitted on the
    corrected scans so that every one of them fits better (half the best offset), kept where leave-one-scan-out
    over three or more corrected scans vouches for it (no left-out scan worse, +1 Dice point on average, the lower
    confidence bound of the mean gain above zero) and the unlabeled scans change no more than the corrections
-   imply; written into the network's output biases. With fewer corrected scans nothing vouches for an offset and
-   none is fitted (unless held-out cases or --keep-unverified).
+   imply; written into the network's output biases. Two corrected scans cannot vouch for an offset, but one they
+   agree on strongly (fitted on each alone, it improves the other by calibration.PAIR_STRONG_GAIN Dice points or
+   more) is kept unverified, the model "unknown". From one corrected scan none is fitted (unless held-out cases
+   or --keep-unverified).
 7. compare: evaluates before and after on held-out cases, if any (model-grid Dice in %, sliding window on the
    training preprocessing; organs annotated and present in each case); a routed organ or an offset more than
    1 Dice point worse there goes back to the parent's output (unless --keep-unverified).
