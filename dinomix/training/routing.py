@@ -159,7 +159,7 @@ class SelfCheck:
         strong = [names[c] for c in unverified if c in cal.strong_pair]
         weak = [names[c] for c in unverified if c not in cal.strong_pair]
         if strong:
-            head += (f" The two corrected scans agree strongly on {', '.join(strong)} (the offset fitted on each "
+            head += (f" Two corrected scans agree strongly on {', '.join(strong)} (the offset fitted on each "
                      f"improved the other by {PAIR_STRONG_GAIN:g} Dice points or more), but two scans cannot vouch for "
                      f"other patients' scans (it takes {MIN_CAL_VOUCH}): check on a new scan before relying on it.")
         if weak:
