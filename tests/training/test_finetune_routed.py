@@ -127,3 +127,53 @@ def test_without_a_held_out_case_no_branch_is_trained_and_the_budget_is_not_spen
     assert result["routing"]["calibrated"] == {}
     assert not any(e["event"] == "metric" and e.get("kind") == "plan" for e in events)  # no step timed, none planned
     assert result["timings_s"]["train"] == 0.0 and result["timings_s"].get("loco", 0.0) == 0.0
+
+
+@pytest.fixture(scope="module")
+def lumen_convention(tmp_path_factory, data_dir, dinomix):
+    """A hospital that draws the aorta's lumen only: two scans corrected that way (the reference aorta eroded by two
+    voxels in-plane, only the aorta reviewed), one unlabeled scan, the default fine-tune. Returns (result, env)."""
+    import SimpleITK as sitk
+
+    tmp = tmp_path_factory.mktemp("lumen")
+    env = {"DINOMIX_MODELS_DIR": str(tmp / "models"), "XDG_CACHE_HOME": str(tmp / "cache")}
+    btcv = data_dir / "btcv"
+    aorta = {n: v for v, n in BTCV_NAMES.items()}["aorta"]
+    cases = []
+    for scan in (CORRECTED_SCAN, UNLABELED_SCAN):
+        image = btcv / f"btcv_img{scan}_ct.nii.gz"
+        ref = sitk.ReadImage(str(btcv / f"btcv_img{scan}_label.nii.gz"))
+        fixed = _segment(PARENT, image)
+        fixed[fixed == aorta] = 0
+        fixed[sitk.GetArrayFromImage(sitk.BinaryErode(ref == aorta, [2, 2, 0])) > 0] = aorta
+        lab = sitk.GetImageFromArray(fixed.astype(np.uint8))
+        lab.CopyInformation(ref)
+        sitk.WriteImage(lab, str(tmp / f"corrected{scan}.nii.gz"))
+        cases.append(Case(id=f"btcv_img{scan}", image=str(image), label=str(tmp / f"corrected{scan}.nii.gz"),
+                          label_map=dict(BTCV_NAMES), annotated=["aorta"], split="train"))
+    cases.append(Case(id="btcv_img0026", image=str(btcv / "btcv_img0026_ct.nii.gz"), split="train"))
+    manifest = Dataset(name="lumen", cases=cases).save(tmp / "dataset.json")
+    res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, "--minutes", "5", "--events", "-",
+                  "--threads", "2", env=env, timeout=900)
+    assert res.returncode == 0, res.describe()
+    return [e for e in res.events() if e["event"] == "result"][-1], env
+
+
+def test_two_scans_that_agree_strongly_teach_a_drawing_convention_for_the_clinician_to_check(lumen_convention,
+                                                                                             data_dir):
+    """Two corrected scans cannot vouch for what they teach, but a convention both show strongly (each scan's own
+    offset improves the other by calibration.PAIR_STRONG_GAIN or more) is kept: the new model draws the aorta
+    thinner on another patient, leaves every other organ as it was, and is marked unknown so that the Trainer asks."""
+    result, _ = lumen_convention
+    sc = result["self_check"]
+    assert result["iterations"] == 0 and set(result["routing"]["calibrated"]) == {"aorta"}
+    assert result["routing"]["calibrated"]["aorta"] < 0
+    assert sc["verdict"] == "unknown" and "agree strongly on aorta" in sc["message"]
+    assert min(sc["per_organ"]["aorta"]["offset_loco_deltas"]) >= 3.0
+    image = data_dir / "btcv" / f"btcv_img{OTHER_SCAN}_ct.nii.gz"
+    parent, child = _segment(PARENT, image), _segment(result["path"], image)
+    aorta = {n: v for v, n in BTCV_NAMES.items()}["aorta"]
+    assert (child == aorta).sum() < 0.95 * (parent == aorta).sum()
+    for value, name in BTCV_NAMES.items():
+        if value and name != "aorta" and (parent == value).any():
+            assert _dice(parent == value, child == value) >= 99.0, f"{name} changed"
