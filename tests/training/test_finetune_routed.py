@@ -2,7 +2,9 @@
 scan (the Trainer's export: the model's own prediction with the reviewed organs replaced by the reference) leaves
 the organs nobody corrected as they were on another scan, learns only the organs the correction changed, and says
 in its result what its self-check found. `--keep-unverified` keeps what one scan taught (by default the self-check
-sends it back to the parent, since one scan cannot vouch for it), so that the routed organs really change here."""
+sends it back to the parent, since one scan cannot vouch for it), so that the routed organs really change here.
+Two scans corrected with one hospital's drawing convention (the aorta's lumen only) teach the default fine-tune that
+convention, which it keeps for the clinician to check."""
 
 from __future__ import annotations
 
