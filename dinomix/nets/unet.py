@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.blocks import Convolution, UnetResBlock, UnetUpBlock
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer
 
 from .segdino import SegDINOConfig
@@ -80,6 +79,10 @@ class StudentUNet(nn.Module):
     routed: Optional[RoutedConfig]
 
     def __init__(self, cfg: StudentConfig) -> None:
+        # imported here, not with the module: the configs above are read with every model file's header
+        # (`dinomix models list`), which needs no network, and MONAI's import takes about 2 s of CPU
+        from monai.networks.blocks import Convolution, UnetResBlock, UnetUpBlock
+
         super().__init__()
         self.cfg = cfg
         norm = (cfg.norm, {"affine": True}) if cfg.norm == "instance" else cfg.norm
