@@ -238,10 +238,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "fitted on the fast grid, as dinomix finetune fits them)")
     p.add_argument("--data", default=os.environ.get("DINOMIX_DATA", str(P.REPO.parent / "shared" / "data")))
     p.add_argument("--workdir", default=None)
-    p.add_argument("--out", default=str(P.RESULTS / "calibration_design.json"))
+    p.add_argument("--out", default=None, help="result file (default: benchmarks/results/calibration_design.json; "
+                   "with --retable, the file retabled, so that another study's result is never replaced)")
     args = p.parse_args(argv)
     if args.retable:
-        return retable(Path(args.retable), Path(args.out))
+        return retable(Path(args.retable), Path(args.out or args.retable))
     if not args.model:
         p.error("--model is required (unless --retable)")
     btcv = P.p1_data(args.data)
@@ -269,8 +270,9 @@ def main(argv: Optional[list[str]] = None) -> int:
            "corrected": args.corrected,
            "score_mode": args.score_mode,
            "table": rows, "folds": folds}
-    P.write_json(doc, Path(args.out))
-    print(f"\nwritten {args.out}")
+    out = Path(args.out or P.RESULTS / "calibration_design.json")
+    P.write_json(doc, out)
+    print(f"\nwritten {out}")
     return 0
 
 

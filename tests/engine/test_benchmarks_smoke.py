@@ -277,3 +277,5 @@ def test_calibration_study_retables_a_result_with_the_two_scan_agreement_rule(tm
     strong = next(r for name, r in rows.items() if name.startswith("2 scans, each left-out gain >= +3"))
     assert strong["gain"] == 3.0 and strong["harmed_folds"] == 0      # gallbladder only: (6 + 0) / 2
     assert rows["no vouching"]["gain"] == 2.0 and rows["no vouching"]["harmed_folds"] == 1
+    assert CD.main(["--retable", str(src)]) == 0  # without --out: the file retabled, never another study's result
+    assert json.loads(src.read_text())["table"] == json.loads((tmp_path / "out.json").read_text())["table"]
