@@ -34,27 +34,36 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return 200.0 * float((a & b).sum()) / max(1, int(a.sum()) + int(b.sum()))
 
 
+VALUES = {n: v for v, n in BTCV_NAMES.items()}
+
+
+def _corrected_case(btcv: Path, scan: str, drawn: dict[str, np.ndarray], out: Path) -> Case:
+    """The Trainer's export of one scan: the parent's prediction with each reviewed organ replaced by the mask the
+    clinician drew (`drawn`: organ -> boolean array), only those organs annotated; written to `out`."""
+    image = btcv / f"btcv_img{scan}_ct.nii.gz"
+    fixed = _segment(PARENT, image)
+    for name in drawn:
+        fixed[fixed == VALUES[name]] = 0
+    for name, mask in drawn.items():
+        fixed[mask] = VALUES[name]
+    ref = sitk.ReadImage(str(btcv / f"btcv_img{scan}_label.nii.gz"))
+    lab = sitk.GetImageFromArray(fixed.astype(np.uint8))
+    lab.CopyInformation(ref)
+    sitk.WriteImage(lab, str(out))
+    return Case(id=f"btcv_img{scan}", image=str(image), label=str(out), label_map=dict(BTCV_NAMES),
+                annotated=list(drawn), split="train")
+
+
 @pytest.fixture(scope="module")
 def correction(tmp_path_factory, data_dir):
     """(dataset manifest, engine environment): one corrected scan and one unlabeled scan."""
     tmp = tmp_path_factory.mktemp("routed")
     env = {"DINOMIX_MODELS_DIR": str(tmp / "models"), "XDG_CACHE_HOME": str(tmp / "cache")}
     btcv = data_dir / "btcv"
-    image = btcv / f"btcv_img{CORRECTED_SCAN}_ct.nii.gz"
-    ref = sitk.ReadImage(str(btcv / f"btcv_img{CORRECTED_SCAN}_label.nii.gz"))
-    pred = _segment(PARENT, image)
-    gt = sitk.GetArrayFromImage(ref)
-    values = {n: v for v, n in BTCV_NAMES.items()}
-    fixed = pred.copy()
-    for name in REVIEWED:  # the Trainer's export: the reviewed organs as the clinician painted them
-        fixed[fixed == values[name]] = 0
-    for name in REVIEWED:
-        fixed[gt == values[name]] = values[name]
-    lab = sitk.GetImageFromArray(fixed.astype(np.uint8))
-    lab.CopyInformation(ref)
-    sitk.WriteImage(lab, str(tmp / "corrected.nii.gz"))
-    cases = [Case(id=f"btcv_img{CORRECTED_SCAN}", image=str(image), label=str(tmp / "corrected.nii.gz"),
-                  label_map=dict(BTCV_NAMES), annotated=REVIEWED, split="train"),
+    gt = sitk.GetArrayFromImage(sitk.ReadImage(str(btcv / f"btcv_img{CORRECTED_SCAN}_label.nii.gz")))
+    # the reviewed organs as the clinician painted them: the reference
+    drawn = {name: gt == VALUES[name] for name in REVIEWED}
+    cases = [_corrected_case(btcv, CORRECTED_SCAN, drawn, tmp / "corrected.nii.gz"),
              Case(id=f"btcv_img{UNLABELED_SCAN}", image=str(btcv / f"btcv_img{UNLABELED_SCAN}_ct.nii.gz"),
                   split="train")]
     return Dataset(name="one-correction", cases=cases).save(tmp / "dataset.json"), env
@@ -135,24 +144,14 @@ def test_without_a_held_out_case_no_branch_is_trained_and_the_budget_is_not_spen
 def lumen_convention(tmp_path_factory, data_dir, dinomix):
     """A hospital that draws the aorta's lumen only: two scans corrected that way (the reference aorta eroded by two
     voxels in-plane, only the aorta reviewed), one unlabeled scan, the default fine-tune. Returns (result, env)."""
-    import SimpleITK as sitk
-
     tmp = tmp_path_factory.mktemp("lumen")
     env = {"DINOMIX_MODELS_DIR": str(tmp / "models"), "XDG_CACHE_HOME": str(tmp / "cache")}
     btcv = data_dir / "btcv"
-    aorta = {n: v for v, n in BTCV_NAMES.items()}["aorta"]
     cases = []
     for scan in (CORRECTED_SCAN, UNLABELED_SCAN):
-        image = btcv / f"btcv_img{scan}_ct.nii.gz"
         ref = sitk.ReadImage(str(btcv / f"btcv_img{scan}_label.nii.gz"))
-        fixed = _segment(PARENT, image)
-        fixed[fixed == aorta] = 0
-        fixed[sitk.GetArrayFromImage(sitk.BinaryErode(ref == aorta, [2, 2, 0])) > 0] = aorta
-        lab = sitk.GetImageFromArray(fixed.astype(np.uint8))
-        lab.CopyInformation(ref)
-        sitk.WriteImage(lab, str(tmp / f"corrected{scan}.nii.gz"))
-        cases.append(Case(id=f"btcv_img{scan}", image=str(image), label=str(tmp / f"corrected{scan}.nii.gz"),
-                          label_map=dict(BTCV_NAMES), annotated=["aorta"], split="train"))
+        lumen = sitk.GetArrayFromImage(sitk.BinaryErode(ref == VALUES["aorta"], [2, 2, 0])) > 0
+        cases.append(_corrected_case(btcv, scan, {"aorta": lumen}, tmp / f"corrected{scan}.nii.gz"))
     cases.append(Case(id="btcv_img0026", image=str(btcv / "btcv_img0026_ct.nii.gz"), split="train"))
     manifest = Dataset(name="lumen", cases=cases).save(tmp / "dataset.json")
     res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, "--minutes", "5", "--events", "-",
@@ -174,7 +173,7 @@ def test_two_scans_that_agree_strongly_teach_a_drawing_convention_for_the_clinic
     assert min(sc["per_organ"]["aorta"]["offset_loco_deltas"]) >= 3.0
     image = data_dir / "btcv" / f"btcv_img{OTHER_SCAN}_ct.nii.gz"
     parent, child = _segment(PARENT, image), _segment(result["path"], image)
-    aorta = {n: v for v, n in BTCV_NAMES.items()}["aorta"]
+    aorta = VALUES["aorta"]
     assert (child == aorta).sum() < 0.95 * (parent == aorta).sum()
     for value, name in BTCV_NAMES.items():
         if value and name != "aorta" and (parent == value).any():
