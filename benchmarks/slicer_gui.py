@@ -10,7 +10,7 @@ Inside the Slicer application the main thread holds Python's GIL while idle in t
 thread there advances only during the modules' timer ticks (tests/modules/slicer_harness.py). Each flow is run under
 two loops (tests/modules/slicer_harness.py's MainLoop):
 
-* "slicer": between timer ticks the loop sleeps in libc's usleep through ctypes.PyDLL, which keeps the GIL, as
+* "slicer": between timer ticks the loop sleeps in libc's nanosleep through ctypes.PyDLL, which keeps the GIL, as
   Slicer's main thread does;
 * "sleep": time.sleep between ticks (the GIL is free: Python threads run), the loop the tests used so far.
 
@@ -508,7 +508,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "targets": {"max_call_cpu_s": TARGET_CALL_CPU_S, "slicer_over_sleep_wall": TARGET_RATIO,
                     "cancel_s": TARGET_CANCEL_S},
         "notes": [
-            "mode 'slicer': the main loop holds the GIL between timer ticks (libc usleep through ctypes.PyDLL), as "
+            "mode 'slicer': the main loop holds the GIL between timer ticks (libc nanosleep through ctypes.PyDLL), as "
             "Slicer's main thread does; mode 'sleep': time.sleep between ticks (Python threads run freely).",
             "Real Lib code with slicer-core (real MRML, Slicer's readers and segmentation logic), no Qt: the widgets' "
             "own Qt work and Slicer's rendering of the views are not included.",

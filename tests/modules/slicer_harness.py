@@ -6,7 +6,7 @@ PyEval_SaveThread. A Python thread started by a module therefore advances only w
 Python, i.e. during the modules' QTimer callbacks, and every VTK call made from such a thread (VTK holds the GIL
 in Slicer) blocks the next timer callback until it returns.
 
-`MainLoop("slicer", interval)` reproduces that: between two calls it sleeps in libc's `usleep` called through
+`MainLoop("slicer", interval)` reproduces that: between two calls it sleeps in libc's `nanosleep` called through
 `ctypes.PyDLL`, which (unlike `ctypes.CDLL` and `time.sleep`) does not release the GIL, exactly as Qt's event
 loop waits for events with the GIL held; the calls come at the widget's own QTimer interval (the next one is
 due `interval` after the previous one was due, as a Qt timer; a late call is not followed by a burst).
@@ -44,17 +44,26 @@ import vtk  # noqa: E402,F401
 from vtk.util import numpy_support  # noqa: E402,F401
 
 _LIBC = ctypes.PyDLL(None)  # PyDLL: the call keeps the GIL, as Qt's event loop in Slicer does
-_LIBC.usleep.argtypes = [ctypes.c_uint]
-_LIBC.usleep.restype = ctypes.c_int
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+_LIBC.nanosleep.argtypes = [ctypes.POINTER(_Timespec), ctypes.POINTER(_Timespec)]
+_LIBC.nanosleep.restype = ctypes.c_int
 
 
 def sleep_holding_gil(seconds: float) -> None:
-    """Wait `seconds` without releasing the GIL (no other Python thread runs meanwhile)."""
-    remaining = int(max(0.0, seconds) * 1e6)
-    while remaining > 0:
-        n = min(remaining, 500_000)  # usleep wants less than a second
-        _LIBC.usleep(n)
-        remaining -= n
+    """Wait `seconds` without releasing the GIL (no other Python thread runs meanwhile).
+
+    One nanosleep call: no bytecode runs during the wait, so the GIL cannot be handed over in the middle of it (a
+    signal ends nanosleep early; the rest is slept again)."""
+    seconds = max(0.0, seconds)
+    request = _Timespec(int(seconds), int((seconds - int(seconds)) * 1e9))
+    remaining = _Timespec()
+    while _LIBC.nanosleep(ctypes.byref(request), ctypes.byref(remaining)) != 0:
+        request = _Timespec(remaining.tv_sec, remaining.tv_nsec)
 
 
 class _CollectorClock:
@@ -100,6 +109,7 @@ class MainLoop:
     interval: float = SEGMENTATION_TICK_S
     calls: list[Call] = field(default_factory=list)
     idles: list[tuple[float, float]] = field(default_factory=list)  # (start, end) perf_counter of each idle wait
+    asked: list[float] = field(default_factory=list)  # the seconds each idle wait asked for (idles[i] lasted longer)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -115,6 +125,7 @@ class MainLoop:
         else:
             time.sleep(seconds)
         self.idles.append((t0, time.perf_counter()))
+        self.asked.append(seconds)
 
     def call(self, fn: Callable[[], Any], label: str = "") -> Any:
         """One main-thread call (a click, a timer tick), timed."""
