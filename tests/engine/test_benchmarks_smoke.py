@@ -279,3 +279,69 @@ def test_calibration_study_retables_a_result_with_the_two_scan_agreement_rule(tm
     assert rows["no vouching"]["gain"] == 2.0 and rows["no vouching"]["harmed_folds"] == 1
     assert CD.main(["--retable", str(src)]) == 0  # without --out: the file retabled, never another study's result
     assert json.loads(src.read_text())["table"] == json.loads((tmp_path / "out.json").read_text())["table"]
+
+
+def _oblique_phantom(tmp: Path):
+    """A 20 x 16 x 6 image of 1.5 x 1.5 x 4 mm, rotated about z, with an organ label in a corner block."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    arr = np.zeros((6, 16, 20), np.int16) - 1000
+    lab = np.zeros((6, 16, 20), np.uint8)
+    arr[2:5, 4:12, 5:15], lab[2:5, 4:12, 5:15] = 40, 6
+    c, s = np.cos(0.3), np.sin(0.3)
+    paths = []
+    for a, name in ((arr, "ct"), (lab, "label")):
+        img = sitk.GetImageFromArray(a)
+        img.SetSpacing((1.5, 1.5, 4.0))
+        img.SetOrigin((10.0, -20.0, 5.0))
+        img.SetDirection((c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+        paths.append(tmp / f"{name}.nii.gz")
+        sitk.WriteImage(img, str(paths[-1]))
+    return paths
+
+
+def _corners(img) -> list:
+    import numpy as np
+
+    d = np.array(img.GetDirection()).reshape(3, 3)
+    lo = np.array(img.GetOrigin()) - d @ (0.5 * np.array(img.GetSpacing()))
+    hi = lo + d @ (np.array(img.GetSize()) * np.array(img.GetSpacing()))
+    return [lo, hi]
+
+
+def test_finetune_budget_resamples_to_clinical_size_keeping_the_extent_and_the_label_values(tmp_path):
+    """The clinical-size scans cover the same body as the source (outer corners kept), the CT stays int16 HU and
+    the label map keeps exactly its organ values (nearest neighbour, no blend of values)."""
+    import finetune_budget as FB
+    import numpy as np
+    import SimpleITK as sitk
+
+    ct, lab = _oblique_phantom(tmp_path)
+    size = FB.resample_keeping_extent(ct, tmp_path / "ct_fine.nii.gz", (0.5, 0.5, 1.0), label=False)
+    FB.resample_keeping_extent(lab, tmp_path / "lab_fine.nii.gz", (0.5, 0.5, 1.0), label=True)
+    src, fine_ct, fine_lab = (sitk.ReadImage(str(p)) for p in (ct, tmp_path / "ct_fine.nii.gz",
+                                                                 tmp_path / "lab_fine.nii.gz"))
+    assert size == [60, 48, 24] and list(fine_ct.GetSize()) == size
+    for a, b in zip(_corners(src), _corners(fine_ct)):
+        assert np.allclose(a, b, atol=1e-6)
+    assert fine_ct.GetPixelID() == sitk.sitkInt16 and fine_lab.GetPixelID() == sitk.sitkUInt8
+    values = sitk.GetArrayFromImage(fine_lab)
+    assert set(np.unique(values)) == {0, 6}
+    assert abs((values == 6).sum() * 0.25 - (sitk.GetArrayFromImage(sitk.ReadImage(str(lab))) == 6).sum() * 9) \
+        < 0.15 * (values == 6).sum() * 0.25  # the organ's volume, within a border voxel's worth
+    assert not list(tmp_path.glob(".*part*"))
+
+
+def test_finetune_budget_judges_the_whole_command_against_ten_percent_of_the_budget():
+    import finetune_budget as FB
+
+    assert FB.judge({"wall_s": 659.0}, 600.0)["on_time"] and not FB.judge({"wall_s": 661.0}, 600.0)["on_time"]
+
+
+def test_finetune_budget_busy_jobs_spin_while_the_block_runs_and_end_with_it():
+    import finetune_budget as FB
+
+    with FB.BusyJobs(2) as busy:
+        assert all(p.poll() is None for p in busy.procs)
+    assert len(busy.procs) == 2 and all(p.poll() is not None for p in busy.procs)
