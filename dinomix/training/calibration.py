@@ -389,8 +389,15 @@ def vouch(cal: Calibration, scans: list[Scan], unlabeled: list[tuple[torch.Tenso
 
 
 def describe(kept: dict[int, float], cal: Calibration, names: list[str]) -> str:
-    """One sentence for the clinician on the calibrated organs."""
-    parts = [f"{names[k]} drawn {'larger' if b > 0 else 'smaller'} (offset {b:+.2f}; "
-             f"{', '.join(f'{g:+.1f}' for g in cal.loco.get(k, []))} Dice points on left-out corrected scans)"
+    """One sentence for the clinician on the calibrated organs, with the evidence for each: its gains on the
+    left-out corrected scans, or, where no corrected scan could be left out (one scan shows the organ), that it was
+    fitted on one scan (the held-out cases or the clinician's --keep-unverified decide then)."""
+    def evidence(k: int) -> str:
+        gains = cal.loco.get(k, [])
+        if gains:
+            return f"{', '.join(f'{g:+.1f}' for g in gains)} Dice points on left-out corrected scans"
+        return "fitted on one corrected scan, not checked on another"
+
+    parts = [f"{names[k]} drawn {'larger' if b > 0 else 'smaller'} (offset {b:+.2f}; {evidence(k)})"
              for k, b in kept.items()]
     return "Calibrated from your corrections: " + "; ".join(parts) + "."

@@ -191,6 +191,9 @@ class SelfCheck:
         d = self.per_organ.setdefault(names[c], {"routed": True})
         d.update({"calibrated": False, "offset_dropped": why})
         self.message += f" Calibration of {names[c]} taken back: {why}."
+        for check in self.checks:  # the calibration's own line says so too, not only the message
+            if check.name == "organ calibration":
+                check.detail += f"; taken back: {names[c]} ({why})"
 
     def add_holdout(self, down: list[str], n_cases: int) -> None:
         """The held-out cases' word (organs down by more than 1 Dice point, evaluated on the final model): harm

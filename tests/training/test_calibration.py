@@ -244,3 +244,22 @@ def test_the_message_names_each_reason_once_for_the_organs_that_share_it():
     kept, dropped = C.vouch(cal, scans, [], NAMES)
     sc.add_calibration(NAMES, cal, kept, {}, dropped)
     assert sc.message.count("not trained") == 1 and "Not learnt: liver, spleen: not trained" in sc.message
+
+
+def test_an_offset_fitted_on_one_scan_says_so_and_a_held_out_veto_shows_in_the_calibration_check():
+    """With a held-out case, one corrected scan's offset is kept for the held-out case to judge: the message says
+    it was fitted on one scan (no left-out gains to list), and when the held-out case takes it back the
+    calibration's own line says so too (it listed the offset as kept)."""
+    from dinomix.training.routing import untrained_check
+
+    scans = _three()[:1]
+    cal = C.calibrate(scans, [3])
+    assert 3 in cal.offsets and not cal.loco.get(3)
+    sc = untrained_check(NAMES, Routing(classes=[3]), 1)
+    sc.add_calibration(NAMES, cal, {}, {3: cal.offsets[3]}, {})
+    assert "pancreas drawn smaller" in sc.message and "fitted on one corrected scan" in sc.message
+    assert ";  Dice points" not in sc.message
+    sc.drop_offset(3, NAMES, "worse on the held-out cases (-3.8 Dice points)")
+    line = next(c for c in sc.checks if c.name == "organ calibration")
+    assert "kept unverified: pancreas" in line.detail and "taken back: pancreas (worse on the held-out" in line.detail
+    assert sc.calibrated == {}
