@@ -110,7 +110,7 @@ def run_finetune(model: str, manifest: Path, minutes: float, run: Path, env: dic
     events = run / "finetune.events"
     cmd = [sys.executable, "-m", "dinomix", "finetune", "--model", model, "--dataset", str(manifest),
            "--minutes", f"{minutes:g}", "--output", str(run / "run"), "--events", str(events),
-           "--new-name", f"budget-{run.name}", "--device", "cpu", "--priority", *priority]
+           "--new-name", f"budget-{run.parent.name}-{run.name}", "--device", "cpu", "--priority", *priority]
     if holdout:
         cmd += ["--holdout", *holdout]
     rec: dict[str, Any] = {"command": " ".join(["dinomix"] + cmd[3:]), "busy_jobs": busy}
