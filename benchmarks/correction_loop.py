@@ -46,9 +46,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -222,21 +220,14 @@ def run_finetune(method: str, parent: str, manifest: Path, priority: list[str], 
         cmd += ["--holdout", *holdout]
     rec: dict[str, Any] = {"method": method, "command": " ".join(["dinomix"] + cmd[3:]), "load_before": P.load_now()}
     print(f"  [{method} seed {seed}] {rec['command']}", flush=True)
-    t0 = time.monotonic()
-    with open(run / "stdout", "w") as so, open(run / "stderr", "w") as se:
-        proc = subprocess.run(cmd, stdout=so, stderr=se, env=env)
-    rec["wall_s"] = round(time.monotonic() - t0, 1)
+    run_rec, _, result = P.run_dinomix(cmd, events, run / "stdout", run / "stderr", env)
+    rec.update(run_rec)
     rec["load_after"] = P.load_now()
-    ev = P.read_events(events)
-    result = next((e for e in reversed(ev) if e.get("event") == "result"), None)
-    if proc.returncode != 0 or not result:
-        err = next((e for e in reversed(ev) if e.get("event") in ("error", "cancelled")), {})
-        rec.update(status="failed", error=err.get("message") or f"exit code {proc.returncode}",
-                   stderr_tail=P.tail(run / "stderr"))
+    if result is None:
         print(f"  [{method}] FAILED: {rec['error']}", flush=True)
         return rec
     keep = ("model", "path", "iterations", "time_s", "train_time_s", "step_s", "self_check", "routing", "timings_s")
-    rec.update(status="ok", **{k: result.get(k) for k in keep})
+    rec.update(**{k: result.get(k) for k in keep})
     print(f"  [{method}] {result.get('iterations')} iterations, {rec['wall_s']:.0f} s; self-check "
           f"{(result.get('self_check') or {}).get('verdict')}", flush=True)
     return rec

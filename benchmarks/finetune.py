@@ -47,7 +47,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -212,23 +211,15 @@ def run_finetune(method: str, base: str, manifest: Path, priority: list[str], ar
         cmd += ["--keep-unverified"]
     rec: dict[str, Any] = {"method": method, "what": RUNS[method], "command": " ".join(["dinomix"] + cmd[3:])}
     print(f"[{method}] {rec['command']}", flush=True)
-    t0 = time.monotonic()
-    with open(d / "finetune.stdout", "w") as so, open(d / "finetune.stderr", "w") as se:
-        proc = subprocess.run(cmd, stdout=so, stderr=se, env=env, cwd=str(d))
-    rec["wall_s"] = round(time.monotonic() - t0, 1)
-    rec["returncode"] = proc.returncode
-    ev = P.read_events(events)
-    result = next((e for e in reversed(ev) if e.get("event") == "result"), None)
-    if proc.returncode != 0 or not result:
-        err = next((e for e in reversed(ev) if e.get("event") in ("error", "cancelled")), {})
-        rec.update(status="failed", error=err.get("message") or f"exit code {proc.returncode}",
-                   stderr_tail=P.tail(d / "finetune.stderr"))
+    run_rec, ev, result = P.run_dinomix(cmd, events, d / "finetune.stdout", d / "finetune.stderr", env, cwd=d)
+    rec.update(run_rec)
+    if result is None:
         print(f"[{method}] FAILED: {rec['error']}", flush=True)
         return rec
     plan = next((e for e in ev if e.get("event") == "metric" and e.get("kind") == "plan"), None)
     keep = ("model", "path", "iterations", "time_s", "train_time_s", "step_s", "train_cases", "holdout", "before",
             "after", "per_organ", "worse_than_parent", "verdict", "run_dir", "priority")
-    rec.update(status="ok", plan=plan, **{k: result.get(k) for k in keep})
+    rec.update(plan=plan, **{k: result.get(k) for k in keep})
     print(f"[{method}] {result.get('iterations')} iterations in {rec['wall_s']:.0f} s; {result.get('verdict')}",
           flush=True)
     return rec

@@ -118,21 +118,14 @@ def run_finetune(model: str, manifest: Path, minutes: float, run: Path, env: dic
     with BusyJobs(busy):
         time.sleep(1.0 if busy else 0.0)
         rec["load_before"] = P.load_now()
-        t0 = time.monotonic()
-        with open(run / "stdout", "w") as so, open(run / "stderr", "w") as se:
-            proc = subprocess.run(cmd, stdout=so, stderr=se, env=env)
-        rec["wall_s"] = round(time.monotonic() - t0, 1)
+        run_rec, ev, result = P.run_dinomix(cmd, events, run / "stdout", run / "stderr", env)
+        rec.update(run_rec)
         rec["load_after"] = P.load_now()
-    ev = P.read_events(events)
-    result = next((e for e in reversed(ev) if e.get("event") == "result"), None)
-    if proc.returncode != 0 or not result:
-        err = next((e for e in reversed(ev) if e.get("event") in ("error", "cancelled")), {})
-        rec.update(status="failed", error=err.get("message") or f"exit code {proc.returncode}",
-                   stderr_tail=P.tail(run / "stderr"))
+    if result is None:
         return rec
     plans = [e for e in ev if e.get("event") == "metric" and e.get("kind") == "plan"]
     keep = ("iterations", "time_s", "train_time_s", "step_s", "timings_s")
-    rec.update(status="ok", **{k: result.get(k) for k in keep},
+    rec.update(**{k: result.get(k) for k in keep},
                verdict=(result.get("self_check") or {}).get("verdict"),
                learnt=sorted((result.get("routing") or {}).get("calibrated") or {}),
                planned_iterations=plans[0].get("iterations") if plans else None)

@@ -163,6 +163,26 @@ def tail(path: Path, n: int = 1500) -> str:
         return ""
 
 
+def run_dinomix(cmd: list[str], events: Path, stdout: Path, stderr: Path, env: dict[str, str],
+                cwd: Optional[Path] = None) -> tuple[dict, list[dict], Optional[dict]]:
+    """Run a `dinomix` command to its end as a subprocess (output to files), then read its JSON-lines events.
+    Returns (the record: wall_s, returncode, and status "ok", or "failed" with the engine's error message and the
+    tail of stderr; the events; the result event, None when it failed)."""
+    t0 = time.monotonic()
+    with open(stdout, "w") as so, open(stderr, "w") as se:
+        proc = subprocess.run(cmd, stdout=so, stderr=se, env=env, cwd=str(cwd) if cwd else None)
+    rec: dict[str, Any] = {"wall_s": round(time.monotonic() - t0, 1), "returncode": proc.returncode}
+    ev = read_events(events)
+    result = next((e for e in reversed(ev) if e.get("event") == "result"), None)
+    if proc.returncode != 0 or not result:
+        err = next((e for e in reversed(ev) if e.get("event") in ("error", "cancelled")), {})
+        rec.update(status="failed", error=err.get("message") or f"exit code {proc.returncode}",
+                   stderr_tail=tail(stderr))
+        return rec, ev, None
+    rec["status"] = "ok"
+    return rec, ev, result
+
+
 def data_btcv(data: str | os.PathLike) -> Path:
     return Path(data).expanduser().resolve() / "btcv"
 
