@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final, Literal, Optional
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -55,11 +55,35 @@ INDEX_FORMAT = "dinomix-digests"
 MAX_SPACING_MM = 50.0
 MAX_ROI = 4096
 MAX_CHANNELS = 4096
+MAX_CALIBRATION_OFFSET = 100.0
 
 
 class PostprocessConfig(BaseModel):
     largest_component: bool = True
     fill_holes: bool = True
+    # The logit offsets a fine-tune added to these organs' output biases (training/calibration.py; summed over
+    # generations). The largest-component step keeps a calibrated organ's pieces that overlap its largest piece in the
+    # map drawn without the offsets (inference/postprocess.py): a cut organ keeps both halves.
+    calibration_offsets: dict[int, float] = Field(default_factory=dict, max_length=255)
+
+    @field_validator("calibration_offsets")
+    @classmethod
+    def _organ_offsets(cls, v: dict[int, float]) -> dict[int, float]:
+        if any(not 1 <= k <= 255 for k in v):
+            raise ValueError("calibration_offsets maps organ label values (1-255) to offsets")
+        if any(not math.isfinite(b) or abs(b) > MAX_CALIBRATION_OFFSET for b in v.values()):
+            raise ValueError(f"calibration_offsets holds offsets of at most {MAX_CALIBRATION_OFFSET:g} logits")
+        return dict(sorted(v.items()))
+
+    def offsets_vector(self, num_classes: int) -> Optional[torch.Tensor]:
+        """The offsets as one float per class (None where nothing is calibrated)."""
+        if not self.calibration_offsets:
+            return None
+        out = torch.zeros(num_classes)
+        for k, b in self.calibration_offsets.items():
+            if k < num_classes:
+                out[k] = b
+        return out
 
 
 class ModelMeta(BaseModel):
@@ -78,6 +102,14 @@ class ModelMeta(BaseModel):
     parent: Optional[str] = None
     created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     weights_sha256: str = ""
+
+    @model_validator(mode="after")
+    def _pieces_of_its_organs(self) -> ModelMeta:
+        unknown = set(self.postprocessing.calibration_offsets) - {o.value for o in self.organs.organs}
+        if unknown:
+            raise ValueError(f"postprocessing.calibration_offsets names label values the model has no organ for: "
+                             f"{sorted(unknown)}")
+        return self
 
     @property
     def backbone_untrained(self) -> bool:

@@ -135,7 +135,10 @@ class Segmenter:
         labels = restrict(raw, {o.value for o in organs})
         pp = meta.postprocessing
         if opts.largest_component if opts.largest_component is not None else pp.largest_component:
-            labels = keep_largest_component(labels, [o.value for o in organs])
+            offsets = pp.offsets_vector(logits.shape[0])
+            anchor = _argmax_u8(logits, shift=offsets) if offsets is not None else None
+            labels = keep_largest_component(labels, [o.value for o in organs], anchor, pp.calibration_offsets)
+            del anchor
         if opts.fill_holes if opts.fill_holes is not None else pp.fill_holes:
             labels = fill_holes(labels, [o.value for o in organs])
         make_consistent(logits, raw, labels)
@@ -190,11 +193,14 @@ class Segmenter:
                 self.fast.release()
 
 
-def _argmax_u8(logits: torch.Tensor, block: int = 8) -> np.ndarray:
-    """argmax over classes as uint8, in blocks along the first spatial axis (no full int64 temporary)."""
+def _argmax_u8(logits: torch.Tensor, block: int = 8, shift: Optional[torch.Tensor] = None) -> np.ndarray:
+    """argmax over classes as uint8, in blocks along the first spatial axis (no full int64 temporary); with `shift`
+    (one value per class) the argmax of the logits minus it (the map drawn without calibration offsets)."""
     c = logits.shape[0]
     out = np.empty(tuple(logits.shape[1:]), dtype=np.uint8)
     for i in range(0, logits.shape[1], block):
         part = logits[:, i:i + block]
+        if shift is not None:
+            part = part - shift.to(part.dtype).view(c, 1, 1, 1)
         out[i:i + block] = _argmax0(part.reshape(c, -1)).view(part.shape[1:]).numpy()
     return out

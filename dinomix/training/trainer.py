@@ -346,7 +346,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Per-organ Dice (%) on the eval cases, on the model grid (the full native-grid evaluation is
-        `dinomix evaluate`). N processes split the cases and gather the scores in case order."""
+        `dinomix evaluate`), of the label map cleaned up as the model file's segmentations are (largest component,
+        hole filling: `inference/postprocess.py`; a fine-tune's held-out verdict judges what the clinician gets).
+        N processes split the cases and gather the scores in case order."""
+        from ..inference.postprocess import fill_holes, keep_largest_component
+        from ..modelfile import PostprocessConfig
+
+        parent = getattr(self, "init_meta", None)  # a fine-tune keeps its parent's clean-up (semi.py)
+        post = parent.postprocessing if parent is not None else PostprocessConfig()
+        values = [o.value for o in self.schema.organs]
         self.net.eval()
         per_organ: dict[str, list[float]] = {o.name: [] for o in self.schema.organs}
         # the model's own inference windows (`inference.window_plan`, as `dinomix segment` plans them), not the
@@ -363,7 +371,16 @@ class Trainer:
             assert case.label is not None  # eval cases are labeled (setup)
             self.check()
             plan = window_plan(tuple(case.image.shape[1:]), mode, self.cfg.architecture.divisor, sw_batch_size=1)
-            pred = sliding_window(predict, case.image, plan, self.device).argmax(0).cpu().numpy()
+            logits = sliding_window(predict, case.image, plan, self.device)
+            pred = logits.argmax(0).cpu().numpy().astype(np.uint8)
+            if post.largest_component:
+                offsets = post.offsets_vector(logits.shape[0])
+                anchor = (None if offsets is None else
+                          (logits - offsets.to(logits).view(-1, 1, 1, 1)).argmax(0).cpu().numpy().astype(np.uint8))
+                pred = keep_largest_component(pred, values, anchor, post.calibration_offsets)
+            del logits
+            if post.fill_holes:
+                pred = fill_holes(pred, values)
             label = case.label.numpy()
             for o in self.schema.organs:
                 if not case.annotated[o.value]:

@@ -96,6 +96,17 @@ def test_metadata_edited_to_another_architecture_is_refused(model_file):
         load_model(model_file)
 
 
+@pytest.mark.parametrize("offsets, accepted", [({"13": -0.5, "3": 0.25}, {3: 0.25, 13: -0.5}), ({"99": 1.0}, None),
+                                               ({"0": 1.0}, None), ({"3": 1e9}, None), ({"3": float("nan")}, None)])
+def test_calibration_offsets_are_bounded_offsets_of_the_models_organs(model_file, offsets, accepted):
+    rewrite_metadata(model_file, lambda m: m["postprocessing"].update(calibration_offsets=offsets))
+    if accepted is None:
+        with pytest.raises(ModelFileError, match=r"calibration_offsets"):
+            read_meta(model_file)
+    else:
+        assert read_meta(model_file).postprocessing.calibration_offsets == accepted
+
+
 def test_metadata_that_is_not_json_is_refused(model_file):
     tensors = load_file(str(model_file))
     save_file(tensors, str(model_file), metadata={"dinomix": "{not json"})

@@ -48,6 +48,32 @@ def test_keep_largest_component_leaves_organs_not_listed_untouched():
     assert np.array_equal(out, lab)
 
 
+def _calibrated_liver() -> tuple[np.ndarray, np.ndarray]:
+    """(labels, anchor): the map drawn without offsets has a liver of one piece (a bar) and a large stray piece; the
+    calibrated map drew the bar thinner and cut it in two."""
+    anchor = np.zeros((30, 20, 20), np.uint8)
+    anchor[2:18, 2:8, 2:8] = LIVER      # 576 voxels: the organ
+    anchor[22:28, 2:8, 2:8] = LIVER     # 216 voxels: a stray piece its clean-up drops
+    labels = anchor.copy()
+    labels[9:11] = 0                    # the offset cut the bar: 252 + 216 voxels
+    return labels, anchor
+
+
+def test_a_calibrated_organ_keeps_every_piece_of_the_organ_drawn_without_its_offset():
+    labels, anchor = _calibrated_liver()
+    out = keep_largest_component(labels, [LIVER], anchor, anchored=[LIVER])
+    assert (out[2:9, 2:8, 2:8] == LIVER).all() and (out[11:18, 2:8, 2:8] == LIVER).all()  # both halves
+    assert not (out[22:28] == LIVER).any()  # the stray piece stays dropped, though larger than a half
+    plain = keep_largest_component(labels, [LIVER])
+    assert (plain[2:9] == LIVER).any() != (plain[11:18] == LIVER).any()  # without: one half
+
+
+def test_a_calibrated_organ_the_anchor_lacks_keeps_its_largest_piece():
+    labels, anchor = _calibrated_liver()
+    out = keep_largest_component(labels, [LIVER], np.zeros_like(anchor), anchored=[LIVER])
+    assert np.array_equal(out, keep_largest_component(labels, [LIVER]))
+
+
 def test_fill_holes_fills_background_enclosed_by_one_organ():
     lab = np.zeros((12, 12, 12), np.uint8)
     lab[2:10, 2:10, 2:10] = LIVER
