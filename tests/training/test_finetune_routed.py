@@ -15,6 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
+from dinomix.modelfile import read_meta
 
 PARENT = "abdomen-btcv13"
 CORRECTED_SCAN = "0021"
@@ -171,6 +172,9 @@ def test_two_scans_that_agree_strongly_teach_a_drawing_convention_for_the_clinic
     assert result["routing"]["calibrated"]["aorta"] < 0
     assert sc["verdict"] == "unknown" and "agree strongly on aorta" in sc["message"]
     assert min(sc["per_organ"]["aorta"]["offset_loco_deltas"]) >= 3.0
+    # the new model's file records the offset: its clean-up keeps the aorta's pieces as the calibration judged them
+    assert read_meta(result["path"]).postprocessing.calibration_offsets == {
+        VALUES["aorta"]: pytest.approx(result["routing"]["calibrated"]["aorta"])}
     image = data_dir / "btcv" / f"btcv_img{OTHER_SCAN}_ct.nii.gz"
     parent, child = _segment(PARENT, image), _segment(result["path"], image)
     aorta = VALUES["aorta"]

@@ -15,11 +15,18 @@ from ..semi import SemiTrainer
 CALIBRATION_STEPS = 3    # trial iterations timed (then undone); the first warms up and is not counted
 MIN_ITERATIONS = 5
 LOCO_SHARE = 0.35        # share of the training iterations spent on the leave-one-scan-out checks
-# Organ calibration (training/calibration.py) time per corrected scan, fit and leave-one-scan-out, on 2 busy cores
-# (about 20 s for two BTCV scans at 3 mm with 13 organs on a 2-core machine running two other jobs, 2026-12-06):
-# kept free at the end of the budget
-CALIBRATION_S_PER_SCAN = 12.0
+# Organ calibration (training/calibration.py) time per scan the offset search runs over, on 2 busy cores: the fit
+# runs over the n corrected scans, leave-one-scan-out over n - 1 scans n times, so n^2 scan searches in all. Since the
+# search judges the cleaned-up maps (a largest-component pass per offset tried, 2026-12-07), two BTCV scans at 3 mm
+# with 13 organs took about 42 s on an idle 2-core machine (4 scan searches, before the coarse-to-fine search cut the
+# offsets tried from 49 to 19); 15 s a search leaves room for one other job. Kept free at the end of the budget.
+CALIBRATION_S_PER_SCAN_SEARCH = 15.0
 REPLAN_WINDOW = 10       # iterations whose pace re-plans a time-budgeted run
+
+
+def calibration_seconds(n_corrected: int) -> float:
+    """Time to keep for the organ calibration of n corrected scans (fit and leave-one-scan-out)."""
+    return CALIBRATION_S_PER_SCAN_SEARCH * n_corrected * n_corrected
 
 
 def plan_iterations(budget_s: float, spent_s: float, step_s: float, after_s: float, margin: float = 0.08) -> int:

@@ -37,7 +37,7 @@ from ..routing import (
     untrained_check,
 )
 from ..semi import SemiTrainer
-from .budget import CALIBRATION_S_PER_SCAN, LOCO_SHARE, MIN_ITERATIONS, Replanner, measure_step, plan_iterations
+from .budget import LOCO_SHARE, MIN_ITERATIONS, Replanner, calibration_seconds, measure_step, plan_iterations
 from .cases import corrected_organs, finetune_dataset, holdout_ids, loco_cases
 from .config import ParentConfig, finetune_config, fold_config, parent_config, warmup_iters
 from .options import FinetuneOptions
@@ -346,7 +346,7 @@ class FineTune:
         opts, rep, cfg = self.opts, self.rep, self.cfg
         n_labeled = len(self.labeled)
         self.after_s = ((n_labeled + len(self.unl_cases)) * self.t_case * 1.3 + self.t_eval + 5.0
-                        + (CALIBRATION_S_PER_SCAN * n_labeled if opts.routed else 0.0))
+                        + (calibration_seconds(n_labeled) if opts.routed else 0.0))
         self.loco_ids = loco_cases(self.cached_lab, self.routing.classes) if opts.routed and opts.loco else []
         self.train_branch = not (opts.routed and not self.tr.eval_cases and not opts.keep_unverified)
         if not self.train_branch:
@@ -484,7 +484,9 @@ class FineTune:
         branch = set(_routed_classes(net))
         todo = [c for c in self.routing.classes if c not in branch]
         if todo:
-            scans = [calibration.Scan.of(case, lg, p)
+            # judged on the cleaned-up maps the clinician gets, as every segmentation cleans them up
+            clean_up = calibration.CleanUp.of(self.meta)
+            scans = [calibration.Scan.of(case, lg, p, clean_up)
                      for case, lg, p in zip(self.cached_lab, self.parent_logits, self.parent_lab)]
             cal = calibration.calibrate(scans, todo)
             kept, dropped = calibration.vouch(cal, scans, list(zip(self.unl_logits, self.parent_unl)), names)
@@ -494,11 +496,25 @@ class FineTune:
             unverified = {c: b for c, b in cal.offsets.items() if c in keep}
             applied = {**kept, **unverified}
             calibration.apply_offsets(net, applied)
+            self.offsets = applied
+            self._clean_up_calibrated()
             sc.add_calibration(names, cal, kept, unverified, {c: w for c, w in dropped.items() if c not in unverified})
             if applied:
                 self.rep.log(calibration.describe(applied, cal, names))
-            self.offsets = applied
         self.lap("organ_calibration")
+
+    def _clean_up_calibrated(self) -> None:
+        """The new model's file records its calibration offsets, the parent's plus this fine-tune's
+        (`PostprocessConfig.calibration_offsets`), so that its clean-up keeps a calibrated organ's pieces as the
+        calibration judged them (the trainer writes its parent's post-processing into the file and evaluates with
+        it)."""
+        pp = self.meta.postprocessing
+        offsets = dict(pp.calibration_offsets)
+        for k, b in self.offsets.items():
+            offsets[k] = round(offsets.get(k, 0.0) + float(b), 6)
+        assert self.tr.init_meta is not None  # a fine-tune's trainer starts from its parent
+        self.tr.init_meta = self.tr.init_meta.model_copy(update={"postprocessing": pp.model_copy(
+            update={"calibration_offsets": {k: b for k, b in offsets.items() if b != 0.0}})})
 
     # ---------------------------------------------------------------- evaluate after, compare
 
@@ -538,6 +554,7 @@ class FineTune:
                     sc.drop_offset(c, names, why[c])
                     self.offsets.pop(c)
                 calibration.apply_offsets(tr.net, {c: -b for c, b in harmed_offsets.items()})
+                self._clean_up_calibrated()
                 self.after = after = tr.evaluate()
                 rep.emit("metric", kind="eval", phase="after", model=self.name, **after)
                 self.per, self.worse, self.verdict = compare(self.before, after)
