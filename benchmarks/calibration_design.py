@@ -72,7 +72,7 @@ def trainer_export(parent_pred, ref, reviewed: list[int]):
 
 
 def parent_logits(model: str, ids: list[str], btcv: Path, work: Path, mode: str = "fast"):
-    """(logits per scan (C, V) float16, reference labels (V,) long) on the model grid, cached in `work`."""
+    """(logits per scan (C, X, Y, Z) float16, reference labels (X, Y, Z) long) on the model grid, cached in `work`."""
     import torch
 
     from dinomix.modelfile import load_model
@@ -81,7 +81,8 @@ def parent_logits(model: str, ids: list[str], btcv: Path, work: Path, mode: str 
     from dinomix.training import calibration as C
 
     entry = resolve(model)
-    cache = work / f"logits-{entry.meta.weights_sha256[:12]}-{'-'.join(ids)}{'' if mode == 'fast' else '-' + mode}.pt"
+    cache = work / (f"logits-{entry.meta.weights_sha256[:12]}-{'-'.join(ids)}{'' if mode == 'fast' else '-' + mode}"
+                    "-grid.pt")
     if cache.is_file():
         d = torch.load(cache)
         return d["logits"], d["labels"], entry.meta
@@ -89,10 +90,8 @@ def parent_logits(model: str, ids: list[str], btcv: Path, work: Path, mode: str 
     cached = cached_p1_cases(meta, ids, btcv, work, mode)
     net, _ = load_model(entry.path, torch.device("cpu"))
     roi = fit_roi(meta.preprocessing.mode(mode).roi_size, meta.architecture.divisor)
-    nc = meta.organs.num_classes
-    logits = [C.predict_logits(net, c, roi, meta.architecture.divisor, torch.device("cpu"))[0].reshape(nc, -1)
-              for c in cached]
-    labels = [c.label.reshape(-1).long().as_subclass(torch.Tensor) for c in cached]
+    logits = [C.predict_logits(net, c, roi, meta.architecture.divisor, torch.device("cpu"))[0] for c in cached]
+    labels = [c.label.long().as_subclass(torch.Tensor) for c in cached]
     torch.save({"logits": logits, "labels": labels}, cache)
     return logits, labels, meta
 
@@ -107,14 +106,23 @@ def fold_choices(n_scans: int, n_corrected: int, limit: Optional[int]) -> list[t
 
 def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float], below: float = 90.0,
           scored_on=None, n_corrected: int = 2, styles: tuple[str, ...] = ("all", "minority"),
-          fit_bound_from: Optional[int] = None, limit: Optional[int] = None) -> list[dict]:
+          fit_bound_from: Optional[int] = None, limit: Optional[int] = None, clean_up=None) -> list[dict]:
     """`scored_on`: (logits, labels) of the same scans on another mode's grid to score the offsets on (they are
-    fitted on `logits`, the fast grid, as `dinomix finetune` fits them; one set of weights serves every mode)."""
+    fitted on `logits`, the fast grid, as `dinomix finetune` fits them; one set of weights serves every mode).
+    `clean_up` (calibration.CleanUp): fit and score on the cleaned-up maps, as `dinomix finetune` does since
+    2026-12-07; None: the raw argmax, as the studies before."""
     import numpy as np
 
     from dinomix.training import calibration as C
 
     nc = len(names)
+    shapes = [tuple(lg.shape[1:]) for lg in logits]
+    logits, labels = [lg.reshape(nc, -1) for lg in logits], [lb.reshape(-1) for lb in labels]
+    if scored_on is not None:
+        s_shapes = [tuple(lg.shape[1:]) for lg in scored_on[0]]
+        scored_on = ([lg.reshape(nc, -1) for lg in scored_on[0]], [lb.reshape(-1) for lb in scored_on[1]])
+    else:
+        s_shapes = shapes
     parent = [lg.float().argmax(0) for lg in logits]
     s_logits, s_labels = scored_on if scored_on is not None else (logits, labels)
     s_parent = [lg.float().argmax(0) for lg in s_logits] if scored_on is not None else parent
@@ -131,12 +139,12 @@ def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float]
                     lab = trainer_export(parent[i], labels[i], rev)
                     ann = np.zeros(nc, bool)
                     ann[[0, *rev]] = True
-                    scans.append(C.Scan(logits[i].float(), lab, ann, parent[i]))
+                    scans.append(C.Scan(logits[i].float(), lab, ann, parent[i], shapes[i], clean_up))
                 pd = {k: statistics.mean(v) for k in rev
                       if (v := [d for s in scans if (d := C.organ_dice(s, {}, k)) is not None])}
                 cal = C.calibrate(scans, [k for k, d in pd.items() if d < below])
-                scored = [C.Scan(s_logits[i].float(), s_labels[i], np.ones(nc, bool), s_parent[i])
-                          for i in range(len(ids)) if i not in fit]
+                scored = [C.Scan(s_logits[i].float(), s_labels[i], np.ones(nc, bool), s_parent[i], s_shapes[i],
+                                 clean_up) for i in range(len(ids)) if i not in fit]
                 per = {}
                 for k in range(1, nc):
                     pairs = [(b, C.organ_dice(s, cal.offsets, k)) for s in scored
@@ -145,6 +153,7 @@ def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float]
                         per[names[k]] = [round(statistics.mean(b for b, _ in pairs), 2),
                                          round(statistics.mean(a - b for b, a in pairs), 2)]
                 out.append({"shrink": shrink, "below": below, "style": style, "n_corrected": n_corrected,
+                            "clean_up": clean_up is not None,
                             "fit_bound_from": C.FIT_BOUND_FROM, "corrected": [ids[i] for i in fit],
                             "scored": [ids[i] for i in range(len(ids)) if i not in fit],
                             "reviewed": [names[k] for k in rev],
@@ -236,6 +245,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "to compare (default: the engine's); 1000 = maximin only, as before 2026-12-06 night")
     p.add_argument("--score-mode", default="fast", help="score the offsets on this mode's grid (they are always "
                    "fitted on the fast grid, as dinomix finetune fits them)")
+    p.add_argument("--raw", action="store_true", help="fit and score on the raw argmax, without the model's "
+                   "clean-up (largest component, hole filling), as the studies before 2026-12-07")
     p.add_argument("--data", default=os.environ.get("DINOMIX_DATA", str(P.REPO.parent / "shared" / "data")))
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None, help="result file (default: benchmarks/results/calibration_design.json; "
@@ -260,7 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     bound_froms = [C.FIT_BOUND_FROM if v is None else v for v in args.fit_bound_from]  # None: the engine's
     folds = [f for n in args.corrected for fbf in bound_froms
              for f in study(logits, labels, ["background"] + meta.organs.names, ids, args.shrinks, args.below,
-                            scored_on, n, tuple(args.styles), fbf, args.folds_per_count)]
+                            scored_on, n, tuple(args.styles), fbf, args.folds_per_count,
+                            None if args.raw else C.CleanUp.of(meta))]
     text, rows = table(folds)
     where = "--scans" if args.scans else args.set
     print(f"\nparent {args.model}; scans {ids} ({where}); organs below {args.below:g} calibrated; fitted on the "
@@ -268,7 +280,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     doc = {"benchmark": "calibration_design", "issue": 17, "date": P.now_iso(), **P.machine(None),
            "parent": args.model, "set": None if args.scans else args.set, "scans": ids, "below": args.below,
            "corrected": args.corrected,
-           "score_mode": args.score_mode,
+           "score_mode": args.score_mode, "clean_up": not args.raw,
            "table": rows, "folds": folds}
     out = Path(args.out or P.RESULTS / "calibration_design.json")
     P.write_json(doc, out)
