@@ -437,6 +437,10 @@ class Calibration:
 
     offsets: dict[int, float]
     loco: dict[int, list[float]] = field(default_factory=dict)
+    # per left-out scan, the largest loss (Dice points, <= 0) of another organ reviewed on it, with that organ, when
+    # the offset fitted on the other scans is applied alone: a pancreas drawn smaller gives its border to the portal
+    # vein
+    loco_side: dict[int, list[tuple[float, int]]] = field(default_factory=dict)
     fit_gain: dict[int, float] = field(default_factory=dict)
     # set by `vouch`: offsets that passed every check but had too few left-out scans to be vouched for (the ones
     # --keep-unverified or held-out cases may keep; an offset the evidence speaks against is never among them)
@@ -464,7 +468,22 @@ def calibrate(scans: list[Scan], classes: Sequence[int]) -> Calibration:
         for k in ks:
             d = (organ_dice(left, sub, k) or 0.0) - (organ_dice(left, {}, k) or 0.0)
             cal.loco.setdefault(k, []).append(round(d, 2))
+            if k in sub:
+                cal.loco_side.setdefault(k, []).append(_side_effect(left, k, sub[k]))
     return cal
+
+
+def _side_effect(scan: Scan, k: int, b: float) -> tuple[float, int]:
+    """(the largest Dice loss, that organ) among the organs other than k reviewed on the scan, with offset b on k
+    alone ((0.0, k) where none loses)."""
+    worst = (0.0, k)
+    for j in range(1, scan.num_classes):
+        if j == k or not scan.has(j):
+            continue
+        after, before = organ_dice(scan, {k: b}, j), organ_dice(scan, {}, j)
+        if after is not None and before is not None and after - before < worst[0]:
+            worst = (round(after - before, 2), j)
+    return worst
 
 
 @torch.no_grad()
@@ -548,7 +567,8 @@ def vouch(cal: Calibration, scans: list[Scan], unlabeled: list[tuple[torch.Tenso
 
     An offset is dropped when a left-out scan speaks against it (worse than the parent; from FIT_BOUND_FROM scans on,
     worse by more than CAL_LOCO_TOLERANCE), when MIN_CAL_VOUCH of them show no clear or no consistent gain
-    (`evidence.spread_too_wide`), when it changes the organ on the unlabeled scans
+    (`evidence.spread_too_wide`), when it costs another organ reviewed on a left-out scan more than
+    CAL_LOCO_TOLERANCE (`Calibration.loco_side`), when it changes the organ on the unlabeled scans
     (`unlabeled`: (logits (C, ...), parent argmax)) far more than the corrections changed it on theirs, and, having
     passed both, when fewer than MIN_CAL_VOUCH left-out scans vouch for it (then it is in `cal.short_of_evidence`,
     what --keep-unverified may keep, and in `cal.strong_pair` when two scans agree on it by PAIR_STRONG_GAIN)."""
@@ -565,6 +585,11 @@ def vouch(cal: Calibration, scans: list[Scan], unlabeled: list[tuple[torch.Tenso
             continue
         if why := spread_too_wide(gains, MIN_CAL_VOUCH):
             dropped[k] = f"an offset of {b:+.2f}: {why}"
+            continue
+        side = min(cal.loco_side.get(k) or [(0.0, k)])
+        if side[0] < -CAL_LOCO_TOLERANCE:
+            dropped[k] = (f"an offset of {b:+.2f} costs {names[side[1]]} {side[0]:+.1f} Dice points on a left-out "
+                          "corrected scan")
             continue
         if unlabeled:
             wanted = _corrected_change([s for s in scans if s.annotated[k]], k)

@@ -135,6 +135,7 @@ class SelfCheck:
         for c, b in cal.offsets.items():
             d = self.per_organ.setdefault(names[c], {"routed": True})
             d.update({"offset_fitted": b, "offset_loco_deltas": cal.loco.get(c, []),
+                      "offset_loco_side": [[v, names[j]] for v, j in cal.loco_side.get(c, [])],
                       "offset_fit_gain": cal.fit_gain.get(c), "calibrated": c in kept or c in unverified})
             if c in dropped:
                 d["offset_dropped"] = dropped[c]

@@ -366,3 +366,27 @@ def test_offsets_are_fitted_and_judged_on_the_cleaned_up_map_the_clinician_gets(
     for s in clean:
         assert C.organ_dice(s, fit, 3) > C.organ_dice(s, raw_fit, 3) > C.organ_dice(s, {}, 3) - 1e-6
         assert not (s.grid_prediction(np.array([0, 0, 0, fit[3]], np.float32)).reshape(SHAPE)[:8, :8, :8] == 3).any()
+
+
+def test_an_offset_that_costs_another_reviewed_organ_on_a_left_out_scan_is_dropped():
+    """On the third scan the spleen's logit stands just under the pancreas's in a shell around it: the pancreas
+    offset the other two scans agree on hands that shell to the spleen there."""
+    scans = []
+    for seed, shell in [(0, False), (1, False), (2, True)]:
+        logits, label, ann, parent = _phantom(5.0, 7.0, reviewed=(2, 3), seed=seed)
+        if shell:
+            lg = logits.reshape(4, *SHAPE)
+            r = _ball(0.0)
+            lg[2] = torch.where((r > 4.0) & (r < 7.5), torch.tensor(0.3), lg[2])
+            parent = lg.reshape(4, -1).argmax(0)
+            label = parent.clone()
+            label[label == 3] = 0
+            label[(_ball(5.0) <= 0).reshape(-1)] = 3
+            label[(label == 2) & (_ball(0.0) < 7.5).reshape(-1)] = 0  # the spleen is not in that shell
+            logits = lg.reshape(4, -1)
+        scans.append(C.Scan(logits, label, ann, parent))
+    cal = C.calibrate(scans, [3])
+    kept, dropped = C.vouch(cal, scans, [], NAMES)
+    assert 3 in cal.offsets and 3 not in kept
+    assert "costs spleen" in dropped[3] and "left-out" in dropped[3]
+    assert min(cal.loco_side[3])[0] < -1.0 and min(cal.loco_side[3])[1] == 2
