@@ -152,17 +152,29 @@ def study(logits, labels, names: list[str], ids: list[str], shrinks: list[float]
                     if pairs:
                         per[names[k]] = [round(statistics.mean(b for b, _ in pairs), 2),
                                          round(statistics.mean(a - b for b, a in pairs), 2)]
+                # each offset alone: its change of every organ on the scored scans (side effects included)
+                alone = {names[k]: {names[j]: round(statistics.mean(
+                    (C.organ_dice(s, {k: b}, j) or 0.0) - (C.organ_dice(s, {}, j) or 0.0) for s in scored), 2)
+                    for j in range(1, nc)} for k, b in cal.offsets.items()}
                 out.append({"shrink": shrink, "below": below, "style": style, "n_corrected": n_corrected,
                             "clean_up": clean_up is not None,
                             "fit_bound_from": C.FIT_BOUND_FROM, "corrected": [ids[i] for i in fit],
                             "scored": [ids[i] for i in range(len(ids)) if i not in fit],
                             "reviewed": [names[k] for k in rev],
                             "offsets": {names[k]: b for k, b in cal.offsets.items()},
-                            "loco": {names[k]: v for k, v in cal.loco.items()}, "per_organ": per})
+                            "loco": {names[k]: v for k, v in cal.loco.items()},
+                            # the worst loss of another reviewed organ on each left-out scan (vouch drops < -1)
+                            "loco_side": {names[k]: [[d, names[j]] for d, j in v] for k, v in cal.loco_side.items()},
+                            "per_organ": per, "alone": alone})
                 print(f"  {n_corrected} corrected, fit bound from {C.FIT_BOUND_FROM}, {style}: "
                       f"{out[-1]['corrected']} offsets {out[-1]['offsets']}", flush=True)
             print(f"shrink {shrink}: done", flush=True)
     return out
+
+
+# calibration.CAL_LOCO_TOLERANCE: every rule also drops an offset that costs another reviewed organ more than this on a
+# left-out scan, as `vouch` does since 2026-12-07 (folds written before hold no `loco_side`: nothing dropped)
+SIDE_TOLERANCE = 1.0
 
 
 def rule_keeps(loco: list[float], rule: tuple) -> bool:
@@ -182,7 +194,7 @@ def rule_keeps(loco: list[float], rule: tuple) -> bool:
 
 def table(folds: list[dict]) -> tuple[str, list[dict]]:
     rows, lines = [], ["| corrected | fit | shrink | rule | gain (mean over folds) | smallest fold gain | "
-                       "worst calibrated organ | folds with an organ down > 1 |", "|---|---|---|---|---|---|---|---|"]
+                       "worst organ | folds with an organ down > 1 |", "|---|---|---|---|---|---|---|---|"]
     groups = sorted({(f.get("n_corrected", len(f["corrected"])), f.get("fit_bound_from"), f["shrink"])
                      for f in folds}, key=lambda g: (g[0], -(g[1] or 0), -g[2]))
     for n_corr, fbf, shrink in groups:
@@ -195,10 +207,13 @@ def table(folds: list[dict]) -> tuple[str, list[dict]]:
                         (n_corr, fbf, shrink):
                     continue
                 per = f["per_organ"]
-                kept = {o for o in f["offsets"] if rule_keeps(f["loco"].get(o, []), rule)}
+                kept = {o for o in f["offsets"] if rule_keeps(f["loco"].get(o, []), rule)
+                        and min((d for d, _ in f.get("loco_side", {}).get(o, [])), default=0.0) >= -SIDE_TOLERANCE}
                 g = [per[o][1] if o in kept else 0.0 for o in f["reviewed"] if o in per and per[o][0] < 90.0]
                 gains.append(statistics.mean(g) if g else 0.0)
                 w = min((per[o][1] for o in kept if o in per), default=0.0)
+                if "alone" in f and kept:  # every organ, the kept offsets' changes added (folds since 2026-12-07)
+                    w = min(w, min(sum(f["alone"][k].get(o, 0.0) for k in kept) for o in f["alone"][next(iter(kept))]))
                 worst, harmed = min(worst, w), harmed + (w < -1.0)
             row = {"corrected": n_corr, "fit_bound_from": fbf, "shrink": shrink, "rule": rule_name,
                    "gain": round(statistics.mean(gains), 2), "smallest_fold_gain": round(min(gains), 2),
