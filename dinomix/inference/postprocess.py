@@ -3,6 +3,8 @@
 Runs on the coarse model grid (cheap), then `make_consistent` edits the logits so that their argmax is the
 cleaned label map; the exact back-resampling in `inference/backmapping.py` then carries the clean-up to the input grid.
 Paired organs (kidneys, adrenal glands) are separate labels, so each side keeps its own largest component.
+Hand-written on scipy.ndimage: MONAI's KeepLargestConnectedComponent keeps the largest component of each label but
+has no way to keep the pieces that a reference map anchors (a calibrated organ, below).
 """
 
 from __future__ import annotations
