@@ -41,17 +41,29 @@ class Reporter:
         self.t0 = time.monotonic()
         self.stage_t0 = self.t0
         self._lock = threading.Lock()
+        self._sealed = False  # set by `final`
         self._last_emit = 0.0
         self.bar = tqdm(total=1000, unit="‰", bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
                         file=sys.stderr, leave=False) if bar else None
 
     def emit(self, event: EventKind, **fields: Any) -> None:
+        self._write(event, fields, last=False)
+
+    def final(self, event: EventKind, **fields: Any) -> None:
+        """Emit the run's last event: nothing is written after it. A signal handler ends the run while the worker
+        thread may still report progress; the reader must see the `cancelled` event last."""
+        self._write(event, fields, last=True)
+
+    def _write(self, event: EventKind, fields: dict[str, Any], last: bool) -> None:
         if self.events is None:
             return
         rec = {"event": event, "time": round(time.time(), 3), **fields}
         with self._lock:
+            if self._sealed:
+                return
             self.events.write(json.dumps(rec, default=str) + "\n")
             self.events.flush()
+            self._sealed = last
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit("log", level=level, message=message)

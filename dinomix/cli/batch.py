@@ -261,8 +261,8 @@ def make_batch_job(events: Optional[str]):
             for s in self.scans:
                 if s.status == "running":
                     s.status = "cancelled"
-            self.reporter.emit("cancelled", message=f"segment cancelled by signal {signum}", batch=True,
-                               ok=sum(s.status == "ok" for s in self.scans), scans=[s.record() for s in self.scans])
+            self.reporter.final("cancelled", message=f"segment cancelled by signal {signum}", batch=True,
+                                ok=sum(s.status == "ok" for s in self.scans), scans=[s.record() for s in self.scans])
             sys.stderr.write("dinomix: segment cancelled\n")
             sys.stderr.flush()
             os._exit(CANCEL_EXIT)

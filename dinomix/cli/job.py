@@ -68,7 +68,7 @@ class Job:
                 note = self.on_cancel() or ""
             except Exception as exc:  # never block the exit on a failing hook
                 note = f"(could not save state: {exc})"
-        self.reporter.emit("cancelled", message=f"{self.command} cancelled by signal {signum} {note}".strip())
+        self.reporter.final("cancelled", message=f"{self.command} cancelled by signal {signum} {note}".strip())
         sys.stderr.write(f"dinomix: {self.command} cancelled\n")
         sys.stderr.flush()
         self.writer.sweep()  # a writer that got its temporary path before the abort may have made it again

@@ -135,3 +135,21 @@ def test_time_left_follows_the_pace_of_the_current_stage(monkeypatch):
     clock[0] += 81.0
     rep.update(1.0)
     assert rep.eta() == 0.0
+
+
+def test_nothing_is_written_after_the_final_event():
+    """A signal handler emits `cancelled` while the worker thread may still report progress until the process exits:
+    the reader must see `cancelled` last."""
+    import io
+
+    from dinomix.events import Reporter
+
+    stream = io.StringIO()
+    rep = Reporter(events=stream, bar=False, stages={"infer": 1.0})
+    rep.begin("infer")
+    rep.final("cancelled", message="cancelled by signal 15")
+    rep.begin("postprocess")
+    rep.emit("log", message="late")
+    kinds = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
+    assert kinds == ["progress", "cancelled"]
+
