@@ -69,7 +69,8 @@ def mapped(image, c: float, level: float):
     return out
 
 
-def dice_table(model: str, btcv: Path, ids: list[str], shift: str) -> tuple[list[str], dict]:
+def dice_table(model: str, btcv: Path, ids: list[str], shift: str, contrasts=CONTRASTS,
+               levels=LEVELS) -> tuple[list[str], dict]:
     """{scan: {(c, l): {organ: Dice %}}} for every candidate map, and the organ names."""
     import numpy as np
     import SimpleITK as sitk
@@ -84,7 +85,7 @@ def dice_table(model: str, btcv: Path, ids: list[str], shift: str) -> tuple[list
         image = shifted(sitk.ReadImage(str(btcv / f"btcv_img{i}_ct.nii.gz")), shift)
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(btcv / f"btcv_img{i}_label.nii.gz")))
         table[i] = {}
-        for c, lv in itertools.product(CONTRASTS, LEVELS):
+        for c, lv in itertools.product(contrasts, levels):
             lab = sitk.GetArrayFromImage(seg.segment(mapped(image, c, lv), SegmentOptions(mode="fast")).labels)
             table[i][(c, lv)] = {o.name: 100.0 * dice(lab == o.value, ref == o.value) for o in organs
                                  if (ref == o.value).any()}
@@ -149,13 +150,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--set", default="eval", choices=["eval", "train"], help="P1 scans (never the test scans)")
     p.add_argument("--shift", default="contrast:0.7")
     p.add_argument("--corrected", type=int, nargs="+", default=[2, 3])
+    p.add_argument("--contrasts", type=float, nargs="+", default=list(CONTRASTS), help="candidate c (1 is added)")
+    p.add_argument("--levels", type=float, nargs="+", default=list(LEVELS), help="candidate l in HU (0 is added)")
     p.add_argument("--data", default=os.environ.get("DINOMIX_DATA", str(P.REPO.parent / "shared" / "data")))
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
     btcv = P.data_btcv(args.data)
     ids = P.p1_split(btcv)[args.set]
-    names, table = dice_table(args.model, btcv, ids, args.shift)
+    contrasts, levels = sorted({1.0, *args.contrasts}), sorted({0.0, *args.levels})
+    names, table = dice_table(args.model, btcv, ids, args.shift, contrasts, levels)
     identity = statistics.mean(statistics.mean(table[s][(1.0, 0.0)].values()) for s in ids)
     out = Path(args.out or P.RESULTS / "window_calibration_design.json")
     doc = json.loads(out.read_text()) if out.is_file() else {"benchmark": "window_calibration_design", "issue": 17,
@@ -168,7 +172,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         doc["runs"][f"{args.shift} / {n} corrected"] = {
             "date": P.now_iso(), **P.machine(None), "load": P.load_now(), "model": args.model, "set": args.set,
             "scans": ids, "shift": args.shift, "corrected": n, "candidates": {
-                "contrast": list(CONTRASTS), "level": list(LEVELS)}, "mean_dice_identity": round(identity, 2),
+                "contrast": contrasts, "level": levels}, "mean_dice_identity": round(identity, 2),
             "table": rows, "folds": fold_list}
     doc["dice"] = {**doc.get("dice", {}), args.shift: {
         s: {f"{c:g}/{lv:+g}": {o: round(d, 2) for o, d in v.items()} for (c, lv), v in t.items()}
