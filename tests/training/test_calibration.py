@@ -390,3 +390,16 @@ def test_an_offset_that_costs_another_reviewed_organ_on_a_left_out_scan_is_dropp
     assert 3 in cal.offsets and 3 not in kept
     assert "costs spleen" in dropped[3] and "left-out" in dropped[3]
     assert min(cal.loco_side[3])[0] < -1.0 and min(cal.loco_side[3])[1] == 2
+
+
+def test_a_calibrated_parents_own_offsets_are_taken_off_the_map_its_child_anchors_to():
+    """A parent that was itself calibrated: the map drawn without offsets is the argmax with its offsets taken off."""
+    logits, label, ann, parent = _phantom(5.0, 7.0, seed=0)
+    own = -0.4  # the parent's pancreas offset, already in its logits
+    clean = C.CleanUp(True, True, (1, 2, 3), parent_offsets=((3, own),))
+    scan = C.Scan(logits, label, ann, parent, SHAPE, clean)
+    back = logits.clone()
+    back[3] -= own
+    assert np.array_equal(scan.anchor_map.reshape(-1), back.argmax(0).numpy())
+    assert (scan.anchor_map == 3).sum() > (parent == 3).sum()  # drawn larger without the parent's offset
+    assert clean.anchored(np.zeros(4, np.float32)) == {3}  # the parent's calibrated organ stays anchored at 0
