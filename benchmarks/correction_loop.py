@@ -132,14 +132,31 @@ def mean_scores(per_scan: dict[str, dict[str, Optional[float]]]) -> dict[str, Op
     return out
 
 
-def btcv_scan(btcv: Path, cid: str) -> dict:
+def btcv_scan(btcv: Path, cid: str, images: Optional[Path] = None) -> dict:
+    """A P1 scan: its CT (from `images` where the scans are shifted, see `shifted_images`) and reference labels."""
     import SimpleITK as sitk
 
     from dinomix.datasets import BTCV_NAMES  # noqa: F401  (label values = organ values of the shipped model)
 
     lab = btcv / f"btcv_img{cid}_label.nii.gz"
-    return {"id": f"btcv_img{cid}", "image": str(btcv / f"btcv_img{cid}_ct.nii.gz"), "label": str(lab),
+    return {"id": f"btcv_img{cid}", "image": str((images or btcv) / f"btcv_img{cid}_ct.nii.gz"), "label": str(lab),
             "gt": lambda: sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))}
+
+
+def shifted_images(btcv: Path, ids: list[str], shift: str, work: Path) -> Optional[Path]:
+    """The CTs of `ids` as a simulated other hospital would give them (`p1_common.shift_image`), written into the
+    run folder (outside the repository: data derivatives); None for --shift none."""
+    if shift == "none":
+        return None
+    import SimpleITK as sitk
+
+    folder = work / f"shifted-{shift.replace(':', '')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in ids:
+        path = folder / f"btcv_img{i}_ct.nii.gz"
+        if not path.exists():
+            sitk.WriteImage(P.shift_image(sitk.ReadImage(str(btcv / path.name)), shift), str(path))
+    return folder
 
 
 def ts_scans(data: Path, organ_values: dict[str, int]) -> list[dict]:
@@ -284,6 +301,10 @@ def _runs_on_disk(path: Path) -> list[dict]:
     return json.loads(path.read_text()).get("runs", []) if path.is_file() else []
 
 
+def _set(r: dict) -> str:
+    return f"{r.get('set')}" + (f" ({r['shift']})" if r.get("shift") else "")
+
+
 def _fold(r: dict) -> str:
     n = r.get("corrected", 2)
     return f"{r['fold']}" if n == 2 else f"{r['fold']} ({n} corrected)"
@@ -295,14 +316,14 @@ def summary_table(runs: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         if r.get("status") != "ok":
-            lines.append(f"| {r.get('set')} | {_fold(r)} | {r['style']} | {r['method']} | {r['seed']} | failed: "
+            lines.append(f"| {_set(r)} | {_fold(r)} | {r['style']} | {r['method']} | {r['seed']} | failed: "
                          f"{r.get('error', '')[:60]} | | | | | | | |")
             continue
         t = r["targets"]
         ts = r.get("ts_targets") or {}
         ok = [t["no_harm"], t["corrected_gain_ok"] in (True, None), t.get("on_time", True), not t["unflagged_harm"]]
         lines.append(
-            f"| {r.get('set')} | {_fold(r)} | {r['style']} | {r['method']} | {r['seed']} | {r.get('iterations')} | "
+            f"| {_set(r)} | {_fold(r)} | {r['style']} | {r['method']} | {r['seed']} | {r.get('iterations')} | "
             f"{t.get('wall_ratio')} | {_learnt(r.get('routing') or {})} | "
             f"{P.signed(t['corrected_gain'])} | {_worst(t['worst_organ'], t['worst_delta'])} | "
             f"{_worst(ts.get('worst_organ'), ts.get('worst_delta'))} | {t['self_check']} | "
@@ -327,6 +348,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--data", default=os.environ.get("DINOMIX_DATA", str(P.REPO.parent / "shared" / "data")))
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--shift", default="none", help="the P1 scans as another hospital would give them: contrast:F "
+                   "(HU -> 40 + F (HU - 40)) or level:H; the copies go to the run folder")
     p.add_argument("--fresh", action="store_true", help="do not merge with the runs in the result file")
     p.add_argument("--quick", action="store_true", help="smoke mode: one fold, one style, 2 iterations, small scans")
     args = p.parse_args(argv)
@@ -346,6 +369,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.quick:
         ids = ["0022", "0028"]  # small scans (P1 train: the smoke test only exercises the mechanics)
     unl_ids = (split["eval"] if args.set == "test" else split["train"])[:2] if not args.quick else ["0035"]
+    images = shifted_images(btcv, [*ids, *unl_ids, *(["0031"] if args.quick else [])], args.shift, work)
     n = args.corrected
     n_folds = len(ids) // n
     folds = args.folds if args.folds is not None else list(range(n_folds))
@@ -367,9 +391,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     for fold in folds:
         corr_ids = ids[n * fold:n * fold + n]
         eval_ids = [i for i in ids if i not in corr_ids] if not args.quick else ["0031"]
-        corr_scans = [btcv_scan(btcv, i) for i in corr_ids]
-        eval_scans = [btcv_scan(btcv, i) for i in eval_ids]
-        unl = [{"id": f"btcv_img{u}", "image": str(btcv / f"btcv_img{u}_ct.nii.gz")} for u in unl_ids]
+        corr_scans = [btcv_scan(btcv, i, images) for i in corr_ids]
+        eval_scans = [btcv_scan(btcv, i, images) for i in eval_ids]
+        unl = [{"id": f"btcv_img{u}", "image": str((images or btcv) / f"btcv_img{u}_ct.nii.gz")} for u in unl_ids]
         parent_eval = mean_scores(scorer.scores(args.model, eval_scans, cache=True))
         for style in args.styles:
             reviewed = list(organ_names) if style == "all" else [o for o in MINORITY if o in organ_names]
@@ -379,7 +403,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             priority = [o for o in reviewed if o in MINORITY]
             for method in args.methods:
                 for seed in args.seeds:
-                    key = dict(set=args.set, corrected=n, fold=fold, style=style, method=method, seed=seed)
+                    key = dict(set=args.set, corrected=n, fold=fold, style=style, method=method, seed=seed,
+                               **({"shift": args.shift} if args.shift != "none" else {}))
                     print(f"\n== {key}", flush=True)
                     rec = {**key, "parent": args.model, "corrected_scans": corr_ids, "evaluated_scans": eval_ids,
                            "unlabeled_scans": unl_ids, "reviewed": reviewed, "date": P.now_iso(),
@@ -403,8 +428,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                     if not fresh:
                         runs = _runs_on_disk(out_path)
                     fresh = False
-                    runs = [r for r in runs if any(r.get(k, 2 if k == "corrected" else None) != v
-                                                   for k, v in key.items())] + [rec]
+                    runs = [r for r in runs if r.get("shift", "none") != args.shift
+                            or any(r.get(k, 2 if k == "corrected" else None) != v for k, v in key.items())] + [rec]
                     doc = {"benchmark": "correction_loop", "issue": 17, "updated": P.now_iso(),
                            **P.machine(None), "parent": args.model, "targets": {
                                "no_harm": f"no organ on the evaluated scans down by more than {DROP_LIMIT} Dice point",

@@ -199,6 +199,32 @@ def p1_data(data: str | os.PathLike) -> Optional[Path]:
     return btcv
 
 
+SHIFT_PIVOT_HU = 40.0  # soft tissue: a simulated contrast change keeps it in place
+
+
+def shift_image(image, shift: str):
+    """A scan as a simulated other hospital would give it (issue 17's scanner-change studies): `none`,
+    `contrast:F` (HU -> 40 + F (HU - 40)) or `level:H` (HU -> HU + H); float32, same geometry."""
+    import SimpleITK as sitk
+
+    if shift == "none":
+        return image
+    kind, _, value = shift.partition(":")
+    try:
+        v = float(value)
+    except ValueError:
+        raise SystemExit(f"--shift {shift}: use none, contrast:F or level:H") from None
+    f = sitk.Cast(image, sitk.sitkFloat32)
+    if kind == "contrast":
+        out = f * v + SHIFT_PIVOT_HU * (1.0 - v)
+    elif kind == "level":
+        out = f + v
+    else:
+        raise SystemExit(f"--shift {shift}: use none, contrast:F or level:H")
+    out.CopyInformation(image)
+    return out
+
+
 def p1_split(btcv: Path) -> dict:
     return json.loads((btcv / "splits_p1.json").read_text())
 

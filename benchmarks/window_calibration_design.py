@@ -34,30 +34,12 @@ import p1_common as P  # noqa: E402
 
 MINORITY = ["gallbladder", "esophagus", "portal_vein_and_splenic_vein", "pancreas", "adrenal_gland_right",
             "adrenal_gland_left"]
-PIVOT_HU = 40.0  # soft tissue: the contrast maps keep it in place
+PIVOT_HU = P.SHIFT_PIVOT_HU  # soft tissue: the contrast maps keep it in place
 CONTRASTS = (0.8, 0.9, 1.0, 1.15, 1.3, 1.45, 1.6)
 LEVELS = (-30.0, 0.0, 30.0)
 # name: (left-out scans needed, least left-out gain of each); the left-out gain is the change of the reviewed organs'
 # mean Dice on the scan left out
 RULES = {"no vouching": (0, -1e9), "each left-out gain >= +1": (2, 1.0), "each left-out gain >= +3": (2, 3.0)}
-
-
-def shifted(image, shift: str):
-    """The scan as the simulated hospital would give it (in memory)."""
-    import SimpleITK as sitk
-
-    if shift == "none":
-        return image
-    kind, _, value = shift.partition(":")
-    f = sitk.Cast(image, sitk.sitkFloat32)
-    if kind == "contrast":
-        out = f * float(value) + PIVOT_HU * (1.0 - float(value))
-    elif kind == "level":
-        out = f + float(value)
-    else:
-        raise SystemExit(f"--shift {shift}: use none, contrast:F or level:H")
-    out.CopyInformation(image)
-    return out
 
 
 def mapped(image, c: float, level: float):
@@ -82,7 +64,7 @@ def dice_table(model: str, btcv: Path, ids: list[str], shift: str, contrasts=CON
     organs = seg.meta.organs.organs
     table: dict = {}
     for i in ids:
-        image = shifted(sitk.ReadImage(str(btcv / f"btcv_img{i}_ct.nii.gz")), shift)
+        image = P.shift_image(sitk.ReadImage(str(btcv / f"btcv_img{i}_ct.nii.gz")), shift)
         ref = sitk.GetArrayFromImage(sitk.ReadImage(str(btcv / f"btcv_img{i}_label.nii.gz")))
         table[i] = {}
         for c, lv in itertools.product(contrasts, levels):
