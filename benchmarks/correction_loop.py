@@ -154,8 +154,10 @@ def shifted_images(btcv: Path, ids: list[str], shift: str, work: Path) -> Option
     folder.mkdir(parents=True, exist_ok=True)
     for i in ids:
         path = folder / f"btcv_img{i}_ct.nii.gz"
-        if not path.exists():
-            sitk.WriteImage(P.shift_image(sitk.ReadImage(str(btcv / path.name)), shift), str(path))
+        if not path.exists():  # written whole or not at all: a cut run leaves no truncated scan to reuse
+            part = path.with_name(f".{path.name}.part.nii.gz")
+            sitk.WriteImage(P.shift_image(sitk.ReadImage(str(btcv / path.name)), shift), str(part))
+            os.replace(part, path)
     return folder
 
 
