@@ -202,11 +202,19 @@ def p1_data(data: str | os.PathLike) -> Optional[Path]:
 SHIFT_PIVOT_HU = 40.0  # soft tissue: a simulated contrast change keeps it in place
 
 
-def shift_image(image, shift: str):
-    """A scan as a simulated other hospital would give it (issue 17's scanner-change studies): `none`,
-    `contrast:F` (HU -> 40 + F (HU - 40)) or `level:H` (HU -> HU + H); float32, same geometry."""
+def hu_map(image, contrast: float, level: float = 0.0):
+    """The scan with HU -> 40 + contrast (HU - 40) + level (float32, same geometry): a simulated scanner change, or a
+    candidate intensity calibration."""
     import SimpleITK as sitk
 
+    out = sitk.Cast(image, sitk.sitkFloat32) * contrast + (SHIFT_PIVOT_HU * (1.0 - contrast) + level)
+    out.CopyInformation(image)
+    return out
+
+
+def shift_image(image, shift: str):
+    """A scan as a simulated other hospital would give it (issue 17's scanner-change studies): `none`,
+    `contrast:F` (HU -> 40 + F (HU - 40)) or `level:H` (HU -> HU + H)."""
     if shift == "none":
         return image
     kind, _, value = shift.partition(":")
@@ -214,15 +222,9 @@ def shift_image(image, shift: str):
         v = float(value)
     except ValueError:
         raise SystemExit(f"--shift {shift}: use none, contrast:F or level:H") from None
-    f = sitk.Cast(image, sitk.sitkFloat32)
-    if kind == "contrast":
-        out = f * v + SHIFT_PIVOT_HU * (1.0 - v)
-    elif kind == "level":
-        out = f + v
-    else:
+    if kind not in ("contrast", "level"):
         raise SystemExit(f"--shift {shift}: use none, contrast:F or level:H")
-    out.CopyInformation(image)
-    return out
+    return hu_map(image, v, 0.0) if kind == "contrast" else hu_map(image, 1.0, v)
 
 
 def p1_split(btcv: Path) -> dict:

@@ -47,6 +47,16 @@ def keep_largest_component(labels: np.ndarray, values: Iterable[int], anchor: Op
     return out
 
 
+def clean_up(labels: np.ndarray, values: Iterable[int], largest_component: bool, holes: bool,
+             anchor: Optional[np.ndarray] = None, anchored: Collection[int] = ()) -> np.ndarray:
+    """A model's clean-up of a label map, in the one order every path applies it (segmentation, the trainer's
+    evaluation, the calibration's search): largest component (anchored organs: `keep_largest_component`), then
+    hole filling."""
+    values = list(values)
+    out = keep_largest_component(labels, values, anchor, anchored) if largest_component else labels
+    return fill_holes(out, values) if holes else out
+
+
 def largest_piece(mask: np.ndarray) -> np.ndarray:
     """The largest 26-connected component of a boolean mask (all False where the mask is)."""
     comp, n = ndimage.label(mask, structure=CONNECTIVITY)

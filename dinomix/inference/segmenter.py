@@ -21,7 +21,7 @@ from ..organs import Organ
 from ..preprocessing import build_preprocess, sitk_to_sample
 from ..registry import Entry, resolve
 from .backmapping import _argmax0, logits_to_input_labels
-from .postprocess import fill_holes, keep_largest_component, make_consistent, restrict
+from .postprocess import clean_up, make_consistent, restrict
 from .windows import WindowPlan, sliding_window, window_plan
 
 log = logging.getLogger("dinomix")
@@ -134,13 +134,13 @@ class Segmenter:
         raw = _argmax_u8(logits)
         labels = restrict(raw, {o.value for o in organs})
         pp = meta.postprocessing
-        if opts.largest_component if opts.largest_component is not None else pp.largest_component:
-            offsets = pp.offsets_vector(logits.shape[0])
-            anchor = _argmax_u8(logits, shift=offsets) if offsets is not None else None
-            labels = keep_largest_component(labels, [o.value for o in organs], anchor, pp.calibration_offsets)
-            del anchor
-        if opts.fill_holes if opts.fill_holes is not None else pp.fill_holes:
-            labels = fill_holes(labels, [o.value for o in organs])
+        largest = opts.largest_component if opts.largest_component is not None else pp.largest_component
+        offsets = pp.offsets_vector(logits.shape[0]) if largest else None
+        anchor = _argmax_u8(logits, shift=offsets) if offsets is not None else None
+        labels = clean_up(labels, [o.value for o in organs], largest,
+                          opts.fill_holes if opts.fill_holes is not None else pp.fill_holes,
+                          anchor, pp.calibration_offsets)
+        del anchor
         make_consistent(logits, raw, labels)
         del raw
         times["postprocess"] = time.perf_counter() - t

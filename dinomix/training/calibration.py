@@ -106,10 +106,9 @@ class CleanUp:
                  anchored: Collection[int] = ()) -> np.ndarray:
         """`labels` cleaned up for every organ by `inference/postprocess.py` itself (`anchor`: the map drawn without
         offsets, for the `anchored` organs)."""
-        from ..inference.postprocess import fill_holes, keep_largest_component
+        from ..inference.postprocess import clean_up
 
-        out = keep_largest_component(labels, self.values, anchor, anchored) if self.largest_component else labels
-        return fill_holes(out, self.values) if self.fill_holes else out
+        return clean_up(labels, self.values, self.largest_component, self.fill_holes, anchor, anchored)
 
     def one_organ(self, labels: np.ndarray, k: int, anchor_piece: Optional[np.ndarray] = None) -> None:
         """Cleans up organ k alone, in place: what `__call__` does to k (the same 26-connected largest component, or

@@ -349,7 +349,7 @@ class Trainer:
         `dinomix evaluate`), of the label map cleaned up as the model file's segmentations are (largest component,
         hole filling: `inference/postprocess.py`; a fine-tune's held-out verdict judges what the clinician gets).
         N processes split the cases and gather the scores in case order."""
-        from ..inference.postprocess import fill_holes, keep_largest_component
+        from ..inference.postprocess import clean_up
         from ..modelfile import PostprocessConfig
 
         parent = getattr(self, "init_meta", None)  # a fine-tune keeps its parent's clean-up (semi.py)
@@ -373,14 +373,11 @@ class Trainer:
             plan = window_plan(tuple(case.image.shape[1:]), mode, self.cfg.architecture.divisor, sw_batch_size=1)
             logits = sliding_window(predict, case.image, plan, self.device)
             pred = logits.argmax(0).cpu().numpy().astype(np.uint8)
-            if post.largest_component:
-                offsets = post.offsets_vector(logits.shape[0])
-                anchor = (None if offsets is None else
-                          (logits - offsets.to(logits).view(-1, 1, 1, 1)).argmax(0).cpu().numpy().astype(np.uint8))
-                pred = keep_largest_component(pred, values, anchor, post.calibration_offsets)
+            offsets = post.offsets_vector(logits.shape[0]) if post.largest_component else None
+            anchor = (None if offsets is None else
+                      (logits - offsets.to(logits).view(-1, 1, 1, 1)).argmax(0).cpu().numpy().astype(np.uint8))
             del logits
-            if post.fill_holes:
-                pred = fill_holes(pred, values)
+            pred = clean_up(pred, values, post.largest_component, post.fill_holes, anchor, post.calibration_offsets)
             label = case.label.numpy()
             for o in self.schema.organs:
                 if not case.annotated[o.value]:
