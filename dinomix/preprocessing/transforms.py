@@ -227,14 +227,14 @@ def build_preprocess(cfg: PreprocessConfig, mode: str, keys: tuple[str, ...] = (
     m = cfg.mode(mode)
     label_keys = tuple(k for k in keys if k != "image")
     it = cfg.intensity
-    # In window units, the HU threshold of the foreground step:
-    thr = it.b_min + (cfg.foreground.threshold_hu - it.a_min) * (it.b_max - it.b_min) / (it.a_max - it.a_min)
     margin = xyz(int(np.ceil(cfg.foreground.margin_mm / s)) for s in m.spacing_mm)
     chain: list = [OrientResampled(("image",), cfg.orientation, m.spacing_mm)]
     if label_keys:
         chain += [Reorientd(label_keys, cfg.orientation), ResampleToSpacingd(label_keys, m.spacing_mm, "nearest")]
+    if cfg.foreground.enabled:
+        # the body is found in HU, before the window: the crop does not depend on the window, so a fine-tune's
+        # window calibration (training/window_calibration.py) keeps its parent's crop of every scan
+        chain.append(ForegroundBoxd(keys, cfg.foreground.threshold_hu, margin))
     chain.append(ScaleIntensityRanged("image", a_min=it.a_min, a_max=it.a_max, b_min=it.b_min,
                                       b_max=it.b_max, clip=True))
-    if cfg.foreground.enabled:
-        chain.append(ForegroundBoxd(keys, max(thr, it.b_min + 1e-3), margin))
     return Compose(chain)

@@ -159,7 +159,9 @@ class CachedCase:
     indices: dict[int, np.ndarray]  # class value -> flat voxel indices (subsampled)
 
 
-PREPROCESSED_VERSION = 1  # bump when LoadCased or the preprocessing chain changes what a cached case holds
+# bump when LoadCased or the preprocessing chain changes what a cached case holds (2: the body box found in HU,
+# before the window)
+PREPROCESSED_VERSION = 2
 KEEP_KEYS = ("id", "annotated", "labeled", "image", "label")
 
 
