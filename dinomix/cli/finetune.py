@@ -4,8 +4,8 @@
                      (--minutes M | --iterations N) [--events FILE|-] [--new-name NAME] [--holdout CASE ...]
 
 Optional extras: --method {pic,cutmix,mean_teacher,supervised} (default pic), --routing {organs,off},
---route-below, --route-blocks, --no-loco, --keep-unverified, --output RUN_DIR, --device, --patch-size, --lr,
---threads, --seed, --priority-weight, --parent-distillation, --open-organs, --consistency-weight.
+--route-below, --route-blocks, --no-loco, --keep-unverified, --no-window, --output RUN_DIR, --device, --patch-size,
+--lr, --threads, --seed, --priority-weight, --parent-distillation, --open-organs, --consistency-weight.
 
 Here: the arguments (`register`), the options they make (`finetune_options`) and the run (`cmd_finetune`: a Job
 with its stages). The fine-tune itself, its steps, events and result: dinomix/training/finetune/.
@@ -20,7 +20,8 @@ from .job import Job
 from .options import add_device_option
 
 STAGES = {"prepare": 0.02, "route": 0.03, "cache": 0.05, "eval_before": 0.03, "calibrate": 0.02, "loco": 0.2,
-          "train": 0.53, "eval_after": 0.03, "self_check": 0.05, "organ_calibration": 0.02, "register": 0.02}
+          "train": 0.53, "eval_after": 0.03, "self_check": 0.05, "window_calibration": 0.1, "organ_calibration": 0.02,
+          "register": 0.02}
 
 
 def register(sub) -> None:
@@ -54,6 +55,10 @@ def register(sub) -> None:
                    help="keep organs learnt from fewer than 3 corrected scans (and no held-out case), which the "
                         "self-check cannot vouch for; the new model is then marked 'unknown' (default: such organs "
                         "keep the parent's output)")
+    f.add_argument("--no-window", dest="window", action="store_false",
+                   help="do not fit a window to the scanner of your corrected scans (by default, from two corrected "
+                        "scans, one map of their intensities is fitted and kept where left-out scans gain; the new "
+                        "model is then marked 'unknown')")
     add_device_option(f)
     f.add_argument("--patch-size", type=int, default=None, help="cubic patch edge (default: the parent's, else 48)")
     f.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the parent's, else 2e-3)")
@@ -81,7 +86,7 @@ def finetune_options(args: argparse.Namespace) -> FinetuneOptions:
         seed=args.seed, priority_weight=args.priority_weight, parent_distillation=args.parent_distillation,
         open_organs=args.open_organs, consistency_weight=args.consistency_weight, routing=args.routing,
         route_below=args.route_below, route_blocks=args.route_blocks, loco=args.loco,
-        keep_unverified=args.keep_unverified)
+        keep_unverified=args.keep_unverified, window=args.window)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:

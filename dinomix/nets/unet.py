@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_serializer
 
 from .segdino import SegDINOConfig
+from .window_routing import WindowRoutingConfig
 
 
 class RoutedConfig(BaseModel):
@@ -49,13 +50,17 @@ class StudentConfig(BaseModel):
     norm: str = "instance"
     dropout: float = 0.0
     routed: Optional[RoutedConfig] = Field(default=None, description="per-organ routing of a fine-tuned model")
+    window: Optional[WindowRoutingConfig] = Field(default=None, description="organs drawn through a second window "
+                                                  "(a fine-tune's window calibration)")
 
     @model_serializer(mode="wrap")
     def _drop_unrouted(self, handler):
         """A plain network's config reads as it did before routing existed (model files, recipes, comparisons)."""
         out = handler(self)
-        if isinstance(out, dict) and out.get("routed") is None:
-            out.pop("routed", None)
+        if isinstance(out, dict):
+            for key in ("routed", "window"):
+                if out.get(key) is None:
+                    out.pop(key, None)
         return out
 
     @property
@@ -77,6 +82,7 @@ class StudentUNet(nn.Module):
     branch_out: nn.Conv3d
     routed_index: torch.Tensor
     routed: Optional[RoutedConfig]
+    window: Optional[WindowRoutingConfig]  # organs drawn through a second window (nets/window_routing.py)
 
     def __init__(self, cfg: StudentConfig) -> None:
         # imported here, not with the module: the configs above are read with every model file's header
@@ -85,6 +91,7 @@ class StudentUNet(nn.Module):
 
         super().__init__()
         self.cfg = cfg
+        self.window = cfg.window
         norm = (cfg.norm, {"affine": True}) if cfg.norm == "instance" else cfg.norm
         act = ("leakyrelu", {"negative_slope": 0.01, "inplace": True})
         ch = list(cfg.channels)
@@ -239,7 +246,16 @@ class StudentUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, features: bool = False):
         """Logits; with `features=True`, (logits, stem, decoder pyramid) for trainer components. One entry
-        point for both, so DistributedDataParallel sees (and synchronises) every forward pass."""
+        point for both, so DistributedDataParallel sees (and synchronises) every forward pass. With a second window
+        (`window`), the logits merge two passes (nets/window_routing.py); it is never trained."""
+        if self.window is not None and not features:
+            from .window_routing import run_windowed
+
+            window, self.window = self.window, None
+            try:
+                return run_windowed(self.forward, x, window)
+            finally:
+                self.window = window
         stem, skips, levels = self._pyramid(x)
         logits = self.head(stem, levels[-1])
         if self.routed is not None:

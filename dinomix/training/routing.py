@@ -124,6 +124,8 @@ class SelfCheck:
     per_organ: dict[str, dict] = field(default_factory=dict)
     learnt: list[int] = field(default_factory=list)  # routed classes the branch keeps
     calibrated: dict[str, float] = field(default_factory=dict)  # organ -> logit offset (training/calibration.py)
+    window: Optional[dict] = None  # the window calibration (training/window_calibration.py), when it ran
+    window_note: str = ""  # what the message says of a kept window (kept when the organ calibration rewrites it)
 
     def add_calibration(self, names: list[str], cal, kept: dict[int, float], unverified: dict[int, float],
                         dropped: dict[int, str]) -> None:
@@ -170,9 +172,46 @@ class SelfCheck:
             self.message = head + " " + self.message
         else:
             others = {c: w for c, w in self.removed.items() if c not in applied}
-            self.message = (head + " Every other organ gives the parent's output." +
+            self.message = (self.window_note + head
+                            + ("" if self.window_note else " Every other organ gives the parent's output.") +
                             (" Not learnt: " + _grouped(others, names) + "."
                              if others else ""))
+
+    def add_window(self, cal, names: list[str]) -> None:
+        """The window calibration's word (training/window_calibration.py). Left-out corrected scans cannot vouch for a
+        kept window on every reviewed organ of other patients, so the verdict becomes `unknown` and the message says
+        which organs it draws, what it gained and how to check it."""
+        from .window_calibration import MIN_LOCO_GAIN
+
+        self.window = cal.as_dict(names)
+        if not cal.kept:
+            self.checks.append(Check("window calibration", None if cal.fitted.identity else False,
+                                     f"not kept: {cal.why}" if not cal.fitted.identity else cal.why))
+            return
+        gains = ", ".join(f"{g:+.1f}" for g in cal.loco)
+        organs = ", ".join(names[k] for k in cal.classes)
+        every = set(cal.classes) >= set(range(1, len(names)))
+        self.checks.append(Check("window calibration", None,
+                                 f"kept for {organs}: {cal.fitted.describe()} (window {cal.window_hu[0]:g} to "
+                                 f"{cal.window_hu[1]:g} HU) gained {gains} Dice points on the left-out corrected "
+                                 f"scans (each must gain {MIN_LOCO_GAIN:+g})"))
+        if self.verdict == "safe":
+            self.verdict = "unknown"
+        self.window_note = (
+            "Your scans look different from the model's training scans: the new model draws "
+            + ("every organ" if every else organs)
+            + f" through a window fitted to your scanner ({cal.fitted.describe()}), which gained {gains} Dice points "
+              "on your corrected scans when each was left out. "
+            + ("" if every else "Every other organ is drawn as before (it changes only where one of those now "
+                                "wins over it); segmenting takes two passes of the network. ")
+            + f"{len(cal.loco)} corrected scans cannot vouch for every organ of other patients: check it on a new scan "
+              "before relying on it. ")
+        self.message = self.window_note + self.message.replace("gives the parent's output for every organ",
+                                                               "keeps the parent's network")
+
+    def window_not_run(self, why: str) -> None:
+        """The window calibration was skipped (`why`)."""
+        self.checks.append(Check("window calibration", None, f"not run: {why}"))
 
     def calibration_not_run(self, why: str) -> None:
         """The organ calibration was skipped: nothing it fits could be kept (`why`)."""
@@ -216,7 +255,8 @@ class SelfCheck:
 
     def as_dict(self) -> dict:
         return {"verdict": self.verdict, "message": self.message, "checks": [c.as_dict() for c in self.checks],
-                "removed": dict(self.removed), "per_organ": self.per_organ, "calibrated": dict(self.calibrated)}
+                "removed": dict(self.removed), "per_organ": self.per_organ, "calibrated": dict(self.calibrated),
+                **({"window": self.window} if self.window is not None else {})}
 
 
 def _grouped(why: dict[int, str], names: list[str]) -> str:

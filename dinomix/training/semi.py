@@ -56,6 +56,7 @@ from ..methods.thresholds import ClassThresholds
 from ..modelfile import ModelMeta, load_model
 from ..nets.dinov3 import ENV_WEIGHTS, find_teacher_weights
 from ..nets.unet import StudentConfig, StudentUNet
+from ..nets.window_routing import WindowRoutingConfig
 from .data import CachedCase, augment, crop
 from .losses import partial_dice_ce
 from .trainer import Trainer, lr_at
@@ -651,6 +652,14 @@ class SemiTrainer(Trainer):
         output); the config, which the model file records, follows the network."""
         assert isinstance(self.net, StudentUNet)  # a routed network is a student U-Net (_load_init_routed)
         self.net.restrict_routing(keep)
+        self.cfg.architecture = self.net.cfg
+
+    def draw_through_window(self, window: WindowRoutingConfig) -> None:
+        """Draw the window's organs through its second window (nets/window_routing.py: a fine-tune's window
+        calibration); the config, which the model file records, follows the network."""
+        assert isinstance(self.net, StudentUNet)  # window calibration runs on routed fine-tunes only
+        self.net.window = window
+        self.net.cfg = self.net.cfg.model_copy(update={"window": window})
         self.cfg.architecture = self.net.cfg
 
     # ------------------------------------------------------------------ export

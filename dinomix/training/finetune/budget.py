@@ -29,6 +29,14 @@ def calibration_seconds(n_corrected: int) -> float:
     return CALIBRATION_S_PER_SCAN_SEARCH * n_corrected * n_corrected
 
 
+CLEAN_UP_S = 0.5  # seconds the clean-up of one label map takes on the model grid (a 2-core CPU)
+
+
+def window_seconds(n_candidates: int, n_corrected: int, t_case: float) -> float:
+    """Time the window calibration takes: every candidate map on every corrected scan, and its clean-up."""
+    return n_candidates * n_corrected * (t_case + CLEAN_UP_S)
+
+
 def plan_iterations(budget_s: float, spent_s: float, step_s: float, after_s: float, margin: float = 0.08) -> int:
     """Iterations that fit the budget: what is left after the time spent so far and the final evaluation and
     export (after_s), less a safety margin, divided by the measured time of one iteration."""

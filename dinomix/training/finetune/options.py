@@ -42,6 +42,7 @@ class FinetuneOptions:
     route_blocks: int = 1
     loco: bool = True
     keep_unverified: bool = False  # keep learnt organs nothing can vouch for (the model is then marked unknown)
+    window: bool = True  # fit a window to the scanner of the corrected scans (training/window_calibration.py)
 
     def check(self) -> None:
         """Refuse values no fine-tune can run with, by the option's name, before anything is read."""

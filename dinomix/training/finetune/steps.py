@@ -23,7 +23,7 @@ from ...inference import pick_device
 from ...modelfile import ModelMeta, load_model
 from ...nets.unet import ArchitectureConfig, RoutedConfig, fit_roi
 from ...organs import OrganSchema
-from .. import calibration
+from .. import calibration, window_calibration
 from ..config import TrainConfig
 from ..data import CachedCase, cache_cases
 from ..factory import get_semi_trainer
@@ -37,7 +37,15 @@ from ..routing import (
     untrained_check,
 )
 from ..semi import SemiTrainer
-from .budget import LOCO_SHARE, MIN_ITERATIONS, Replanner, calibration_seconds, measure_step, plan_iterations
+from .budget import (
+    LOCO_SHARE,
+    MIN_ITERATIONS,
+    Replanner,
+    calibration_seconds,
+    measure_step,
+    plan_iterations,
+    window_seconds,
+)
 from .cases import corrected_organs, finetune_dataset, holdout_ids, loco_cases
 from .config import ParentConfig, finetune_config, fold_config, parent_config, warmup_iters
 from .options import FinetuneOptions
@@ -60,6 +68,7 @@ def finetune(opts: FinetuneOptions, rep: Reporter, check: Callable[[], None]) ->
     ft.leave_one_scan_out()
     ft.train()
     ft.self_check()
+    ft.calibrate_window()
     ft.calibrate_organs()
     ft.evaluate_after()
     ft.held_out_veto()
@@ -129,6 +138,7 @@ class FineTune:
     iterations: int                     # iterations trained
     # self_check, calibrate_organs
     sc: Optional[SelfCheck]             # the self-check (routed fine-tunes)
+    window: Optional[window_calibration.WindowCalibration]  # the window calibration (None: not run)
     offsets: dict[int, float]           # class -> logit offset of the organ calibration
     # evaluate_after, held_out_veto
     after: Optional[dict]               # held-out Dice of the new model
@@ -211,13 +221,7 @@ class FineTune:
                                       cache_dir=preprocessed_dir() if self.parent.cfg.data.persistent_cache else None)
         self.check()
         tc = time.monotonic()
-        self.parent_lab, self.parent_logits = [], []
-        for i, c in enumerate(self.cached_lab):
-            lg, pred = calibration.predict_logits(self.parent_net, c, self.roi, self.div, self.device)
-            self.parent_logits.append(lg)
-            self.parent_lab.append(pred)
-            rep.update((i + 1) / len(self.cached_lab))
-            self.check()
+        self.parent_logits, self.parent_lab = self._parent_predictions(self.cached_lab, progress=True)
         self.t_case = (time.monotonic() - tc) / max(1, len(self.cached_lab))
         names = self.names = ["background"] + meta.organs.names
         routing = self.routing = route_organs(self.cached_lab, self.parent_lab, meta.organs.num_classes,
@@ -281,11 +285,7 @@ class FineTune:
             rep.log(f"--priority only acts through PIC; method {opts.method} ignores it", "warning")
         self.parent_unl, self.unl_logits = [], []
         if opts.routed:
-            for case in self.unl_cases:
-                lg, pred = calibration.predict_logits(self.parent_net, case, self.roi, self.div, self.device)
-                self.unl_logits.append(lg)
-                self.parent_unl.append(pred)
-                self.check()
+            self.unl_logits, self.parent_unl = self._parent_predictions(self.unl_cases)
         self.lap("cache")
 
     def _collaborators(self) -> dict:
@@ -463,6 +463,62 @@ class FineTune:
         judge it."""
         return self.opts.keep_unverified or bool(self.tr.eval_cases)
 
+    # ---------------------------------------------------------------- window calibration
+
+    def calibrate_window(self) -> None:
+        """Routed fine-tunes that trained no branch, from two corrected scans: one map of the scans' intensities
+        (training/window_calibration.py), fitted on the organs reviewed on them and kept where leave-one-scan-out
+        vouches for it. A kept map is the new network's second window (`architecture.window`): the reviewed organs
+        are drawn through it, every other organ as the parent draws it; the model is `unknown` until the clinician
+        checks it."""
+        self.window = None
+        if self.sc is None or self.train_branch or not self.opts.window:
+            return
+        it = self.meta.preprocessing.intensity
+        if getattr(self.architecture, "window", None) is not None:
+            self.sc.window_not_run("the model already draws organs through a calibrated window")
+            return
+        if len(self.labeled) < window_calibration.MIN_SCANS:
+            self.sc.window_not_run(f"{len(self.labeled)} corrected scan cannot be left out to check a window (it "
+                                   f"takes {window_calibration.MIN_SCANS})")
+            return
+        need = window_seconds(len(window_calibration.candidates(it)), len(self.cached_lab), self.t_case)
+        if self.deadline is not None and time.monotonic() + need + self.after_s > self.deadline:
+            self.sc.window_not_run(f"the budget leaves too little time for it (about {need:.0f} s)")
+            return
+        self.rep.begin("window_calibration", f"fitting a window to your scanner on {len(self.cached_lab)} "
+                                             "corrected scans")
+        net, roi, div, device = self.parent_net, self.roi, self.div, self.device
+
+        def predict(case: CachedCase) -> tuple[torch.Tensor, torch.Tensor]:
+            return calibration.predict_logits(net, case, roi, div, device)
+
+        cal = self.window = window_calibration.search(self.cached_lab, predict, calibration.CleanUp.of(self.meta),
+                                                      it, self.names, self.rep.update, self.check)
+        self.sc.add_window(cal, self.names)
+        if cal.kept:
+            routing = window_calibration.routing_config(cal.fitted, it, cal.classes)
+            self.tr.draw_through_window(routing)
+            self.rep.log(f"window calibrated to your scanner ({cal.fitted.describe()}) for "
+                         + ", ".join(self.names[k] for k in cal.classes) + ": "
+                         + ", ".join(f"{g:+.1f}" for g in cal.loco) + " Dice points on the left-out corrected scans",
+                         "warning")
+        self.lap("window_calibration")
+
+    def _parent_predictions(self, cases: list[CachedCase], progress: bool = False
+                            ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The parent's (logits, argmax label maps) of cached cases on the model grid (`calibration.predict_logits`);
+        `progress`: reported as the stage's progress."""
+        logits, preds = [], []
+        for i, c in enumerate(cases):
+            lg, pred = calibration.predict_logits(self.parent_net, c, self.roi, self.div, self.device)
+            logits.append(lg)
+            preds.append(pred)
+            if progress:
+                self.rep.update((i + 1) / len(cases))
+            self.check()
+        return logits, preds
+
     # ---------------------------------------------------------------- organ calibration
 
     def calibrate_organs(self) -> None:
@@ -472,6 +528,10 @@ class FineTune:
         output biases and recorded in the self-check."""
         self.offsets = {}
         if self.sc is None:
+            return
+        if self.window is not None and self.window.kept:
+            self.sc.calibration_not_run("the organs were calibrated through the window instead")
+            self.lap("organ_calibration")
             return
         if len(self.labeled) < 2 and not self._keep_unverified:
             self.sc.calibration_not_run(f"{len(self.labeled)} corrected scan cannot vouch for an organ offset on "
@@ -578,9 +638,11 @@ class FineTune:
         tr, names, opts = self.tr, self.names, self.opts
         routed_organs = [names[c] for c in _routed_classes(tr.net)]
         calibrated = {names[c]: b for c, b in self.offsets.items()}
+        cal: Optional[window_calibration.WindowCalibration] = getattr(self, "window", None)
+        window = cal.as_dict(names) if cal is not None else None
         self.outcome = {"before": self.before, "after": self.after, "worse_than_parent": self.worse,
                         "verdict": self.verdict, "self_check": self.check_result, "routed_organs": routed_organs,
-                        "calibrated_organs": calibrated}
+                        "calibrated_organs": calibrated, "window": window}
         registered = register_version(tr, self.run_dir, self.meta.model_id, bool(opts.new_name), self.iterations,
                                       self.train_result["time_s"], self.after)
         self.name = registered.name
@@ -597,6 +659,7 @@ class FineTune:
                                                             "window, training preprocessing)",
                 "before": self.before, "after": self.after, "per_organ": self.per,
                 "worse_than_parent": self.worse, "verdict": self.verdict, "self_check": self.check_result,
+                "window": window,
                 "routing": {"mode": opts.routing, "routed": routed_organs, "calibrated": calibrated,
                             "parent_dice_on_corrections": {names[c]: d for c, d in routing.parent_dice.items()},
                             "kept": {names[c]: w for c, w in routing.kept.items()}, "loco_scans": self.loco_ids,

@@ -1,0 +1,64 @@
+"""Window routing: some organs drawn from the scan seen through a second window, every other organ as before.
+
+Why: a fine-tune's window calibration (training/window_calibration.py) fits one map of a hospital's intensities on
+the organs a clinician reviewed. Applied to the whole scan it would change every organ, and nothing vouches for the
+organs nobody reviewed (under a scanner change the parent can lose whole organs that a map brings back, or a map can
+erase an organ the parent drew right; no label-free check tells the two apart). So the network runs twice: on the scan
+as its window gives it, and through the calibrated window; the reviewed organs' scores come from the second pass,
+every other class's from the first (`merge`). Segmentation then costs two passes of the network.
+
+The merge is hand-written: no library routes classes between two passes of one network.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class WindowRoutingConfig(BaseModel):
+    """The second window (a map of the image the network's preprocessing gives, in its window units) and the organs
+    drawn through it (stored in the model file, `architecture.window`).
+
+    The map is x -> clip(scale x + shift, low, high): the scan's HU mapped by HU -> pivot + contrast (HU - pivot) +
+    level before the model's own window, computed from the image that window gave (exact for maps whose window lies
+    inside the model's: contrast >= 1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    contrast: float = Field(ge=1.0, le=4.0, description="the map's contrast about pivot_hu")
+    level_hu: float = Field(ge=-500.0, le=500.0, description="the map's shift in HU")
+    window_hu: tuple[float, float] = Field(description="the window of the raw scan it amounts to [a_min, a_max]")
+    scale: float = Field(ge=1.0, le=4.0)
+    shift: float = Field(ge=-10.0, le=10.0)
+    low: float
+    high: float
+    classes: list[int] = Field(min_length=1, description="organs (output channels) drawn through the window")
+
+
+def windowed_input(x: torch.Tensor, cfg: WindowRoutingConfig) -> torch.Tensor:
+    """The network's input as the second window gives it."""
+    return (x * cfg.scale + cfg.shift).clamp_(cfg.low, cfg.high)
+
+
+def merge(parent: torch.Tensor, windowed: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """Log-probabilities (N, C, ...): the routed classes' from the windowed pass, every other class's (background
+    included) from the parent's, as a routed branch's logits replace the parent's (`unet.RoutedConfig`). So an organ
+    that is not routed changes only where a routed organ now wins over it. Each pass is normalised first (log-softmax),
+    so that the two passes' scores compare."""
+    out = parent.float().log_softmax(1)
+    out[:, classes] = windowed.float().log_softmax(1)[:, classes]
+    return out
+
+
+def run_windowed(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 cfg: WindowRoutingConfig) -> torch.Tensor:
+    """`run` (the network's plain logits) on `x` and through the window, merged. The first result is copied before
+    the second pass, which may reuse its memory (the CPU kernel's work buffers)."""
+    windowed = run(windowed_input(x, cfg))
+    if set(cfg.classes) >= set(range(1, windowed.shape[1])):  # every organ routed (background too): one pass
+        return windowed
+    windowed = windowed.clone()
+    return merge(run(x), windowed, cfg.classes)
