@@ -138,3 +138,35 @@ def assert_refused(res: subprocess.CompletedProcess, *phrases: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("dinomix: error: "), out
     for phrase in phrases:
         assert phrase in lines[0], f"{phrase!r} not in: {lines[0]}"
+
+
+def segment_labels(model: str, image: Path):
+    """The label map (numpy, z y x) a model gives a scan through the engine's own Segmenter (default mode)."""
+    import SimpleITK as sitk
+
+    from dinomix.imageio import read_image
+    from dinomix.inference import Segmenter, SegmentOptions
+
+    return sitk.GetArrayFromImage(Segmenter(model, "cpu").segment(read_image(image), SegmentOptions()).labels)
+
+
+def corrected_case(model: str, image: Path, reference: Path, drawn: dict, out: Path, case_id: str):
+    """The Trainer's export of one scan: `model`'s prediction with each reviewed organ replaced by the mask the
+    clinician drew (`drawn`: BTCV organ name -> boolean array, z y x), only those organs annotated; written to `out`
+    on the grid of `reference`. Returns the dataset case."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from dinomix.datasets import BTCV_NAMES, Case
+
+    values = {n: v for v, n in BTCV_NAMES.items()}
+    fixed = segment_labels(model, image)
+    for name in drawn:
+        fixed[fixed == values[name]] = 0
+    for name, mask in drawn.items():
+        fixed[mask] = values[name]
+    lab = sitk.GetImageFromArray(fixed.astype(np.uint8))
+    lab.CopyInformation(sitk.ReadImage(str(reference)))
+    sitk.WriteImage(lab, str(out))
+    return Case(id=case_id, image=str(image), label=str(out), label_map=dict(BTCV_NAMES), annotated=list(drawn),
+                split="train")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from support import corrected_case, segment_labels
 
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
 from dinomix.modelfile import read_meta
@@ -25,10 +26,7 @@ REVIEWED = ["gallbladder", "pancreas", "portal_vein_and_splenic_vein", "adrenal_
 
 
 def _segment(model: str, image: Path) -> np.ndarray:
-    from dinomix.imageio import read_image
-    from dinomix.inference import Segmenter, SegmentOptions
-
-    return sitk.GetArrayFromImage(Segmenter(model, "cpu").segment(read_image(image), SegmentOptions()).labels)
+    return segment_labels(model, image)
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -39,20 +37,9 @@ VALUES = {n: v for v, n in BTCV_NAMES.items()}
 
 
 def _corrected_case(btcv: Path, scan: str, drawn: dict[str, np.ndarray], out: Path) -> Case:
-    """The Trainer's export of one scan: the parent's prediction with each reviewed organ replaced by the mask the
-    clinician drew (`drawn`: organ -> boolean array), only those organs annotated; written to `out`."""
-    image = btcv / f"btcv_img{scan}_ct.nii.gz"
-    fixed = _segment(PARENT, image)
-    for name in drawn:
-        fixed[fixed == VALUES[name]] = 0
-    for name, mask in drawn.items():
-        fixed[mask] = VALUES[name]
-    ref = sitk.ReadImage(str(btcv / f"btcv_img{scan}_label.nii.gz"))
-    lab = sitk.GetImageFromArray(fixed.astype(np.uint8))
-    lab.CopyInformation(ref)
-    sitk.WriteImage(lab, str(out))
-    return Case(id=f"btcv_img{scan}", image=str(image), label=str(out), label_map=dict(BTCV_NAMES),
-                annotated=list(drawn), split="train")
+    """The Trainer's export of one scan (`support.corrected_case`), from the parent's prediction."""
+    return corrected_case(PARENT, btcv / f"btcv_img{scan}_ct.nii.gz", btcv / f"btcv_img{scan}_label.nii.gz", drawn,
+                          out, f"btcv_img{scan}")
 
 
 @pytest.fixture(scope="module")
