@@ -4,7 +4,8 @@
 `steps.finetune`, a short sequence of steps of one `steps.FineTune` (each step's docstring says why it is there):
 
     prepare -> route -> set up the trainer -> evaluate before -> plan (time) -> leave-one-scan-out -> train
-    -> self-check -> organ calibration -> evaluate after (compare) -> held-out veto -> register
+    -> self-check -> window calibration -> organ calibration -> evaluate after (compare) -> held-out veto
+    -> register
 
 Modules: `options` (what is asked for; standard library only, so the command line loads no torch), `cases` (the
 held-out and training cases, kept in memory), `config` (the training config, from the parent's), `budget` (the
@@ -47,7 +48,13 @@ What it does:
    back to the parent's output. The verdict: "safe" (nothing unverified kept, or the held-out cases confirm it),
    "unknown" (learnt organs or offsets kept with --keep-unverified, or offsets two corrected scans agree on, that
    nothing vouched for) or "unsafe" (worse on held-out cases).
-6. organ calibration (dinomix/training/calibration.py): for each routed organ the trained branch could not keep,
+6. window calibration (dinomix/training/window_calibration.py; --no-window turns it off): when no branch was
+   trained, from two corrected scans, one map of the scans' HU (HU -> 40 + c (HU - 40) + l, c >= 1) fitted on the
+   reviewed organs, and kept where every left-out corrected scan gains +1 Dice point on them. A kept map is the new
+   network's second window (architecture.window, nets/window_routing.py): the reviewed organs' scores come from a
+   pass through it, every other class's from the parent's pass, so an organ nobody reviewed changes only where a
+   reviewed organ now wins over it. The model is then "unknown", and the organ calibration does not run.
+7. organ calibration (dinomix/training/calibration.py): for each routed organ the trained branch could not keep,
    one offset added to the organ's logit (drawn larger or smaller everywhere, nothing else), fitted on the
    corrected scans so that every one of them fits better (half the best offset), kept where leave-one-scan-out
    over three or more corrected scans vouches for it (no left-out scan worse, +1 Dice point on average, the lower
@@ -56,10 +63,10 @@ What it does:
    agree on strongly (fitted on each alone, it improves the other by calibration.PAIR_STRONG_GAIN Dice points or
    more) is kept unverified, the model "unknown". From one corrected scan none is fitted (unless held-out cases
    or --keep-unverified).
-7. compare: evaluates before and after on held-out cases, if any (model-grid Dice in %, sliding window on the
+8. compare: evaluates before and after on held-out cases, if any (model-grid Dice in %, sliding window on the
    training preprocessing; organs annotated and present in each case); a routed organ or an offset more than
    1 Dice point worse there goes back to the parent's output (unless --keep-unverified).
-8. register: writes the new model into the registry as `<parent>.ft1`, `.ft2`, ... (or `--new-name`; an
+9. register: writes the new model into the registry as `<parent>.ft1`, `.ft2`, ... (or `--new-name`; an
    existing name is never overwritten), with `parent` = the source model's id and the self-check in its
    metadata. The DINOMix Trainer module shows the verdict and makes an unsafe or unknown model current only when
    asked to.
@@ -75,6 +82,8 @@ Events (`--events FILE|-`, JSON lines, besides start / progress / log / error / 
    "message": ..., "checks": [{"name", "passed", "detail"}], "removed": {...}, "per_organ": {...}},
    "routing": {"mode", "routed", "calibrated": {organ: logit offset}, "parent_dice_on_corrections", "kept",
                "loco_scans", "loco_iterations"},
+   "window": null | {"contrast", "level_hu", "kept", "why", "organs", "fit_gains", "loco_gains",
+                     "loco_worst_organ", "window_hu", "candidates"},
    "timings_s": {stage: seconds}, ...}
 """
 
