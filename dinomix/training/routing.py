@@ -181,7 +181,7 @@ class SelfCheck:
         """The window calibration's word (training/window_calibration.py). Left-out corrected scans cannot vouch for a
         kept window on every reviewed organ of other patients, so the verdict becomes `unknown` and the message says
         which organs it draws, what it gained and how to check it."""
-        from .window_calibration import MIN_LOCO_GAIN
+        from .window_calibration import MIN_LOCO_GAIN, MIN_LOCO_MEAN_GAIN
 
         self.window = cal.as_dict(names)
         if not cal.kept:
@@ -194,7 +194,7 @@ class SelfCheck:
         self.checks.append(Check("window calibration", None,
                                  f"kept for {organs}: {cal.fitted.describe()} (window {cal.window_hu[0]:g} to "
                                  f"{cal.window_hu[1]:g} HU) gained {gains} Dice points on the left-out corrected "
-                                 f"scans (each must gain {MIN_LOCO_GAIN:+g})"))
+                                 f"scans (each must gain {MIN_LOCO_GAIN:+g}, {MIN_LOCO_MEAN_GAIN:+g} on average)"))
         if self.verdict == "safe":
             self.verdict = "unknown"
         self.window_note = (
@@ -205,7 +205,7 @@ class SelfCheck:
             + ("" if every else "Every other organ is drawn as before (it changes only where one of those now "
                                 "wins over it); segmenting takes two passes of the network. ")
             + f"{len(cal.loco)} corrected scans cannot vouch for every organ of other patients: check it on a new scan "
-              "before relying on it. ")
+              "before relying on it, and use it for scans of that scanner only (on other scanners it can do worse). ")
         self.message = self.window_note + self.message.replace("gives the parent's output for every organ",
                                                                "keeps the parent's network")
 
