@@ -59,8 +59,9 @@ MIN_LOCO_MEAN_GAIN = 4.0
 # The fit takes the map nearest the identity among those whose smallest gain over the corrected scans is within this
 # share of the best: two scans rank maps of nearly equal gain by chance, and the strongest maps carry worst to other
 # patients. On two P1 train scans under a contrast change (tests/training/test_finetune_window.py) the smallest gains of
-# the 17 maps lay between 14.9 and 18.3 Dice points; the best (contrast x2, level -30 HU) cost the adrenals of a third
-# patient 11 and 27 points (-3.9 on the reviewed organs), the map this rule takes (x1.3) gained +2.9 there.
+# the 17 maps lay between 14.9 and 18.3 Dice points (model grid); the best (contrast x2, level -30 HU) cost the adrenals
+# of a third patient 11 and 27 points (-3.9 on the reviewed organs), the map this rule takes (x1.3, -30 HU) gained +2.0
+# there (docs/correction-loop.md, "The window calibration in the engine").
 FIT_SLACK = 0.1
 MIN_SCANS = 2  # one scan cannot be left out
 
