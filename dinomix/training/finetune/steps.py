@@ -472,7 +472,11 @@ class FineTune:
         are drawn through it, every other organ as the parent draws it; the model is `unknown` until the clinician
         checks it."""
         self.window = None
-        if self.sc is None or self.train_branch or not self.opts.window:
+        if self.sc is None or not self.opts.window:
+            return
+        if self.train_branch:
+            self.sc.window_not_run("a branch was trained on the corrections instead (held-out cases or "
+                                   "--keep-unverified)")
             return
         it = self.meta.preprocessing.intensity
         if getattr(self.architecture, "window", None) is not None:
