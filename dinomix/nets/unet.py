@@ -251,16 +251,18 @@ class StudentUNet(nn.Module):
         if self.window is not None and not features:
             from .window_routing import run_windowed
 
-            window, self.window = self.window, None
-            try:
-                return run_windowed(self.forward, x, window)
-            finally:
-                self.window = window
+            return run_windowed(self.plain_logits, x, self.window)
         stem, skips, levels = self._pyramid(x)
-        logits = self.head(stem, levels[-1])
-        if self.routed is not None:
-            logits = self._route(logits, stem, skips, levels)
+        logits = self._logits_of(stem, skips, levels)
         return (logits, stem, levels) if features else logits
+
+    def plain_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of one pass, without the second window."""
+        return self._logits_of(*self._pyramid(x))
+
+    def _logits_of(self, stem: torch.Tensor, skips: list[torch.Tensor], levels: list[torch.Tensor]) -> torch.Tensor:
+        logits = self.head(stem, levels[-1])
+        return self._route(logits, stem, skips, levels) if self.routed is not None else logits
 
 
 def _family(v: Any) -> str:
