@@ -137,16 +137,12 @@ def cleaned_map(logits: torch.Tensor, pred: torch.Tensor, clean_up) -> np.ndarra
 
 def _organ_dice(pred: np.ndarray, case: CachedCase, num_classes: int) -> dict[int, float]:
     """Dice (%) of each organ the scan's correction reviewed and holds."""
+    from .calibration import _confusion_np, _dice
+
     assert case.label is not None
-    lab = case.label.numpy().astype(np.int64).reshape(-1)
-    conf = np.bincount(lab * num_classes + pred.reshape(-1), minlength=num_classes ** 2).reshape(num_classes,
-                                                                                                 num_classes)
-    out = {}
-    for k in range(1, num_classes):
-        t, p = int(conf[k].sum()), int(conf[:, k].sum())
-        if case.annotated[k] and t:
-            out[k] = 200.0 * int(conf[k, k]) / (t + p)
-    return out
+    conf = _confusion_np(pred, case.label.numpy().astype(np.uint8), num_classes)  # [true, predicted]
+    scores = {k: _dice(conf, k) for k in range(1, num_classes) if case.annotated[k]}
+    return {k: d for k, d in scores.items() if d is not None}
 
 
 def routing_config(m: WindowMap, it: IntensityConfig, classes: Sequence[int]) -> WindowRoutingConfig:
