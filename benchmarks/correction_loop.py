@@ -351,7 +351,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--shift", default="none", help="the P1 scans as another hospital would give them: contrast:F "
-                   "(HU -> 40 + F (HU - 40)) or level:H; the copies go to the run folder")
+                   "(HU -> 40 + F (HU - 40)), level:H, zblur:S (slices), or several joined by +; the copies go to "
+                   "the run folder")
     p.add_argument("--fresh", action="store_true", help="do not merge with the runs in the result file")
     p.add_argument("--quick", action="store_true", help="smoke mode: one fold, one style, 2 iterations, small scans")
     args = p.parse_args(argv)

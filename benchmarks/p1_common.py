@@ -214,17 +214,31 @@ def hu_map(image, contrast: float, level: float = 0.0):
 
 def shift_image(image, shift: str):
     """A scan as a simulated other hospital would give it (issue 17's scanner-change studies): `none`,
-    `contrast:F` (HU -> 40 + F (HU - 40)) or `level:H` (HU -> HU + H)."""
+    `contrast:F` (HU -> 40 + F (HU - 40)), `level:H` (HU -> HU + H), `zblur:S` (thicker slices: a Gaussian of
+    S slices' standard deviation along the slice axis), or several joined by `+` (applied left to right)."""
+    import SimpleITK as sitk
+
     if shift == "none":
         return image
-    kind, _, value = shift.partition(":")
-    try:
-        v = float(value)
-    except ValueError:
-        raise SystemExit(f"--shift {shift}: use none, contrast:F or level:H") from None
-    if kind not in ("contrast", "level"):
-        raise SystemExit(f"--shift {shift}: use none, contrast:F or level:H")
-    return hu_map(image, v, 0.0) if kind == "contrast" else hu_map(image, 1.0, v)
+    usage = f"--shift {shift}: use none, contrast:F, level:H, zblur:S, or several joined by +"
+    for part in shift.split("+"):
+        kind, _, value = part.partition(":")
+        try:
+            v = float(value)
+        except ValueError:
+            raise SystemExit(usage) from None
+        if kind == "contrast":
+            image = hu_map(image, v, 0.0)
+        elif kind == "level":
+            image = hu_map(image, 1.0, v)
+        elif kind == "zblur" and v > 0:
+            blurred = sitk.RecursiveGaussian(sitk.Cast(image, sitk.sitkFloat32), v * image.GetSpacing()[2], False,
+                                             sitk.RecursiveGaussianImageFilter.ZeroOrder, 2)
+            blurred.CopyInformation(image)
+            image = blurred
+        else:
+            raise SystemExit(usage)
+    return image
 
 
 def p1_split(btcv: Path) -> dict:
