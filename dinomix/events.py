@@ -37,6 +37,7 @@ class Reporter:
         self.total = sum(self.stages.values()) or 1.0
         self.done_weight = 0.0
         self.stage: Optional[str] = None
+        self.begun: set[str] = set()
         self.stage_fraction = 0.0
         self.t0 = time.monotonic()
         self.stage_t0 = self.t0
@@ -89,9 +90,19 @@ class Reporter:
             return round(per_weight * max(0.0, self.total - self.done_weight - w * self.stage_fraction), 1)
         return None if f < 0.02 else round((now - self.t0) * (1 - f) / f, 1)
 
+    def skip(self, *stages: str) -> None:
+        """Take stages the job has decided not to run out of the plan, so that the fraction and the time left
+        follow what remains: a fine-tune that trains nothing ends in a fifth of its budget, and its bar must not
+        sit at a quarter saying ten minutes are left. A stage already begun keeps its weight."""
+        for stage in stages:
+            if stage not in self.begun and stage in self.stages:
+                self.total -= self.stages.pop(stage)
+        self.total = max(self.total, 1e-9)
+
     def begin(self, stage: str, message: str = "") -> None:
         if self.stage is not None:
             self.done_weight += self.stages.get(self.stage, 0.0)
+        self.begun.add(stage)
         self.stage, self.stage_fraction = stage, 0.0
         self.stage_t0 = time.monotonic()
         self._progress(message or stage, force=True)

@@ -137,6 +137,25 @@ def test_time_left_follows_the_pace_of_the_current_stage(monkeypatch):
     assert rep.eta() == 0.0
 
 
+def test_a_skipped_stage_leaves_the_plan_and_a_begun_one_keeps_its_weight(monkeypatch):
+    """A fine-tune that decides not to train: training's weight leaves the plan, so the stages that remain make up
+    the whole bar and the time left is theirs alone."""
+    import dinomix.events as ev
+
+    clock = [0.0]
+    monkeypatch.setattr(ev.time, "monotonic", lambda: clock[0])
+    rep = ev.Reporter(bar=False, stages={"cache": 0.1, "train": 0.6, "window": 0.3})
+    rep.begin("cache")
+    clock[0] += 10.0
+    rep.update(1.0)
+    rep.skip("train", "cache", "unknown")
+    assert rep.fraction == pytest.approx(0.25)
+    rep.begin("window")
+    clock[0] += 15.0
+    rep.update(0.5)
+    assert rep.fraction == pytest.approx(0.625) and rep.eta() == pytest.approx(15.0)
+
+
 def test_nothing_is_written_after_the_final_event():
     """A signal handler emits `cancelled` while the worker thread may still report progress until the process exits:
     the reader must see `cancelled` last."""

@@ -156,7 +156,9 @@ class FineTune:
         self.outcome: dict = {}  # what the registered model's file records of the fine-tune's outcome (register)
 
     def lap(self, stage: str) -> None:
-        """Adds the time since the last lap to `stage`'s (a stage may be timed in several pieces)."""
+        """Adds the time since the last lap to `stage`'s (a stage may be timed in several pieces). A stage whose step
+        ended without beginning it did not run: it leaves the progress plan."""
+        self.rep.skip(stage)
         now = time.monotonic()
         self.timings[stage] = round(self.timings.get(stage, 0.0) + now - self._since, 1)
         self._since = now
@@ -328,6 +330,7 @@ class FineTune:
             rep.emit("metric", kind="eval", phase="before", model=meta.model_id, **before)
             rep.log(f"before: mean held-out Dice {before['mean_dice']:.1f}% ({meta.model_id})")
         else:
+            rep.skip("eval_before", "eval_after")
             rep.log("no held-out labeled cases: the self-check on your own scans will say whether the new model can "
                     "be trusted", "warning")
         self.check()
@@ -351,6 +354,7 @@ class FineTune:
         self.train_branch = not (opts.routed and not self.tr.eval_cases and not opts.keep_unverified)
         if not self.train_branch:
             self.loco_ids = []
+            rep.skip("calibrate", "loco", "train")
             rep.log(f"{n_labeled} corrected scan(s) and no held-out case: nothing could vouch for a trained branch on "
                     "other patients' scans, so none is trained (hold a corrected scan out for evaluation, or pass "
                     "--keep-unverified); the fine-tune ends early", "warning")
@@ -382,6 +386,8 @@ class FineTune:
                        if self.loco_ids else ""))
         elif self.train_branch and self.loco_ids:
             self.loco_iters = max(MIN_ITERATIONS, int(cfg.iterations * LOCO_SHARE / len(self.loco_ids)))
+        if not self.loco_ids:
+            rep.skip("loco")
         self.lap("calibrate")
 
     # ---------------------------------------------------------------- leave-one-scan-out
@@ -471,6 +477,12 @@ class FineTune:
         vouches for it. A kept map is the new network's second window (`architecture.window`): the reviewed organs
         are drawn through it, every other organ as the parent draws it; the model is `unknown` until the clinician
         checks it."""
+        self._fit_window()
+        self.lap("window_calibration")
+
+    def _fit_window(self) -> None:
+        """The work of `calibrate_window`; returns early where the calibration does not run (the self-check says
+        why)."""
         self.window = None
         if self.sc is None or not self.opts.window:
             return
@@ -507,7 +519,6 @@ class FineTune:
                          + ", ".join(self.names[k] for k in cal.classes) + ": "
                          + ", ".join(f"{g:+.1f}" for g in cal.loco) + " Dice points on the left-out corrected scans",
                          "warning")
-        self.lap("window_calibration")
 
     def _parent_predictions(self, cases: list[CachedCase], progress: bool = False
                             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
