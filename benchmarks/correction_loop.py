@@ -18,8 +18,9 @@ The set-up (issue 17):
   evaluates the others, so every scan is evaluated; with --corrected 3, fold i corrects scans 3i to 3i+2 (two folds
   of the test set: 3 corrected, 3 evaluated), where leave-one-scan-out can vouch for what the fine-tune learnt.
 * Corrections, as the Trainer module exports them: the parent's prediction (fast mode, native grid) with the
-  reviewed organs replaced by the reference, only those organs annotated. Styles: `all` (13 organs reviewed) and
-  `minority` (gallbladder, esophagus, portal/splenic vein, pancreas, adrenals: what PIC is for). Two further P1
+  reviewed organs replaced by the reference, only those organs annotated. Styles: `all` (13 organs reviewed),
+  `minority` (gallbladder, esophagus, portal/splenic vein, pancreas, adrenals: what PIC is for) and `report` (liver,
+  spleen, kidneys and left adrenal: the organs the issue's reporter corrected at another hospital). Two further P1
   eval (or train) scans are added unlabeled, as a clinician's other scans.
 * Fine-tunes (`dinomix finetune --minutes M`, seeds --seeds), rows (--methods): `default` (the command's defaults:
   routed organs, PIC, self-check), `default-holdout` (the same with the fold's last corrected scan held out for
@@ -73,6 +74,10 @@ METHODS = {"default": [], "supervised-all": ["--method", "supervised", "--routin
            "default-unverified": ["--keep-unverified"],
            # held-out cases alone judge the branch: leave-one-scan-out over the corrected scans skipped
            "default-holdout-noloco": ["--no-loco"]}
+# the organs each correction style reviews (`all`: every organ of the parent)
+STYLES: dict[str, list[str]] = {"all": [], "minority": P.MINORITY,
+                                "report": ["liver", "spleen", "kidney_right", "kidney_left", "adrenal_gland_left"]}
+
 # rows that pass the reviewed minority organs as --priority (PIC), as the Trainer does; the supervised rows have no PIC
 PRIORITY_METHODS = ("default", "default-holdout", "lowlr", "lowlr-pd", "lowlr-routed", "default-unverified",
                     "default-holdout-noloco")
@@ -341,7 +346,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--set", choices=["test", "eval"], default="test", help="P1 scans the folds are made of")
     p.add_argument("--folds", type=int, nargs="+", default=None, help="fold numbers (default all)")
     p.add_argument("--corrected", type=int, default=2, choices=[2, 3], help="corrected scans per fold")
-    p.add_argument("--styles", nargs="+", choices=["all", "minority"], default=["all", "minority"])
+    p.add_argument("--styles", nargs="+", choices=list(STYLES), default=["all", "minority"])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["default", "supervised-all"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--minutes", type=float, default=10.0)
@@ -399,7 +404,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         unl = [{"id": f"btcv_img{u}", "image": str((images or btcv) / f"btcv_img{u}_ct.nii.gz")} for u in unl_ids]
         parent_eval = mean_scores(scorer.scores(args.model, eval_scans, cache=True))
         for style in args.styles:
-            reviewed = list(organ_names) if style == "all" else [o for o in MINORITY if o in organ_names]
+            reviewed = [o for o in organ_names if style == "all" or o in STYLES[style]]
             folder = work / f"{args.set}-fold{fold}{'' if n == 2 else f'of{n}'}-{style}"
             corrected = write_corrections(args.model, corr_scans, reviewed, folder / "labels", args.device, scorer)
             manifest = write_manifest(folder / "dataset.json", corrected, reviewed, unl, organ_names)
