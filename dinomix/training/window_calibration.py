@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,10 @@ MIN_LOCO_GAIN = 1.0
 # the eval folds (2026-12-07, the engine's runs of benchmarks/correction_loop.py): under a contrast change the kept
 # maps had mean left-out gains of 5.3 to 9.2 and gained +4.6 to +8.2 on the evaluated scans with no organ down by 1;
 # under a +30 HU level change 1.5 to 3.6, and they gained +0.5 to +0.8 while costing an organ 2 to 3 points in 2 of
-# 4 folds.
+# 4 folds. The gains are over every organ reviewed on the scan, touch-ups the parent already draws at 90 included:
+# counting only the organs below 90 kept a map under thicker slices (z blur) for kidneys and left adrenal (left-out
+# +2.3, +6.4) that cost the left adrenal 6.3 points on the evaluated scans (docs/correction-loop.md, "The window for
+# the organs your corrections changed: tried, not kept").
 MIN_LOCO_MEAN_GAIN = 4.0
 # The fit takes the map nearest the identity among those whose smallest gain over the corrected scans is within this
 # share of the best: two scans rank maps of nearly equal gain by chance, and the strongest maps carry worst to other
@@ -135,13 +138,13 @@ def cleaned_map(logits: torch.Tensor, pred: torch.Tensor, clean_up) -> np.ndarra
     return clean_up(labels, anchor, [k for k, _ in clean_up.parent_offsets])
 
 
-def _organ_dice(pred: np.ndarray, case: CachedCase, num_classes: int, classes: Sequence[int]) -> dict[int, float]:
-    """Dice (%) of each organ of `classes` the scan's correction reviewed and holds."""
+def _organ_dice(pred: np.ndarray, case: CachedCase, num_classes: int) -> dict[int, float]:
+    """Dice (%) of each organ the scan's correction reviewed and holds."""
     from .calibration import _confusion_np, _dice
 
     assert case.label is not None
     conf = _confusion_np(pred, case.label.numpy().astype(np.uint8), num_classes)  # [true, predicted]
-    scores = {k: _dice(conf, k) for k in classes if case.annotated[k]}
+    scores = {k: _dice(conf, k) for k in range(1, num_classes) if case.annotated[k]}
     return {k: d for k, d in scores.items() if d is not None}
 
 
@@ -203,21 +206,13 @@ def routed_logits(parent: torch.Tensor, windowed: torch.Tensor, classes: Sequenc
 
 def search(corrected: list[CachedCase], predict: Predict, clean_up, it: IntensityConfig, names: Sequence[str],
            progress: Callable[[float], None] = lambda f: None,
-           check: Callable[[], None] = lambda: None, organs: Optional[Sequence[int]] = None) -> WindowCalibration:
+           check: Callable[[], None] = lambda: None) -> WindowCalibration:
     """Fits and judges a window map on the corrected scans (`predict`: the parent's logits and argmax of a case, on
-    the model grid; `names`: class names, background first), scored on the routed model's cleaned-up drawing of
-    `organs` (default: every organ reviewed on a corrected scan) where a scan's correction reviewed them.
-
-    The fine-tune passes the organs the corrections changed (`routing.route_organs`: reviewed, and the parent below
-    --route-below on them). An organ the parent already draws as corrected is a touch-up: it keeps the parent's
-    drawing, and counting its near-zero change would dilute the evidence of the organs a scanner change does cost
-    (the design section "The window for the organs your corrections changed" in docs/correction-loop.md)."""
+    the model grid; `names`: class names, background first), scored on the routed model's cleaned-up drawing of the
+    organs reviewed on them."""
     num_classes = len(names)
     maps = candidates(it)
-    reviewed = [k for k in range(1, num_classes) if any(case.annotated[k] for case in corrected)]
-    classes = reviewed if organs is None else [k for k in reviewed if k in set(organs)]
-    if not classes:
-        return WindowCalibration(fitted=WindowMap(), classes=[], why="no organ to fit it for")
+    classes = [k for k in range(1, num_classes) if any(case.annotated[k] for case in corrected)]
     dice: list[dict[WindowMap, dict[int, float]]] = [{} for _ in corrected]
     for i, case in enumerate(corrected):
         parent = None
@@ -225,7 +220,7 @@ def search(corrected: list[CachedCase], predict: Predict, clean_up, it: Intensit
             lg, _ = predict(windowed(case, m, it))
             parent = lg if parent is None else parent
             lg = routed_logits(parent, lg, classes)
-            dice[i][m] = _organ_dice(cleaned_map(lg, lg.argmax(0), clean_up), case, num_classes, classes)
+            dice[i][m] = _organ_dice(cleaned_map(lg, lg.argmax(0), clean_up), case, num_classes)
             del lg
             progress((i * len(maps) + j + 1) / (len(maps) * len(corrected)))
             check()

@@ -156,17 +156,6 @@ def test_organs_nobody_reviewed_keep_the_parents_drawing_and_do_not_hold_the_fit
     assert min(cal.fit_gains) > 10.0
 
 
-def test_the_window_is_fitted_and_drawn_for_the_organs_the_corrections_changed_only():
-    """The fine-tune passes the organs its corrections changed; another reviewed organ (a touch-up the parent already
-    draws as corrected) is neither scored nor drawn through the window, and with no organ left nothing is fitted."""
-    scans = [phantom(0, 0.7), phantom(1, 0.7)]
-    cal = search(scans, threshold_model, CLEAN, IT, NAMES, organs=[1])
-    assert cal.kept and cal.classes == [1], cal.why
-    assert routing_config(cal.fitted, IT, cal.classes).classes == [1]
-    none = search(scans, threshold_model, CLEAN, IT, NAMES, organs=[])
-    assert not none.kept and none.fitted.identity and none.classes == []
-
-
 def test_an_organ_nobody_reviewed_changes_only_where_a_routed_organ_now_wins_over_it():
     g = torch.Generator().manual_seed(0)
     parent, through = torch.randn(1, 6, 8, 9, 10, generator=g), torch.randn(1, 6, 8, 9, 10, generator=g)

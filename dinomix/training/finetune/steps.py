@@ -473,10 +473,10 @@ class FineTune:
 
     def calibrate_window(self) -> None:
         """Routed fine-tunes that trained no branch, from two corrected scans: one map of the scans' intensities
-        (training/window_calibration.py), fitted on the organs the corrections changed (`routing.classes`: reviewed,
-        and the parent below --route-below on them) and kept where leave-one-scan-out vouches for it. A kept map is
-        the new network's second window (`architecture.window`): those organs are drawn through it, every other organ
-        as the parent draws it; the model is `unknown` until the clinician checks it."""
+        (training/window_calibration.py), fitted on the organs reviewed on them and kept where leave-one-scan-out
+        vouches for it. A kept map is the new network's second window (`architecture.window`): the reviewed organs
+        are drawn through it, every other organ as the parent draws it; the model is `unknown` until the clinician
+        checks it."""
         self._fit_window()
         self.lap("window_calibration")
 
@@ -498,9 +498,6 @@ class FineTune:
             self.sc.window_not_run(f"{len(self.labeled)} corrected scan cannot be left out to check a window (it "
                                    f"takes {window_calibration.MIN_SCANS})")
             return
-        if not self.routing.classes:
-            self.sc.window_not_run("the model already draws every organ you reviewed as you corrected it")
-            return
         need = window_seconds(len(window_calibration.candidates(it)), len(self.cached_lab), self.t_case)
         if self.deadline is not None and time.monotonic() + need + self.after_s > self.deadline:
             self.sc.window_not_run(f"the budget leaves too little time for it (about {need:.0f} s)")
@@ -513,8 +510,7 @@ class FineTune:
             return calibration.predict_logits(net, case, roi, div, device)
 
         cal = self.window = window_calibration.search(self.cached_lab, predict, calibration.CleanUp.of(self.meta),
-                                                      it, self.names, self.rep.update, self.check,
-                                                      organs=self.routing.classes)
+                                                      it, self.names, self.rep.update, self.check)
         self.sc.add_window(cal, self.names)
         if cal.kept:
             routing = window_calibration.routing_config(cal.fitted, it, cal.classes)
