@@ -283,14 +283,21 @@ def untrained_check(names: list[str], routing: Routing, n_scans: int) -> SelfChe
 
 
 def what_next(n_corrected: int) -> str:
-    """What the clinician can do so that the next fine-tune keeps something, with the counts the rules need: three
-    corrected scans before an organ offset can be vouched for (calibration.MIN_CAL_VOUCH), and held-out corrected
+    """What the clinician can do so that the next fine-tune keeps something, with the counts the rules need: two
+    corrected scans before a window or a strongly agreed offset is tried (window_calibration.MIN_SCANS), three
+    before an organ offset can be vouched for (calibration.MIN_CAL_VOUCH), and held-out corrected
     scans before a trained branch is kept (MIN_HOLDOUT_VOUCH of them to call it safe). Said plainly because holding
     out the only corrected scan, or one of two, would leave little or nothing to learn from."""
     from .calibration import MIN_CAL_VOUCH
+    from .window_calibration import MIN_SCANS
 
     steps = []
-    if n_corrected < MIN_CAL_VOUCH:
+    if n_corrected < MIN_SCANS:
+        steps.append(f"Correct another scan of your patients from the same scanner: from {MIN_SCANS} corrected scans "
+                     "on, a window fitted to a scanner the model draws poorly, and an organ offset the scans agree on "
+                     f"strongly, are tried (and left for you to check); from {MIN_CAL_VOUCH} on, an organ the scans "
+                     "agree the model draws too large or too small is adjusted.")
+    elif n_corrected < MIN_CAL_VOUCH:
         more = MIN_CAL_VOUCH - n_corrected
         steps.append(f"Correct {more} more scan{'s' if more > 1 else ''} of your patients: from {MIN_CAL_VOUCH} "
                      "corrected scans on, an organ the scans agree the model draws too large or too small is "

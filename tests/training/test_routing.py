@@ -183,13 +183,14 @@ def test_what_corrected_scans_alone_taught_is_not_kept_unless_asked_for():
 
 
 def test_the_advice_after_an_empty_fine_tune_gives_the_counts_the_rules_need():
-    """One corrected scan: holding it out would leave nothing to learn from, so the advice asks for two more
-    corrected scans (organ offsets) and for held-out scans (a branch, safe from three); from three corrected scans
-    on, only the held-out advice is left."""
+    """One corrected scan: holding it out would leave nothing to learn from, so the advice asks for another corrected
+    scan (a window, strongly agreed offsets; vouched offsets from three) and for held-out scans (a branch, safe from
+    three); from three corrected scans on, only the held-out advice is left."""
     one = untrained_check(NAMES, Routing(classes=[3]), 1).message
-    assert "parent's output for every organ" in one and "Correct 2 more scans" in one
+    assert "parent's output for every organ" in one and "Correct another scan" in one
+    assert "window fitted to a scanner" in one and "from 3 on" in one
     assert "Hold out for evaluation" in one and "3 held-out scans" in one
-    assert "Correct 1 more scan of" in what_next(2)
+    assert "Correct 1 more scan of" in what_next(2) and "Correct another scan" not in what_next(2)
     three = what_next(3)
     assert "more scan" not in three and "Hold out for evaluation" in three
 
