@@ -55,10 +55,20 @@ def merge(parent: torch.Tensor, windowed: torch.Tensor, classes: list[int]) -> t
 
 def run_windowed(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
                  cfg: WindowRoutingConfig) -> torch.Tensor:
-    """`run` (the network's plain logits) on `x` and through the window, merged. The first result is copied before
-    the second pass, which may reuse its memory (the CPU kernel's work buffers)."""
+    """`run` (the network's plain logits) on `x` and through the window, merged as `merge` does.
+
+    Only the routed classes' log-probabilities are kept from the windowed pass before the plain pass runs (which may
+    reuse the first result's memory: the CPU kernel's work buffers), and the plain pass is normalised in place: the
+    two passes' full logits are never held at once. A full-mode window of a clinical CT holds about 0.5 GB of logits;
+    holding both passes and their log-softmax copies put a batch's peak over 3 GB."""
     windowed = run(windowed_input(x, cfg))
     if set(cfg.classes) >= set(range(1, windowed.shape[1])):  # every organ routed (background too): one pass
         return windowed
-    windowed = windowed.clone()
-    return merge(run(x), windowed, cfg.classes)
+    w = windowed.float()
+    routed = w[:, cfg.classes] - torch.logsumexp(w, 1, keepdim=True)
+    del windowed, w
+    out = run(x).float()
+    lse = torch.logsumexp(out, 1, keepdim=True)
+    out = out - lse if out.requires_grad else out.sub_(lse)
+    out[:, cfg.classes] = routed
+    return out

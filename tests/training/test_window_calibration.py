@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dinomix.nets.window_routing import merge, windowed_input
+from dinomix.nets.window_routing import WindowRoutingConfig, merge, run_windowed, windowed_input
 from dinomix.preprocessing.config import IntensityConfig
 from dinomix.training.calibration import CleanUp
 from dinomix.training.data import CachedCase
@@ -165,6 +165,22 @@ def test_an_organ_nobody_reviewed_changes_only_where_a_routed_organ_now_wins_ove
     assert bool(changed.any())
     assert bool(torch.isin(got[changed & ~torch.isin(was, torch.tensor(classes))], torch.tensor(classes)).all())
     assert torch.equal(merge(parent, through, classes)[:, [0, 1, 3, 5]], parent.log_softmax(1)[:, [0, 1, 3, 5]])
+
+
+def test_the_network_merges_its_two_passes_as_merge_does():
+    """`run_windowed` keeps only the routed classes of the windowed pass and normalises the plain pass in place (so
+    that the two passes' full logits are never held at once); the result is `merge` of the two passes."""
+    g = torch.Generator().manual_seed(1)
+    weights = torch.randn(6, generator=g).view(1, 6, 1, 1, 1)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.sin(x * weights * 7.0) * 4.0
+
+    cfg = WindowRoutingConfig(contrast=1.6, level_hu=0.0, window_hu=(-47.0, 203.0), scale=1.6, shift=-0.2, low=0.0,
+                              high=1.0, classes=[1, 4])
+    x = torch.rand(2, 1, 5, 6, 7, generator=g)
+    expected = merge(run(x), run(windowed_input(x.clone(), cfg)), cfg.classes)
+    assert torch.allclose(run_windowed(run, x, cfg), expected, atol=1e-5)
 
 
 def test_the_model_files_window_applies_the_map_as_the_search_did():
