@@ -353,12 +353,12 @@ def compare_networks(clinical: Path, modes: list[str], n_timed: int, model: Opti
     from dinomix.preprocessing import build_preprocess, sitk_to_sample
 
     seg = Segmenter(model, "cpu")
-    ours = seg.predictor()
     classes = seg.meta.architecture.out_channels
     nnunet = nnunet_3d_fullres(classes)
     image = read_image(clinical)
     rows = []
     for mode in modes:
+        ours = seg.predictor(mode)
         cfg = seg.meta.preprocessing.mode(mode)
         sample = build_preprocess(seg.meta.preprocessing, mode)(sitk_to_sample(image, copy=False))
         x = sample["image"]
@@ -372,7 +372,7 @@ def compare_networks(clinical: Path, modes: list[str], n_timed: int, model: Opti
                 return nnunet(p)[..., :plan.roi[0], :plan.roi[1], :plan.roi[2]]
             return nnunet(patch)
 
-        def run_ours(patch):
+        def run_ours(patch, ours=ours):
             return ours(patch)
 
         n = min(n_timed, plan.batches)

@@ -140,14 +140,14 @@ def assert_refused(res: subprocess.CompletedProcess, *phrases: str) -> None:
         assert phrase in lines[0], f"{phrase!r} not in: {lines[0]}"
 
 
-def segment_labels(model: str, image: Path):
-    """The label map (numpy, z y x) a model gives a scan through the engine's own Segmenter (default mode)."""
+def segment_labels(model: str, image: Path, mode: str = "fast"):
+    """The label map (numpy, z y x) a model gives a scan through the engine's own Segmenter."""
     import SimpleITK as sitk
 
     from dinomix.imageio import read_image
     from dinomix.inference import Segmenter, SegmentOptions
 
-    return sitk.GetArrayFromImage(Segmenter(model, "cpu").segment(read_image(image), SegmentOptions()).labels)
+    return sitk.GetArrayFromImage(Segmenter(model, "cpu").segment(read_image(image), SegmentOptions(mode=mode)).labels)
 
 
 def corrected_case(model: str, image: Path, reference: Path, drawn: dict, out: Path, case_id: str):

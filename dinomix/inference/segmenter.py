@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import SimpleITK as sitk
@@ -102,9 +102,12 @@ class Segmenter:
             torch.set_num_threads(available_cores())
         self.fast = cpu_runner(self.net, self.device, bf16=bf16_supported())
 
-    def predictor(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The function the sliding window calls on each batch of windows (CPU: the fast runner)."""
-        return self.fast or self.net
+    def predictor(self, mode: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The function the sliding window calls on each batch of windows in `mode` (CPU: the fast runner); one pass
+        where the network's second window does not apply to that mode (`WindowRoutingConfig.applies_to`)."""
+        run: Any = self.fast or self.net
+        window = getattr(self.net, "window", None)
+        return run.plain_logits if window is not None and not window.applies_to(mode) else run
 
     def segment(self, image: sitk.Image, opts: SegmentOptions, reporter: Optional[Reporter] = None,
                 check_cancel: Optional[Callable[[], None]] = None) -> SegmentResult:
@@ -171,7 +174,7 @@ class Segmenter:
         done = [0]
         rep.begin("infer", f"{total} windows of {plan.roi} on {self.device}")
         use_amp = self.device.type == "cuda"
-        run = self.predictor()
+        run = self.predictor(opts.mode)
 
         def predictor(patch: torch.Tensor) -> torch.Tensor:
             check()

@@ -12,7 +12,7 @@ The merge is hand-written: no library routes classes between two passes of one n
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -36,6 +36,15 @@ class WindowRoutingConfig(BaseModel):
     low: float
     high: float
     classes: list[int] = Field(min_length=1, description="organs (output channels) drawn through the window")
+    modes: Optional[list[str]] = Field(default=None, min_length=1,
+                                       description="the preprocessing modes (grids) it was fitted and vouched for on; "
+                                                   "every other mode draws as the parent (None: every mode)")
+
+    def applies_to(self, mode: str) -> bool:
+        """Whether segmenting in `mode` goes through the window. A window is fitted and checked on the fine-tune's
+        grid only; on the full grid the parent lost little to the scanner change it corrects, and the window gained
+        nothing there for twice the time (docs/correction-loop.md, "The window on the other grid")."""
+        return self.modes is None or mode in self.modes
 
 
 def windowed_input(x: torch.Tensor, cfg: WindowRoutingConfig) -> torch.Tensor:

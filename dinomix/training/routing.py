@@ -177,10 +177,10 @@ class SelfCheck:
                             (" Not learnt: " + _grouped(others, names) + "."
                              if others else ""))
 
-    def add_window(self, cal, names: list[str]) -> None:
+    def add_window(self, cal, names: list[str], mode: str = "fast") -> None:
         """The window calibration's word (training/window_calibration.py). Left-out corrected scans cannot vouch for a
         kept window on every reviewed organ of other patients, so the verdict becomes `unknown` and the message says
-        which organs it draws, what it gained and how to check it."""
+        which organs it draws, in which mode (`mode`, the grid it was fitted on), what it gained and how to check it."""
         from .window_calibration import MIN_LOCO_GAIN, MIN_LOCO_MEAN_GAIN
 
         self.window = cal.as_dict(names)
@@ -192,7 +192,8 @@ class SelfCheck:
         organs = ", ".join(names[k] for k in cal.classes)
         every = set(cal.classes) >= set(range(1, len(names)))
         self.checks.append(Check("window calibration", None,
-                                 f"kept for {organs}: {cal.fitted.describe()} (window {cal.window_hu[0]:g} to "
+                                 f"kept for {organs} in {mode} mode: {cal.fitted.describe()} (window "
+                                 f"{cal.window_hu[0]:g} to "
                                  f"{cal.window_hu[1]:g} HU) gained {gains} Dice points on the left-out corrected "
                                  f"scans (each must gain {MIN_LOCO_GAIN:+g}, {MIN_LOCO_MEAN_GAIN:+g} on average)"))
         if self.verdict == "safe":
@@ -200,8 +201,8 @@ class SelfCheck:
         self.window_note = (
             "Your scans look different from the model's training scans: the new model draws "
             + ("every organ" if every else organs)
-            + f" through a window fitted to your scanner ({cal.fitted.describe()}), which gained {gains} Dice points "
-              "on your corrected scans when each was left out. "
+            + f" through a window fitted to your scanner ({cal.fitted.describe()}) in {mode} mode, which gained "
+              f"{gains} Dice points on your corrected scans when each was left out (other modes draw as before). "
             + ("" if every else "Every other organ is drawn as before (it changes only where one of those now "
                                 "wins over it); segmenting takes two passes of the network. ")
             + f"{len(cal.loco)} corrected scans cannot vouch for every organ of other patients: check it on a new scan "

@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -148,15 +148,17 @@ def _organ_dice(pred: np.ndarray, case: CachedCase, num_classes: int) -> dict[in
     return {k: d for k, d in scores.items() if d is not None}
 
 
-def routing_config(m: WindowMap, it: IntensityConfig, classes: Sequence[int]) -> WindowRoutingConfig:
-    """The model file's record of a kept map: the organs drawn through it and the map in the units of the model's own
-    window (`WindowMap.apply` as x -> clip(scale x + shift))."""
+def routing_config(m: WindowMap, it: IntensityConfig, classes: Sequence[int],
+                   modes: Optional[Sequence[str]] = None) -> WindowRoutingConfig:
+    """The model file's record of a kept map: the organs drawn through it, the map in the units of the model's own
+    window (`WindowMap.apply` as x -> clip(scale x + shift)), and the modes it applies to (those it was fitted on)."""
     w = m.window(it)
     scale = (it.a_max - it.a_min) / (w.a_max - w.a_min)
     shift = it.b_min * (1.0 - scale) + (it.a_min - w.a_min) * (it.b_max - it.b_min) / (w.a_max - w.a_min)
     return WindowRoutingConfig(contrast=m.contrast, level_hu=m.level, window_hu=(w.a_min, w.a_max), scale=scale,
                                shift=shift, low=min(it.b_min, it.b_max), high=max(it.b_min, it.b_max),
-                               classes=sorted(int(k) for k in classes))
+                               classes=sorted(int(k) for k in classes),
+                               modes=list(modes) if modes is not None else None)
 
 
 @dataclass

@@ -511,9 +511,9 @@ class FineTune:
 
         cal = self.window = window_calibration.search(self.cached_lab, predict, calibration.CleanUp.of(self.meta),
                                                       it, self.names, self.rep.update, self.check)
-        self.sc.add_window(cal, self.names)
+        self.sc.add_window(cal, self.names, self.mode)
         if cal.kept:
-            routing = window_calibration.routing_config(cal.fitted, it, cal.classes)
+            routing = window_calibration.routing_config(cal.fitted, it, cal.classes, modes=[self.mode])
             self.tr.draw_through_window(routing)
             self.rep.log(f"window calibrated to your scanner ({cal.fitted.describe()}) for "
                          + ", ".join(self.names[k] for k in cal.classes) + ": "
