@@ -177,7 +177,7 @@ class SelfCheck:
                             (" Not learnt: " + _grouped(others, names) + "."
                              if others else ""))
 
-    def add_window(self, cal, names: list[str], mode: str = "fast") -> None:
+    def add_window(self, cal, names: list[str], mode: str) -> None:
         """The window calibration's word (training/window_calibration.py). Left-out corrected scans cannot vouch for a
         kept window on every reviewed organ of other patients, so the verdict becomes `unknown` and the message says
         which organs it draws, in which mode (`mode`, the grid it was fitted on), what it gained and how to check it."""

@@ -56,8 +56,8 @@ MIN_LOCO_GAIN = 1.0
 # under a +30 HU level change 1.5 to 3.6, and they gained +0.5 to +0.8 while costing an organ 2 to 3 points in 2 of
 # 4 folds. The gains are over every organ reviewed on the scan, touch-ups the parent already draws at 90 included:
 # counting only the organs below 90 kept a map under thicker slices (z blur) for kidneys and left adrenal (left-out
-# +2.3, +6.4) that cost the left adrenal 6.3 points on the evaluated scans (docs/correction-loop.md, "The window for
-# the organs your corrections changed: tried, not kept").
+# +2.3, +6.4) that cost the left adrenal 6.3 points on the evaluated scans (docs/correction-loop.md, section "The
+# reporter's correction style, thicker slices, and the clinician's wait", "Tried, not kept").
 MIN_LOCO_MEAN_GAIN = 4.0
 # The fit takes the map nearest the identity among those whose smallest gain over the corrected scans is within this
 # share of the best: two scans rank maps of nearly equal gain by chance, and the strongest maps carry worst to other
