@@ -181,31 +181,31 @@ class SelfCheck:
         """The window calibration's word (training/window_calibration.py). Left-out corrected scans cannot vouch for a
         kept window on every reviewed organ of other patients, so the verdict becomes `unknown` and the message says
         which organs it draws, in which mode (`mode`, the grid it was fitted on), what it gained and how to check it."""
-        from .window_calibration import MIN_LOCO_GAIN, MIN_LOCO_MEAN_GAIN
+        from .window_calibration import MAX_ENTROPY_CHANGE, MIN_LOCO_GAIN, MIN_LOCO_MEAN_GAIN
 
         self.window = cal.as_dict(names)
         if not cal.kept:
             self.checks.append(Check("window calibration", None if cal.fitted.identity else False,
                                      f"not kept: {cal.why}" if not cal.fitted.identity else cal.why))
             return
-        gains = ", ".join(f"{g:+.1f}" for g in cal.loco)
         organs = ", ".join(names[k] for k in cal.classes)
         every = set(cal.classes) >= set(range(1, len(names)))
+        rule = (f"each left-out scan must gain {MIN_LOCO_GAIN:+g}, {MIN_LOCO_MEAN_GAIN:+g} on average"
+                if cal.evidence != "unlabeled scans" else
+                f"the entropy must fall by {-100 * MAX_ENTROPY_CHANGE:g} % on average, and no corrected scan do worse")
         self.checks.append(Check("window calibration", None,
                                  f"kept for {organs} in {mode} mode: {cal.fitted.describe()} (window "
-                                 f"{cal.window_hu[0]:g} to "
-                                 f"{cal.window_hu[1]:g} HU) gained {gains} Dice points on the left-out corrected "
-                                 f"scans (each must gain {MIN_LOCO_GAIN:+g}, {MIN_LOCO_MEAN_GAIN:+g} on average)"))
+                                 f"{cal.window_hu[0]:g} to {cal.window_hu[1]:g} HU): {cal.evidence_text()} ({rule})"))
         if self.verdict == "safe":
             self.verdict = "unknown"
         self.window_note = (
             "Your scans look different from the model's training scans: the new model draws "
             + ("every organ" if every else organs)
-            + f" through a window fitted to your scanner ({cal.fitted.describe()}) in {mode} mode, which gained "
-              f"{gains} Dice points on your corrected scans when each was left out (other modes draw as before). "
+            + f" through a window fitted to your scanner ({cal.fitted.describe()}) in {mode} mode: "
+            + cal.evidence_text() + " (other modes draw as before). "
             + ("" if every else "Every other organ is drawn as before (it changes only where one of those now "
                                 "wins over it); segmenting takes two passes of the network. ")
-            + f"{len(cal.loco)} corrected scans cannot vouch for every organ of other patients: check it on a new scan "
+            + "This cannot vouch for every organ of other patients: check it on a new scan "
               "before relying on it, and use it for scans of that scanner only (on other scanners it can do worse). ")
         self.message = self.window_note + self.message.replace("gives the parent's output for every organ",
                                                                "keeps the parent's network")
@@ -284,8 +284,9 @@ def untrained_check(names: list[str], routing: Routing, n_scans: int) -> SelfChe
 
 
 def what_next(n_corrected: int) -> str:
-    """What the clinician can do so that the next fine-tune keeps something, with the counts the rules need: two
-    corrected scans before a window or a strongly agreed offset is tried (window_calibration.MIN_SCANS), three
+    """What the clinician can do so that the next fine-tune keeps something, with the counts the rules need:
+    unlabeled scans of the scanner to judge a window fitted on one corrected scan, two corrected scans before a
+    window is checked by leaving one out or a strongly agreed offset is tried (window_calibration.MIN_SCANS), three
     before an organ offset can be vouched for (calibration.MIN_CAL_VOUCH), and held-out corrected
     scans before a trained branch is kept (MIN_HOLDOUT_VOUCH of them to call it safe). Said plainly because holding
     out the only corrected scan, or one of two, would leave little or nothing to learn from."""
@@ -294,10 +295,11 @@ def what_next(n_corrected: int) -> str:
 
     steps = []
     if n_corrected < MIN_SCANS:
-        steps.append(f"Correct another scan of your patients from the same scanner: from {MIN_SCANS} corrected scans "
-                     "on, a window fitted to a scanner the model draws poorly, and an organ offset the scans agree on "
-                     f"strongly, are tried (and left for you to check); from {MIN_CAL_VOUCH} on, an organ the scans "
-                     "agree the model draws too large or too small is adjusted.")
+        steps.append("Add other scans of that scanner unlabeled: they judge a window fitted to a scanner the model "
+                     f"draws poorly. Correct another scan of your patients from the same scanner: from {MIN_SCANS} "
+                     "corrected scans on, a window and an organ offset the scans agree on strongly are tried (and "
+                     f"left for you to check); from {MIN_CAL_VOUCH} on, an organ the scans agree the model draws too "
+                     "large or too small is adjusted.")
     elif n_corrected < MIN_CAL_VOUCH:
         more = MIN_CAL_VOUCH - n_corrected
         steps.append(f"Correct {more} more scan{'s' if more > 1 else ''} of your patients: from {MIN_CAL_VOUCH} "

@@ -3,7 +3,7 @@ training scans (the P1 train scans with HU -> 40 + 0.7 (HU - 40), written as a s
 minority organs corrected to the reference, one more scan unlabeled. The default fine-tune fits a window to that
 scanner, through which the new model draws the reviewed organs (every other organ exactly as before), records it in
 the model file and marks the model unknown, so that the Trainer asks before using it; the window helps another
-patient's scan of that scanner."""
+patient's scan of that scanner. With one corrected scan, the scanner's unlabeled scans judge the window."""
 
 from __future__ import annotations
 
@@ -43,20 +43,18 @@ def _reviewed_dice(labels: np.ndarray, gt: np.ndarray) -> float:
     return float(np.mean(scores))
 
 
-@pytest.fixture(scope="module")
-def low_contrast(tmp_path_factory, data_dir, dinomix):
-    """(result of the default fine-tune, folder of the shifted scans)."""
-    tmp = tmp_path_factory.mktemp("window")
+def _finetune(tmp, data_dir, dinomix, corrected: tuple[str, ...], unlabeled: tuple[str, ...]):
+    """(result of the default fine-tune, folder of the shifted scans, its events)."""
     env = {"DINOMIX_MODELS_DIR": str(tmp / "models"), "XDG_CACHE_HOME": str(tmp / "cache")}
     btcv = data_dir / "btcv"
     cases = []
-    for scan in CORRECTED:
+    for scan in corrected:
         image = _low_contrast_copy(btcv, scan, tmp)
         reference = btcv / f"btcv_img{scan}_label.nii.gz"
         gt = sitk.GetArrayFromImage(sitk.ReadImage(str(reference)))
         cases.append(corrected_case(PARENT, image, reference, {n: gt == VALUES[n] for n in REVIEWED},
                                     tmp / f"corrected{scan}.nii.gz", f"scan{scan}"))
-    cases.append(Case(id=f"scan{UNLABELED}", image=str(_low_contrast_copy(btcv, UNLABELED, tmp)), split="train"))
+    cases += [Case(id=f"scan{u}", image=str(_low_contrast_copy(btcv, u, tmp)), split="train") for u in unlabeled]
     _low_contrast_copy(btcv, OTHER, tmp)
     manifest = Dataset(name="low-contrast", cases=cases).save(tmp / "dataset.json")
     res = dinomix("finetune", "--model", PARENT, "--dataset", manifest, "--minutes", "5", "--events", "-",
@@ -64,6 +62,19 @@ def low_contrast(tmp_path_factory, data_dir, dinomix):
     assert res.returncode == 0, res.describe()
     events = res.events()
     return [e for e in events if e["event"] == "result"][-1], tmp, events
+
+
+@pytest.fixture(scope="module")
+def low_contrast(tmp_path_factory, data_dir, dinomix):
+    """Two corrected scans and one unlabeled: (result, folder of the shifted scans, events)."""
+    return _finetune(tmp_path_factory.mktemp("window"), data_dir, dinomix, CORRECTED, (UNLABELED,))
+
+
+@pytest.fixture(scope="module")
+def one_corrected(tmp_path_factory, data_dir, dinomix):
+    """The issue's case: one corrected scan, and two more of that scanner unlabeled."""
+    return _finetune(tmp_path_factory.mktemp("window1"), data_dir, dinomix, CORRECTED[:1],
+                     (UNLABELED, CORRECTED[1]))
 
 
 def test_two_scans_of_a_low_contrast_scanner_get_a_window_for_the_clinician_to_check(low_contrast):
@@ -132,3 +143,18 @@ def test_the_progress_follows_the_plan_when_no_branch_is_trained(low_contrast):
     assert window and window[0]["fraction"] >= 0.3
     total = progress[-1]["elapsed_s"]
     assert all(e["eta_s"] is None or e["elapsed_s"] + e["eta_s"] <= 3.0 * total for e in window)
+
+
+def test_one_corrected_scan_keeps_the_window_its_scanners_unlabeled_scans_vouch_for(one_corrected, data_dir):
+    """One corrected scan cannot be left out; the scanner's unlabeled scans judge the map instead: through it the model
+    is surer of itself on them. The model is unknown, and the window helps another patient of that scanner."""
+    result, tmp, _ = one_corrected
+    window, sc = result["window"], result["self_check"]
+    assert window["kept"] and window["evidence"] == "unlabeled scans", window
+    assert window["loco_gains"] == [] and len(window["unlabeled_entropy_change"]) == 2
+    assert sc["verdict"] == "unknown" and "unlabeled scans" in sc["message"]
+    image = tmp / f"scan{OTHER}.nii.gz"
+    gt = sitk.GetArrayFromImage(sitk.ReadImage(str(data_dir / "btcv" / f"btcv_img{OTHER}_label.nii.gz")))
+    parent, child = segment_labels(PARENT, image), segment_labels(result["path"], image)
+    assert _reviewed_dice(child, gt) >= _reviewed_dice(parent, gt) + 1.0, (
+        f"reviewed organs: parent {_reviewed_dice(parent, gt):.1f}, child {_reviewed_dice(child, gt):.1f}")

@@ -189,6 +189,7 @@ def test_the_advice_after_an_empty_fine_tune_gives_the_counts_the_rules_need():
     one = untrained_check(NAMES, Routing(classes=[3]), 1).message
     assert "parent's output for every organ" in one and "Correct another scan" in one
     assert "window fitted to a scanner" in one and "from 3 on" in one
+    assert "unlabeled" in one  # they judge a window fitted on the one corrected scan
     assert "Hold out for evaluation" in one and "3 held-out scans" in one
     assert "Correct 1 more scan of" in what_next(2) and "Correct another scan" not in what_next(2)
     three = what_next(3)

@@ -16,10 +16,12 @@ from dinomix.preprocessing.config import IntensityConfig
 from dinomix.training.calibration import CleanUp
 from dinomix.training.data import CachedCase
 from dinomix.training.window_calibration import (
+    MAX_ENTROPY_CHANGE,
     MIN_LOCO_GAIN,
     PIVOT_HU,
     WindowMap,
     candidates,
+    entropy_change,
     routed_logits,
     routing_config,
     search,
@@ -135,6 +137,47 @@ def test_one_corrected_scan_cannot_vouch_for_a_window():
     cal = search([phantom(0, 0.7)], threshold_model, CLEAN, IT, NAMES)
     assert not cal.kept and not cal.fitted.identity
     assert "cannot be left out" in cal.why and cal.loco == []
+
+
+def test_unlabeled_scans_of_the_same_scanner_let_one_corrected_scan_keep_its_window():
+    """The issue's case: one corrected scan and other scans of that hospital added unlabeled. Seen through the map that
+    restores the contrast, the model is surer of itself on those scans (the bright blob is in its band again), which
+    no map fitted to one scan's drawing alone would do."""
+    unlabeled = [phantom(2, 0.7, labeled=False), phantom(3, 0.7, labeled=False)]
+    cal = search([phantom(0, 0.7)], threshold_model, CLEAN, IT, NAMES, unlabeled=unlabeled)
+    assert cal.kept and cal.evidence == "unlabeled scans", cal.why
+    assert cal.fitted.contrast > 1.0 and cal.loco == []
+    assert len(cal.entropy) == 2 and max(cal.entropy) <= MAX_ENTROPY_CHANGE
+    assert "surer of itself" in cal.evidence_text() and "2 unlabeled scans" in cal.evidence_text()
+
+
+def test_the_parents_logits_of_the_unlabeled_scans_are_used_as_given():
+    unlabeled = [phantom(2, 0.7, labeled=False)]
+    given = [threshold_model(unlabeled[0])[0]]
+    a = search([phantom(0, 0.7)], threshold_model, CLEAN, IT, NAMES, unlabeled=unlabeled)
+    b = search([phantom(0, 0.7)], threshold_model, CLEAN, IT, NAMES, unlabeled=unlabeled, unlabeled_logits=given)
+    assert a.entropy == b.entropy and a.kept == b.kept
+
+
+def test_unlabeled_scans_the_map_does_not_make_the_model_surer_on_overrule_the_left_out_scans():
+    """Two corrected scans of a low-contrast scanner agree on a map (leave-one-scan-out keeps it without unlabeled
+    scans), but the unlabeled scans look as the model's training scans do: through the map the model is no surer
+    of itself there, so the map fits the corrected scans, not the hospital's scanner, and it is not kept."""
+    corrected = [phantom(0, 0.7), phantom(1, 0.7)]
+    assert search(corrected, threshold_model, CLEAN, IT, NAMES).kept
+    home = [phantom(2, 1.0, labeled=False), phantom(3, 1.0, labeled=False)]
+    cal = search(corrected, threshold_model, CLEAN, IT, NAMES, unlabeled=home)
+    assert not cal.kept and cal.entropy and cal.entropy_mean > MAX_ENTROPY_CHANGE
+    assert "not surer of itself" in cal.why and min(cal.loco) >= MIN_LOCO_GAIN
+
+
+def test_the_entropy_change_is_negative_when_the_second_pass_is_surer_on_the_same_organs():
+    g = torch.Generator().manual_seed(0)
+    parent = torch.randn(3, 6, 6, 6, generator=g)
+    parent[1, :3] += 4.0  # an organ in half the volume
+    assert entropy_change(parent, parent) == pytest.approx(0.0, abs=1e-6)
+    assert entropy_change(parent, 3.0 * parent) < -0.2  # the same argmax, sharper
+    assert entropy_change(parent, 0.3 * parent) > 0.2
 
 
 def test_organs_nobody_reviewed_keep_the_parents_drawing_and_do_not_hold_the_fit_back():

@@ -32,9 +32,10 @@ def calibration_seconds(n_corrected: int) -> float:
 CLEAN_UP_S = 0.5  # seconds the clean-up of one label map takes on the model grid (a 2-core CPU)
 
 
-def window_seconds(n_candidates: int, n_corrected: int, t_case: float) -> float:
-    """Time the window calibration takes: every candidate map on every corrected scan, and its clean-up."""
-    return n_candidates * n_corrected * (t_case + CLEAN_UP_S)
+def window_seconds(n_candidates: int, n_corrected: int, t_case: float, n_unlabeled: int = 0) -> float:
+    """Time the window calibration takes: every candidate map on every corrected scan, and its clean-up; the fitted
+    map on each unlabeled scan."""
+    return n_candidates * n_corrected * (t_case + CLEAN_UP_S) + n_unlabeled * t_case
 
 
 def plan_iterations(budget_s: float, spent_s: float, step_s: float, after_s: float, margin: float = 0.08) -> int:

@@ -494,11 +494,13 @@ class FineTune:
         if getattr(self.architecture, "window", None) is not None:
             self.sc.window_not_run("the model already draws organs through a calibrated window")
             return
-        if len(self.labeled) < window_calibration.MIN_SCANS:
+        unl = self.unl_cases if len(self.unl_logits) == len(self.unl_cases) else []
+        if len(self.labeled) < window_calibration.MIN_SCANS and not unl:
             self.sc.window_not_run(f"{len(self.labeled)} corrected scan cannot be left out to check a window (it "
-                                   f"takes {window_calibration.MIN_SCANS})")
+                                   f"takes {window_calibration.MIN_SCANS} corrected scans, or unlabeled scans of the "
+                                   "same scanner to judge it)")
             return
-        need = window_seconds(len(window_calibration.candidates(it)), len(self.cached_lab), self.t_case)
+        need = window_seconds(len(window_calibration.candidates(it)), len(self.cached_lab), self.t_case, len(unl))
         if self.deadline is not None and time.monotonic() + need + self.after_s > self.deadline:
             self.sc.window_not_run(f"the budget leaves too little time for it (about {need:.0f} s)")
             return
@@ -510,15 +512,15 @@ class FineTune:
             return calibration.predict_logits(net, case, roi, div, device)
 
         cal = self.window = window_calibration.search(self.cached_lab, predict, calibration.CleanUp.of(self.meta),
-                                                      it, self.names, self.rep.update, self.check)
+                                                      it, self.names, self.rep.update, self.check, unlabeled=unl,
+                                                      unlabeled_logits=self.unl_logits)
         self.sc.add_window(cal, self.names, self.mode)
         if cal.kept:
             routing = window_calibration.routing_config(cal.fitted, it, cal.classes, modes=[self.mode])
             self.tr.draw_through_window(routing)
             self.rep.log(f"window calibrated to your scanner ({cal.fitted.describe()}) for "
                          + ", ".join(self.names[k] for k in cal.classes) + ": "
-                         + ", ".join(f"{g:+.1f}" for g in cal.loco) + " Dice points on the left-out corrected scans",
-                         "warning")
+                         + cal.evidence_text(), "warning")
 
     def _parent_predictions(self, cases: list[CachedCase], progress: bool = False
                             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
