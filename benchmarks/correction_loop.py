@@ -345,7 +345,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--model", default="abdomen-btcv13", help="parent: registry name or model file")
     p.add_argument("--set", choices=["test", "eval"], default="test", help="P1 scans the folds are made of")
     p.add_argument("--folds", type=int, nargs="+", default=None, help="fold numbers (default all)")
-    p.add_argument("--corrected", type=int, default=2, choices=[2, 3], help="corrected scans per fold")
+    p.add_argument("--corrected", type=int, default=2, choices=[1, 2, 3], help="corrected scans per fold")
     p.add_argument("--styles", nargs="+", choices=list(STYLES), default=["all", "minority"])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["default", "supervised-all"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
