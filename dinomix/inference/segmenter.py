@@ -7,7 +7,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, cast
 
 import numpy as np
 import SimpleITK as sitk
@@ -17,6 +17,7 @@ from ..errors import DinomixError
 from ..events import Reporter
 from ..modelfile import ModelMeta, load_model
 from ..nets.cpu_kernel import bf16_supported, cpu_runner
+from ..nets.window_routing import WindowRoutingConfig, gated_merge, windowed_input
 from ..organs import Organ
 from ..preprocessing import build_preprocess, sitk_to_sample
 from ..registry import Entry, resolve
@@ -170,26 +171,42 @@ class Segmenter:
         # work after the network paid for it), and nothing downstream reads its metadata.
         x = x.as_subclass(torch.Tensor)
         plan = self.plan(x, mode, opts)
-        total = plan.batches
-        done = [0]
-        rep.begin("infer", f"{total} windows of {plan.roi} on {self.device}")
-        use_amp = self.device.type == "cuda"
         run = self.predictor(opts.mode)
+        window: Optional[WindowRoutingConfig] = getattr(self.net, "window", None)
+        gate = window if window is not None and window.applies_to(opts.mode) and \
+            window.max_entropy_change is not None else None
+        passes = 2 if gate is not None else 1
+        total = plan.batches * passes
+        done = [0]
+        rep.begin("infer", f"{plan.batches} windows of {plan.roi} on {self.device}"
+                           + (" (twice: the model's window and its calibrated one)" if gate is not None else ""))
+        use_amp = self.device.type == "cuda"
 
-        def predictor(patch: torch.Tensor) -> torch.Tensor:
-            check()
-            with torch.autocast("cuda", enabled=use_amp):
-                y = run(patch.to(self.device)).float()
-            done[0] += 1
-            rep.update(done[0] / total, f"window {done[0]}/{total}")
-            return y.to("cpu") if self.device.type != "cpu" else y
+        def predictor_of(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+            def predictor(patch: torch.Tensor) -> torch.Tensor:
+                check()
+                with torch.autocast("cuda", enabled=use_amp):
+                    y = fn(patch.to(self.device)).float()
+                done[0] += 1
+                rep.update(done[0] / total, f"window {done[0]}/{total}")
+                return y.to("cpu") if self.device.type != "cpu" else y
+            return predictor
 
         if self.fast is not None:
             # Work buffers kept from window to window pay off with several windows; with one, they would
             # only hold memory while the result is copied out.
             self.fast.reuse = plan.windows > 1
         try:
-            return sliding_window(predictor, x, plan, self.device)
+            if gate is None:
+                return sliding_window(predictor_of(run), x, plan, self.device)
+            plain = cast(Any, self.fast or self.net).plain_logits
+            through = sliding_window(predictor_of(lambda p: plain(windowed_input(p, gate))), x, plan, self.device)
+            logits, change = gated_merge(sliding_window(predictor_of(plain), x, plan, self.device), through, gate)
+            del through
+            rep.log(f"calibrated window: the network's entropy over the organs {100 * change:+.0f} % through it; "
+                    + ("the reviewed organs drawn through it" if change <= (gate.max_entropy_change or 0.0) else
+                       "this scan does not look like the scans it was fitted on: every organ drawn as the parent"))
+            return logits
         finally:
             if self.fast is not None:
                 self.fast.reuse = False
