@@ -49,12 +49,15 @@ What it does:
    "unknown" (learnt organs or offsets kept with --keep-unverified, or offsets two corrected scans agree on, that
    nothing vouched for) or "unsafe" (worse on held-out cases).
 6. window calibration (dinomix/training/window_calibration.py; --no-window turns it off): when no branch was
-   trained, from two corrected scans, one map of the scans' HU (HU -> 40 + c (HU - 40) + l, c >= 1) fitted on the
-   reviewed organs, and kept where every left-out corrected scan gains +1 Dice point on them. A kept map is the new
+   trained, one map of the scans' HU (HU -> 40 + c (HU - 40) + l, c >= 1) fitted on the reviewed organs of the
+   corrected scans, and kept where the network is surer of itself through it on the unlabeled scans (from one
+   corrected scan; no left-out scan doing worse), or, without unlabeled scans, where every left-out corrected scan
+   gains +1 Dice point on them (+4 on average). A kept map is the new
    network's second window (architecture.window, nets/window_routing.py): the reviewed organs' scores come from a
    pass through it, every other class's from the parent's pass, so an organ nobody reviewed changes only where a
    reviewed organ now wins over it, in the mode fine-tuned on (architecture.window.modes; other modes draw as the
-   parent). The model is then "unknown", and the organ calibration does not run.
+   parent; so does a scan the network is less sure of through it). The model is then "unknown", and the organ
+   calibration does not run.
 7. organ calibration (dinomix/training/calibration.py): for each routed organ the trained branch could not keep,
    one offset added to the organ's logit (drawn larger or smaller everywhere, nothing else), fitted on the
    corrected scans so that every one of them fits better (half the best offset), kept where leave-one-scan-out
@@ -83,8 +86,8 @@ Events (`--events FILE|-`, JSON lines, besides start / progress / log / error / 
    "message": ..., "checks": [{"name", "passed", "detail"}], "removed": {...}, "per_organ": {...}},
    "routing": {"mode", "routed", "calibrated": {organ: logit offset}, "parent_dice_on_corrections", "kept",
                "loco_scans", "loco_iterations"},
-   "window": null | {"contrast", "level_hu", "kept", "why", "organs", "fit_gains", "loco_gains",
-                     "loco_worst_organ", "window_hu", "candidates"},
+   "window": null | {"contrast", "level_hu", "kept", "why", "evidence", "unlabeled_entropy_change", "organs",
+                     "fit_gains", "loco_gains", "loco_worst_organ", "window_hu", "candidates"},
    "timings_s": {stage: seconds}, ...}
 """
 
