@@ -109,9 +109,10 @@ def gated_merge(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRoutingC
     as it is (the parent's drawing). Returns (logits, the entropy change); both inputs may be reused.
 
     Why per scan: a window is one scanner's correction. On scans of another scanner it can cost organs several Dice
-    points, and there the network is less sure of itself through the window: +19 to +69 % on the TotalSegmentator CTs
-    for the maps fitted under a contrast change, against at most +13 % on the scans of the scanner they were fitted
-    for (docs/correction-loop.md, "The hospital's other patients judge the window")."""
+    points, and there the network is less sure of itself through the window: +13 to +69 % on the TotalSegmentator CTs
+    for the maps fitted under a contrast change, against at most +13 % (all but one pair of 88 at most +7 %) on the
+    scans of the scanner they were fitted for (docs/correction-loop.md, "The hospital's other patients judge the
+    window")."""
     change = entropy_change(plain, windowed)
     if cfg.max_entropy_change is not None and change > cfg.max_entropy_change:
         return plain, change
