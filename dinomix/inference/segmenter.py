@@ -17,7 +17,7 @@ from ..errors import DinomixError
 from ..events import Reporter
 from ..modelfile import ModelMeta, load_model
 from ..nets.cpu_kernel import bf16_supported, cpu_runner
-from ..nets.window_routing import WindowRoutingConfig, gated_merge, windowed_input
+from ..nets.window_routing import WindowRoutingConfig, gated_sliding
 from ..organs import Organ
 from ..preprocessing import build_preprocess, sitk_to_sample
 from ..registry import Entry, resolve
@@ -173,8 +173,7 @@ class Segmenter:
         plan = self.plan(x, mode, opts)
         run = self.predictor(opts.mode)
         window: Optional[WindowRoutingConfig] = getattr(self.net, "window", None)
-        gate = window if window is not None and window.applies_to(opts.mode) and \
-            window.max_entropy_change is not None else None
+        gate = window if window is not None and window.gates(opts.mode) else None
         passes = 2 if gate is not None else 1
         total = plan.batches * passes
         done = [0]
@@ -199,10 +198,8 @@ class Segmenter:
         try:
             if gate is None:
                 return sliding_window(predictor_of(run), x, plan, self.device)
-            plain = cast(Any, self.fast or self.net).plain_logits
-            through = sliding_window(predictor_of(lambda p: plain(windowed_input(p, gate))), x, plan, self.device)
-            logits, change = gated_merge(sliding_window(predictor_of(plain), x, plan, self.device), through, gate)
-            del through
+            logits, change = gated_sliding(lambda fn: sliding_window(predictor_of(fn), x, plan, self.device),
+                                           cast(Any, self.fast or self.net).plain_logits, gate)
             rep.log(f"calibrated window: the network's entropy over the organs {100 * change:+.0f} % through it; "
                     + ("the reviewed organs drawn through it" if change <= (gate.max_entropy_change or 0.0) else
                        "this scan does not look like the scans it was fitted on: every organ drawn as the parent"))

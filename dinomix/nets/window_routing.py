@@ -45,6 +45,11 @@ class WindowRoutingConfig(BaseModel):
         description="a scan is drawn through the window only where the network's entropy over its organs changes by "
                     "at most this (relative) through it; every other scan is drawn as the parent (None: every scan)")
 
+    def gates(self, mode: str) -> bool:
+        """Whether segmenting in `mode` judges each scan before drawing it through the window (`gated_sliding`):
+        the window applies to the mode and records a gate; else the network's own forward merges window by window."""
+        return self.applies_to(mode) and self.max_entropy_change is not None
+
     def applies_to(self, mode: str) -> bool:
         """Whether segmenting in `mode` goes through the window. A window is fitted and checked on the fine-tune's
         grid only; on the full grid the parent lost little to the scanner change it corrects, and the window gained
@@ -76,16 +81,33 @@ def run_windowed(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     two passes' full logits are never held at once. A full-mode window of a clinical CT holds about 0.5 GB of logits;
     holding both passes and their log-softmax copies put a batch's peak over 3 GB."""
     windowed = run(windowed_input(x, cfg))
-    if set(cfg.classes) >= set(range(1, windowed.shape[1])):  # every organ routed (background too): one pass
+    if _every(cfg.classes, windowed.shape[1]):  # every organ routed (background too): one pass
         return windowed
+    routed = _routed_log_probs(windowed, cfg.classes, 1)
+    del windowed
+    return _insert_routed(run(x), routed, cfg.classes, 1)
+
+
+def _every(classes: list[int], num_classes: int) -> bool:
+    """Whether every organ is routed (then the windowed pass alone gives the logits)."""
+    return set(classes) >= set(range(1, num_classes))
+
+
+def _routed_log_probs(windowed: torch.Tensor, classes: list[int], dim: int) -> torch.Tensor:
+    """The routed classes' log-probabilities of the windowed pass (classes along `dim`)."""
     w = windowed.float()
-    routed = w[:, cfg.classes] - torch.logsumexp(w, 1, keepdim=True)
-    del windowed, w
-    out = run(x).float()
-    lse = torch.logsumexp(out, 1, keepdim=True)
-    out = out - lse if out.requires_grad else out.sub_(lse)
-    out[:, cfg.classes] = routed
-    return out
+    return w.index_select(dim, torch.tensor(classes, device=w.device)) - torch.logsumexp(w, dim, keepdim=True)
+
+
+def _insert_routed(plain: torch.Tensor, routed: torch.Tensor, classes: list[int], dim: int) -> torch.Tensor:
+    """The plain pass's logits normalised (in place where no gradient flows) with the routed classes' log-probabilities
+    put in: `merge` without holding both passes' full log-softmax copies."""
+    out = plain.float()
+    lse = torch.logsumexp(out, dim, keepdim=True)
+    index = torch.tensor(classes, device=out.device)
+    if out.requires_grad:
+        return (out - lse).index_copy(dim, index, routed)
+    return out.sub_(lse).index_copy_(dim, index, routed)
 
 
 def foreground_entropy(logits: torch.Tensor, where: torch.Tensor) -> float:
@@ -116,11 +138,18 @@ def gated_merge(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRoutingC
     change = entropy_change(plain, windowed)
     if cfg.max_entropy_change is not None and change > cfg.max_entropy_change:
         return plain, change
-    if set(cfg.classes) >= set(range(1, windowed.shape[0])):
+    if _every(cfg.classes, windowed.shape[0]):
         return windowed, change
-    routed = windowed[cfg.classes].float() - torch.logsumexp(windowed.float(), 0, keepdim=True)
+    routed = _routed_log_probs(windowed, cfg.classes, 0)
     del windowed
-    out = plain.float()
-    out.sub_(torch.logsumexp(out, 0, keepdim=True))
-    out[cfg.classes] = routed
-    return out, change
+    return _insert_routed(plain, routed, cfg.classes, 0), change
+
+
+def gated_sliding(sliding: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor],
+                  plain: Callable[[torch.Tensor], torch.Tensor], cfg: WindowRoutingConfig
+                  ) -> tuple[torch.Tensor, float]:
+    """A whole scan's logits (C, ...) from a network with a gated second window: `sliding(fn)` runs the caller's
+    sliding window over the scan with `fn` (a batch of windows -> logits), `plain` is the network's one-pass logits.
+    Both passes run over the whole scan, then `gated_merge` judges the scan. Returns (logits, entropy change)."""
+    through = sliding(lambda p: plain(windowed_input(p, cfg)))
+    return gated_merge(sliding(plain), through, cfg)

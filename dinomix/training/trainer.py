@@ -343,6 +343,21 @@ class Trainer:
         self.scaler.update()
         return float(loss.detach())
 
+    def _eval_logits(self, predict: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, plan) -> torch.Tensor:
+        """A case's logits as the model file segments it: a network whose calibrated window judges each scan
+        (nets/window_routing.py `gated_sliding`) is run as `inference.Segmenter` runs it."""
+        net: Any = self.net
+        window = getattr(net, "window", None)
+        if window is None or not window.gates(self.cfg.mode):
+            return sliding_window(predict, image, plan, self.device)
+        from ..nets.window_routing import gated_sliding
+
+        def plain(x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", enabled=self.use_amp):
+                return net.plain_logits(x.to(self.device)).float()
+
+        return gated_sliding(lambda fn: sliding_window(fn, image, plan, self.device), plain, window)[0]
+
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Per-organ Dice (%) on the eval cases, on the model grid (the full native-grid evaluation is
@@ -371,7 +386,7 @@ class Trainer:
             assert case.label is not None  # eval cases are labeled (setup)
             self.check()
             plan = window_plan(tuple(case.image.shape[1:]), mode, self.cfg.architecture.divisor, sw_batch_size=1)
-            logits = sliding_window(predict, case.image, plan, self.device)
+            logits = self._eval_logits(predict, case.image, plan)
             pred = logits.argmax(0).cpu().numpy().astype(np.uint8)
             offsets = post.offsets_vector(logits.shape[0]) if post.largest_component else None
             anchor = (None if offsets is None else
