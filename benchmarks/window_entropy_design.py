@@ -67,9 +67,11 @@ def scan_tables(model: str, btcv: Path, ids: list[str], shift: str, work: Path) 
         if i in doc:
             continue
         image = data / f"btcv_img{i}_ct.nii.gz"
-        if not image.is_file():
+        if not image.is_file():  # written aside, then renamed: an interrupted run leaves no half scan to reuse
             shifted = P.shift_image(sitk.ReadImage(str(btcv / f"btcv_img{i}_ct.nii.gz")), shift)
-            sitk.WriteImage(sitk.Cast(shifted, sitk.sitkFloat32), str(image))
+            part = data / f"partial-{i}.nii.gz"
+            sitk.WriteImage(sitk.Cast(shifted, sitk.sitkFloat32), str(part))
+            part.replace(image)
         if not (data / f"btcv_img{i}_label.nii.gz").exists():
             (data / f"btcv_img{i}_label.nii.gz").symlink_to(btcv / f"btcv_img{i}_label.nii.gz")
         case = cached_p1_cases(meta, [i], data, work)[0]
@@ -86,7 +88,9 @@ def scan_tables(model: str, btcv: Path, ids: list[str], shift: str, work: Path) 
                 dice[style] = {k: C._dice(conf, k) for k in range(1, 14)}
             rec[key(m)] = {"entropy": W.entropy_change(parent, lg), "dice": dice}
         doc[i] = rec
-        cache.write_text(json.dumps(doc))
+        part = cache.with_suffix(".partial")
+        part.write_text(json.dumps(doc))
+        part.replace(cache)
         print(f"  {shift} {i}", flush=True)
     return doc
 
