@@ -46,7 +46,7 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.@+-]*$"
 # sha256 of their weights. Replacing a shipped model file means updating its digest here (tests check it).
 BUILTIN_DIR = Path(__file__).parent / "models"
 BUILTIN_METADATA_SHA256 = {
-    "abdomen-btcv13.safetensors": "c78b2fe614fd3440a80409d960754b5c48c9270e955dafad6f717bf30406b12f",
+    "abdomen-btcv13.safetensors": "40d93591b8a81cac9efadaceff3471dceb8142b32b3ea882fb96b18924bdead8",
 }
 # Beside imported models (the registry folder): file name -> metadata digest at import (`record_digest`).
 DIGEST_INDEX = ".dinomix-digests.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 import warnings
@@ -198,16 +199,28 @@ class Segmenter:
         try:
             if gate is None:
                 return sliding_window(predictor_of(run), x, plan, self.device)
-            logits, change = gated_sliding(lambda fn: sliding_window(predictor_of(fn), x, plan, self.device),
-                                           cast(Any, self.fast or self.net).plain_logits, gate)
+            voxel_ml = math.prod(mode.spacing_mm) / 1000.0
+            logits, change, floored = gated_sliding(
+                lambda fn: sliding_window(predictor_of(fn), x, plan, self.device),
+                cast(Any, self.fast or self.net).plain_logits, gate, voxel_ml)
             rep.log(f"calibrated window: the network's entropy over the organs {100 * change:+.0f} % through it; "
-                    + ("the reviewed organs drawn through it" if change <= (gate.max_entropy_change or 0.0) else
-                       "this scan does not look like the scans it was fitted on: every organ drawn as the parent"))
+                    + (_drawn_through(floored, self.meta.organs.names) if change <= (gate.max_entropy_change or 0.0)
+                       else "this scan does not look like the scans it was fitted on: every organ drawn as the "
+                            "parent"))
             return logits
         finally:
             if self.fast is not None:
                 self.fast.reuse = False
                 self.fast.release()
+
+
+def _drawn_through(floored: list[int], names: list[str]) -> str:
+    """The log's words for what a calibrated window drew on a scan it judged like those it was fitted on."""
+    if not floored:
+        return "the reviewed organs drawn through it"
+    return ("the reviewed organs drawn through it, except " + ", ".join(names[k - 1] for k in floored)
+            + " (drawn as the parent: the window left far less of it than the smallest in the model's training "
+              "scans)")
 
 
 def _argmax_u8(logits: torch.Tensor, block: int = 8, shift: Optional[torch.Tensor] = None) -> np.ndarray:

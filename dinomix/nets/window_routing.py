@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class WindowRoutingConfig(BaseModel):
@@ -44,6 +44,20 @@ class WindowRoutingConfig(BaseModel):
         default=None, ge=-1.0, le=10.0,
         description="a scan is drawn through the window only where the network's entropy over its organs changes by "
                     "at most this (relative) through it; every other scan is drawn as the parent (None: every scan)")
+    min_organ_ml: Optional[dict[int, float]] = Field(
+        default=None,
+        description="per routed organ, the volume (mL) below which the window may not draw it on a scan where the "
+                    "parent draws it larger: such an organ is drawn as the parent on that scan (a quarter of its "
+                    "smallest volume in the model's training scans; training/organ_volumes.py). None: no floor")
+
+    @field_validator("min_organ_ml")
+    @classmethod
+    def _floors_of_routed_organs(cls, v: Optional[dict[int, float]], info) -> Optional[dict[int, float]]:
+        if v is not None:
+            stray = set(v) - set(info.data.get("classes") or [])
+            if stray or any(not 0 <= ml <= 1e6 for ml in v.values()):
+                raise ValueError(f"min_organ_ml must give 0..1e6 mL for routed organs only (not {sorted(stray)})")
+        return v
 
     def gates(self, mode: str) -> bool:
         """Whether segmenting in `mode` judges each scan before drawing it through the window (`gated_sliding`):
@@ -125,31 +139,87 @@ def entropy_change(plain: torch.Tensor, windowed: torch.Tensor) -> float:
     return foreground_entropy(windowed, where) / before - 1.0 if before > 0 else 0.0
 
 
-def gated_merge(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRoutingConfig) -> tuple[torch.Tensor, float]:
+def gated_merge(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRoutingConfig,
+                voxel_ml: Optional[float] = None) -> tuple[torch.Tensor, float, list[int]]:
     """A whole scan's logits (C, ...) of both passes, merged as `merge` does where the scan looks to the network as
     the scans the window was fitted on did (`entropy_change` at most `cfg.max_entropy_change`), else the plain pass
-    as it is (the parent's drawing). Returns (logits, the entropy change); both inputs may be reused.
+    as it is (the parent's drawing). With `voxel_ml` (the grid's voxel volume) a routed organ the merge would draw
+    smaller than its floor (`cfg.min_organ_ml`), where the parent draws it larger, is drawn as the parent
+    (`floored_classes`). Returns (logits, the entropy change, the organs drawn as the parent by their floor); both
+    inputs may be reused.
 
     Why per scan: a window is one scanner's correction. On scans of another scanner it can cost organs several Dice
     points, and there the network is less sure of itself through the window: +13 to +69 % on the TotalSegmentator CTs
     for the maps fitted under a contrast change, against at most +13 % (all but one pair of 88 at most +7 %) on the
     scans of the scanner they were fitted for (docs/correction-loop.md, "The hospital's other patients judge the
-    window")."""
+    window"). Why per organ too: on one patient of that scanner a map erased an organ the network was then surer of
+    (training/organ_volumes.py)."""
     change = entropy_change(plain, windowed)
     if cfg.max_entropy_change is not None and change > cfg.max_entropy_change:
-        return plain, change
-    if _every(cfg.classes, windowed.shape[0]):
-        return windowed, change
-    routed = _routed_log_probs(windowed, cfg.classes, 0)
-    del windowed
-    return _insert_routed(plain, routed, cfg.classes, 0), change
+        return plain, change, []
+    floored = floored_classes(plain, windowed, cfg, voxel_ml)
+    from_window, insert = _roles(cfg.classes, floored, plain.shape[0])
+    base, other = (windowed, plain) if from_window else (plain, windowed)
+    if not insert:
+        return base, change, floored
+    routed = _routed_log_probs(other, insert, 0)
+    del other, plain, windowed
+    return _insert_routed(base, routed, insert, 0), change, floored
+
+
+def _roles(classes: list[int], floored: list[int], num_classes: int) -> tuple[bool, list[int]]:
+    """How a scan's two passes merge: (whether the windowed pass is the base, the classes put in from the other).
+    A window routing every organ draws the scan from the windowed pass (background included) and an organ taken
+    back by its floor from the parent's; otherwise the parent's pass is the base and the routed organs not taken
+    back come from the window."""
+    if _every(classes, num_classes):
+        return True, sorted(floored)
+    return False, [k for k in classes if k not in floored]
+
+
+def floored_classes(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRoutingConfig,
+                    voxel_ml: Optional[float]) -> list[int]:
+    """The routed organs (channels) the merge of one scan's two passes (C, ...) would draw below their floor
+    (`cfg.min_organ_ml`, mL) where the parent draws more of them. An organ taken back can take voxels from another
+    routed organ, so the count is made again until no organ falls below its floor. Counted on the argmax of the
+    raw logits, a block of slices at a time (no full-size copy)."""
+    floors = cfg.min_organ_ml or {}
+    if voxel_ml is None or not floors:
+        return []
+    parent = _counts(plain, windowed, False, [])
+    out: list[int] = []
+    while True:
+        from_window, insert = _roles(cfg.classes, out, plain.shape[0])
+        now = _counts(plain, windowed, from_window, insert)
+        low = [k for k in cfg.classes if k not in out and k in floors and now[k] * voxel_ml < floors[k]
+               and parent[k] > now[k]]
+        if not low:
+            return sorted(out)
+        out += low
+
+
+def _counts(plain: torch.Tensor, windowed: torch.Tensor, from_window: bool, insert: list[int],
+            block: int = 8) -> list[int]:
+    """Voxels per class of the argmax of a scan's two passes (C, ...) merged as `_roles` says, a block of slices at
+    a time (the plain pass alone: `from_window` False and nothing to insert)."""
+    c = plain.shape[0]
+    counts = torch.zeros(c, dtype=torch.long)
+    for i in range(0, plain.shape[1], block):
+        base, other = (windowed, plain) if from_window else (plain, windowed)
+        part = base[:, i:i + block].float()
+        if insert:
+            part = part.log_softmax(0)
+            part[insert] = other[:, i:i + block].float().log_softmax(0)[insert]
+        counts += torch.bincount(part.argmax(0).reshape(-1), minlength=c)
+    return counts.tolist()
 
 
 def gated_sliding(sliding: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor],
-                  plain: Callable[[torch.Tensor], torch.Tensor], cfg: WindowRoutingConfig
-                  ) -> tuple[torch.Tensor, float]:
+                  plain: Callable[[torch.Tensor], torch.Tensor], cfg: WindowRoutingConfig,
+                  voxel_ml: Optional[float] = None) -> tuple[torch.Tensor, float, list[int]]:
     """A whole scan's logits (C, ...) from a network with a gated second window: `sliding(fn)` runs the caller's
-    sliding window over the scan with `fn` (a batch of windows -> logits), `plain` is the network's one-pass logits.
-    Both passes run over the whole scan, then `gated_merge` judges the scan. Returns (logits, entropy change)."""
+    sliding window over the scan with `fn` (a batch of windows -> logits), `plain` is the network's one-pass logits,
+    `voxel_ml` the volume of a voxel of the grid (for the organs' floors). Both passes run over the whole scan, then
+    `gated_merge` judges the scan. Returns (logits, entropy change, organs drawn as the parent by their floor)."""
     through = sliding(lambda p: plain(windowed_input(p, cfg)))
-    return gated_merge(sliding(plain), through, cfg)
+    return gated_merge(sliding(plain), through, cfg, voxel_ml)

@@ -57,6 +57,7 @@ from ..modelfile import ModelMeta, load_model
 from ..nets.dinov3 import ENV_WEIGHTS, find_teacher_weights
 from ..nets.unet import StudentConfig, StudentUNet
 from ..nets.window_routing import WindowRoutingConfig
+from . import organ_volumes
 from .data import CachedCase, augment, crop
 from .losses import partial_dice_ce
 from .trainer import Trainer, lr_at
@@ -670,6 +671,9 @@ class SemiTrainer(Trainer):
         semi = {"method": s.method, "labeled_cases": self.labeled_ids, "unlabeled_cases": self.unlabeled_ids,
                 "fkd": self.fkd_status, "components": [c.describe() for c in self._aux_components()]}
         if self.init_meta is not None:
+            # a model made from another keeps the smaller of its parent's smallest organ volumes and its own scans'
+            training[organ_volumes.KEY] = organ_volumes.smallest(
+                [], organ_volumes.recorded(training), organ_volumes.recorded(self.init_meta.training))
             semi["init"] = {"model_id": self.init_meta.model_id, "weights_sha256": self.init_meta.weights_sha256,
                             "trained": self.init_meta.trained}
             training["parent"] = self.init_meta.model_id

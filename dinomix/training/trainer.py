@@ -31,6 +31,7 @@ from ..inference import available_cores, pick_device, sliding_window, window_pla
 from ..modelfile import ModelMeta, save_model, weights_sha256
 from ..nets.unet import build_network, count_parameters
 from ..organs import OrganSchema
+from . import organ_volumes
 from .config import TrainConfig
 from .data import BalancedSampler, augment, cache_cases
 from .distributed import DistContext, Replicated
@@ -351,12 +352,14 @@ class Trainer:
         if window is None or not window.gates(self.cfg.mode):
             return sliding_window(predict, image, plan, self.device)
         from ..nets.window_routing import gated_sliding
+        from .organ_volumes import voxel_ml
 
         def plain(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cuda", enabled=self.use_amp):
                 return net.plain_logits(x.to(self.device)).float()
 
-        return gated_sliding(lambda fn: sliding_window(fn, image, plan, self.device), plain, window)[0]
+        ml = voxel_ml(self.pp.mode(self.cfg.mode).spacing_mm)
+        return gated_sliding(lambda fn: sliding_window(fn, image, plan, self.device), plain, window, ml)[0]
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -486,6 +489,14 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------ export
+    def smallest_organ_ml(self) -> dict[str, float]:
+        """Each organ's smallest volume (mL, training grid) over the labeled training cases that annotate it
+        (training/organ_volumes.py: the floor of a calibrated window in fine-tunes of this model)."""
+        ml = organ_volumes.voxel_ml(self.pp.mode(self.cfg.mode).spacing_mm)
+        return organ_volumes.smallest(
+            organ_volumes.case_volumes_ml(c.label.numpy(), c.annotated, self.schema.names, ml)
+            for c in self.train_cases if c.label is not None)
+
     def export(self, path: Path, iterations: int, elapsed: float, ev: Optional[dict]) -> ModelMeta:
         """Write the model file: the network and what it is (metadata), with the provenance the caller gave."""
         cfg = self.cfg
@@ -496,7 +507,8 @@ class Trainer:
             training={"trainer": "supervised", "config": cfg.model_dump(mode="json"), "iterations": iterations,
                       "time_s": round(elapsed, 1), "iterations_per_s": round(iterations / max(elapsed, 1e-6), 4),
                       "hardware": hardware(), "device": str(self.device), "train_cases": self.train_ids,
-                      "eval_cases": self.eval_ids, "dataset": self.dataset.name},
+                      "eval_cases": self.eval_ids, "dataset": self.dataset.name,
+                      organ_volumes.KEY: self.smallest_organ_ml()},
             metrics={"eval_model_grid": ev} if ev else {},
         )
         if self.dist.enabled:

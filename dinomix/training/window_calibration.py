@@ -173,17 +173,19 @@ def _organ_dice(pred: np.ndarray, case: CachedCase, num_classes: int) -> dict[in
 
 
 def routing_config(m: WindowMap, it: IntensityConfig, classes: Sequence[int],
-                   modes: Optional[Sequence[str]] = None) -> WindowRoutingConfig:
+                   modes: Optional[Sequence[str]] = None,
+                   floors: Optional[dict[int, float]] = None) -> WindowRoutingConfig:
     """The model file's record of a kept map: the organs drawn through it, the map in the units of the model's own
-    window (`WindowMap.apply` as x -> clip(scale x + shift)), the modes it applies to (those it was fitted on), and
-    the scans it applies to (`SCAN_GATE`)."""
+    window (`WindowMap.apply` as x -> clip(scale x + shift)), the modes it applies to (those it was fitted on), the
+    scans it applies to (`SCAN_GATE`), and the organs' floors (`organ_volumes.window_floor`)."""
     w = m.window(it)
     scale = (it.a_max - it.a_min) / (w.a_max - w.a_min)
     shift = it.b_min * (1.0 - scale) + (it.a_min - w.a_min) * (it.b_max - it.b_min) / (w.a_max - w.a_min)
     return WindowRoutingConfig(contrast=m.contrast, level_hu=m.level, window_hu=(w.a_min, w.a_max), scale=scale,
                                shift=shift, low=min(it.b_min, it.b_max), high=max(it.b_min, it.b_max),
                                classes=sorted(int(k) for k in classes),
-                               modes=list(modes) if modes is not None else None, max_entropy_change=SCAN_GATE)
+                               modes=list(modes) if modes is not None else None, max_entropy_change=SCAN_GATE,
+                               min_organ_ml=dict(floors) if floors else None)
 
 
 @dataclass

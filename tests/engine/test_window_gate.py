@@ -38,20 +38,20 @@ def test_a_kept_window_records_the_gate():
 def test_a_scan_the_network_is_less_sure_of_through_the_window_is_drawn_as_the_parent():
     plain, through = _logits(0), _logits(1, sharp=0.2)  # flatter through the window: entropy up
     assert entropy_change(plain, through) > SCAN_GATE
-    out, change = gated_merge(plain.clone(), through, _cfg(SCAN_GATE))
+    out, change, _ = gated_merge(plain.clone(), through, _cfg(SCAN_GATE))
     assert change > SCAN_GATE and torch.equal(out, plain)
 
 
 def test_a_scan_the_network_is_surer_of_through_the_window_gets_the_merge():
     plain, through = _logits(0), _logits(1, sharp=3.0)
-    out, change = gated_merge(plain.clone(), through.clone(), _cfg(SCAN_GATE))
+    out, change, _ = gated_merge(plain.clone(), through.clone(), _cfg(SCAN_GATE))
     assert change < 0.0
     assert torch.allclose(out, merge(plain[None], through[None], [2, 3])[0], atol=1e-5)
 
 
 def test_model_files_without_a_gate_merge_every_scan():
     plain, through = _logits(0), _logits(1, sharp=0.2)
-    out, _ = gated_merge(plain.clone(), through.clone(), _cfg(None))
+    out, _, _ = gated_merge(plain.clone(), through.clone(), _cfg(None))
     assert torch.allclose(out, merge(plain[None], through[None], [2, 3])[0], atol=1e-5)
 
 
@@ -93,3 +93,68 @@ def test_the_segmenter_draws_a_scan_the_gate_refuses_exactly_as_the_parent(tmp_p
     assert np.array_equal(a, b) == as_parent
     assert any("calibrated window" in m for m in logs)
     assert any("drawn as the parent" in m for m in logs) == as_parent
+
+
+# ---------------------------------------------------------------- the organs' floors (training/organ_volumes.py)
+
+def _organ_scan(erase: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two passes (C=4, 10x10x10) of a scan with organ 2 in a 4x10x10 slab (400 voxels) and organ 3 in another;
+    through the window organ 2 keeps the first `erase` fraction of its slab's voxels less (0: all of it)."""
+    plain = torch.zeros(4, 10, 10, 10)
+    plain[0] = 1.0
+    plain[2, :4] = 5.0
+    plain[3, 6:] = 5.0
+    through = plain.clone()
+    gone = int(round(4 * erase))
+    through[2, :gone] = -5.0  # erased slices: background wins there
+    return plain, through
+
+
+def _floor_cfg(floors: dict[int, float], classes=(2, 3)) -> WindowRoutingConfig:
+    return WindowRoutingConfig.model_validate({**_cfg(None, classes).model_dump(), "min_organ_ml": floors})
+
+
+def test_a_routed_organ_the_window_erases_on_a_scan_is_drawn_as_the_parent():
+    plain, through = _organ_scan(erase=1.0)
+    out, _, floored = gated_merge(plain.clone(), through.clone(), _floor_cfg({2: 100.0, 3: 100.0}), voxel_ml=1.0)
+    assert floored == [2]
+    assert int((out.argmax(0) == 2).sum()) == 400  # the parent's slab, whole
+    assert torch.equal(out.argmax(0), plain.argmax(0))
+
+
+def test_an_organ_the_window_shrinks_but_not_below_its_floor_is_drawn_through_it():
+    plain, through = _organ_scan(erase=0.5)  # 200 of 400 voxels left: above a floor of 100 mL at 1 mL a voxel
+    out, _, floored = gated_merge(plain.clone(), through.clone(), _floor_cfg({2: 100.0}), voxel_ml=1.0)
+    assert floored == [] and int((out.argmax(0) == 2).sum()) == 200
+
+
+def test_without_a_voxel_size_or_floors_the_window_draws_every_routed_organ():
+    plain, through = _organ_scan(erase=1.0)
+    for cfg, ml in ((_floor_cfg({2: 100.0}), None), (_cfg(None), 1.0)):
+        out, _, floored = gated_merge(plain.clone(), through.clone(), cfg, voxel_ml=ml)
+        assert floored == [] and int((out.argmax(0) == 2).sum()) == 0
+
+
+def test_an_organ_the_parent_drew_no_larger_is_not_taken_back():
+    plain, through = _organ_scan(erase=1.0)
+    plain[2] = -5.0  # the parent draws no organ 2 either: nothing to take back
+    out, _, floored = gated_merge(plain.clone(), through.clone(), _floor_cfg({2: 100.0}), voxel_ml=1.0)
+    assert floored == []
+
+
+def test_with_every_organ_routed_only_the_floored_organ_comes_from_the_parent():
+    """A window routing every organ draws background from the windowed pass too; taking one organ back keeps that."""
+    plain, through = _organ_scan(erase=1.0)
+    through[3, 6:8] = -5.0  # the window draws organ 3 smaller, above its floor: kept from the window
+    out, _, floored = gated_merge(plain.clone(), through.clone(), _floor_cfg({2: 100.0}, classes=(1, 2, 3)),
+                                  voxel_ml=1.0)
+    drawn = out.argmax(0)
+    assert floored == [2] and int((drawn == 2).sum()) == 400 and int((drawn == 3).sum()) == 200
+
+
+def test_floors_are_given_for_routed_organs_only():
+    assert WindowRoutingConfig.model_validate_json(_floor_cfg({2: 3.5}).model_dump_json()).min_organ_ml == {2: 3.5}
+    with pytest.raises(ValueError, match="routed organs only"):
+        _floor_cfg({4: 1.0})
+    with pytest.raises(ValueError, match="routed organs only"):
+        _floor_cfg({2: -1.0})

@@ -17,6 +17,7 @@ from support import corrected_case, segment_labels
 from dinomix.datasets import BTCV_NAMES, Case, Dataset
 from dinomix.modelfile import read_meta
 from dinomix.preprocessing.config import IntensityConfig
+from dinomix.training import organ_volumes
 from dinomix.training.window_calibration import MIN_LOCO_GAIN, WindowMap
 
 PARENT = "abdomen-btcv13"
@@ -105,6 +106,14 @@ def test_the_new_models_file_holds_the_window_and_the_parents_preprocessing(low_
     assert meta.preprocessing == parent.preprocessing  # the same crop and window for the first pass
     assert meta.training["finetune"]["window"]["kept"]
     assert routing.modes == ["fast"]  # fitted and checked on the fast grid only
+    # each organ drawn through it has a floor: a quarter of its smallest volume in the parent's training scans or
+    # in the corrected scans, whichever is smaller (training/organ_volumes.py)
+    smallest = organ_volumes.recorded(parent.training)
+    names = parent.organs.names
+    assert routing.min_organ_ml is not None
+    assert set(routing.min_organ_ml) == {k for k in routing.classes if smallest[names[k - 1]] > 0}  # no gallbladder
+    for k, floor in routing.min_organ_ml.items():
+        assert 0 < floor <= organ_volumes.FLOOR_FRACTION * smallest[names[k - 1]] + 1e-6
 
 
 def test_full_mode_draws_as_the_parent_the_window_was_fitted_on_the_fast_grid(low_contrast):

@@ -210,6 +210,9 @@ def test_semi_supervised_run_writes_a_loadable_model(pic_run):
     w = [m["cons_weight"] for m in metrics]
     assert w[0] == pytest.approx(math.exp(-5), abs=1e-4) and w == sorted(w) and w[-1] == 1.0
     assert any("FKD off" in e.get("message", "") for e in events if e["event"] == "log")
+    # smallest organ volumes over the labeled cases: the partial case speaks only for the organs it annotates
+    rec = meta.training["smallest_organ_ml"]
+    assert set(rec) == set(meta.organs.names) and all(v > 0 for k, v in rec.items() if k != "gallbladder")
 
 
 def test_semi_resume_after_interruption_gives_identical_weights(pic_run, tmp_path):

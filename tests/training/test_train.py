@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -69,6 +70,19 @@ def test_training_writes_a_loadable_trained_model(uninterrupted):
     assert meta.training["train_cases"] == ["btcv_img0009", "btcv_img0021"]
     assert meta.training["config"]["patch_size"] == [32, 32, 32]
     assert net(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 14, 32, 32, 32)
+
+
+def test_the_model_file_records_each_organs_smallest_volume_in_the_training_scans(uninterrupted, data_dir):
+    """The floor a fine-tune's calibrated window gets (training/organ_volumes.py): the smaller of the two scans'
+    volumes of each organ, on the training grid (the liver: within 5 % of the labels' own voxel counts)."""
+    _, out = uninterrupted
+    _, meta = load_model(out / "model_last.safetensors")
+    rec = meta.training["smallest_organ_ml"]
+    assert set(rec) == set(meta.organs.names)
+    cases = {c["case"]: c for c in json.loads((data_dir / "btcv" / "cases.json").read_text())}
+    native = min(cases[c]["voxel_counts"]["6"] * math.prod(cases[c]["spacing_xyz"]) / 1000
+                 for c in ("btcv_img0009", "btcv_img0021"))
+    assert rec["liver"] == pytest.approx(native, rel=0.05)
 
 
 def test_resume_after_kill_gives_identical_weights(uninterrupted, tmp_path):

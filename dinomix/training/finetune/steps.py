@@ -23,7 +23,7 @@ from ...inference import pick_device
 from ...modelfile import ModelMeta, load_model
 from ...nets.unet import ArchitectureConfig, RoutedConfig, fit_roi
 from ...organs import OrganSchema
-from .. import calibration, window_calibration
+from .. import calibration, organ_volumes, window_calibration
 from ..config import TrainConfig
 from ..data import CachedCase, cache_cases
 from ..factory import get_semi_trainer
@@ -516,11 +516,27 @@ class FineTune:
                                                       unlabeled_logits=self.unl_logits)
         self.sc.add_window(cal, self.names, self.mode)
         if cal.kept:
-            routing = window_calibration.routing_config(cal.fitted, it, cal.classes, modes=[self.mode])
+            routing = window_calibration.routing_config(cal.fitted, it, cal.classes, modes=[self.mode],
+                                                        floors=self._organ_floors(cal.classes))
             self.tr.draw_through_window(routing)
             self.rep.log(f"window calibrated to your scanner ({cal.fitted.describe()}) for "
                          + ", ".join(self.names[k] for k in cal.classes) + ": "
                          + cal.evidence_text(), "warning")
+
+    def _organ_floors(self, classes: list[int]) -> dict[int, float]:
+        """The window's floor of each organ drawn through it (training/organ_volumes.py): from the smallest volume in
+        the parent's training scans and in the corrected scans (an unusually small organ a clinician drew lowers it).
+        A parent file that records no volumes gives no floor, and the log says so."""
+        names = self.meta.organs.names
+        ml = organ_volumes.voxel_ml(self.meta.preprocessing.mode(self.mode).spacing_mm)
+        parent = organ_volumes.recorded(self.meta.training)
+        if not parent:
+            self.rep.log(f"'{self.meta.model_id}' records no organ volumes of its training scans: the window has no "
+                         "floor for the organs it draws", "warning")
+            return {}
+        corrected = (organ_volumes.case_volumes_ml(c.label.numpy(), c.annotated, names, ml)
+                     for c in self.cached_lab if c.label is not None)
+        return organ_volumes.window_floor(organ_volumes.smallest(corrected, parent), names, classes)
 
     def _parent_predictions(self, cases: list[CachedCase], progress: bool = False
                             ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
