@@ -63,6 +63,15 @@ def largest_piece(mask: np.ndarray) -> np.ndarray:
     return comp == largest_label(comp) if n > 1 else mask.copy()
 
 
+def largest_piece_size(mask: np.ndarray) -> int:
+    """Voxels of the largest 26-connected component of a boolean mask (0 for an empty one): what the clean-up keeps
+    of an organ (a calibrated window's floor judges that, nets/window_routing.py `floored_classes`)."""
+    if not mask.any():
+        return 0
+    comp, n = ndimage.label(mask, structure=CONNECTIVITY)
+    return int(np.bincount(comp.ravel())[1:].max()) if n > 1 else int(mask.sum())
+
+
 def largest_label(comp: np.ndarray) -> int:
     sizes = np.bincount(comp.ravel())
     sizes[0] = 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -154,10 +155,11 @@ def gated_merge(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRoutingC
     scans of the scanner they were fitted for (docs/correction-loop.md, "The hospital's other patients judge the
     window"). Why per organ too: on one patient of that scanner a map erased an organ the network was then surer of
     (training/organ_volumes.py)."""
-    change = entropy_change(plain, windowed)
+    from_window, insert = _roles(cfg.classes, [], plain.shape[0])
+    change, parent_drawn, drawn = _scan_views(plain, windowed, from_window, insert)
     if cfg.max_entropy_change is not None and change > cfg.max_entropy_change:
         return plain, change, []
-    floored = floored_classes(plain, windowed, cfg, voxel_ml)
+    floored = floored_classes(plain, windowed, cfg, voxel_ml, parent_drawn, drawn)
     from_window, insert = _roles(cfg.classes, floored, plain.shape[0])
     base, other = (windowed, plain) if from_window else (plain, windowed)
     if not insert:
@@ -177,41 +179,75 @@ def _roles(classes: list[int], floored: list[int], num_classes: int) -> tuple[bo
     return False, [k for k in classes if k not in floored]
 
 
+def _scan_views(plain: torch.Tensor, windowed: torch.Tensor, from_window: bool, insert: list[int],
+                block: int = 8) -> tuple[float, np.ndarray, np.ndarray]:
+    """One sweep over a scan's two passes (C, ...), a block of slices at a time (no full-size copy): the relative
+    entropy change over the organs (`entropy_change`), the parent's drawing and the merge's (`_roles`), argmax as
+    uint8. The gate and the floors read the same normalised scores, computed once."""
+    shape = tuple(plain.shape[1:])
+    parent, merged = np.empty(shape, dtype=np.uint8), np.empty(shape, dtype=np.uint8)
+    before = after = 0.0
+    for i in range(0, plain.shape[1], block):
+        p = plain[:, i:i + block].float().log_softmax(0)
+        w = windowed[:, i:i + block].float().log_softmax(0)
+        ap, aw = p.argmax(0), w.argmax(0)
+        where = (ap > 0) | (aw > 0)
+        before += float(-(p.exp() * p).sum(0)[where].double().sum())
+        after += float(-(w.exp() * w).sum(0)[where].double().sum())
+        parent[i:i + block] = ap.to(torch.uint8).numpy()
+        base, other = (w, p) if from_window else (p, w)
+        if insert:
+            base[insert] = other[insert]
+        merged[i:i + block] = (base.argmax(0) if insert else (aw if from_window else ap)).to(torch.uint8).numpy()
+    return (after / before - 1.0 if before > 0 else 0.0), parent, merged
+
+
 def floored_classes(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRoutingConfig,
-                    voxel_ml: Optional[float]) -> list[int]:
+                    voxel_ml: Optional[float], parent_drawn: Optional[np.ndarray] = None,
+                    drawn: Optional[np.ndarray] = None) -> list[int]:
     """The routed organs (channels) the merge of one scan's two passes (C, ...) would draw below their floor
-    (`cfg.min_organ_ml`, mL) where the parent draws more of them. An organ taken back can take voxels from another
-    routed organ, so the count is made again until no organ falls below its floor. Counted on the argmax of the
-    raw logits, a block of slices at a time (no full-size copy)."""
+    (`cfg.min_organ_ml`, mL) where the parent draws more of them. Judged on each organ's largest piece of the argmax,
+    which is what the clean-up keeps (stray fragments of an erased organ would otherwise count). An organ taken back
+    can take voxels from another routed organ, so the drawing is judged again until no organ falls below its floor.
+    `parent_drawn` and `drawn`: the parent's drawing and the merge's with nothing taken back, where already made."""
+    from ..inference.postprocess import largest_piece_size  # not at import: inference imports this module
+
     floors = cfg.min_organ_ml or {}
     if voxel_ml is None or not floors:
         return []
-    parent = _counts(plain, windowed, False, [])
+    if parent_drawn is None:
+        parent_drawn = _drawn(plain, windowed, False, [])
+    parent: dict[int, int] = {}
     out: list[int] = []
     while True:
-        from_window, insert = _roles(cfg.classes, out, plain.shape[0])
-        now = _counts(plain, windowed, from_window, insert)
-        low = [k for k in cfg.classes if k not in out and k in floors and now[k] * voxel_ml < floors[k]
-               and parent[k] > now[k]]
+        if drawn is None:
+            drawn = _drawn(plain, windowed, *_roles(cfg.classes, out, plain.shape[0]))
+        low = []
+        for k in (k for k in cfg.classes if k not in out and k in floors):
+            now = largest_piece_size(drawn == k)
+            if now * voxel_ml < floors[k]:
+                was = parent.setdefault(k, largest_piece_size(parent_drawn == k))
+                if was > now:
+                    low.append(k)
         if not low:
             return sorted(out)
         out += low
+        drawn = None
 
 
-def _counts(plain: torch.Tensor, windowed: torch.Tensor, from_window: bool, insert: list[int],
-            block: int = 8) -> list[int]:
-    """Voxels per class of the argmax of a scan's two passes (C, ...) merged as `_roles` says, a block of slices at
-    a time (the plain pass alone: `from_window` False and nothing to insert)."""
-    c = plain.shape[0]
-    counts = torch.zeros(c, dtype=torch.long)
+def _drawn(plain: torch.Tensor, windowed: torch.Tensor, from_window: bool, insert: list[int],
+           block: int = 8) -> np.ndarray:
+    """The argmax (uint8) of a scan's two passes (C, ...) merged as `_roles` says, a block of slices at a time (the
+    plain pass alone: `from_window` False and nothing to insert)."""
+    out = np.empty(tuple(plain.shape[1:]), dtype=np.uint8)
+    base, other = (windowed, plain) if from_window else (plain, windowed)
     for i in range(0, plain.shape[1], block):
-        base, other = (windowed, plain) if from_window else (plain, windowed)
         part = base[:, i:i + block].float()
         if insert:
             part = part.log_softmax(0)
             part[insert] = other[:, i:i + block].float().log_softmax(0)[insert]
-        counts += torch.bincount(part.argmax(0).reshape(-1), minlength=c)
-    return counts.tolist()
+        out[i:i + block] = part.argmax(0).to(torch.uint8).numpy()
+    return out
 
 
 def gated_sliding(sliding: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor],

@@ -49,6 +49,14 @@ def test_a_scan_the_network_is_surer_of_through_the_window_gets_the_merge():
     assert torch.allclose(out, merge(plain[None], through[None], [2, 3])[0], atol=1e-5)
 
 
+def test_the_gate_reads_the_entropy_change_the_calibration_judged_by():
+    """The segmenter's one sweep over both passes (`gated_merge`) gives the number `entropy_change` gave the
+    fine-tune's judge: the gate and the judge read one measure."""
+    plain, through = _logits(0), _logits(1, sharp=1.7)
+    _, change, _ = gated_merge(plain.clone(), through.clone(), _cfg(None))
+    assert change == pytest.approx(entropy_change(plain, through), rel=1e-5, abs=1e-6)
+
+
 def test_model_files_without_a_gate_merge_every_scan():
     plain, through = _logits(0), _logits(1, sharp=0.2)
     out, _, _ = gated_merge(plain.clone(), through.clone(), _cfg(None))
@@ -158,3 +166,13 @@ def test_floors_are_given_for_routed_organs_only():
         _floor_cfg({4: 1.0})
     with pytest.raises(ValueError, match="routed organs only"):
         _floor_cfg({2: -1.0})
+
+
+def test_an_organ_the_window_leaves_in_stray_fragments_is_judged_by_its_largest_piece():
+    """What the clean-up keeps is the largest piece: 50 scattered voxels (more than a floor of 10 in all) of which
+    no piece holds 10 are an erased organ."""
+    plain, through = _organ_scan(erase=1.0)
+    through[2, 0:10:2, 0:10:2, 0:10:5] = 5.0  # isolated voxels, none touching another
+    assert int((through.argmax(0) == 2).sum()) == 50
+    out, _, floored = gated_merge(plain.clone(), through.clone(), _floor_cfg({2: 10.0}), voxel_ml=1.0)
+    assert floored == [2] and int((out.argmax(0) == 2).sum()) == 400
