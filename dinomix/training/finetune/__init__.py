@@ -56,8 +56,9 @@ What it does:
    network's second window (architecture.window, nets/window_routing.py): the reviewed organs' scores come from a
    pass through it, every other class's from the parent's pass, so an organ nobody reviewed changes only where a
    reviewed organ now wins over it, in the mode fine-tuned on (architecture.window.modes; other modes draw as the
-   parent; so does a scan the network is less sure of through it). The model is then "unknown", and the organ
-   calibration does not run.
+   parent; so does a scan the network is less sure of through it, and, on each scan, a reviewed organ it would draw
+   below its floor: a quarter of its smallest volume in the training scans, training/organ_volumes.py). The model
+   is then "unknown", and the organ calibration does not run.
 7. organ calibration (dinomix/training/calibration.py): for each routed organ the trained branch could not keep,
    one offset added to the organ's logit (drawn larger or smaller everywhere, nothing else), fitted on the
    corrected scans so that every one of them fits better (half the best offset), kept where leave-one-scan-out
