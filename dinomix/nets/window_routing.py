@@ -216,12 +216,12 @@ def floored_classes(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRout
     if voxel_ml is None or not floors:
         return []
     if parent_drawn is None:
-        parent_drawn = _drawn(plain, windowed, False, [])
+        parent_drawn = _scan_views(plain, windowed, False, [])[1]
     parent: dict[int, int] = {}
     out: list[int] = []
     while True:
         if drawn is None:
-            drawn = _drawn(plain, windowed, *_roles(cfg.classes, out, plain.shape[0]))
+            drawn = _scan_views(plain, windowed, *_roles(cfg.classes, out, plain.shape[0]))[2]
         low = []
         for k in (k for k in cfg.classes if k not in out and k in floors):
             now = largest_piece_size(drawn == k)
@@ -233,21 +233,6 @@ def floored_classes(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRout
             return sorted(out)
         out += low
         drawn = None
-
-
-def _drawn(plain: torch.Tensor, windowed: torch.Tensor, from_window: bool, insert: list[int],
-           block: int = 8) -> np.ndarray:
-    """The argmax (uint8) of a scan's two passes (C, ...) merged as `_roles` says, a block of slices at a time (the
-    plain pass alone: `from_window` False and nothing to insert)."""
-    out = np.empty(tuple(plain.shape[1:]), dtype=np.uint8)
-    base, other = (windowed, plain) if from_window else (plain, windowed)
-    for i in range(0, plain.shape[1], block):
-        part = base[:, i:i + block].float()
-        if insert:
-            part = part.log_softmax(0)
-            part[insert] = other[:, i:i + block].float().log_softmax(0)[insert]
-        out[i:i + block] = part.argmax(0).to(torch.uint8).numpy()
-    return out
 
 
 def gated_sliding(sliding: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor],
