@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(cases) != len(ids):
         raise SystemExit(f"{len(ids) - len(cases)} of the model's training cases are not in {args.data / 'btcv'}")
     mode = meta.training["config"]["mode"]
-    ml = V.voxel_ml(meta.preprocessing.mode(mode).spacing_mm)
+    ml = meta.preprocessing.mode(mode).voxel_ml
     cached = cache_cases(ds, cases, meta.organs, meta.preprocessing, mode)
     per_case = [V.case_volumes_ml(c.label.numpy(), c.annotated, meta.organs.names, ml) for c in cached]
     smallest = V.smallest(per_case)

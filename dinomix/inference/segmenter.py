@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 import warnings
@@ -199,10 +198,9 @@ class Segmenter:
         try:
             if gate is None:
                 return sliding_window(predictor_of(run), x, plan, self.device)
-            voxel_ml = math.prod(mode.spacing_mm) / 1000.0
             logits, change, floored = gated_sliding(
                 lambda fn: sliding_window(predictor_of(fn), x, plan, self.device),
-                cast(Any, self.fast or self.net).plain_logits, gate, voxel_ml)
+                cast(Any, self.fast or self.net).plain_logits, gate, mode.voxel_ml)
             rep.log(f"calibrated window: the network's entropy over the organs {100 * change:+.0f} % through it; "
                     + (_drawn_through(floored, self.meta.organs.names) if change <= (gate.max_entropy_change or 0.0)
                        else "this scan does not look like the scans it was fitted on: every organ drawn as the "

@@ -125,19 +125,11 @@ def _insert_routed(plain: torch.Tensor, routed: torch.Tensor, classes: list[int]
     return out.sub_(lse).index_copy_(dim, index, routed)
 
 
-def foreground_entropy(logits: torch.Tensor, where: torch.Tensor) -> float:
-    """Mean entropy (nats) of the class probabilities of `logits` (C, ...) over the voxels `where`."""
-    lp = logits[:, where].float().log_softmax(0)
-    return float(-(lp.exp() * lp).sum(0).mean()) if lp.shape[1] else 0.0
-
-
 def entropy_change(plain: torch.Tensor, windowed: torch.Tensor) -> float:
     """Relative change of the network's entropy over the organs of one scan (the voxels either pass draws as an
     organ), from the plain pass's logits (C, ...) to the windowed pass's: negative when the window leaves the network
     surer of itself. Both passes unrouted: the question is how the scan looks to the network through the window."""
-    where = (plain.argmax(0) > 0) | (windowed.argmax(0) > 0)
-    before = foreground_entropy(plain, where)
-    return foreground_entropy(windowed, where) / before - 1.0 if before > 0 else 0.0
+    return _scan_views(plain, windowed, False, [])[0]
 
 
 def gated_merge(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRoutingConfig,
@@ -182,8 +174,9 @@ def _roles(classes: list[int], floored: list[int], num_classes: int) -> tuple[bo
 def _scan_views(plain: torch.Tensor, windowed: torch.Tensor, from_window: bool, insert: list[int],
                 block: int = 8) -> tuple[float, np.ndarray, np.ndarray]:
     """One sweep over a scan's two passes (C, ...), a block of slices at a time (no full-size copy): the relative
-    entropy change over the organs (`entropy_change`), the parent's drawing and the merge's (`_roles`), argmax as
-    uint8. The gate and the floors read the same normalised scores, computed once."""
+    change of the mean entropy of the class probabilities over the voxels either pass draws as an organ, the parent's
+    drawing and the merge's (`_roles`), argmax as uint8. The gate and the floors read the same normalised scores,
+    computed once."""
     shape = tuple(plain.shape[1:])
     parent, merged = np.empty(shape, dtype=np.uint8), np.empty(shape, dtype=np.uint8)
     before = after = 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel, Field
 
 from ..errors import DinomixError
@@ -31,6 +33,11 @@ class ModeConfig(BaseModel):
     roi_size: tuple[int, int, int]
     overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(default=1, ge=1)
+
+    @property
+    def voxel_ml(self) -> float:
+        """The volume of one voxel of this mode's grid, in mL (organ volumes on the model grid)."""
+        return math.prod(self.spacing_mm) / 1000.0
 
 
 class PreprocessConfig(BaseModel):

@@ -27,11 +27,6 @@ KEY = "smallest_organ_ml"
 FLOOR_FRACTION = 0.25  # below a quarter of the smallest training volume; design: "An organ the window erases"
 
 
-def voxel_ml(spacing_mm: Sequence[float]) -> float:
-    """The volume of one voxel of a grid, in mL."""
-    return math.prod(float(s) for s in spacing_mm) / 1000.0
-
-
 def case_volumes_ml(label: np.ndarray, annotated: np.ndarray, names: Sequence[str], ml: float) -> dict[str, float]:
     """Each annotated organ's volume (mL) in one label map (values 1..len(names)); an organ left unannotated in a
     partial label says nothing about its volume and is left out."""

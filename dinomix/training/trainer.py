@@ -352,13 +352,12 @@ class Trainer:
         if window is None or not window.gates(self.cfg.mode):
             return sliding_window(predict, image, plan, self.device)
         from ..nets.window_routing import gated_sliding
-        from .organ_volumes import voxel_ml
 
         def plain(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cuda", enabled=self.use_amp):
                 return net.plain_logits(x.to(self.device)).float()
 
-        ml = voxel_ml(self.pp.mode(self.cfg.mode).spacing_mm)
+        ml = self.pp.mode(self.cfg.mode).voxel_ml
         return gated_sliding(lambda fn: sliding_window(fn, image, plan, self.device), plain, window, ml)[0]
 
     @torch.no_grad()
@@ -492,7 +491,7 @@ class Trainer:
     def smallest_organ_ml(self) -> dict[str, float]:
         """Each organ's smallest volume (mL, training grid) over the labeled training cases that annotate it
         (training/organ_volumes.py: the floor of a calibrated window in fine-tunes of this model)."""
-        ml = organ_volumes.voxel_ml(self.pp.mode(self.cfg.mode).spacing_mm)
+        ml = self.pp.mode(self.cfg.mode).voxel_ml
         return organ_volumes.smallest(
             organ_volumes.case_volumes_ml(c.label.numpy(), c.annotated, self.schema.names, ml)
             for c in self.train_cases if c.label is not None)

@@ -528,7 +528,7 @@ class FineTune:
         the parent's training scans and in the corrected scans (an unusually small organ a clinician drew lowers it).
         A parent file that records no volumes gives no floor, and the log says so."""
         names = self.meta.organs.names
-        ml = organ_volumes.voxel_ml(self.meta.preprocessing.mode(self.mode).spacing_mm)
+        ml = self.meta.preprocessing.mode(self.mode).voxel_ml
         parent = organ_volumes.recorded(self.meta.training)
         if not parent:
             self.rep.log(f"'{self.meta.model_id}' records no organ volumes of its training scans: the window has no "
