@@ -215,12 +215,15 @@ def hu_map(image, contrast: float, level: float = 0.0):
 def shift_image(image, shift: str):
     """A scan as a simulated other hospital would give it (issue 17's scanner-change studies): `none`,
     `contrast:F` (HU -> 40 + F (HU - 40)), `level:H` (HU -> HU + H), `zblur:S` (thicker slices: a Gaussian of
-    S slices' standard deviation along the slice axis), or several joined by `+` (applied left to right)."""
+    S slices' standard deviation along the slice axis), `xyblur:S` (a softer reconstruction kernel: a Gaussian of S
+    pixels' standard deviation in the slice plane), `noise:SD` (a lower dose: Gaussian noise of SD HU, drawn from a
+    seed fixed by the image's size so a scan gets the same noise in every run), or several joined by `+` (applied
+    left to right)."""
     import SimpleITK as sitk
 
     if shift == "none":
         return image
-    usage = f"--shift {shift}: use none, contrast:F, level:H, zblur:S, or several joined by +"
+    usage = f"--shift {shift}: use none, contrast:F, level:H, zblur:S, xyblur:S, noise:SD, or several joined by +"
     for part in shift.split("+"):
         kind, _, value = part.partition(":")
         try:
@@ -236,9 +239,37 @@ def shift_image(image, shift: str):
                                              sitk.RecursiveGaussianImageFilter.ZeroOrder, 2)
             blurred.CopyInformation(image)
             image = blurred
+        elif kind == "xyblur" and v > 0:
+            image = _blur_in_plane(image, v)
+        elif kind == "noise" and v > 0:
+            image = _add_noise(image, v)
         else:
             raise SystemExit(usage)
     return image
+
+
+def _blur_in_plane(image, pixels: float):
+    """The scan through a Gaussian of `pixels` standard deviation along x and y, none along the slice axis."""
+    import SimpleITK as sitk
+
+    out = sitk.Cast(image, sitk.sitkFloat32)
+    for axis in (0, 1):
+        out = sitk.RecursiveGaussian(out, pixels * image.GetSpacing()[axis], False,
+                                     sitk.RecursiveGaussianImageFilter.ZeroOrder, axis)
+    out.CopyInformation(image)
+    return out
+
+
+def _add_noise(image, sd_hu: float):
+    """The scan plus white Gaussian noise of `sd_hu` HU; the seed is the image's size, so reruns give the same scan."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(image).astype(np.float32)
+    rng = np.random.default_rng(list(arr.shape))
+    out = sitk.GetImageFromArray(arr + rng.normal(0.0, sd_hu, arr.shape).astype(np.float32))
+    out.CopyInformation(image)
+    return out
 
 
 def p1_split(btcv: Path) -> dict:

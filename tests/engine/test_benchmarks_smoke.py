@@ -345,3 +345,45 @@ def test_finetune_budget_busy_jobs_spin_while_the_block_runs_and_end_with_it():
     with FB.BusyJobs(2) as busy:
         assert all(p.poll() is None for p in busy.procs)
     assert len(busy.procs) == 2 and all(p.poll() is not None for p in busy.procs)
+
+
+# ---------------------------------------------------------------- simulated scanners (p1_common.shift_image)
+
+
+def _phantom_ct():
+    import numpy as np
+    import SimpleITK as sitk
+
+    arr = np.full((12, 20, 24), -100, np.int16)
+    arr[4:8, 2:18, 2:22] = 200  # a bright block on a dark body
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((0.8, 0.8, 3.0))
+    return img, arr.astype(np.float32)
+
+
+def test_noise_shift_adds_the_asked_sd_and_is_the_same_in_every_run():
+    import numpy as np
+    import SimpleITK as sitk
+
+    img, arr = _phantom_ct()
+    a = sitk.GetArrayFromImage(P.shift_image(img, "noise:25"))
+    assert abs(float((a - arr).std()) - 25.0) < 1.0
+    assert np.array_equal(a, sitk.GetArrayFromImage(P.shift_image(img, "noise:25")))
+
+
+def test_in_plane_blur_softens_within_slices_and_leaves_the_slice_profile():
+    import SimpleITK as sitk
+
+    img, arr = _phantom_ct()
+    out = P.shift_image(img, "xyblur:1.5")
+    a = sitk.GetArrayFromImage(out)
+    assert out.GetSpacing() == img.GetSpacing() and out.GetSize() == img.GetSize()
+    assert -100 < a[5, 2, 12] < 200  # the block's in-plane edge is now soft
+    assert abs(a[3, 10, 12] - arr[3, 10, 12]) < 1.0  # the slice above the block inside its footprint: unchanged
+    assert abs(a[5, 10, 12] - 200) < 1.0  # the block's core: unchanged
+
+
+def test_an_unknown_shift_is_one_message_naming_the_kinds():
+    img, _ = _phantom_ct()
+    with pytest.raises(SystemExit, match="xyblur:S, noise:SD"):
+        P.shift_image(img, "speckle:3")
