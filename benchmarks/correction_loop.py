@@ -161,7 +161,8 @@ def shifted_images(btcv: Path, ids: list[str], shift: str, work: Path) -> Option
         path = folder / f"btcv_img{i}_ct.nii.gz"
         if not path.exists():  # written whole or not at all: a cut run leaves no truncated scan to reuse
             part = path.with_name(f".{path.name}.part.nii.gz")
-            sitk.WriteImage(P.shift_image(sitk.ReadImage(str(btcv / path.name)), shift), str(part))
+            label = sitk.ReadImage(str(btcv / f"btcv_img{i}_label.nii.gz")) if "enhance" in shift else None
+            sitk.WriteImage(P.shift_image(sitk.ReadImage(str(btcv / path.name)), shift, label), str(part))
             os.replace(part, path)
     return folder
 

@@ -212,18 +212,28 @@ def hu_map(image, contrast: float, level: float = 0.0):
     return out
 
 
-def shift_image(image, shift: str):
+# Unenhanced HU of the organs whose intensity comes from the contrast agent (BTCV label values; typical values of
+# non-contrast CT; the gallbladder's bile and the stomach's contents do not enhance and are left alone).
+UNENHANCED_HU = {1: 45.0, 2: 30.0, 3: 30.0, 5: 40.0, 6: 55.0, 8: 40.0, 9: 40.0, 10: 40.0, 11: 40.0, 12: 25.0,
+                 13: 25.0}
+
+
+def shift_image(image, shift: str, label=None):
     """A scan as a simulated other hospital would give it (issue 17's scanner-change studies): `none`,
     `contrast:F` (HU -> 40 + F (HU - 40)), `level:H` (HU -> HU + H), `zblur:S` (thicker slices: a Gaussian of
     S slices' standard deviation along the slice axis), `xyblur:S` (a softer reconstruction kernel: a Gaussian of S
     pixels' standard deviation in the slice plane), `noise:SD` (a lower dose: Gaussian noise of SD HU, drawn from a
-    seed fixed by the image's size so a scan gets the same noise in every run), or several joined by `+` (applied
-    left to right)."""
+    seed fixed by the image's size so a scan gets the same noise in every run), `enhance:F` (another contrast
+    timing: each enhancing organ's HU -> base + F (HU - base) towards its unenhanced value `UNENHANCED_HU`, through
+    its reference mask, whole inside and softened outside by a Gaussian of one voxel; F 0 is a scan without contrast
+    agent, 0.5 a late or weak bolus; needs `label`, the scan's reference label image: the other shifts are global,
+    this one is not), or several joined by `+` (applied left to right)."""
     import SimpleITK as sitk
 
     if shift == "none":
         return image
-    usage = f"--shift {shift}: use none, contrast:F, level:H, zblur:S, xyblur:S, noise:SD, or several joined by +"
+    usage = (f"--shift {shift}: use none, contrast:F, level:H, zblur:S, xyblur:S, noise:SD, enhance:F, or several "
+             "joined by +")
     for part in shift.split("+"):
         kind, _, value = part.partition(":")
         try:
@@ -243,6 +253,10 @@ def shift_image(image, shift: str):
             image = _blur_in_plane(image, v)
         elif kind == "noise" and v > 0:
             image = _add_noise(image, v)
+        elif kind == "enhance" and 0 <= v:
+            if label is None:
+                raise SystemExit(f"--shift {shift}: enhance needs the scans' reference labels")
+            image = _enhance(image, label, v)
         else:
             raise SystemExit(usage)
     return image
@@ -268,6 +282,24 @@ def _add_noise(image, sd_hu: float):
     arr = sitk.GetArrayFromImage(image).astype(np.float32)
     rng = np.random.default_rng(list(arr.shape))
     out = sitk.GetImageFromArray(arr + rng.normal(0.0, sd_hu, arr.shape).astype(np.float32))
+    out.CopyInformation(image)
+    return out
+
+
+def _enhance(image, label, factor: float):
+    """The scan with each enhancing organ's contrast enhancement scaled by `factor` (see `shift_image`)."""
+    import numpy as np
+    import SimpleITK as sitk
+    from scipy.ndimage import gaussian_filter
+
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
+    lab = sitk.GetArrayFromImage(label)
+    for value, base in UNENHANCED_HU.items():
+        mask = lab == value
+        if mask.any():
+            w = np.maximum(mask, gaussian_filter(mask.astype(np.float32), 1.0))  # whole inside, soft outside
+            hu -= w * (1.0 - factor) * (hu - base)
+    out = sitk.GetImageFromArray(hu)
     out.CopyInformation(image)
     return out
 

@@ -68,7 +68,8 @@ def scan_tables(model: str, btcv: Path, ids: list[str], shift: str, work: Path) 
             continue
         image = data / f"btcv_img{i}_ct.nii.gz"
         if not image.is_file():  # written aside, then renamed: an interrupted run leaves no half scan to reuse
-            shifted = P.shift_image(sitk.ReadImage(str(btcv / f"btcv_img{i}_ct.nii.gz")), shift)
+            label = sitk.ReadImage(str(btcv / f"btcv_img{i}_label.nii.gz")) if "enhance" in shift else None
+            shifted = P.shift_image(sitk.ReadImage(str(btcv / f"btcv_img{i}_ct.nii.gz")), shift, label)
             part = data / f"partial-{i}.nii.gz"
             sitk.WriteImage(sitk.Cast(shifted, sitk.sitkFloat32), str(part))
             part.replace(image)

@@ -387,3 +387,21 @@ def test_an_unknown_shift_is_one_message_naming_the_kinds():
     img, _ = _phantom_ct()
     with pytest.raises(SystemExit, match="xyblur:S, noise:SD"):
         P.shift_image(img, "speckle:3")
+
+
+def test_enhance_shift_moves_an_organ_towards_its_unenhanced_hu_and_leaves_the_rest():
+    import numpy as np
+    import SimpleITK as sitk
+
+    img, arr = _phantom_ct()
+    lab = sitk.GetImageFromArray((arr > 0).astype(np.uint8) * 6)  # the block is liver (unenhanced 55 HU)
+    lab.CopyInformation(img)
+    a = sitk.GetArrayFromImage(P.shift_image(img, "enhance:0.5", lab))
+    assert abs(a[5, 10, 12] - (55 + 0.5 * (200 - 55))) < 2.0
+    assert abs(a[0, 0, 0] - arr[0, 0, 0]) < 0.01  # far from the organ: unchanged
+
+
+def test_enhance_shift_without_labels_says_it_needs_them():
+    img, _ = _phantom_ct()
+    with pytest.raises(SystemExit, match="needs the scans' reference labels"):
+        P.shift_image(img, "enhance:0")
