@@ -93,7 +93,7 @@ def scan_tables(model: str, btcv: Path, ids: list[str], shift: str, work: Path) 
         part.write_text(json.dumps(doc))
         part.replace(cache)
         print(f"  {shift} {i}", flush=True)
-    return doc
+    return json.loads(json.dumps(doc))  # as the cache holds it (organ values as text), new scans or not
 
 
 def other_scanner(model: str, data: Path, maps: list[str], work: Path) -> dict:
