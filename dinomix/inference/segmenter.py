@@ -17,7 +17,7 @@ from ..errors import DinomixError
 from ..events import Reporter
 from ..modelfile import ModelMeta, load_model
 from ..nets.cpu_kernel import bf16_supported, cpu_runner
-from ..nets.window_routing import WindowRoutingConfig, gated_sliding
+from ..nets.window_routing import WindowRoutingConfig, gated_sliding, smoothed
 from ..organs import Organ
 from ..preprocessing import build_preprocess, sitk_to_sample
 from ..registry import Entry, resolve
@@ -174,11 +174,12 @@ class Segmenter:
         run = self.predictor(opts.mode)
         window: Optional[WindowRoutingConfig] = getattr(self.net, "window", None)
         gate = window if window is not None and window.gates(opts.mode) else None
-        passes = 2 if gate is not None else 1
+        passes = 1 if gate is None else 4 if gate.judge_smoothing_vox else 2
         total = plan.batches * passes
         done = [0]
-        rep.begin("infer", f"{plan.batches} windows of {plan.roi} on {self.device}"
-                           + (" (twice: the model's window and its calibrated one)" if gate is not None else ""))
+        rep.begin("infer", f"{plan.batches} windows of {plan.roi} on {self.device}" + (
+            "" if gate is None else " (twice: the model's window and its calibrated one" + (
+                "; twice more on the scan smoothed, to judge it)" if gate.judge_smoothing_vox else ")")))
         use_amp = self.device.type == "cuda"
 
         def predictor_of(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -199,7 +200,8 @@ class Segmenter:
             if gate is None:
                 return sliding_window(predictor_of(run), x, plan, self.device)
             logits, change, floored = gated_sliding(
-                lambda fn: sliding_window(predictor_of(fn), x, plan, self.device),
+                lambda fn, sigma: sliding_window(predictor_of(fn), x if sigma is None else smoothed(x, sigma), plan,
+                                                 self.device),
                 cast(Any, self.fast or self.net).plain_logits, gate, mode.voxel_ml)
             rep.log(f"calibrated window: the network's entropy over the organs {100 * change:+.0f} % through it; "
                     + (_drawn_through(floored, self.meta.organs.names) if change <= (gate.max_entropy_change or 0.0)

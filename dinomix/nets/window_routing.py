@@ -45,6 +45,11 @@ class WindowRoutingConfig(BaseModel):
         default=None, ge=-1.0, le=10.0,
         description="a scan is drawn through the window only where the network's entropy over its organs changes by "
                     "at most this (relative) through it; every other scan is drawn as the parent (None: every scan)")
+    judge_smoothing_vox: Optional[float] = Field(
+        default=None, ge=0.0, le=4.0,
+        description="the gate judges each scan smoothed by a Gaussian of this many voxels of the grid (both passes), "
+                    "so that the noise a stronger contrast amplifies does not hide the scanner it corrects (None: "
+                    "unsmoothed, as model files made before 2026-12-07 late judge)")
     min_organ_ml: Optional[dict[int, float]] = Field(
         default=None,
         description="per routed organ, the volume (mL) below which the window may not draw it on a scan where the "
@@ -132,8 +137,25 @@ def entropy_change(plain: torch.Tensor, windowed: torch.Tensor) -> float:
     return _scan_views(plain, windowed, False, [])[0]
 
 
+def smoothed(x: torch.Tensor, sigma_vox: float) -> torch.Tensor:
+    """An image (C, ...) through a Gaussian of `sigma_vox` voxels along every spatial axis, edges replicated (MONAI's
+    separable filter; its `GaussianFilter` pads with zeros, which would darken a scan's border). What the window's
+    judges look at: the scan's anatomy and intensities without its noise, which a map of contrast c amplifies c
+    times and which alone makes the network less sure of itself through any stronger map (a lower dose: +6 to +80 %
+    through every map, the map's correction hidden under it; docs/correction-loop.md, "Other scanners and protocols
+    the window meets")."""
+    from monai.networks.layers.convutils import gaussian_1d
+    from monai.networks.layers.simplelayers import separable_filtering
+
+    if sigma_vox <= 0:
+        return x
+    kernel = gaussian_1d(torch.tensor(float(sigma_vox)), truncated=4.0).to(x)
+    return separable_filtering(x[None], [kernel] * (x.dim() - 1), mode="replicate")[0]
+
+
 def gated_merge(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRoutingConfig,
-                voxel_ml: Optional[float] = None) -> tuple[torch.Tensor, float, list[int]]:
+                voxel_ml: Optional[float] = None,
+                judged: Optional[float] = None) -> tuple[torch.Tensor, float, list[int]]:
     """A whole scan's logits (C, ...) of both passes, merged as `merge` does where the scan looks to the network as
     the scans the window was fitted on did (`entropy_change` at most `cfg.max_entropy_change`), else the plain pass
     as it is (the parent's drawing). With `voxel_ml` (the grid's voxel volume) a routed organ the merge would draw
@@ -146,9 +168,11 @@ def gated_merge(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRoutingC
     for the maps fitted under a contrast change, against at most +13 % (all but one pair of 88 at most +7 %) on the
     scans of the scanner they were fitted for (docs/correction-loop.md, "The hospital's other patients judge the
     window"). Why per organ too: on one patient of that scanner a map erased an organ the network was then surer of
-    (training/organ_volumes.py)."""
+    (training/organ_volumes.py). `judged`: the scan's entropy change where it was judged on other passes (the scan
+    smoothed: `gated_sliding`), else this one's."""
     from_window, insert = _roles(cfg.classes, [], plain.shape[0])
     change, parent_drawn, drawn = _scan_views(plain, windowed, from_window, insert)
+    change = change if judged is None else judged
     if cfg.max_entropy_change is not None and change > cfg.max_entropy_change:
         return plain, change, []
     floored = floored_classes(plain, windowed, cfg, voxel_ml, parent_drawn, drawn)
@@ -228,12 +252,20 @@ def floored_classes(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRout
         drawn = None
 
 
-def gated_sliding(sliding: Callable[[Callable[[torch.Tensor], torch.Tensor]], torch.Tensor],
-                  plain: Callable[[torch.Tensor], torch.Tensor], cfg: WindowRoutingConfig,
+Sliding = Callable[[Callable[[torch.Tensor], torch.Tensor], Optional[float]], torch.Tensor]
+
+
+def gated_sliding(sliding: Sliding, plain: Callable[[torch.Tensor], torch.Tensor], cfg: WindowRoutingConfig,
                   voxel_ml: Optional[float] = None) -> tuple[torch.Tensor, float, list[int]]:
-    """A whole scan's logits (C, ...) from a network with a gated second window: `sliding(fn)` runs the caller's
-    sliding window over the scan with `fn` (a batch of windows -> logits), `plain` is the network's one-pass logits,
-    `voxel_ml` the volume of a voxel of the grid (for the organs' floors). Both passes run over the whole scan, then
-    `gated_merge` judges the scan. Returns (logits, entropy change, organs drawn as the parent by their floor)."""
-    through = sliding(lambda p: plain(windowed_input(p, cfg)))
-    return gated_merge(sliding(plain), through, cfg, voxel_ml)
+    """A whole scan's logits (C, ...) from a network with a gated second window: `sliding(fn, sigma)` runs the
+    caller's sliding window with `fn` (a batch of windows -> logits) over the scan, smoothed first by a Gaussian of
+    `sigma` voxels (`smoothed`) unless `sigma` is None; `plain` is the network's one-pass logits, `voxel_ml` the volume
+    of a voxel of the grid (for the organs' floors). Both passes run over the whole scan, then `gated_merge` judges the
+    scan; where the window records `judge_smoothing_vox`, the judging entropy comes from both passes over the smoothed
+    scan (two more passes). Returns (logits, entropy change, organs drawn as the parent by their floor)."""
+    judged = None
+    if cfg.judge_smoothing_vox:
+        sigma = cfg.judge_smoothing_vox
+        judged = entropy_change(sliding(plain, sigma), sliding(lambda p: plain(windowed_input(p, cfg)), sigma))
+    through = sliding(lambda p: plain(windowed_input(p, cfg)), None)
+    return gated_merge(sliding(plain, None), through, cfg, voxel_ml, judged)

@@ -45,7 +45,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..nets.window_routing import WindowRoutingConfig, entropy_change, merge
+from ..nets.window_routing import WindowRoutingConfig, entropy_change, merge, smoothed
 from ..preprocessing.config import IntensityConfig
 from .data import CachedCase
 
@@ -84,13 +84,28 @@ MIN_SCANS = 2  # one scan cannot be left out: from one corrected scan, only unla
 MAX_ENTROPY_CHANGE = -0.05
 # With one corrected scan and unlabeled scans to judge: the map must fit that scan's corrections this much better.
 MIN_FIT_GAIN = 1.0
-# Each scan the new model segments is drawn through the kept map only where its entropy over the organs rises by at
-# most this through it (`WindowRoutingConfig.max_entropy_change`, nets/window_routing.py `gated_merge`); other scans
-# are drawn as the parent. Same lab study: on the scans of the scanner the maps were fitted for, the change was -52 to
-# +13 % (88 scan-map pairs; 1 above +10 %, where the map gained 2.6 Dice points); on the TotalSegmentator CTs (another
-# scanner, where those maps cost the left adrenal up to 3.5 points and the pancreas up to 11) +13 to +69 %. A gate of
-# +15 % let one of them through (+13 %, pancreas -11 there; benchmark runs of 2026-12-07, evening).
+# Model files made before 2026-12-07 late (judging unsmoothed): each scan the new model segments is drawn through the
+# kept map only where its entropy over the organs rises by at most this through it
+# (`WindowRoutingConfig.max_entropy_change`, nets/window_routing.py `gated_merge`); other scans are drawn as the parent.
+# Same lab study: on the scans of the scanner the maps were fitted for, the change was -52 to +13 % (88 scan-map pairs;
+# 1 above +10 %, where the map gained 2.6 Dice points); on the TotalSegmentator CTs (another scanner, where those maps
+# cost the left adrenal up to 3.5 points and the pancreas up to 11) +13 to +69 %. A gate of +15 % let one of them
+# through (+13 %, pancreas -11 there; benchmark runs of 2026-12-07, evening).
 SCAN_GATE = 0.10
+# Both judges (the unlabeled scans' and each segmented scan's gate) look at the scan smoothed by a Gaussian of this many
+# voxels of the model grid (nets/window_routing.py `smoothed`). A map of contrast c amplifies the scan's noise c times,
+# and noise alone makes the network less sure of itself: under a lower dose (25 HU of noise) every map raised the
+# entropy by 6 to 80 %, and under a lower contrast with that noise the maps that gained +2.4 to +7.6 (worst organ -0.8)
+# raised it by 7 to 50 %, so none was kept. Judged on the scans smoothed by one voxel (2 unlabeled scans; lab study,
+# docs/correction-loop.md, "Other scanners and protocols the window meets"): lower contrast with noise -25 to -32 %
+# (every map kept), lower contrast alone -29 to -36 % (as before), and the maps of the scans' own scanner, of the lower
+# dose, of thicker slices and of a level change still +9 % or more (none kept).
+JUDGE_SMOOTHING_VOX = 1.0
+# Judged smoothed, a scan is drawn through the kept map only where its entropy falls as the unlabeled scans' did
+# (`MAX_ENTROPY_CHANGE`). Same lab study: through the maps kept under a lower contrast, with or without noise, the
+# scanner's scans fell by 20 to 45 %; the TotalSegmentator CTs (another scanner) rose by 1 to 18 % through every map.
+# Unsmoothed (`SCAN_GATE`) they had overlapped with the scanner's noisy scans (+11 to +34 %).
+SMOOTHED_SCAN_GATE = MAX_ENTROPY_CHANGE
 
 
 @dataclass(frozen=True)
@@ -177,14 +192,16 @@ def routing_config(m: WindowMap, it: IntensityConfig, classes: Sequence[int],
                    floors: Optional[dict[int, float]] = None) -> WindowRoutingConfig:
     """The model file's record of a kept map: the organs drawn through it, the map in the units of the model's own
     window (`WindowMap.apply` as x -> clip(scale x + shift)), the modes it applies to (those it was fitted on), the
-    scans it applies to (`SCAN_GATE`), and the organs' floors (`organ_volumes.window_floor`)."""
+    scans it applies to (`SMOOTHED_SCAN_GATE`, judged smoothed: `JUDGE_SMOOTHING_VOX`), and the organs' floors
+    (`organ_volumes.window_floor`)."""
     w = m.window(it)
     scale = (it.a_max - it.a_min) / (w.a_max - w.a_min)
     shift = it.b_min * (1.0 - scale) + (it.a_min - w.a_min) * (it.b_max - it.b_min) / (w.a_max - w.a_min)
     return WindowRoutingConfig(contrast=m.contrast, level_hu=m.level, window_hu=(w.a_min, w.a_max), scale=scale,
                                shift=shift, low=min(it.b_min, it.b_max), high=max(it.b_min, it.b_max),
                                classes=sorted(int(k) for k in classes),
-                               modes=list(modes) if modes is not None else None, max_entropy_change=SCAN_GATE,
+                               modes=list(modes) if modes is not None else None,
+                               max_entropy_change=SMOOTHED_SCAN_GATE, judge_smoothing_vox=JUDGE_SMOOTHING_VOX,
                                min_organ_ml=dict(floors) if floors else None)
 
 
@@ -253,12 +270,11 @@ def routed_logits(parent: torch.Tensor, windowed: torch.Tensor, classes: Sequenc
 
 def search(corrected: list[CachedCase], predict: Predict, clean_up, it: IntensityConfig, names: Sequence[str],
            progress: Callable[[float], None] = lambda f: None,
-           check: Callable[[], None] = lambda: None, unlabeled: Sequence[CachedCase] = (),
-           unlabeled_logits: Optional[Sequence[torch.Tensor]] = None) -> WindowCalibration:
+           check: Callable[[], None] = lambda: None, unlabeled: Sequence[CachedCase] = ()) -> WindowCalibration:
     """Fits a window map on the corrected scans (`predict`: the parent's logits and argmax of a case, on the model
     grid; `names`: class names, background first), scored on the routed model's cleaned-up drawing of the organs
-    reviewed on them, and judges it on the `unlabeled` scans (the parent's logits of them: `unlabeled_logits`, else
-    predicted) and by leaving each corrected scan out."""
+    reviewed on them, and judges it on the `unlabeled` scans (each smoothed, `JUDGE_SMOOTHING_VOX`, as the gate judges
+    a scan) and by leaving each corrected scan out."""
     num_classes = len(names)
     maps = candidates(it)
     classes = [k for k in range(1, num_classes) if any(case.annotated[k] for case in corrected)]
@@ -284,9 +300,9 @@ def search(corrected: list[CachedCase], predict: Predict, clean_up, it: Intensit
         cal.why = "no window fits your corrections better than the model's own"
         return cal
     if unlabeled:
-        for j, case in enumerate(unlabeled):
-            parent = unlabeled_logits[j] if unlabeled_logits is not None else predict(case)[0]
-            cal.entropy.append(entropy_change(parent, predict(windowed(case, cal.fitted, it))[0]))
+        for case in unlabeled:
+            calm = dataclasses.replace(case, image=smoothed(case.image.as_subclass(torch.Tensor), JUDGE_SMOOTHING_VOX))
+            cal.entropy.append(entropy_change(predict(calm)[0], predict(windowed(calm, cal.fitted, it))[0]))
             check()
     for s in everyone if len(corrected) >= MIN_SCANS else []:
         m = _fit(gains, [t for t in everyone if t != s])

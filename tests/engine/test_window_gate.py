@@ -13,9 +13,22 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from dinomix.nets.window_routing import WindowRoutingConfig, entropy_change, gated_merge, merge
+from dinomix.nets.window_routing import (
+    WindowRoutingConfig,
+    entropy_change,
+    gated_merge,
+    gated_sliding,
+    merge,
+    smoothed,
+)
 from dinomix.preprocessing.config import IntensityConfig
-from dinomix.training.window_calibration import SCAN_GATE, WindowMap, routing_config
+from dinomix.training.window_calibration import (
+    JUDGE_SMOOTHING_VOX,
+    SCAN_GATE,
+    SMOOTHED_SCAN_GATE,
+    WindowMap,
+    routing_config,
+)
 
 IT = IntensityConfig()
 
@@ -31,8 +44,9 @@ def _cfg(gate, classes=(2, 3)) -> WindowRoutingConfig:
     return routing_config(WindowMap(1.6, 0.0), IT, list(classes)).model_copy(update={"max_entropy_change": gate})
 
 
-def test_a_kept_window_records_the_gate():
-    assert routing_config(WindowMap(1.3, 0.0), IT, [1]).max_entropy_change == SCAN_GATE
+def test_a_kept_window_records_the_gate_for_scans_judged_smoothed():
+    cfg = routing_config(WindowMap(1.3, 0.0), IT, [1])
+    assert cfg.max_entropy_change == SMOOTHED_SCAN_GATE and cfg.judge_smoothing_vox == JUDGE_SMOOTHING_VOX
 
 
 def test_a_scan_the_network_is_less_sure_of_through_the_window_is_drawn_as_the_parent():
@@ -55,6 +69,48 @@ def test_the_gate_reads_the_entropy_change_the_calibration_judged_by():
     plain, through = _logits(0), _logits(1, sharp=1.7)
     _, change, _ = gated_merge(plain.clone(), through.clone(), _cfg(None))
     assert change == pytest.approx(entropy_change(plain, through), rel=1e-5, abs=1e-6)
+
+
+def _noisy_scan() -> torch.Tensor:
+    """A scan (1, ...) in window units: a bright block on a darker body, with strong white noise."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.full((1, 12, 12, 12), 0.35)
+    x[:, 3:9, 3:9, 3:9] = 0.55
+    return (x + 0.08 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+
+def _band_net(x: torch.Tensor) -> torch.Tensor:
+    """A "network" (N, 1, ...) -> (N, 5, ...): class 2 where the image is bright, scores sharp in the intensity."""
+    z = (x[:, 0] - 0.45) * 40.0
+    return torch.stack([-z, -z - 2, z, -z - 3, -z - 4], 1)
+
+
+def test_the_gate_judges_the_scan_smoothed_and_draws_it_unsmoothed():
+    """With `judge_smoothing_vox` the gate's entropy is that of both passes over the scan smoothed (so the noise a
+    stronger contrast amplifies does not decide), while the drawing comes from the passes over the scan itself."""
+    x = _noisy_scan()
+    cfg = _cfg(10.0).model_copy(update={"judge_smoothing_vox": 1.0})
+
+    def sliding(fn, sigma):
+        return fn((x if sigma is None else smoothed(x, sigma))[None])[0]
+
+    def plain(p):
+        return _band_net(p)
+
+    out, change, _ = gated_sliding(sliding, plain, cfg)
+    through = lambda img: _band_net(((img * cfg.scale + cfg.shift).clamp(cfg.low, cfg.high))[None])[0]  # noqa: E731
+    calm = smoothed(x, 1.0)
+    assert change == pytest.approx(entropy_change(_band_net(calm[None])[0], through(calm)), rel=1e-5)
+    assert change != pytest.approx(entropy_change(_band_net(x[None])[0], through(x)), rel=1e-3)
+    unsmoothed = cfg.model_copy(update={"judge_smoothing_vox": None})
+    expected, _, _ = gated_merge(_band_net(x[None])[0], through(x), unsmoothed)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_smoothing_keeps_a_uniform_scan_and_its_border():
+    x = torch.full((1, 6, 7, 8), 0.4)
+    assert torch.allclose(smoothed(x, 1.0), x, atol=1e-4)  # edges replicated, not darkened
+    assert torch.equal(smoothed(x, 0.0), x)
 
 
 def test_model_files_without_a_gate_merge_every_scan():

@@ -33,9 +33,9 @@ CLEAN_UP_S = 0.5  # seconds the clean-up of one label map takes on the model gri
 
 
 def window_seconds(n_candidates: int, n_corrected: int, t_case: float, n_unlabeled: int = 0) -> float:
-    """Time the window calibration takes: every candidate map on every corrected scan, and its clean-up; the fitted
-    map on each unlabeled scan."""
-    return n_candidates * n_corrected * (t_case + CLEAN_UP_S) + n_unlabeled * t_case
+    """Time the window calibration takes: every candidate map on every corrected scan, and its clean-up; each
+    unlabeled scan smoothed, with and without the fitted map."""
+    return n_candidates * n_corrected * (t_case + CLEAN_UP_S) + 2 * n_unlabeled * t_case
 
 
 def plan_iterations(budget_s: float, spent_s: float, step_s: float, after_s: float, margin: float = 0.08) -> int:

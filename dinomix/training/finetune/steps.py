@@ -512,8 +512,7 @@ class FineTune:
             return calibration.predict_logits(net, case, roi, div, device)
 
         cal = self.window = window_calibration.search(self.cached_lab, predict, calibration.CleanUp.of(self.meta),
-                                                      it, self.names, self.rep.update, self.check, unlabeled=unl,
-                                                      unlabeled_logits=self.unl_logits)
+                                                      it, self.names, self.rep.update, self.check, unlabeled=unl)
         self.sc.add_window(cal, self.names, self.mode)
         if cal.kept:
             routing = window_calibration.routing_config(cal.fitted, it, cal.classes, modes=[self.mode],
