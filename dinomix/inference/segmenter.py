@@ -17,7 +17,7 @@ from ..errors import DinomixError
 from ..events import Reporter
 from ..modelfile import ModelMeta, load_model
 from ..nets.cpu_kernel import bf16_supported, cpu_runner
-from ..nets.window_routing import WindowRoutingConfig, gated_sliding, smoothed
+from ..nets.window_routing import WindowRoutingConfig, gated_sliding
 from ..organs import Organ
 from ..preprocessing import build_preprocess, sitk_to_sample
 from ..registry import Entry, resolve
@@ -200,8 +200,7 @@ class Segmenter:
             if gate is None:
                 return sliding_window(predictor_of(run), x, plan, self.device)
             logits, change, floored = gated_sliding(
-                lambda fn, sigma: sliding_window(predictor_of(fn), x if sigma is None else smoothed(x, sigma), plan,
-                                                 self.device),
+                lambda fn, img: sliding_window(predictor_of(fn), img, plan, self.device), x,
                 cast(Any, self.fast or self.net).plain_logits, gate, mode.voxel_ml)
             rep.log(f"calibrated window: the network's entropy over the organs {100 * change:+.0f} % through it; "
                     + (_drawn_through(floored, self.meta.organs.names) if change <= (gate.max_entropy_change or 0.0)

@@ -252,20 +252,23 @@ def floored_classes(plain: torch.Tensor, windowed: torch.Tensor, cfg: WindowRout
         drawn = None
 
 
-Sliding = Callable[[Callable[[torch.Tensor], torch.Tensor], Optional[float]], torch.Tensor]
+Sliding = Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor]
 
 
-def gated_sliding(sliding: Sliding, plain: Callable[[torch.Tensor], torch.Tensor], cfg: WindowRoutingConfig,
-                  voxel_ml: Optional[float] = None) -> tuple[torch.Tensor, float, list[int]]:
-    """A whole scan's logits (C, ...) from a network with a gated second window: `sliding(fn, sigma)` runs the
-    caller's sliding window with `fn` (a batch of windows -> logits) over the scan, smoothed first by a Gaussian of
-    `sigma` voxels (`smoothed`) unless `sigma` is None; `plain` is the network's one-pass logits, `voxel_ml` the volume
-    of a voxel of the grid (for the organs' floors). Both passes run over the whole scan, then `gated_merge` judges the
-    scan; where the window records `judge_smoothing_vox`, the judging entropy comes from both passes over the smoothed
-    scan (two more passes). Returns (logits, entropy change, organs drawn as the parent by their floor)."""
+def gated_sliding(sliding: Sliding, image: torch.Tensor, plain: Callable[[torch.Tensor], torch.Tensor],
+                  cfg: WindowRoutingConfig, voxel_ml: Optional[float] = None) -> tuple[torch.Tensor, float, list[int]]:
+    """A whole scan's logits (C, ...) from a network with a gated second window: `sliding(fn, img)` runs the caller's
+    sliding window with `fn` (a batch of windows -> logits) over `img`, the scan `image` (1, ...) or it smoothed;
+    `plain` is the network's one-pass logits, `voxel_ml` the volume of a voxel of the grid (for the organs' floors).
+    Both passes run over the whole scan, then `gated_merge` judges the scan; where the window records
+    `judge_smoothing_vox`, the judging entropy comes from both passes over the scan smoothed once (`smoothed`; two more
+    passes). Returns (logits, entropy change, organs drawn as the parent by their floor)."""
+    def through(p: torch.Tensor) -> torch.Tensor:
+        return plain(windowed_input(p, cfg))
+
     judged = None
     if cfg.judge_smoothing_vox:
-        sigma = cfg.judge_smoothing_vox
-        judged = entropy_change(sliding(plain, sigma), sliding(lambda p: plain(windowed_input(p, cfg)), sigma))
-    through = sliding(lambda p: plain(windowed_input(p, cfg)), None)
-    return gated_merge(sliding(plain, None), through, cfg, voxel_ml, judged)
+        calm = smoothed(image, cfg.judge_smoothing_vox)
+        judged = entropy_change(sliding(plain, calm), sliding(through, calm))
+        del calm
+    return gated_merge(sliding(plain, image), sliding(through, image), cfg, voxel_ml, judged)

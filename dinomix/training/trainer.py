@@ -351,15 +351,14 @@ class Trainer:
         window = getattr(net, "window", None)
         if window is None or not window.gates(self.cfg.mode):
             return sliding_window(predict, image, plan, self.device)
-        from ..nets.window_routing import gated_sliding, smoothed
+        from ..nets.window_routing import gated_sliding
 
         def plain(x: torch.Tensor) -> torch.Tensor:
             with torch.autocast("cuda", enabled=self.use_amp):
                 return net.plain_logits(x.to(self.device)).float()
 
         ml = self.pp.mode(self.cfg.mode).voxel_ml
-        return gated_sliding(lambda fn, sigma: sliding_window(fn, image if sigma is None else smoothed(image, sigma),
-                                                              plan, self.device), plain, window, ml)[0]
+        return gated_sliding(lambda fn, img: sliding_window(fn, img, plan, self.device), image, plain, window, ml)[0]
 
     @torch.no_grad()
     def evaluate(self) -> dict:

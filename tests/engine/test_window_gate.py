@@ -91,13 +91,13 @@ def test_the_gate_judges_the_scan_smoothed_and_draws_it_unsmoothed():
     x = _noisy_scan()
     cfg = _cfg(10.0).model_copy(update={"judge_smoothing_vox": 1.0})
 
-    def sliding(fn, sigma):
-        return fn((x if sigma is None else smoothed(x, sigma))[None])[0]
+    def sliding(fn, img):
+        return fn(img[None])[0]
 
     def plain(p):
         return _band_net(p)
 
-    out, change, _ = gated_sliding(sliding, plain, cfg)
+    out, change, _ = gated_sliding(sliding, x, plain, cfg)
     through = lambda img: _band_net(((img * cfg.scale + cfg.shift).clamp(cfg.low, cfg.high))[None])[0]  # noqa: E731
     calm = smoothed(x, 1.0)
     assert change == pytest.approx(entropy_change(_band_net(calm[None])[0], through(calm)), rel=1e-5)
