@@ -56,9 +56,10 @@ def register(sub) -> None:
                         "self-check cannot vouch for; the new model is then marked 'unknown' (default: such organs "
                         "keep the parent's output)")
     f.add_argument("--no-window", dest="window", action="store_false",
-                   help="do not fit a window to the scanner of your corrected scans (by default, from two corrected "
-                        "scans, one map of their intensities is fitted and kept where left-out scans gain; the new "
-                        "model is then marked 'unknown')")
+                   help="do not fit a window to the scanner of your corrected scans (by default one map of their "
+                        "intensities is fitted on the reviewed organs and kept where the network is surer of itself "
+                        "through it on the unlabeled scans, or, without unlabeled scans, where two or more left-out "
+                        "corrected scans gain; the new model is then marked 'unknown')")
     add_device_option(f)
     f.add_argument("--patch-size", type=int, default=None, help="cubic patch edge (default: the parent's, else 48)")
     f.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the parent's, else 2e-3)")
