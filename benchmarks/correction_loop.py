@@ -20,8 +20,9 @@ The set-up (issue 17):
 * Corrections, as the Trainer module exports them: the parent's prediction (fast mode, native grid) with the
   reviewed organs replaced by the reference, only those organs annotated. Styles: `all` (13 organs reviewed),
   `minority` (gallbladder, esophagus, portal/splenic vein, pancreas, adrenals: what PIC is for) and `report` (liver,
-  spleen, kidneys and left adrenal: the organs the issue's reporter corrected at another hospital). Two further P1
-  eval (or train) scans are added unlabeled, as a clinician's other scans.
+  spleen, kidneys and left adrenal: the organs the issue's reporter corrected at another hospital). The first
+  --unlabeled (default 2; the issue's reporter added one) P1 eval (or train) scans are added unlabeled, as a
+  clinician's other scans.
 * Fine-tunes (`dinomix finetune --minutes M`, seeds --seeds), rows (--methods): `default` (the command's defaults:
   routed organs, PIC, self-check), `default-holdout` (the same with the fold's last corrected scan held out for
   evaluation, which lets it train and keep a branch), `supervised-all` (`--method supervised --routing off`: the
@@ -309,13 +310,23 @@ def _runs_on_disk(path: Path) -> list[dict]:
     return json.loads(path.read_text()).get("runs", []) if path.is_file() else []
 
 
+# what a run record without the key means (records made before the key existed)
+RUN_DEFAULTS: dict[str, Any] = {"corrected": 2, "unlabeled": 2, "shift": "none"}
+
+
+def same_run(r: dict, key: dict) -> bool:
+    """Whether the stored run `r` is the run `key` names, so a new run replaces it (absent keys: RUN_DEFAULTS)."""
+    return all(r.get(k, RUN_DEFAULTS.get(k)) == key.get(k, RUN_DEFAULTS.get(k)) for k in {*key, *RUN_DEFAULTS})
+
+
 def _set(r: dict) -> str:
     return f"{r.get('set')}" + (f" ({r['shift']})" if r.get("shift") else "")
 
 
 def _fold(r: dict) -> str:
-    n = r.get("corrected", 2)
-    return f"{r['fold']}" if n == 2 else f"{r['fold']} ({n} corrected)"
+    n, u = r.get("corrected", 2), r.get("unlabeled", 2)
+    parts = ([f"{n} corrected"] if n != 2 else []) + ([f"{u} unlabeled"] if u != 2 else [])
+    return f"{r['fold']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
 def summary_table(runs: list[dict]) -> str:
@@ -347,6 +358,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--set", choices=["test", "eval"], default="test", help="P1 scans the folds are made of")
     p.add_argument("--folds", type=int, nargs="+", default=None, help="fold numbers (default all)")
     p.add_argument("--corrected", type=int, default=2, choices=[1, 2, 3], help="corrected scans per fold")
+    p.add_argument("--unlabeled", type=int, default=2, choices=range(5),
+                   help="scans added unlabeled (the first P1 eval scans for --set test, train scans for eval)")
     p.add_argument("--styles", nargs="+", choices=list(STYLES), default=["all", "minority"])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["default", "supervised-all"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -377,7 +390,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ids = split["test"] if args.set == "test" else split["eval"]
     if args.quick:
         ids = ["0022", "0028"]  # small scans (P1 train: the smoke test only exercises the mechanics)
-    unl_ids = (split["eval"] if args.set == "test" else split["train"])[:2] if not args.quick else ["0035"]
+    unl_ids = (split["eval"] if args.set == "test" else split["train"])[:args.unlabeled] if not args.quick else ["0035"]
     images = shifted_images(btcv, [*ids, *unl_ids, *(["0031"] if args.quick else [])], args.shift, work)
     n = args.corrected
     n_folds = len(ids) // n
@@ -413,7 +426,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             for method in args.methods:
                 for seed in args.seeds:
                     key = dict(set=args.set, corrected=n, fold=fold, style=style, method=method, seed=seed,
-                               **({"shift": args.shift} if args.shift != "none" else {}))
+                               **({"shift": args.shift} if args.shift != "none" else {}),
+                               **({"unlabeled": args.unlabeled} if args.unlabeled != 2 else {}))
                     print(f"\n== {key}", flush=True)
                     rec = {**key, "parent": args.model, "corrected_scans": corr_ids, "evaluated_scans": eval_ids,
                            "unlabeled_scans": unl_ids, "reviewed": reviewed, "date": P.now_iso(),
@@ -437,8 +451,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     if not fresh:
                         runs = _runs_on_disk(out_path)
                     fresh = False
-                    runs = [r for r in runs if r.get("shift", "none") != args.shift
-                            or any(r.get(k, 2 if k == "corrected" else None) != v for k, v in key.items())] + [rec]
+                    runs = [r for r in runs if not same_run(r, key)] + [rec]
                     doc = {"benchmark": "correction_loop", "issue": 17, "updated": P.now_iso(),
                            **P.machine(None), "parent": args.model, "targets": {
                                "no_harm": f"no organ on the evaluated scans down by more than {DROP_LIMIT} Dice point",

@@ -405,3 +405,19 @@ def test_enhance_shift_without_labels_says_it_needs_them():
     img, _ = _phantom_ct()
     with pytest.raises(SystemExit, match="needs the scans' reference labels"):
         P.shift_image(img, "enhance:0")
+
+
+def test_correction_loop_runs_with_one_unlabeled_scan_do_not_replace_the_two_scan_runs():
+    import correction_loop as CL
+
+    stored = [{"set": "eval", "corrected": 1, "fold": 0, "style": "report", "method": "default", "seed": 0,
+               "shift": "contrast:0.7"},  # a run made before the key existed: two unlabeled scans
+              {"set": "eval", "corrected": 1, "fold": 0, "style": "report", "method": "default", "seed": 0,
+               "shift": "contrast:0.7", "unlabeled": 1}]
+    one = dict(set="eval", corrected=1, fold=0, style="report", method="default", seed=0, shift="contrast:0.7",
+               unlabeled=1)
+    two = {k: v for k, v in one.items() if k != "unlabeled"}
+    assert [CL.same_run(r, one) for r in stored] == [False, True]
+    assert [CL.same_run(r, two) for r in stored] == [True, False]
+    assert not CL.same_run(stored[0], {**two, "shift": "none"})
+    assert not CL.same_run({k: v for k, v in stored[0].items() if k != "shift"}, two)
