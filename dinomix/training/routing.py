@@ -204,9 +204,11 @@ class SelfCheck:
             + f" through a window fitted to your scanner ({cal.fitted.describe()}) in {mode} mode: "
             + cal.evidence_text() + " (other modes draw as before). "
             + ("" if every else "Every other organ is drawn as before (it changes only where one of those now "
-                                "wins over it); segmenting takes two passes of the network. ")
+                                "wins over it). ")
+            + f"Segmenting a scan in {mode} mode takes four passes of the network instead of one: two of them judge "
+              "whether the scan looks like your scanner's, and a scan that does not is drawn as before. "
             + "This cannot vouch for every organ of other patients: check it on a new scan "
-              "before relying on it, and use it for scans of that scanner only (on other scanners it can do worse). ")
+              "before relying on it, and use it for scans of that scanner (on other scanners it can do worse). ")
         self.message = self.window_note + self.message.replace("gives the parent's output for every organ",
                                                                "keeps the parent's network")
 

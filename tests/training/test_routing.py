@@ -303,3 +303,19 @@ def test_an_organ_the_held_out_cases_take_back_is_named_in_the_message():
     sc = self_check(NAMES, Routing(classes=[3]), [_case("a", gt, [3])], [t], [t], [], [], keep_unverified=True)
     sc.drop_learnt(3, NAMES, "worse on the held-out cases (-2.0 Dice points)")
     assert 3 in sc.removed and 3 not in sc.learnt and f"{NAMES[3]} taken back: worse" in sc.message
+
+
+def test_a_kept_window_tells_the_clinician_what_segmenting_costs_and_which_scans_it_spares():
+    """A kept window makes the model `unknown` and its message says that the reviewed organs are drawn through it,
+    that segmenting now takes four passes (two judge each scan), and that another scanner's scan is drawn as before
+    (2026-12-08: the message still said two passes after the smoothed judges had doubled them)."""
+    from dinomix.training.window_calibration import WindowCalibration, WindowMap
+
+    check = untrained_check(NAMES, Routing(classes=[3]), 1)
+    cal = WindowCalibration(fitted=WindowMap(contrast=1.5, level=-20.0), classes=[3], fit_gains=[4.0], kept=True,
+                            window_hu=(-43.0, 223.0), entropy=[-0.3], evidence="unlabeled scans")
+    check.add_window(cal, NAMES, "fast")
+    assert check.verdict == "unknown"
+    assert f"draws {NAMES[3]} through a window fitted to your scanner" in check.message
+    assert "in fast mode takes four passes" in check.message and "drawn as before" in check.message
+    assert "1 unlabeled scan " in check.message and "entropy 30 % lower" in check.message
