@@ -320,9 +320,10 @@ def _judge(cal: WindowCalibration) -> tuple[bool, str, str]:
         change = cal.entropy_mean
         assert change is not None
         if change > MAX_ENTROPY_CHANGE:
-            return False, "", (f"on your {len(cal.entropy)} unlabeled scans the model is not surer of itself through "
-                               f"it (entropy {100 * change:+.0f} %, it must fall by {-100 * MAX_ENTROPY_CHANGE:g} %): "
-                               "it fits the corrections, not your scanner")
+            n = len(cal.entropy)
+            return False, "", (f"on your {n} unlabeled scan{'s' if n > 1 else ''} the model is not surer of itself "
+                               f"through it (entropy {100 * change:+.0f} %, it must fall by "
+                               f"{-100 * MAX_ENTROPY_CHANGE:g} %): it fits the corrections, not your scanner")
         if cal.loco and min(cal.loco) < 0.0:
             return False, "", f"a corrected scan left out does worse with it ({left} Dice points)"
         if not cal.loco and min(cal.fit_gains) < MIN_FIT_GAIN:
