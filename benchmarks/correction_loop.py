@@ -21,8 +21,8 @@ The set-up (issue 17):
   reviewed organs replaced by the reference, only those organs annotated. Styles: `all` (13 organs reviewed),
   `minority` (gallbladder, esophagus, portal/splenic vein, pancreas, adrenals: what PIC is for) and `report` (liver,
   spleen, kidneys and left adrenal: the organs the issue's reporter corrected at another hospital). The first
-  --unlabeled (default 2; the issue's reporter added one) P1 eval (or train) scans are added unlabeled, as a
-  clinician's other scans.
+  --unlabeled (default 2; the issue's reporter added one) P1 eval (or train) scans, or the --unlabeled-ids, are added
+  unlabeled, as a clinician's other scans.
 * Fine-tunes (`dinomix finetune --minutes M`, seeds --seeds), rows (--methods): `default` (the command's defaults:
   routed organs, PIC, self-check), `default-holdout` (the same with the fold's last corrected scan held out for
   evaluation, which lets it train and keep a branch), `supervised-all` (`--method supervised --routing off`: the
@@ -325,7 +325,7 @@ def _set(r: dict) -> str:
 
 def _fold(r: dict) -> str:
     n, u = r.get("corrected", 2), r.get("unlabeled", 2)
-    parts = ([f"{n} corrected"] if n != 2 else []) + ([f"{u} unlabeled"] if u != 2 else [])
+    parts = ([f"{n} corrected"] if n != 2 else []) + ([f"{u} unlabeled"] if u != 2 else [])  # u: a count or ids
     return f"{r['fold']}" + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -360,6 +360,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--corrected", type=int, default=2, choices=[1, 2, 3], help="corrected scans per fold")
     p.add_argument("--unlabeled", type=int, default=2, choices=range(5),
                    help="scans added unlabeled (the first P1 eval scans for --set test, train scans for eval)")
+    p.add_argument("--unlabeled-ids", nargs="+", default=None, metavar="ID",
+                   help="these P1 scans unlabeled instead (e.g. 0004 0005; never the fold's own scans)")
     p.add_argument("--styles", nargs="+", choices=list(STYLES), default=["all", "minority"])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=["default", "supervised-all"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -391,6 +393,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.quick:
         ids = ["0022", "0028"]  # small scans (P1 train: the smoke test only exercises the mechanics)
     unl_ids = (split["eval"] if args.set == "test" else split["train"])[:args.unlabeled] if not args.quick else ["0035"]
+    if args.unlabeled_ids:
+        if set(args.unlabeled_ids) & set(ids):
+            raise SystemExit(f"--unlabeled-ids: {sorted(set(args.unlabeled_ids) & set(ids))} are scans of the folds")
+        unl_ids = list(args.unlabeled_ids)
+    unl_key = "+".join(unl_ids) if args.unlabeled_ids else args.unlabeled
     images = shifted_images(btcv, [*ids, *unl_ids, *(["0031"] if args.quick else [])], args.shift, work)
     n = args.corrected
     n_folds = len(ids) // n
@@ -427,7 +434,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for seed in args.seeds:
                     key = dict(set=args.set, corrected=n, fold=fold, style=style, method=method, seed=seed,
                                **({"shift": args.shift} if args.shift != "none" else {}),
-                               **({"unlabeled": args.unlabeled} if args.unlabeled != 2 else {}))
+                               **({"unlabeled": unl_key} if unl_key != 2 else {}))
                     print(f"\n== {key}", flush=True)
                     rec = {**key, "parent": args.model, "corrected_scans": corr_ids, "evaluated_scans": eval_ids,
                            "unlabeled_scans": unl_ids, "reviewed": reviewed, "date": P.now_iso(),
