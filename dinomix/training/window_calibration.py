@@ -92,19 +92,24 @@ MIN_FIT_GAIN = 1.0
 # cost the left adrenal up to 3.5 points and the pancreas up to 11) +13 to +69 %. A gate of +15 % let one of them
 # through (+13 %, pancreas -11 there; benchmark runs of 2026-12-07, evening).
 SCAN_GATE = 0.10
-# Both judges (the unlabeled scans' and each segmented scan's gate) look at the scan smoothed by a Gaussian of this many
-# voxels of the model grid (nets/window_routing.py `smoothed`). A map of contrast c amplifies the scan's noise c times,
-# and noise alone makes the network less sure of itself: under a lower dose (25 HU of noise) every map raised the
-# entropy by 6 to 80 %, and under a lower contrast with that noise the maps that gained +2.4 to +7.6 (worst organ -0.8)
-# raised it by 7 to 50 %, so none was kept. Judged on the scans smoothed by one voxel (2 unlabeled scans; lab study,
-# docs/correction-loop.md, "Other scanners and protocols the window meets"): lower contrast with noise -25 to -32 %
-# (every map kept), lower contrast alone -29 to -36 % (as before), and the maps of the scans' own scanner, of the lower
-# dose, of thicker slices and of a level change still +9 % or more (none kept).
-JUDGE_SMOOTHING_VOX = 1.0
+# Both judges (the unlabeled scans' and each segmented scan's gate) look at the scan smoothed by a Gaussian of this
+# many voxels of the model grid (nets/window_routing.py `smoothed`). A map of contrast c amplifies the scan's noise c
+# times, and noise alone makes the network less sure of itself: under a lower dose (25 HU of noise) every map raised
+# the entropy by 6 to 80 %, and under a lower contrast with that noise the maps that gained +2.4 to +7.6 (worst organ
+# -0.8) raised it by 7 to 50 %, so none was kept. Smoothing takes the noise out, but it also blurs the anatomy, and a
+# stronger contrast then sharpens it again: judged on scans smoothed by one voxel (the setting until 2026-12-08), two
+# of four unlabeled scans alone, or with a third, kept the maps fitted under a +30 HU level change (entropy down to
+# -17 %), which cost the esophagus 1.4 to 3.2 points and, in one fold, the left adrenal 8.7. Half a voxel (lab study
+# over 4 unlabeled scans, one or two at a time; docs/correction-loop.md, "Half a voxel"): under the level change and
+# on the scans' own scanner, a lower dose or thicker slices no map kept (entropy -1 % or more, every scan); lower
+# contrast with noise -7 to -35 % (every map kept with two unlabeled scans, 101 of 120 choices with one); lower
+# contrast alone -8 to -55 % (all).
+JUDGE_SMOOTHING_VOX = 0.5
 # Judged smoothed, a scan is drawn through the kept map only where its entropy falls as the unlabeled scans' did
-# (`MAX_ENTROPY_CHANGE`). Same lab study: through the maps kept under a lower contrast, with or without noise, the
-# scanner's scans fell by 20 to 45 %; the TotalSegmentator CTs (another scanner) rose by 1 to 18 % through every map.
-# Unsmoothed (`SCAN_GATE`) they had overlapped with the scanner's noisy scans (+11 to +34 %).
+# (`MAX_ENTROPY_CHANGE`). Through the maps kept under a lower contrast, with or without noise, the scanner's scans
+# fell by 20 to 45 % (one voxel); the TotalSegmentator CTs (another scanner) rose by 10 % or more through every map at
+# half a voxel (by 1 % or more at one voxel). Unsmoothed (`SCAN_GATE`) they had overlapped with the scanner's noisy
+# scans (+11 to +34 %).
 SMOOTHED_SCAN_GATE = MAX_ENTROPY_CHANGE
 
 
