@@ -15,8 +15,12 @@ drawing for each correction style (the engine's `routed_logits` and `cleaned_map
 network's mean entropy over the voxels either pass draws as an organ (`window_calibration.entropy_change`). Then for
 every choice of 1 or 2 corrected eval scans and style, the map the engine fits (`_fit`), its left-out gains, its
 gain on the other eval scans (reviewed organs the parent draws below 90) and worst organ there, and the mean entropy
-change over the unlabeled scans. Prints a table per shift; writes benchmarks/results/window_entropy_design.json (Dice
-and entropy figures only). The per-scan tables are kept in --workdir (default: the user cache) and reused.
+change over the unlabeled scans. The unlabeled scans are judged as the engine judges them: on the scan smoothed by
+--judge-smoothing voxels (default the engine's `JUDGE_SMOOTHING_VOX`; 0: unsmoothed), with each map's fit on the
+corrected scans as the engine requires (one scan: `MIN_FIT_GAIN`; two: no left-out scan worse). With --at-a-time K,
+also every choice of K unlabeled scans judging alone (the issue's clinician added one). Prints a table per shift; writes
+benchmarks/results/window_entropy_design.json (Dice and entropy figures only). The per-scan tables are kept in
+--workdir (default: the user cache) and reused.
 """
 
 from __future__ import annotations
@@ -96,13 +100,58 @@ def scan_tables(model: str, btcv: Path, ids: list[str], shift: str, work: Path) 
     return json.loads(json.dumps(doc))  # as the cache holds it (organ values as text), new scans or not
 
 
-def other_scanner(model: str, data: Path, maps: list[str], work: Path) -> dict:
-    """{scan: {map: entropy change}} on the TotalSegmentator example CTs (another scanner; no label is read)."""
+def judged_tables(model: str, ids: list[str], shift: str, work: Path, sigma: float) -> dict:
+    """{scan: {map: entropy change}} of the scans `ids` smoothed by `sigma` voxels, as the engine's judges see them
+    (`nets.window_routing.smoothed`); cached in `work` beside `scan_tables`, whose shifted scans it reads."""
+    import dataclasses
+
+    import torch
+    from calibration_design import cached_p1_cases
+
+    from dinomix.modelfile import load_model
+    from dinomix.nets.unet import fit_roi
+    from dinomix.nets.window_routing import entropy_change, smoothed
+    from dinomix.registry import resolve
+    from dinomix.training import calibration as C
+    from dinomix.training import window_calibration as W
+
+    tag = shift.replace(":", "_").replace("+", "_")
+    cache, data = work / f"judged-{sigma:g}-{tag}.json", work / f"scans-{tag}"
+    doc = json.loads(cache.read_text()) if cache.is_file() else {}
+    entry = resolve(model)
+    meta, it = entry.meta, entry.meta.preprocessing.intensity
+    net, _ = load_model(entry.path, torch.device("cpu"))
+    roi = fit_roi(meta.preprocessing.mode("fast").roi_size, meta.architecture.divisor)
+    for i in ids:
+        if i in doc:
+            continue
+        case = cached_p1_cases(meta, [i], data, work)[0]
+        case = dataclasses.replace(case, image=smoothed(case.image.as_subclass(torch.Tensor), sigma))
+        parent, rec = None, {}
+        for m in W.candidates(it):
+            lg, _ = C.predict_logits(net, W.windowed(case, m, it), roi, meta.architecture.divisor,
+                                     torch.device("cpu"))
+            parent = lg if parent is None else parent
+            rec[key(m)] = round(entropy_change(parent, lg), 4)
+        doc[i] = rec
+        part = cache.with_suffix(".partial")
+        part.write_text(json.dumps(doc))
+        part.replace(cache)
+        print(f"  {shift} {i} judged at {sigma:g} voxel", flush=True)
+    return doc
+
+
+def other_scanner(model: str, data: Path, maps: list[str], work: Path, sigma: float = 0.0) -> dict:
+    """{scan: {map: entropy change}} on the TotalSegmentator example CTs (another scanner; no label is read), smoothed
+    by `sigma` voxels as the engine's gate judges a scan."""
+    import dataclasses
+
     import torch
 
     from dinomix.datasets import Case, Dataset, load_dataset
     from dinomix.modelfile import load_model
     from dinomix.nets.unet import fit_roi
+    from dinomix.nets.window_routing import smoothed
     from dinomix.registry import resolve
     from dinomix.training import calibration as C
     from dinomix.training import window_calibration as W
@@ -118,6 +167,7 @@ def other_scanner(model: str, data: Path, maps: list[str], work: Path) -> dict:
     out: dict = {}
     for case in cache_cases(load_dataset(ds.save(work / "other-scanner.json")), ds.cases, meta.organs,
                             meta.preprocessing, "fast"):
+        case = dataclasses.replace(case, image=smoothed(case.image.as_subclass(torch.Tensor), sigma))
         parent, _ = C.predict_logits(net, case, roi, meta.architecture.divisor, torch.device("cpu"))
         out[case.id] = {}
         for m in maps:
@@ -151,7 +201,12 @@ def _fit(t: dict, scans: list[str], style: str) -> str:
     return min(near, key=lambda m: (distance(m), -least[m]))
 
 
-def folds(t: dict, pool: list[str], unlabeled: list[str]) -> list[dict]:
+def folds(t: dict, pool: list[str], unlabeled: list[str], judged: Optional[dict] = None) -> list[dict]:
+    """Every choice of 1 or 2 corrected pool scans and style: the fitted map, its fit and left-out gains, its gain and
+    worst organ on the other pool scans, the unlabeled scans' entropy change (from `judged` where given, else the
+    unsmoothed one of `t`) and whether the engine's rule keeps it (`kept`)."""
+    from dinomix.training.window_calibration import MAX_ENTROPY_CHANGE, MIN_FIT_GAIN
+
     out = []
     for style, n in itertools.product(STYLES, (1, 2)):
         for corrected in map(list, itertools.combinations(pool, n)):
@@ -167,9 +222,12 @@ def folds(t: dict, pool: list[str], unlabeled: list[str]) -> list[dict]:
             worst = min(per, key=lambda k: per[k][0])
             loco = [_gain(t, s, _fit(t, [c for c in corrected if c != s], style), style) for s in corrected] \
                 if n > 1 else []
-            ent = [t[u][m]["entropy"] for u in unlabeled]
-            out.append({"style": style, "corrected": corrected, "fitted": m, "fit_gains": [
-                round(_gain(t, s, m, style), 2) for s in corrected], "loco": [round(g, 2) for g in loco],
+            ent = [judged[u][m] if judged is not None else t[u][m]["entropy"] for u in unlabeled]
+            fit_gains = [round(_gain(t, s, m, style), 2) for s in corrected]
+            fits = min(loco) >= 0.0 if loco else min(fit_gains) >= MIN_FIT_GAIN
+            out.append({"style": style, "corrected": corrected, "fitted": m, "fit_gains": fit_gains,
+                        "loco": [round(g, 2) for g in loco],
+                        "kept": m != "1/+0" and fits and statistics.mean(ent) <= MAX_ENTROPY_CHANGE,
                 "gain_below_90": round(statistics.mean(below), 2) if below else 0.0,
                 "worst_organ": int(worst), "worst_delta": round(per[worst][0], 2),
                 "entropy_unlabeled": [round(e, 4) for e in ent], "entropy_mean": round(statistics.mean(ent), 4)})
@@ -177,15 +235,13 @@ def folds(t: dict, pool: list[str], unlabeled: list[str]) -> list[dict]:
 
 
 def table(shift: str, fl: list[dict]) -> str:
-    from dinomix.training.window_calibration import MAX_ENTROPY_CHANGE
-
     lines = [f"\n{shift}", "| style | corrected | choices | maps fitted | entropy change, unlabeled (mean: range) | "
              "kept (entropy rule) | gain below 90 of kept | worst organ of kept | gain below 90, every map |",
              "|---|---|---|---|---|---|---|---|---|"]
     for style, n in itertools.product(STYLES, (1, 2)):
         fs = [f for f in fl if f["style"] == style and len(f["corrected"]) == n]
         fitted = [f for f in fs if f["fitted"] != "1/+0"]
-        kept = [f for f in fitted if f["entropy_mean"] <= MAX_ENTROPY_CHANGE and min(f["loco"] or [0.0]) >= 0.0]
+        kept = [f for f in fitted if f["kept"]]
         e = [f["entropy_mean"] for f in fitted]
         lines.append(
             f"| {style} | {n} | {len(fs)} | {len(fitted)} | "
@@ -198,12 +254,38 @@ def table(shift: str, fl: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def at_a_time(t: dict, judged: dict, pool: list[str], unlabeled: list[str], k: int) -> dict:
+    """Every choice of `k` unlabeled scans judging alone: over all of them and every fold, the entropy range of the
+    fitted maps, how many the rule keeps, and how many of those take an organ of the other pool scans down by more
+    than 1 point."""
+    rows = [f for us in itertools.combinations(unlabeled, k) for f in folds(t, pool, list(us), judged)]
+    fitted = [f for f in rows if f["fitted"] != "1/+0"]
+    kept = [f for f in fitted if f["kept"]]
+    e = [f["entropy_mean"] for f in fitted]
+    return {"unlabeled_at_a_time": k, "choices": len(rows), "fitted": len(fitted), "kept": len(kept),
+            "harmed": sum(f["worst_delta"] < -1.0 for f in kept),
+            "entropy_range": [min(e), max(e)] if e else None,
+            "kept_gain_range": [min(f["gain_below_90"] for f in kept), max(f["gain_below_90"] for f in kept)]
+            if kept else None, "kept_worst": min(f["worst_delta"] for f in kept) if kept else None}
+
+
+def at_a_time_line(r: dict) -> str:
+    e, g = r["entropy_range"], r["kept_gain_range"]
+    return (f"{r['unlabeled_at_a_time']} unlabeled at a time: {r['fitted']} maps fitted of {r['choices']}, entropy "
+            + (f"{100 * e[0]:+.0f} to {100 * e[1]:+.0f} %" if e else "-") + f"; kept {r['kept']} (harmed "
+            f"{r['harmed']})" + (f", gain {g[0]:+.1f} to {g[1]:+.1f}, worst organ {r['kept_worst']:+.1f}" if g else ""))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="abdomen-btcv13")
     p.add_argument("--shifts", nargs="+", default=["contrast:0.7", "zblur:1.5", "level:30", "none"])
     p.add_argument("--unlabeled", nargs="+", default=None, help="P1 train scans (default: the first four)")
     p.add_argument("--data", default=os.environ.get("DINOMIX_DATA", str(P.REPO.parent / "shared" / "data")))
+    p.add_argument("--judge-smoothing", type=float, default=None, metavar="VOX",
+                   help="Gaussian of the unlabeled scans' judge, in model-grid voxels (default: the engine's; 0: none)")
+    p.add_argument("--at-a-time", type=int, nargs="*", default=[], metavar="K",
+                   help="also judge with every choice of K unlabeled scans alone")
     p.add_argument("--workdir", default=None, help="per-scan tables and shifted scans (never the repository)")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
@@ -216,20 +298,27 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() else {"benchmark": "window_entropy_design", "issue": 17,
                                                              "runs": {}}
+    from dinomix.training.window_calibration import JUDGE_SMOOTHING_VOX
+
+    sigma = JUDGE_SMOOTHING_VOX if args.judge_smoothing is None else args.judge_smoothing
     for shift in args.shifts:
         t = scan_tables(args.model, btcv, pool + unlabeled, shift, work)
-        fl = folds(t, pool, unlabeled)
-        print(table(shift, fl), flush=True)
-        from dinomix.training.window_calibration import MAX_ENTROPY_CHANGE
-
-        kept = sorted({f["fitted"] for f in fl if f["fitted"] != "1/+0" and f["entropy_mean"] <= MAX_ENTROPY_CHANGE})
-        other = other_scanner(args.model, Path(args.data), kept, work) if kept else {}
+        judged = judged_tables(args.model, unlabeled, shift, work, sigma) if sigma > 0 else None
+        fl = folds(t, pool, unlabeled, judged)
+        print(table(shift, fl) + f"\n(unlabeled scans judged smoothed by {sigma:g} voxel)", flush=True)
+        subsets = [at_a_time(t, judged or {u: {m: v["entropy"] for m, v in t[u].items()} for u in unlabeled},
+                             pool, unlabeled, k) for k in args.at_a_time]
+        for r in subsets:
+            print(at_a_time_line(r), flush=True)
+        kept = sorted({f["fitted"] for f in fl if f["kept"]})
+        other = other_scanner(args.model, Path(args.data), kept, work, sigma) if kept else {}
         if other:
             changes = [c for per in other.values() for c in per.values()]
             print(f"maps kept {kept}: entropy change on the TotalSegmentator CTs (another scanner) "
                   f"{100 * min(changes):+.0f} to {100 * max(changes):+.0f} %")
         doc["runs"][shift] = {"date": P.now_iso(), **P.machine(None), "load": P.load_now(), "model": args.model,
-                              "pool": pool, "unlabeled": unlabeled, "folds": fl, "other_scanner": other}
+                              "pool": pool, "unlabeled": unlabeled, "judge_smoothing_vox": sigma, "folds": fl,
+                              "at_a_time": subsets, "other_scanner": other}
     P.write_json(doc, out)
     print(f"written {out}")
     return 0

@@ -421,3 +421,27 @@ def test_correction_loop_runs_with_one_unlabeled_scan_do_not_replace_the_two_sca
     assert [CL.same_run(r, two) for r in stored] == [True, False]
     assert not CL.same_run(stored[0], {**two, "shift": "none"})
     assert not CL.same_run({k: v for k, v in stored[0].items() if k != "shift"}, two)
+
+
+def test_window_design_keeps_a_map_only_where_the_judge_s_entropy_falls_and_the_fit_holds():
+    """The design study's rule is the engine's: kept when the unlabeled scans' judged entropy falls by 5 % or more on
+    average and the map fits the corrected scans (one: +1 Dice point; two: no left-out scan worse); every choice of
+    one unlabeled scan judging alone is counted, with the kept maps that take an organ down by more than 1 point."""
+    import window_entropy_design as WED
+
+    def scan(gain: float, entropy: float) -> dict:
+        dice = {s: {str(k): 80.0 for k in range(1, 14)} for s in WED.STYLES}
+        better = {s: {str(k): 80.0 + gain for k in range(1, 14)} for s in WED.STYLES}
+        better["all"]["5"] = 80.0 - 3.0  # the esophagus loses where every organ is reviewed
+        return {"1/+0": {"entropy": 0.0, "dice": dice}, "1.3/+0": {"entropy": entropy, "dice": better}}
+
+    pool, unlabeled = ["a", "b", "c", "d"], ["u", "v"]
+    t = {**{s: scan(5.0, 0.0) for s in pool}, "u": scan(5.0, 0.3), "v": scan(5.0, 0.3)}
+    judged = {"u": {"1/+0": 0.0, "1.3/+0": -0.2}, "v": {"1/+0": 0.0, "1.3/+0": 0.05}}
+    folds = WED.folds(t, pool, ["u"], judged)
+    assert all(f["kept"] and f["fitted"] == "1.3/+0" for f in folds)
+    assert not any(f["kept"] for f in WED.folds(t, pool, ["u"]))  # unsmoothed entropy +30 %: nothing kept
+    one = WED.at_a_time(t, judged, pool, unlabeled, 1)
+    assert (one["choices"], one["kept"]) == (60, 30)  # u keeps every map, v none
+    assert one["harmed"] == 10 and one["kept_worst"] == -3.0  # the 'all' folds: 4 single + 6 pairs
+    assert WED.at_a_time(t, judged, pool, unlabeled, 2)["kept"] == 30  # together: -7.5 % on average
