@@ -92,24 +92,28 @@ MIN_FIT_GAIN = 1.0
 # cost the left adrenal up to 3.5 points and the pancreas up to 11) +13 to +69 %. A gate of +15 % let one of them
 # through (+13 %, pancreas -11 there; benchmark runs of 2026-12-07, evening).
 SCAN_GATE = 0.10
-# Both judges (the unlabeled scans' and each segmented scan's gate) look at the scan smoothed by a Gaussian of this
-# many voxels of the model grid (nets/window_routing.py `smoothed`). A map of contrast c amplifies the scan's noise c
-# times, and noise alone makes the network less sure of itself: under a lower dose (25 HU of noise) every map raised
-# the entropy by 6 to 80 %, and under a lower contrast with that noise the maps that gained +2.4 to +7.6 (worst organ
-# -0.8) raised it by 7 to 50 %, so none was kept. Smoothing takes the noise out, but it also blurs the anatomy, and a
-# stronger contrast then sharpens it again: judged on scans smoothed by one voxel (the setting until 2026-12-08), two
-# of four unlabeled scans alone, or with a third, kept the maps fitted under a +30 HU level change (entropy down to
-# -17 %), which cost the esophagus 1.4 to 3.2 points and, in one fold, the left adrenal 8.7. Half a voxel (lab study
-# over 4 unlabeled scans, one or two at a time; docs/correction-loop.md, "Half a voxel"): under the level change and
-# on the scans' own scanner, a lower dose or thicker slices no map kept (entropy -1 % or more, every scan); lower
-# contrast with noise -7 to -35 % (every map kept with two unlabeled scans, 101 of 120 choices with one); lower
-# contrast alone -8 to -55 % (all).
+# The unlabeled scans' judge looks at each scan smoothed by a Gaussian of this many voxels of the model grid
+# (nets/window_routing.py `smoothed`). A map of contrast c amplifies the scan's noise c times, and noise alone makes
+# the network less sure of itself: under a lower dose (25 HU of noise) every map raised the entropy by 6 to 80 %, and
+# under a lower contrast with that noise the maps that gained +2.4 to +7.6 (worst organ -0.8) raised it by 7 to 50 %,
+# so none was kept. Smoothing takes the noise out, but it also blurs the anatomy, and a stronger contrast then
+# sharpens it again: judged on scans smoothed by one voxel (the setting until 2026-12-08), two of four unlabeled scans
+# alone, or with a third, kept the maps fitted under a +30 HU level change (entropy down to -17 %), which cost the
+# esophagus 1.4 to 3.2 points and, in one fold, the left adrenal 8.7. Half a voxel (lab study over 4 unlabeled scans,
+# one or two at a time; docs/correction-loop.md, "Half a voxel"): under the level change and on the scans' own
+# scanner, a lower dose or thicker slices no map kept (entropy -1 % or more, every scan); lower contrast with noise -7
+# to -35 % (every map kept with two unlabeled scans, 101 of 120 choices with one); lower contrast alone -8 to -55 %
+# (all).
 JUDGE_SMOOTHING_VOX = 0.5
-# Judged smoothed, a scan is drawn through the kept map only where its entropy falls as the unlabeled scans' did
-# (`MAX_ENTROPY_CHANGE`). Through the maps kept under a lower contrast, with or without noise, the scanner's scans
-# fell by 20 to 45 % (one voxel); the TotalSegmentator CTs (another scanner) rose by 10 % or more through every map at
-# half a voxel (by 1 % or more at one voxel). Unsmoothed (`SCAN_GATE`) they had overlapped with the scanner's noisy
-# scans (+11 to +34 %).
+# Each scan the new model segments is judged too (the gate), on the scan smoothed by `GATE_SMOOTHING_VOX`, and drawn
+# through the kept map only where its entropy falls as the unlabeled scans' must (`MAX_ENTROPY_CHANGE`). The gate
+# judges one scan alone, so it keeps the one voxel: through the maps kept under a lower contrast, with or without
+# noise, the scanner's scans fell by 20 to 45 % at one voxel, and the TotalSegmentator CTs (another scanner) rose by 1
+# % or more through every map (lab study, 2026-12-07). At half a voxel the TotalSegmentator CTs rose by 15 % or more,
+# but so little did some of the scanner's own scans fall (-4 to +1 %) that a third of the benchmark's evaluated scans
+# under lower contrast were drawn as the parent (corrected gain +0.9 to +3.7, against +1.8 to +5.1). Unsmoothed
+# (`SCAN_GATE`) the TotalSegmentator CTs had overlapped with the scanner's noisy scans (+11 to +34 %).
+GATE_SMOOTHING_VOX = 1.0
 SMOOTHED_SCAN_GATE = MAX_ENTROPY_CHANGE
 
 
@@ -197,7 +201,7 @@ def routing_config(m: WindowMap, it: IntensityConfig, classes: Sequence[int],
                    floors: Optional[dict[int, float]] = None) -> WindowRoutingConfig:
     """The model file's record of a kept map: the organs drawn through it, the map in the units of the model's own
     window (`WindowMap.apply` as x -> clip(scale x + shift)), the modes it applies to (those it was fitted on), the
-    scans it applies to (`SMOOTHED_SCAN_GATE`, judged smoothed: `JUDGE_SMOOTHING_VOX`), and the organs' floors
+    scans it applies to (`SMOOTHED_SCAN_GATE`, judged smoothed: `GATE_SMOOTHING_VOX`), and the organs' floors
     (`organ_volumes.window_floor`)."""
     w = m.window(it)
     scale = (it.a_max - it.a_min) / (w.a_max - w.a_min)
@@ -206,7 +210,7 @@ def routing_config(m: WindowMap, it: IntensityConfig, classes: Sequence[int],
                                shift=shift, low=min(it.b_min, it.b_max), high=max(it.b_min, it.b_max),
                                classes=sorted(int(k) for k in classes),
                                modes=list(modes) if modes is not None else None,
-                               max_entropy_change=SMOOTHED_SCAN_GATE, judge_smoothing_vox=JUDGE_SMOOTHING_VOX,
+                               max_entropy_change=SMOOTHED_SCAN_GATE, judge_smoothing_vox=GATE_SMOOTHING_VOX,
                                min_organ_ml=dict(floors) if floors else None)
 
 
@@ -278,8 +282,8 @@ def search(corrected: list[CachedCase], predict: Predict, clean_up, it: Intensit
            check: Callable[[], None] = lambda: None, unlabeled: Sequence[CachedCase] = ()) -> WindowCalibration:
     """Fits a window map on the corrected scans (`predict`: the parent's logits and argmax of a case, on the model
     grid; `names`: class names, background first), scored on the routed model's cleaned-up drawing of the organs
-    reviewed on them, and judges it on the `unlabeled` scans (each smoothed, `JUDGE_SMOOTHING_VOX`, as the gate judges
-    a scan) and by leaving each corrected scan out."""
+    reviewed on them, and judges it on the `unlabeled` scans (each smoothed, `JUDGE_SMOOTHING_VOX`; the gate judges a
+    segmented scan at `GATE_SMOOTHING_VOX`) and by leaving each corrected scan out."""
     num_classes = len(names)
     maps = candidates(it)
     classes = [k for k in range(1, num_classes) if any(case.annotated[k] for case in corrected)]

@@ -23,7 +23,7 @@ from dinomix.nets.window_routing import (
 )
 from dinomix.preprocessing.config import IntensityConfig
 from dinomix.training.window_calibration import (
-    JUDGE_SMOOTHING_VOX,
+    GATE_SMOOTHING_VOX,
     SCAN_GATE,
     SMOOTHED_SCAN_GATE,
     WindowMap,
@@ -46,7 +46,7 @@ def _cfg(gate, classes=(2, 3)) -> WindowRoutingConfig:
 
 def test_a_kept_window_records_the_gate_for_scans_judged_smoothed():
     cfg = routing_config(WindowMap(1.3, 0.0), IT, [1])
-    assert cfg.max_entropy_change == SMOOTHED_SCAN_GATE and cfg.judge_smoothing_vox == JUDGE_SMOOTHING_VOX
+    assert cfg.max_entropy_change == SMOOTHED_SCAN_GATE and cfg.judge_smoothing_vox == GATE_SMOOTHING_VOX
 
 
 def test_a_scan_the_network_is_less_sure_of_through_the_window_is_drawn_as_the_parent():

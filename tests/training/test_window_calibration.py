@@ -160,9 +160,10 @@ def test_unlabeled_scans_of_the_same_scanner_let_one_corrected_scan_keep_its_win
     assert "surer of itself" in cal.evidence_text() and "2 unlabeled scans" in cal.evidence_text()
 
 
-def test_unlabeled_scans_are_judged_smoothed_as_the_gate_judges_a_scan():
+def test_unlabeled_scans_are_judged_smoothed():
     """Each unlabeled scan's entropy change is measured on the scan smoothed by `JUDGE_SMOOTHING_VOX` (both passes),
-    the measure the model file's gate applies to every scan it segments."""
+    so that the noise a map amplifies does not decide; the gate judges each segmented scan at `GATE_SMOOTHING_VOX`
+    (tests/engine/test_window_gate.py)."""
     import dataclasses
 
     from dinomix.nets.window_routing import smoothed
