@@ -45,6 +45,24 @@ def key(m) -> str:
     return f"{m.contrast:g}/{m.level:+g}"
 
 
+def _study(model: str, shift: str, work: Path, table: str):
+    """What a per-scan table of `shift` needs: its cache file `<table>-<shift>.json` and the shifted scans' folder in
+    `work`, the cached entries, the model's meta and intensity window, the network and its sliding-window size."""
+    import torch
+
+    from dinomix.modelfile import load_model
+    from dinomix.nets.unet import fit_roi
+    from dinomix.registry import resolve
+
+    tag = shift.replace(":", "_").replace("+", "_")
+    cache, data = work / f"{table}-{tag}.json", work / f"scans-{tag}"
+    doc = json.loads(cache.read_text()) if cache.is_file() else {}
+    entry = resolve(model)
+    net, _ = load_model(entry.path, torch.device("cpu"))
+    roi = fit_roi(entry.meta.preprocessing.mode("fast").roi_size, entry.meta.architecture.divisor)
+    return cache, data, doc, entry.meta, entry.meta.preprocessing.intensity, net, roi
+
+
 def scan_tables(model: str, btcv: Path, ids: list[str], shift: str, work: Path) -> dict:
     """{scan: {map: {"entropy": relative change, "dice": {style: {organ value: Dice or None}}}}}, cached in `work`."""
     import numpy as np
@@ -52,19 +70,10 @@ def scan_tables(model: str, btcv: Path, ids: list[str], shift: str, work: Path) 
     import torch
     from calibration_design import cached_p1_cases
 
-    from dinomix.modelfile import load_model
-    from dinomix.nets.unet import fit_roi
-    from dinomix.registry import resolve
     from dinomix.training import calibration as C
     from dinomix.training import window_calibration as W
 
-    tag = shift.replace(":", "_").replace("+", "_")
-    cache, data = work / f"entropy-{tag}.json", work / f"scans-{tag}"
-    doc = json.loads(cache.read_text()) if cache.is_file() else {}
-    entry = resolve(model)
-    meta, it = entry.meta, entry.meta.preprocessing.intensity
-    net, _ = load_model(entry.path, torch.device("cpu"))
-    roi = fit_roi(meta.preprocessing.mode("fast").roi_size, meta.architecture.divisor)
+    cache, data, doc, meta, it, net, roi = _study(model, shift, work, "entropy")
     clean = C.CleanUp.of(meta)
     data.mkdir(parents=True, exist_ok=True)
     for i in ids:
@@ -108,20 +117,11 @@ def judged_tables(model: str, ids: list[str], shift: str, work: Path, sigma: flo
     import torch
     from calibration_design import cached_p1_cases
 
-    from dinomix.modelfile import load_model
-    from dinomix.nets.unet import fit_roi
     from dinomix.nets.window_routing import entropy_change, smoothed
-    from dinomix.registry import resolve
     from dinomix.training import calibration as C
     from dinomix.training import window_calibration as W
 
-    tag = shift.replace(":", "_").replace("+", "_")
-    cache, data = work / f"judged-{sigma:g}-{tag}.json", work / f"scans-{tag}"
-    doc = json.loads(cache.read_text()) if cache.is_file() else {}
-    entry = resolve(model)
-    meta, it = entry.meta, entry.meta.preprocessing.intensity
-    net, _ = load_model(entry.path, torch.device("cpu"))
-    roi = fit_roi(meta.preprocessing.mode("fast").roi_size, meta.architecture.divisor)
+    cache, data, doc, meta, it, net, roi = _study(model, shift, work, f"judged-{sigma:g}")
     for i in ids:
         if i in doc:
             continue
