@@ -111,7 +111,7 @@ JUDGE_SMOOTHING_VOX = 0.5
 # noise, the scanner's scans fell by 20 to 45 % at one voxel, and the TotalSegmentator CTs (another scanner) rose by 1
 # % or more through every map (lab study, 2026-12-07). At half a voxel the TotalSegmentator CTs rose by 15 % or more,
 # but so little did some of the scanner's own scans fall (-4 to +1 %) that a third of the benchmark's evaluated scans
-# under lower contrast were drawn as the parent (corrected gain +0.9 to +3.7, against +1.8 to +5.1). Unsmoothed
+# under lower contrast were drawn as the parent (corrected gain lower in 6 of 8 runs, by up to 1.3). Unsmoothed
 # (`SCAN_GATE`) the TotalSegmentator CTs had overlapped with the scanner's noisy scans (+11 to +34 %).
 GATE_SMOOTHING_VOX = 1.0
 SMOOTHED_SCAN_GATE = MAX_ENTROPY_CHANGE
